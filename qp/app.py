@@ -1,0 +1,53 @@
+"""The application factory: one place that builds the app, its resources and their order."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+
+from aiohttp import web
+
+from qp.appkeys import CHAT_STORE, CONFIG, DATABASE, POLICY
+from qp.blobs import StoreNotReady, open_blob_store
+from qp.chat_store import ChatStore
+from qp.config import Config
+from qp.cors import setup_cors
+from qp.db import Database, SchemaTooNew
+from qp.errors import error_middleware
+from qp.policy import PolicyHolder
+from qp.routes import add_routes
+
+
+class StartupError(Exception):
+    """A resource cannot be opened; the message is one line naming it."""
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[error_middleware])
+    app[CONFIG] = config
+    app[POLICY] = PolicyHolder(config.policy)
+    app.cleanup_ctx.append(_storage)
+    add_routes(app.router)
+    setup_cors(app, lambda: app[POLICY].current.origin_matcher)
+    return app
+
+
+async def _storage(app: web.Application) -> AsyncIterator[None]:
+    """Open the database, then the blob store; close them in reverse order at shutdown."""
+    config = app[CONFIG]
+    async with AsyncExitStack() as stack:
+        try:
+            db = await Database.open(config.database_path)
+        except (sqlite3.Error, OSError, SchemaTooNew) as err:
+            raise StartupError(f"QP_DATABASE {config.database_path}: {err}") from None
+        stack.push_async_callback(db.close)
+        try:
+            blobs = await open_blob_store(
+                config.storage_url, config.s3_endpoint_url, config.aws_region, stack
+            )
+        except StoreNotReady as err:
+            raise StartupError(f"QP_STORAGE {config.storage_url}: {err}") from None
+        app[DATABASE] = db
+        app[CHAT_STORE] = ChatStore(db, blobs)
+        yield

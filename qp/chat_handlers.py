@@ -1,0 +1,78 @@
+"""Handlers for /api/chats: parse and validate, call the ChatStore, shape the answer."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from qp.appkeys import CHAT_STORE, CONFIG, POLICY
+from qp.auth import require_admin
+from qp.bodies import read_json
+from qp.chat_model import (
+    MAX_CHAT_BYTES,
+    ChatExists,
+    ChatLimitExceeded,
+    ChatNotFound,
+    is_valid_chat_id,
+    parse_chat,
+    render_chat,
+)
+from qp.errors import ApiError, json_bytes_response, json_response
+
+CHAT_NOT_FOUND = "Chat not found"
+SUCCESS = {"success": True}
+
+
+async def create_chat(request: web.Request) -> web.Response:
+    chat = parse_chat(await read_json(request, MAX_CHAT_BYTES), id_required=False)
+    if chat.chat_id is not None and not is_valid_chat_id(chat.chat_id):
+        raise ApiError(400, "Invalid chat id")
+    limit = request.app[POLICY].current.max_chats_per_app
+    try:
+        chat_id = await request.app[CHAT_STORE].create(chat, limit)
+    except ChatLimitExceeded:
+        raise ApiError(
+            400, f"Chat limit exceeded for app {chat.app}. Maximum {limit} chats allowed."
+        ) from None
+    except ChatExists:
+        raise ApiError(409, "Chat already exists") from None
+    return json_response({"chatId": chat_id})
+
+
+async def get_chat(request: web.Request) -> web.Response:
+    chat_id = request.match_info["chat_id"]
+    stored = await request.app[CHAT_STORE].get(chat_id) if is_valid_chat_id(chat_id) else None
+    if stored is None:
+        raise ApiError(404, CHAT_NOT_FOUND)
+    return json_bytes_response(render_chat(*stored))
+
+
+async def update_chat(request: web.Request) -> web.Response:
+    chat_id = request.match_info["chat_id"]
+    chat = parse_chat(await read_json(request, MAX_CHAT_BYTES), id_required=True)
+    if not is_valid_chat_id(chat_id):
+        raise ApiError(400, "Invalid chat id")
+    if chat.chat_id != chat_id:
+        raise ApiError(400, "Chat ID mismatch")
+    try:
+        await request.app[CHAT_STORE].update(chat_id, chat)
+    except ChatNotFound:
+        raise ApiError(404, CHAT_NOT_FOUND) from None
+    return json_response(SUCCESS)
+
+
+async def list_chats(request: web.Request) -> web.Response:
+    require_admin(request, request.app[CONFIG].admin_key)
+    app = request.query.get("app")
+    if not app:
+        raise ApiError(400, "App parameter required")
+    chats = await request.app[CHAT_STORE].list_recent(app)
+    return json_bytes_response(b"[" + b",".join(render_chat(*chat) for chat in chats) + b"]")
+
+
+async def delete_chat(request: web.Request) -> web.Response:
+    require_admin(request, request.app[CONFIG].admin_key)
+    chat_id = request.match_info["chat_id"]
+    if not is_valid_chat_id(chat_id):
+        raise ApiError(404, CHAT_NOT_FOUND)
+    await request.app[CHAT_STORE].delete(chat_id)
+    return json_response(SUCCESS)

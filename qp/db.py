@@ -1,0 +1,238 @@
+"""SQLite through aiosqlite: one writer connection, a pool of read-only readers, and all the SQL.
+
+Every write is a function run inside `BEGIN IMMEDIATE` on the single writer connection; the
+function *is* the transaction. Reads use their own connections (WAL mode), so a slow write
+never blocks a read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import aiosqlite
+
+from qp.chat_model import ChatExists, ChatInput, ChatLimitExceeded, ChatRow
+from qp.errors import StorageUnavailable
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+READER_COUNT = 4
+BUSY_TIMEOUT_MS = 5000
+
+T = TypeVar("T")
+WriteFn = Callable[[aiosqlite.Connection], Awaitable[T]]
+
+
+class Database:
+    """The SQLite database: `write(fn)` for transactions, `reader()` for queries."""
+
+    def __init__(self, writer: aiosqlite.Connection, readers: list[aiosqlite.Connection]):
+        self._writer = writer
+        self._write_lock = asyncio.Lock()
+        self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._all_readers = readers
+        for conn in readers:
+            self._readers.put_nowait(conn)
+
+    @classmethod
+    async def open(cls, path: Path, reader_count: int = READER_COUNT) -> Database:
+        """Open (creating if needed) the database, apply schema.sql, open the readers."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await writer.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await writer.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit is on disk before the client is told its chat is saved.
+            await writer.execute("PRAGMA synchronous = FULL")
+            await _apply_schema(writer)
+            readers = []
+            for _ in range(reader_count):
+                reader = await aiosqlite.connect(
+                    _read_only_uri(path), uri=True, isolation_level=None
+                )
+                await reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                readers.append(reader)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(writer, readers)
+
+    async def close(self) -> None:
+        for conn in self._all_readers:
+            await conn.close()
+        await self._writer.close()
+
+    async def write(self, fn: WriteFn[T]) -> T:
+        """Run `fn(conn)` as one transaction on the writer: committed if it returns, else undone."""
+        async with self._write_lock:
+            try:
+                await self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    result = await fn(self._writer)
+                except BaseException:
+                    await self._writer.execute("ROLLBACK")
+                    raise
+                await self._writer.execute("COMMIT")
+                return result
+            except sqlite3.Error as err:
+                raise StorageUnavailable("Database", str(err)) from err
+
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[aiosqlite.Connection]:
+        conn = await self._readers.get()
+        try:
+            yield conn
+        except sqlite3.Error as err:
+            raise StorageUnavailable("Database", str(err)) from err
+        finally:
+            self._readers.put_nowait(conn)
+
+    async def ping(self) -> None:
+        async with self.reader() as conn:
+            await conn.execute_fetchall("SELECT 1")
+
+    # --- chats -------------------------------------------------------------------------
+
+    async def chat_row(self, chat_id: str) -> ChatRow | None:
+        async with self.reader() as conn:
+            rows = await conn.execute_fetchall(_SELECT_CHAT + " WHERE chat_id = ?", (chat_id,))
+        return ChatRow(*rows[0]) if rows else None
+
+    async def recent_chat_rows(self, app: str, limit: int) -> list[ChatRow]:
+        """The app's chats, newest `updated_at` first."""
+        async with self.reader() as conn:
+            rows = await conn.execute_fetchall(
+                _SELECT_CHAT + " WHERE app = ? ORDER BY updated_at DESC LIMIT ?", (app, limit)
+            )
+        return [ChatRow(*row) for row in rows]
+
+    async def chat_rows_by_id(self, chat_ids: list[str]) -> list[ChatRow]:
+        async with self.reader() as conn:
+            marks = ",".join("?" * len(chat_ids))
+            rows = await conn.execute_fetchall(
+                _SELECT_CHAT + f" WHERE chat_id IN ({marks}) ORDER BY updated_at DESC", chat_ids
+            )
+        return [ChatRow(*row) for row in rows]
+
+    async def insert_chat(
+        self, chat_id: str, chat: ChatInput, now: str, max_chats_per_app: int
+    ) -> None:
+        """Insert a new row; the app's count check and the insert are one transaction."""
+
+        async def insert(conn: aiosqlite.Connection) -> None:
+            (count,) = (
+                await conn.execute_fetchall("SELECT COUNT(*) FROM chats WHERE app = ?", (chat.app,))
+            )[0]
+            if count >= max_chats_per_app:
+                raise ChatLimitExceeded
+            if await conn.execute_fetchall("SELECT 1 FROM chats WHERE chat_id = ?", (chat_id,)):
+                raise ChatExists
+            await conn.execute(
+                "INSERT INTO chats (chat_id, app, model, prompt_tokens, completion_tokens,"
+                " estimated_cost, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    chat_id,
+                    chat.app,
+                    chat.model,
+                    chat.prompt_tokens,
+                    chat.completion_tokens,
+                    chat.estimated_cost,
+                    now,
+                    now,
+                ),
+            )
+
+        await self.write(insert)
+
+    async def update_chat(self, chat_id: str, chat: ChatInput, now: str) -> ChatRow | None:
+        """Replace model, usage and updated_at; returns the row as it was, or None if absent."""
+
+        async def update(conn: aiosqlite.Connection) -> ChatRow | None:
+            rows = await conn.execute_fetchall(_SELECT_CHAT + " WHERE chat_id = ?", (chat_id,))
+            if not rows:
+                return None
+            await conn.execute(
+                _UPDATE_CHAT,
+                (
+                    chat.model,
+                    chat.prompt_tokens,
+                    chat.completion_tokens,
+                    chat.estimated_cost,
+                    now,
+                    chat_id,
+                ),
+            )
+            return ChatRow(*rows[0])
+
+        return await self.write(update)
+
+    async def restore_chat(self, row: ChatRow) -> None:
+        """Put a row back exactly as it was (undoing an update whose blob write failed)."""
+
+        async def restore(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                _UPDATE_CHAT,
+                (
+                    row.model,
+                    row.prompt_tokens,
+                    row.completion_tokens,
+                    row.estimated_cost,
+                    row.updated_at,
+                    row.chat_id,
+                ),
+            )
+
+        await self.write(restore)
+
+    async def delete_chat(self, chat_id: str) -> None:
+        async def delete(conn: aiosqlite.Connection) -> None:
+            await conn.execute("DELETE FROM chats WHERE chat_id = ?", (chat_id,))
+
+        await self.write(delete)
+
+
+_UPDATE_CHAT = (
+    "UPDATE chats SET model = ?, prompt_tokens = ?, completion_tokens = ?,"
+    " estimated_cost = ?, updated_at = ? WHERE chat_id = ?"
+)
+
+
+def _read_only_uri(path: Path) -> str:
+    return f"{path.resolve().as_uri()}?mode=ro"
+
+
+_SELECT_CHAT = (
+    "SELECT chat_id, app, model, prompt_tokens, completion_tokens, estimated_cost,"
+    " created_at, updated_at FROM chats"
+)
+
+# Migrations, keyed by the version they start from: MIGRATIONS[n] takes a database from
+# version n to n + 1 (e.g. `ALTER TABLE ...`). schema.sql, applied after them, is the whole
+# current schema. Version 1 is the first; later issues append here.
+MIGRATIONS: dict[int, str] = {}
+
+
+class SchemaTooNew(Exception):
+    pass
+
+
+async def _apply_schema(conn: aiosqlite.Connection) -> None:
+    schema = SCHEMA_PATH.read_text(encoding="utf-8")
+    target = _schema_version(schema)
+    ((current,),) = await conn.execute_fetchall("PRAGMA user_version")
+    if current > target:
+        raise SchemaTooNew(f"schema version {current} is newer than this server's ({target})")
+    for version in range(current, target) if current else ():
+        await conn.executescript(MIGRATIONS[version])
+    await conn.executescript(schema)
+
+
+def _schema_version(schema: str) -> int:
+    for line in schema.splitlines():
+        if line.strip().lower().startswith("pragma user_version"):
+            return int(line.split("=")[1].strip(" ;"))
+    raise ValueError("schema.sql does not set PRAGMA user_version")

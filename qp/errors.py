@@ -1,0 +1,91 @@
+"""The one error type handlers raise, and the one middleware that renders every error as JSON."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from qp.logs import route_name
+
+log = logging.getLogger("qp.errors")
+
+
+class ApiError(Exception):
+    """An answer other than success: a status and the exact JSON body the contract names."""
+
+    def __init__(
+        self, status: int, error: str, headers: dict[str, str] | None = None, **extra: Any
+    ):
+        super().__init__(error)
+        self.status = status
+        self.body: dict[str, Any] = {"error": error, **extra}
+        self.headers = headers or {}
+
+
+class StorageUnavailable(Exception):
+    """The database or the blob store failed or cannot be reached; answered 503."""
+
+    def __init__(self, what: str, detail: str = ""):
+        super().__init__(f"{what}: {detail}" if detail else what)
+        self.what = what
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, headers=headers, content_type="application/json"
+    )
+
+
+def json_bytes_response(body: bytes, status: int = 200) -> web.Response:
+    """A response whose JSON is already serialised (chats spliced from stored bytes)."""
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+def format_size(n: int) -> str:
+    """The contract's size rendering: `N B`, `N.N KB`, `N.N MB`."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KB"
+    return f"{n / (1024 * 1024):.1f} MB"
+
+
+def too_large(what: str, size: int, limit: int) -> ApiError:
+    return ApiError(
+        413,
+        "Request validation failed",
+        message=f"{what} too large: {format_size(size)} (max: {format_size(limit)})",
+    )
+
+
+NOT_FOUND = "Not found"
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Turn every failure into a JSON answer; nothing ever leaves as a traceback or HTML."""
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return json_response(err.body, err.status, err.headers)
+    except StorageUnavailable as err:
+        log.error("%s %s: %s", request.method, route_name(request), err)
+        return json_response({"error": f"{err.what} unavailable"}, 503, {"Retry-After": "5"})
+    except web.HTTPNotFound:
+        return json_response({"error": NOT_FOUND}, 404)
+    except web.HTTPMethodNotAllowed as err:
+        return json_response(
+            {"error": "Method not allowed"}, 405, {"Allow": ", ".join(sorted(err.allowed_methods))}
+        )
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        return json_response({"error": err.reason}, err.status)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, route_name(request))
+        return json_response({"error": "Internal server error"}, 500)

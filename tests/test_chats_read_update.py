@@ -1,0 +1,207 @@
+"""GET and PUT /api/chats/{chatId} against the real server, on the file store and on S3."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from tests.helpers import ISO_MS, call, create
+from tests.support import make_chat
+from tests.test_chats_create import body_of_size, read_blob
+
+
+def unique_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def test_get_unknown_chat_is_404(http):
+    assert await call(http, "GET", f"/api/chats/{unique_id()}") == (
+        404,
+        {"error": "Chat not found"},
+    )
+
+
+@pytest.mark.parametrize("path_id", ["a.b", "..%2Fescape", "x" * 129, "%C3%A9", "a%20b"])
+async def test_get_with_invalid_id_is_404(http, path_id):
+    assert await call(http, "GET", f"/api/chats/{path_id}") == (404, {"error": "Chat not found"})
+
+
+async def test_get_of_a_row_whose_blob_is_missing_is_404(http, server, app_name):
+    chat_id = unique_id()
+    await create(http, make_chat(chat_id, app=app_name))
+    remove_blob(server, f"chats/{chat_id}.json")
+    assert await call(http, "GET", f"/api/chats/{chat_id}") == (404, {"error": "Chat not found"})
+
+
+def remove_blob(server, key: str) -> None:
+    if server.backend.name == "file":
+        (server.data_dir / "blobs" / key).unlink()
+    else:
+        weed = server.backend._request.getfixturevalue("seaweed")
+        weed.client().delete_object(Bucket=server.backend.bucket, Key=key)
+
+
+async def test_put_replaces_messages_model_usage_and_updated_at(http, app_name):
+    chat_id = unique_id()
+    await create(http, make_chat(chat_id, app=app_name, model="m1", messages=["one"]))
+    _, before = await call(http, "GET", f"/api/chats/{chat_id}")
+    await asyncio.sleep(0.01)
+    update = make_chat(
+        chat_id, app=app_name, model="m2", messages=["one", "two"], usage=(5, 6, 0.7)
+    )
+    status, body = await call(http, "PUT", f"/api/chats/{chat_id}", json={"chat": update})
+    assert (status, body) == (200, {"success": True})
+    _, after = await call(http, "GET", f"/api/chats/{chat_id}")
+    assert after["model"] == "m2"
+    assert after["messages"] == ["one", "two"]
+    assert after["totalUsage"] == {"promptTokens": 5, "completionTokens": 6, "estimatedCost": 0.7}
+    assert after["createdAt"] == before["createdAt"]
+    assert ISO_MS.fullmatch(after["updatedAt"])
+    assert after["updatedAt"] > before["updatedAt"]
+
+
+async def test_put_never_changes_app_or_created_at(http, app_name):
+    chat_id = unique_id()
+    await create(http, make_chat(chat_id, app=app_name))
+    _, before = await call(http, "GET", f"/api/chats/{chat_id}")
+    update = make_chat(chat_id, app="another-app")
+    update["createdAt"] = "1999-01-01T00:00:00.000Z"
+    status, _ = await call(http, "PUT", f"/api/chats/{chat_id}", json={"chat": update})
+    assert status == 200
+    _, after = await call(http, "GET", f"/api/chats/{chat_id}")
+    assert after["app"] == app_name
+    assert after["createdAt"] == before["createdAt"]
+
+
+async def test_put_of_unknown_chat_is_404_and_stores_nothing(http, server):
+    chat_id = unique_id()
+    status, body = await call(
+        http, "PUT", f"/api/chats/{chat_id}", json={"chat": make_chat(chat_id)}
+    )
+    assert (status, body) == (404, {"error": "Chat not found"})
+    assert read_blob(server, f"chats/{chat_id}.json") is None
+    assert await call(http, "GET", f"/api/chats/{chat_id}") == (404, {"error": "Chat not found"})
+
+
+async def test_put_with_mismatched_id_is_400_and_changes_nothing(http, app_name):
+    chat_id = unique_id()
+    await create(http, make_chat(chat_id, app=app_name, model="kept"))
+    status, body = await call(
+        http, "PUT", f"/api/chats/{chat_id}", json={"chat": make_chat(unique_id(), model="new")}
+    )
+    assert (status, body) == (400, {"error": "Chat ID mismatch"})
+    _, stored = await call(http, "GET", f"/api/chats/{chat_id}")
+    assert stored["model"] == "kept"
+
+
+async def test_put_without_chat_id_is_invalid_chat_data(http):
+    chat_id = unique_id()
+    status, body = await call(http, "PUT", f"/api/chats/{chat_id}", json={"chat": make_chat()})
+    assert (status, body) == (400, {"error": "Invalid chat data"})
+
+
+@pytest.mark.parametrize("chat_id", ["a.b", "é", "x" * 129])
+async def test_put_with_invalid_id_is_400(http, chat_id):
+    status, body = await call(
+        http, "PUT", f"/api/chats/{chat_id}", json={"chat": make_chat(chat_id)}
+    )
+    assert (status, body) == (400, {"error": "Invalid chat id"})
+
+
+async def test_put_with_malformed_json_is_400_and_changes_nothing(http, app_name):
+    chat_id = unique_id()
+    await create(http, make_chat(chat_id, app=app_name, messages=["kept"]))
+    status, body = await call(
+        http,
+        "PUT",
+        f"/api/chats/{chat_id}",
+        data=b'{"chat": ',
+        headers={"Content-Type": "application/json"},
+    )
+    assert (status, body) == (400, {"error": "Invalid JSON body"})
+    _, stored = await call(http, "GET", f"/api/chats/{chat_id}")
+    assert stored["messages"] == ["kept"]
+
+
+async def test_put_with_invalid_chat_is_400(http, app_name):
+    chat_id = unique_id()
+    await create(http, make_chat(chat_id, app=app_name))
+    bad = make_chat(chat_id, app=app_name)
+    bad["messages"] = "not an array"
+    status, body = await call(http, "PUT", f"/api/chats/{chat_id}", json={"chat": bad})
+    assert (status, body) == (400, {"error": "Invalid chat data"})
+
+
+async def test_put_over_10_mib_is_413_and_changes_nothing(http, app_name):
+    chat_id = unique_id()
+    await create(http, make_chat(chat_id, app=app_name, messages=["kept"]))
+    status, body = await call(
+        http,
+        "PUT",
+        f"/api/chats/{chat_id}",
+        data=body_of_size(12 * 1024 * 1024, app_name),
+        headers={"Content-Type": "application/json"},
+    )
+    assert (status, body) == (
+        413,
+        {
+            "error": "Request validation failed",
+            "message": "Request body too large: 12.0 MB (max: 10.0 MB)",
+        },
+    )
+    _, stored = await call(http, "GET", f"/api/chats/{chat_id}")
+    assert stored["messages"] == ["kept"]
+
+
+async def test_concurrent_puts_leave_metadata_and_messages_from_one_request(http, app_name):
+    chat_id = unique_id()
+    await create(http, make_chat(chat_id, app=app_name))
+    for round_ in range(8):
+        # Big and small messages make the writes take different times, so they interleave.
+        updates = [
+            make_chat(
+                chat_id,
+                app=app_name,
+                model=f"model-{i}",
+                messages=[
+                    {"writer": i, "text": "x" * (3_000_000 if (i + round_) % 4 == 0 else 10)}
+                ],
+                usage=(i, i, i / 100),
+            )
+            for i in range(16)
+        ]
+        results = await asyncio.gather(
+            *(call(http, "PUT", f"/api/chats/{chat_id}", json={"chat": u}) for u in updates)
+        )
+        assert all(result == (200, {"success": True}) for result in results)
+        _, stored = await call(http, "GET", f"/api/chats/{chat_id}")
+        writer = stored["messages"][0]["writer"]
+        assert stored["model"] == f"model-{writer}"
+        assert stored["totalUsage"]["promptTokens"] == writer
+
+
+async def test_reads_during_concurrent_puts_always_see_one_whole_write(http, app_name):
+    chat_id = unique_id()
+    await create(http, make_chat(chat_id, app=app_name, model="model-0", messages=[{"writer": 0}]))
+    seen: list[dict] = []
+
+    async def read_repeatedly():
+        for _ in range(30):
+            status, chat = await call(http, "GET", f"/api/chats/{chat_id}")
+            assert status == 200
+            seen.append(chat)
+
+    async def write(i: int):
+        update = make_chat(
+            chat_id,
+            app=app_name,
+            model=f"model-{i}",
+            messages=[{"writer": i, "text": "y" * (i % 3) * 300_000}],
+        )
+        assert (await call(http, "PUT", f"/api/chats/{chat_id}", json={"chat": update}))[0] == 200
+
+    await asyncio.gather(read_repeatedly(), read_repeatedly(), *(write(i) for i in range(1, 16)))
+    for chat in seen:
+        assert chat["model"] == f"model-{chat['messages'][0]['writer']}"

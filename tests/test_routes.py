@@ -1,0 +1,78 @@
+"""Routing, CORS basics and logging, against the real server."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import call, create
+from tests.support import make_chat
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/"),
+        ("GET", "/api"),
+        ("GET", "/api/nothing"),
+        ("POST", "/api/chats/abc/extra"),
+        ("GET", "/index.html"),
+        ("DELETE", "/api/chat/abc"),
+    ],
+)
+async def test_unknown_route_is_404_json(http, method, path):
+    assert await call(http, method, path) == (404, {"error": "Not found"})
+
+
+async def test_unsupported_method_on_a_known_path_is_405_json_with_allow(http):
+    async with http.patch("/api/chats/abc") as response:
+        assert response.status == 405
+        assert await response.json() == {"error": "Method not allowed"}
+        allowed = {m.strip() for m in response.headers["Allow"].split(",")}
+        assert {"GET", "PUT", "DELETE"} <= allowed
+
+
+async def test_allowed_origin_gets_cors_headers_on_success_and_error(http):
+    origin = "http://localhost:5173"
+    for path in ("/api/chats/unknown-chat", "/api/chats?app=x"):
+        async with http.get(path, headers={"Origin": origin}) as response:
+            assert response.status in (401, 404)
+            assert response.headers["Access-Control-Allow-Origin"] == origin
+            assert "Origin" in response.headers.getall("Vary")
+
+
+async def test_disallowed_origin_gets_no_allow_origin_header(http):
+    async with http.get("/api/chats/x", headers={"Origin": "https://evil.example"}) as response:
+        assert "Access-Control-Allow-Origin" not in response.headers
+
+
+async def test_preflight_from_allowed_origin_allows_the_contract_methods_and_headers(http):
+    async with http.options(
+        "/api/chats/abc",
+        headers={
+            "Origin": "https://nwb.neurosift.app",
+            "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    ) as response:
+        assert 200 <= response.status < 300
+        assert response.headers["Access-Control-Allow-Origin"] == "https://nwb.neurosift.app"
+        assert response.headers["Access-Control-Allow-Methods"] == "GET, POST, PUT, DELETE, OPTIONS"
+        assert (
+            response.headers["Access-Control-Allow-Headers"]
+            == "Content-Type, x-openrouter-key, x-admin-key"
+        )
+        assert response.headers["Access-Control-Max-Age"] == "86400"
+
+
+async def test_log_has_one_line_per_request_without_contents_or_ids(http, server, app_name):
+    secret_text = "SECRET-MESSAGE-CONTENT-4711"
+    chat_id = await create(
+        http, make_chat(app=app_name, messages=[{"role": "user", "content": secret_text}])
+    )
+    await call(http, "GET", f"/api/chats/{chat_id}", headers={"x-admin-key": "key-material-9"})
+    log = server.log()
+    assert secret_text not in log
+    assert chat_id not in log
+    assert "key-material-9" not in log
+    assert "POST /api/chats 200" in log
+    assert "GET /api/chats/{chat_id} 200" in log
