@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -10,13 +12,17 @@ from aiohttp import web
 
 from qp.appkeys import CHAT_STORE, CONFIG, DATABASE, POLICY
 from qp.blobs import StoreNotReady, open_blob_store
+from qp.chat_cache import ChatCache
 from qp.chat_store import ChatStore
 from qp.config import Config
 from qp.cors import setup_cors
 from qp.db import Database, SchemaTooNew
-from qp.errors import error_middleware
+from qp.errors import StorageUnavailable, error_middleware
 from qp.policy import PolicyHolder
 from qp.routes import add_routes
+
+log = logging.getLogger("qp.app")
+EXTERNAL_CHANGE_POLL_SECONDS = 1.0
 
 
 class StartupError(Exception):
@@ -49,5 +55,19 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         except StoreNotReady as err:
             raise StartupError(f"QP_STORAGE {config.storage_url}: {err}") from None
         app[DATABASE] = db
-        app[CHAT_STORE] = ChatStore(db, blobs)
+        app[CHAT_STORE] = store = ChatStore(db, blobs, ChatCache(config.cache_bytes))
+        await db.changed_elsewhere()  # the baseline, taken while the cache is still empty
+        watcher = asyncio.create_task(_forget_chats_changed_elsewhere(db, store))
+        stack.callback(watcher.cancel)
         yield
+
+
+async def _forget_chats_changed_elsewhere(db: Database, store: ChatStore) -> None:
+    """The operators' tools write to the database directly; drop cached chats when they do."""
+    while True:
+        await asyncio.sleep(EXTERNAL_CHANGE_POLL_SECONDS)
+        try:
+            if await db.changed_elsewhere():
+                store.forget_all()
+        except StorageUnavailable as err:
+            log.warning("cannot poll the database for outside changes: %s", err)

@@ -14,7 +14,6 @@ from qp.chat_model import (
     ChatNotFound,
     is_valid_chat_id,
     parse_chat,
-    render_chat,
 )
 from qp.errors import ApiError, json_bytes_response, json_response
 
@@ -40,10 +39,10 @@ async def create_chat(request: web.Request) -> web.Response:
 
 async def get_chat(request: web.Request) -> web.Response:
     chat_id = request.match_info["chat_id"]
-    stored = await request.app[CHAT_STORE].get(chat_id) if is_valid_chat_id(chat_id) else None
-    if stored is None:
+    chat = await request.app[CHAT_STORE].get_json(chat_id) if is_valid_chat_id(chat_id) else None
+    if chat is None:
         raise ApiError(404, CHAT_NOT_FOUND)
-    return json_bytes_response(render_chat(*stored))
+    return json_bytes_response(chat)
 
 
 async def update_chat(request: web.Request) -> web.Response:
@@ -65,8 +64,7 @@ async def list_chats(request: web.Request) -> web.Response:
     app = request.query.get("app")
     if not app:
         raise ApiError(400, "App parameter required")
-    chats = await request.app[CHAT_STORE].list_recent(app)
-    return json_bytes_response(b"[" + b",".join(render_chat(*chat) for chat in chats) + b"]")
+    return json_bytes_response(await request.app[CHAT_STORE].list_json(app))
 
 
 async def delete_chat(request: web.Request) -> web.Response:

@@ -12,12 +12,14 @@ import asyncio
 import logging
 
 from qp.blobs import BlobStore, chat_key
+from qp.chat_cache import ChatCache
 from qp.chat_model import (
     ChatInput,
     ChatNotFound,
     ChatRow,
     is_messages_array,
     new_chat_id,
+    render_chat,
     utc_now_iso,
 )
 from qp.db import Database
@@ -26,17 +28,16 @@ from qp.locks import ChatLocks
 log = logging.getLogger("qp.chat_store")
 
 LIST_LIMIT = 100
-# Blob fetches in flight at once for the admin list: enough to hide S3 latency, bounded so
-# one admin request cannot open a hundred connections.
-LIST_FETCH_CONCURRENCY = 16
-
-StoredChat = tuple[ChatRow, bytes]
+# Blob fetches in flight at once for the admin list: 100 chats take two round trips to S3,
+# yet one admin request cannot open a hundred connections.
+LIST_FETCH_CONCURRENCY = 50
 
 
 class ChatStore:
-    def __init__(self, db: Database, blobs: BlobStore):
+    def __init__(self, db: Database, blobs: BlobStore, cache: ChatCache):
         self._db = db
         self._blobs = blobs
+        self._cache = cache
         self._locks = ChatLocks()
 
     async def create(self, chat: ChatInput, max_chats_per_app: int) -> str:
@@ -49,62 +50,78 @@ class ChatStore:
             except BaseException:
                 await self._db.delete_chat(chat_id)
                 raise
+            finally:
+                self._cache.discard(chat_id)
         return chat_id
 
-    async def get(self, chat_id: str) -> StoredChat | None:
-        """The chat's row and stored messages; None when either is missing."""
+    async def get_json(self, chat_id: str) -> bytes | None:
+        """The chat rendered as the contract's JSON; None when its row or messages are missing."""
+        rendered = self._cache.get(chat_id)
+        if rendered is not None:
+            return rendered
         async with self._locks.reading(chat_id):
             row = await self._db.chat_row(chat_id)
             if row is None:
                 return None
-            messages = await self._blobs.get(chat_key(chat_id))
-        return (row, messages) if self._servable(messages) else None
+            return await self._render(row)
 
     async def update(self, chat_id: str, chat: ChatInput) -> None:
         """Replace messages, model and usage; raises ChatNotFound."""
         async with self._locks.writing(chat_id):
-            previous = await self._db.update_chat(chat_id, chat, utc_now_iso())
-            if previous is None:
-                raise ChatNotFound
             try:
-                await self._blobs.put(chat_key(chat_id), chat.messages_json)
-            except BaseException:
-                await self._db.restore_chat(previous)
-                raise
+                previous = await self._db.update_chat(chat_id, chat, utc_now_iso())
+                if previous is None:
+                    raise ChatNotFound
+                try:
+                    await self._blobs.put(chat_key(chat_id), chat.messages_json)
+                except BaseException:
+                    await self._db.restore_chat(previous)
+                    raise
+            finally:
+                self._cache.discard(chat_id)
 
     async def delete(self, chat_id: str) -> None:
         """Remove the row, then the blob (a retry after a failed blob delete removes it)."""
         async with self._locks.writing(chat_id):
-            await self._db.delete_chat(chat_id)
-            await self._blobs.delete(chat_key(chat_id))
+            try:
+                await self._db.delete_chat(chat_id)
+                await self._blobs.delete(chat_key(chat_id))
+            finally:
+                self._cache.discard(chat_id)
 
-    async def list_recent(self, app: str, limit: int = LIST_LIMIT) -> list[StoredChat]:
-        """The app's newest chats by updated_at, skipping any whose messages are missing."""
-        chat_ids = [row.chat_id for row in await self._db.recent_chat_rows(app, limit)]
-        if not chat_ids:
-            return []
-        async with self._locks.reading_all(chat_ids):
-            # Read again under the locks, so each row matches the blob fetched beside it.
-            rows = await self._db.chat_rows_by_id(chat_ids)
-            limiter = asyncio.Semaphore(LIST_FETCH_CONCURRENCY)
+    async def list_json(self, app: str, limit: int = LIST_LIMIT) -> bytes:
+        """The app's newest chats by updated_at as a JSON array, skipping any whose messages
+        are missing. Cached chats are current; the rest are fetched concurrently."""
+        rows = await self._db.recent_chat_rows(app, limit)
+        chats = {row.chat_id: self._cache.get(row.chat_id) for row in rows}
+        missing = [chat_id for chat_id, chat in chats.items() if chat is None]
+        if missing:
+            async with self._locks.reading_all(missing):
+                # Read again under the locks, so each row matches the blob fetched beside it.
+                fresh = await self._db.chat_rows_by_id(missing)
+                limiter = asyncio.Semaphore(LIST_FETCH_CONCURRENCY)
 
-            async def fetch(row: ChatRow) -> bytes | None:
-                async with limiter:
-                    return await self._blobs.get(chat_key(row.chat_id))
+                async def render(row: ChatRow) -> bytes | None:
+                    async with limiter:
+                        return await self._render(row)
 
-            blobs = await asyncio.gather(*(fetch(row) for row in rows))
-        return [
-            (row, messages)
-            for row, messages in zip(rows, blobs, strict=True)
-            if self._servable(messages)
-        ]
+                rendered = await asyncio.gather(*(render(row) for row in fresh))
+            chats.update(zip((row.chat_id for row in fresh), rendered, strict=True))
+        return b"[" + b",".join(chat for chat in chats.values() if chat is not None) + b"]"
 
-    @staticmethod
-    def _servable(messages: bytes | None) -> bool:
+    def forget_all(self) -> None:
+        """Drop every cached chat (another process changed the database)."""
+        self._cache.clear()
+
+    async def _render(self, row: ChatRow) -> bytes | None:
+        """Fetch the row's messages and render the chat; call with the chat's lock held."""
+        messages = await self._blobs.get(chat_key(row.chat_id))
         if messages is None:
-            return False
+            return None
         if not is_messages_array(messages):
             # The id stays out of the log (it is a bearer secret); `check` finds the blob.
             log.error("a stored messages blob is not a JSON array; that chat is not served")
-            return False
-        return True
+            return None
+        rendered = render_chat(row, messages)
+        self._cache.put(row.chat_id, rendered)
+        return rendered

@@ -11,6 +11,7 @@ from qp.policy import DEFAULT_MAX_CHATS_PER_APP, Policy
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8787
+DEFAULT_CACHE_MB = 64
 
 
 class ConfigError(Exception):
@@ -28,6 +29,7 @@ class Config:
     s3_endpoint_url: str | None = None
     aws_region: str | None = None
     admin_key: str | None = field(default=None, repr=False)
+    cache_bytes: int = DEFAULT_CACHE_MB * 1024 * 1024
     policy: Policy = field(default_factory=Policy)
 
 
@@ -102,6 +104,7 @@ def load_config(
         s3_endpoint_url=_nonempty(environ, "QP_S3_ENDPOINT_URL"),
         aws_region=_nonempty(environ, "AWS_REGION") or _nonempty(environ, "AWS_DEFAULT_REGION"),
         admin_key=environ.get("ADMIN_KEY") or None,
+        cache_bytes=_int(environ, "QP_CACHE_MB", DEFAULT_CACHE_MB) * 1024 * 1024,
         policy=Policy(
             max_chats_per_app=_int(
                 environ, "QP_MAX_CHATS_PER_APP", DEFAULT_MAX_CHATS_PER_APP, minimum=1

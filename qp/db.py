@@ -35,6 +35,7 @@ class Database:
         self._write_lock = asyncio.Lock()
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all_readers = readers
+        self._data_version: int | None = None
         for conn in readers:
             self._readers.put_nowait(conn)
 
@@ -90,6 +91,15 @@ class Database:
             raise StorageUnavailable("Database", str(err)) from err
         finally:
             self._readers.put_nowait(conn)
+
+    async def changed_elsewhere(self) -> bool:
+        """True when another process committed to the database since the last call."""
+        async with self._write_lock:
+            # data_version on the writer moves only with other connections' commits.
+            ((version,),) = await self._writer.execute_fetchall("PRAGMA data_version")
+        changed = self._data_version is not None and version != self._data_version
+        self._data_version = version
+        return changed
 
     async def ping(self) -> None:
         async with self.reader() as conn:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
+import time as _time
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -30,14 +33,48 @@ def route_name(request: web.BaseRequest) -> str:
 
 
 class AccessLogger(AbstractAccessLogger):
-    """method, route pattern, status, duration, bytes sent."""
+    """One line per request: method, route pattern, status, duration, bytes sent.
+
+    Lines have the shape of the other log lines but skip the logging module, and are
+    written in batches (at most FLUSH_SECONDS late): a write per request cost a third of
+    a cached GET's time.
+    """
+
+    FLUSH_SECONDS = 0.2
+    MAX_PENDING = 256
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+        self._stream = sys.stderr
+        self._second = -1
+        self._stamp = ""
+        self._pending: list[str] = []
+        self._flush_timer: asyncio.TimerHandle | None = None
+        atexit.register(self.flush)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info(
-            "%s %s %d %.1fms %dB",
-            request.method,
-            route_name(request),
-            response.status,
-            time * 1000,
-            response.body_length,
+        now = _time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(second))
+        self._pending.append(
+            f"{self._stamp},{int(now % 1 * 1000):03d} INFO qp.access {request.method}"
+            f" {route_name(request)} {response.status} {time * 1000:.1f}ms"
+            f" {response.body_length}B\n"
         )
+        if len(self._pending) >= self.MAX_PENDING:
+            self.flush()
+        elif self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(
+                self.FLUSH_SECONDS, self.flush
+            )
+
+    def flush(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._pending:
+            self._stream.write("".join(self._pending))
+            self._stream.flush()
+            self._pending.clear()

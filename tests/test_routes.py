@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.helpers import call, create
 from tests.support import make_chat
+
+
+async def wait_for_log(server, text: str, seconds: float = 3.0) -> str:
+    """Access lines are written in batches; wait until `text` shows up."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while text not in (log := server.log()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{text!r} not in the log:\n{log}")
+        await asyncio.sleep(0.05)
+    return log
 
 
 @pytest.mark.parametrize(
@@ -70,7 +82,7 @@ async def test_log_has_one_line_per_request_without_contents_or_ids(http, server
         http, make_chat(app=app_name, messages=[{"role": "user", "content": secret_text}])
     )
     await call(http, "GET", f"/api/chats/{chat_id}", headers={"x-admin-key": "key-material-9"})
-    log = server.log()
+    log = await wait_for_log(server, "GET /api/chats/{chat_id} 200")
     assert secret_text not in log
     assert chat_id not in log
     assert "key-material-9" not in log
