@@ -17,5 +17,27 @@ CREATE TABLE IF NOT EXISTS chats (
 -- Serves both the per-app count (chat limit) and the admin list (newest updated_at first).
 CREATE INDEX IF NOT EXISTS idx_chats_app_updated_at ON chats(app, updated_at DESC);
 
+-- The spend ledger: one row per completion sent upstream. Never message contents or keys.
+-- payer: who paid (server: OPENROUTER_API_KEY, app: OPENROUTER_API_KEY_{APP}, user: the
+-- client's own x-openrouter-key). status: the HTTP status the client got. outcome:
+-- completed, client_left, upstream_error, upstream_idle, upstream_died, unreachable, timeout.
+CREATE TABLE IF NOT EXISTS completions (
+  id INTEGER PRIMARY KEY,
+  started_at TEXT NOT NULL,
+  app TEXT,
+  model TEXT NOT NULL,
+  payer TEXT NOT NULL CHECK (payer IN ('server', 'app', 'user')),
+  prompt_tokens INTEGER,
+  completion_tokens INTEGER,
+  cost REAL,
+  status INTEGER NOT NULL,
+  outcome TEXT NOT NULL,
+  duration_ms INTEGER NOT NULL,
+  client_left INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE INDEX IF NOT EXISTS idx_completions_started_at ON completions(started_at);
+CREATE INDEX IF NOT EXISTS idx_completions_app_started_at ON completions(app, started_at);
+
 -- The schema version this file describes; qp/db.py migrates older databases up to it.
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;

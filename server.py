@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
             **where,
             access_log_class=AccessLogger,
             access_log=logging.getLogger("qp.access"),
+            # A client that leaves cancels its handler: the completion relay relies on it to
+            # abort upstream at once. Chat writes are shielded (see ChatStore).
+            handler_cancellation=True,
             print=lambda message: print(message.splitlines()[0], file=sys.stderr, flush=True),
         )
     except StartupError as err:

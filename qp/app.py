@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack
 
 from aiohttp import web
 
-from qp.appkeys import CHAT_STORE, CONFIG, DATABASE, POLICY
+from qp.appkeys import CHAT_STORE, CONFIG, DATABASE, POLICY, UPSTREAM
 from qp.blobs import StoreNotReady, open_blob_store
 from qp.chat_cache import ChatCache
 from qp.chat_store import ChatStore
@@ -19,6 +19,7 @@ from qp.cors import setup_cors
 from qp.db import Database, SchemaTooNew
 from qp.errors import StorageUnavailable, error_middleware
 from qp.policy import PolicyHolder
+from qp.relay import open_upstream_session
 from qp.routes import add_routes
 
 log = logging.getLogger("qp.app")
@@ -34,6 +35,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[POLICY] = PolicyHolder(config.policy)
     app.cleanup_ctx.append(_storage)
+    app.cleanup_ctx.append(_upstream)
     add_routes(app.router)
     setup_cors(app, lambda: app[POLICY].current.origin_matcher)
     return app
@@ -59,6 +61,12 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         await db.changed_elsewhere()  # the baseline, taken while the cache is still empty
         watcher = asyncio.create_task(_forget_chats_changed_elsewhere(db, store))
         stack.callback(watcher.cancel)
+        yield
+
+
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    async with open_upstream_session() as session:
+        app[UPSTREAM] = session
         yield
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import aiohttp
 from aiohttp import web
 
 from qp.chat_store import ChatStore
@@ -13,3 +14,4 @@ CONFIG = web.AppKey("config", Config)
 DATABASE = web.AppKey("database", Database)
 CHAT_STORE = web.AppKey("chat_store", ChatStore)
 POLICY = web.AppKey("policy", PolicyHolder)
+UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)

@@ -8,7 +8,6 @@ from qp.appkeys import CHAT_STORE, CONFIG, POLICY
 from qp.auth import require_admin
 from qp.bodies import read_json
 from qp.chat_model import (
-    MAX_CHAT_BYTES,
     ChatExists,
     ChatLimitExceeded,
     ChatNotFound,
@@ -22,13 +21,15 @@ SUCCESS = {"success": True}
 
 
 async def create_chat(request: web.Request) -> web.Response:
-    chat = parse_chat(await read_json(request, MAX_CHAT_BYTES), id_required=False)
+    policy = request.app[POLICY].current
+    body = await read_json(request, policy.max_chat_body_bytes)
+    chat = parse_chat(body, id_required=False, max_bytes=policy.max_chat_body_bytes)
     if chat.chat_id is not None and not is_valid_chat_id(chat.chat_id):
         raise ApiError(400, "Invalid chat id")
-    limit = request.app[POLICY].current.max_chats_per_app
     try:
-        chat_id = await request.app[CHAT_STORE].create(chat, limit)
+        chat_id = await request.app[CHAT_STORE].create(chat, policy.max_chats_per_app)
     except ChatLimitExceeded:
+        limit = policy.max_chats_per_app
         raise ApiError(
             400, f"Chat limit exceeded for app {chat.app}. Maximum {limit} chats allowed."
         ) from None
@@ -47,7 +48,9 @@ async def get_chat(request: web.Request) -> web.Response:
 
 async def update_chat(request: web.Request) -> web.Response:
     chat_id = request.match_info["chat_id"]
-    chat = parse_chat(await read_json(request, MAX_CHAT_BYTES), id_required=True)
+    policy = request.app[POLICY].current
+    body = await read_json(request, policy.max_chat_body_bytes)
+    chat = parse_chat(body, id_required=True, max_bytes=policy.max_chat_body_bytes)
     if not is_valid_chat_id(chat_id):
         raise ApiError(400, "Invalid chat id")
     if chat.chat_id != chat_id:

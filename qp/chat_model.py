@@ -16,7 +16,6 @@ from qp.errors import ApiError, too_large
 CHAT_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 CHAT_ID_ALPHABET = string.ascii_letters + string.digits
 GENERATED_ID_LENGTH = 21
-MAX_CHAT_BYTES = 10 * 1024 * 1024
 
 
 class ChatLimitExceeded(Exception):
@@ -77,7 +76,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def parse_chat(body: Any, *, id_required: bool) -> ChatInput:
+def parse_chat(body: Any, *, id_required: bool, max_bytes: int) -> ChatInput:
     """Validate `{"chat": Chat}` (contract checks 4 and 5); 400 or 413 as the contract says.
 
     With `id_required` false (create), a missing, null or empty `chatId` is allowed: the
@@ -102,8 +101,8 @@ def parse_chat(body: Any, *, id_required: bool) -> ChatInput:
         raise ApiError(400, "Invalid chat data")
     messages_json = orjson.dumps(chat["messages"])
     size = serialized_size(chat, messages_json)
-    if size > MAX_CHAT_BYTES:
-        raise too_large("Chat", size, MAX_CHAT_BYTES)
+    if size > max_bytes:
+        raise too_large("Chat", size, max_bytes)
     return ChatInput(
         chat_id=chat_id or None,
         app=chat["app"],

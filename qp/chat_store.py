@@ -20,10 +20,10 @@ from qp.chat_model import (
     is_messages_array,
     new_chat_id,
     render_chat,
-    utc_now_iso,
 )
 from qp.db import Database
 from qp.locks import ChatLocks
+from qp.timestamps import utc_now_iso
 
 log = logging.getLogger("qp.chat_store")
 
@@ -40,8 +40,14 @@ class ChatStore:
         self._cache = cache
         self._locks = ChatLocks()
 
+    # Writes run shielded: a client that leaves mid-request (which cancels its handler)
+    # must not stop a write between its SQL and blob steps.
+
     async def create(self, chat: ChatInput, max_chats_per_app: int) -> str:
         """Store a new chat; raises ChatLimitExceeded or ChatExists, leaving stored chats alone."""
+        return await asyncio.shield(self._create(chat, max_chats_per_app))
+
+    async def _create(self, chat: ChatInput, max_chats_per_app: int) -> str:
         chat_id = chat.chat_id or new_chat_id()
         async with self._locks.writing(chat_id):
             await self._db.insert_chat(chat_id, chat, utc_now_iso(), max_chats_per_app)
@@ -67,6 +73,9 @@ class ChatStore:
 
     async def update(self, chat_id: str, chat: ChatInput) -> None:
         """Replace messages, model and usage; raises ChatNotFound."""
+        await asyncio.shield(self._update(chat_id, chat))
+
+    async def _update(self, chat_id: str, chat: ChatInput) -> None:
         async with self._locks.writing(chat_id):
             try:
                 previous = await self._db.update_chat(chat_id, chat, utc_now_iso())
@@ -82,6 +91,9 @@ class ChatStore:
 
     async def delete(self, chat_id: str) -> None:
         """Remove the row, then the blob (a retry after a failed blob delete removes it)."""
+        await asyncio.shield(self._delete(chat_id))
+
+    async def _delete(self, chat_id: str) -> None:
         async with self._locks.writing(chat_id):
             try:
                 await self._db.delete_chat(chat_id)

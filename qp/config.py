@@ -7,11 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qp.policy import DEFAULT_MAX_CHATS_PER_APP, Policy
+from qp.policy import Policy
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8787
 DEFAULT_CACHE_MB = 64
+APP_KEY_PREFIX = "OPENROUTER_API_KEY_"
 
 
 class ConfigError(Exception):
@@ -29,6 +30,9 @@ class Config:
     s3_endpoint_url: str | None = None
     aws_region: str | None = None
     admin_key: str | None = field(default=None, repr=False)
+    # OPENROUTER_API_KEY, and OPENROUTER_API_KEY_{APP} by variable name.
+    openrouter_api_key: str | None = field(default=None, repr=False)
+    app_openrouter_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     cache_bytes: int = DEFAULT_CACHE_MB * 1024 * 1024
     policy: Policy = field(default_factory=Policy)
 
@@ -44,6 +48,48 @@ def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) 
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ConfigError(f"{name} must be more than 0 seconds, got {raw}")
+    return value
+
+
+def _url(environ: Mapping[str, str], name: str, default: str) -> str:
+    url = environ.get(name, "").strip() or default
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got {url!r}")
+    return url
+
+
+def _names(environ: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def policy_from_env(environ: Mapping[str, str], base: Policy) -> Policy:
+    """The policy with the environment's QP_* overrides applied on top of `base`."""
+    return Policy(
+        allowed_origins=base.allowed_origins,
+        cheap_models=_names(environ, "QP_CHEAP_MODELS", base.cheap_models),
+        required_phrase_groups=base.required_phrase_groups,
+        max_chats_per_app=_int(environ, "QP_MAX_CHATS_PER_APP", base.max_chats_per_app, minimum=1),
+        openrouter_url=_url(environ, "QP_OPENROUTER_URL", base.openrouter_url),
+        upstream_timeout=_seconds(environ, "QP_UPSTREAM_TIMEOUT", base.upstream_timeout),
+        upstream_idle_timeout=_seconds(
+            environ, "QP_UPSTREAM_IDLE_TIMEOUT", base.upstream_idle_timeout
+        ),
+    )
 
 
 def _port(name: str, raw: str) -> int:
@@ -104,10 +150,12 @@ def load_config(
         s3_endpoint_url=_nonempty(environ, "QP_S3_ENDPOINT_URL"),
         aws_region=_nonempty(environ, "AWS_REGION") or _nonempty(environ, "AWS_DEFAULT_REGION"),
         admin_key=environ.get("ADMIN_KEY") or None,
+        openrouter_api_key=environ.get("OPENROUTER_API_KEY") or None,
+        app_openrouter_keys={
+            name: value
+            for name, value in environ.items()
+            if name.startswith(APP_KEY_PREFIX) and value
+        },
         cache_bytes=_int(environ, "QP_CACHE_MB", DEFAULT_CACHE_MB) * 1024 * 1024,
-        policy=Policy(
-            max_chats_per_app=_int(
-                environ, "QP_MAX_CHATS_PER_APP", DEFAULT_MAX_CHATS_PER_APP, minimum=1
-            ),
-        ),
+        policy=policy_from_env(environ, Policy()),
     )

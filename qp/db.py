@@ -11,6 +11,7 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,6 +19,7 @@ import aiosqlite
 
 from qp.chat_model import ChatExists, ChatInput, ChatLimitExceeded, ChatRow
 from qp.errors import StorageUnavailable
+from qp.usage import CompletionRecord
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 READER_COUNT = 4
@@ -204,6 +206,63 @@ class Database:
 
         await self.write(delete)
 
+    # --- the spend ledger ----------------------------------------------------------------
+
+    async def insert_completion(self, record: CompletionRecord) -> None:
+        async def insert(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO completions (started_at, app, model, payer, prompt_tokens,"
+                " completion_tokens, cost, status, outcome, duration_ms, client_left)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.started_at,
+                    record.app,
+                    record.model,
+                    record.payer,
+                    record.prompt_tokens,
+                    record.completion_tokens,
+                    record.cost,
+                    record.status,
+                    record.outcome,
+                    record.duration_ms,
+                    int(record.client_left),
+                ),
+            )
+
+        await self.write(insert)
+
+    async def usage_totals(self, since: str | None, app: str | None) -> list[UsageTotal]:
+        """Completions, tokens and cost by app, model and payer."""
+        where, params = [], []
+        if since is not None:
+            where.append("started_at >= ?")
+            params.append(since)
+        if app is not None:
+            where.append("app = ?")
+            params.append(app)
+        async with self.reader() as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT app, model, payer, COUNT(*), COALESCE(SUM(prompt_tokens), 0),"
+                " COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cost), 0),"
+                " SUM(client_left) FROM completions"
+                + (" WHERE " + " AND ".join(where) if where else "")
+                + " GROUP BY app, model, payer ORDER BY app, model, payer",
+                params,
+            )
+        return [UsageTotal(*row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotal:
+    app: str | None
+    model: str
+    payer: str
+    completions: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+    client_left: int
+
 
 _UPDATE_CHAT = (
     "UPDATE chats SET model = ?, prompt_tokens = ?, completion_tokens = ?,"
@@ -223,7 +282,9 @@ _SELECT_CHAT = (
 # Migrations, keyed by the version they start from: MIGRATIONS[n] takes a database from
 # version n to n + 1 (e.g. `ALTER TABLE ...`). schema.sql, applied after them, is the whole
 # current schema. Version 1 is the first; later issues append here.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    1: "-- 1 -> 2 adds the completions table, which schema.sql creates",
+}
 
 
 class SchemaTooNew(Exception):

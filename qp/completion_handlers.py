@@ -1,0 +1,77 @@
+"""Handlers for POST /api/completion and the spend ledger's GET /api/usage."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from qp.appkeys import CONFIG, DATABASE, POLICY, UPSTREAM
+from qp.auth import require_admin
+from qp.bodies import read_json
+from qp.completion_request import (
+    check_system_message,
+    choose_key,
+    parse_completion,
+    upstream_body,
+)
+from qp.errors import ApiError, json_response
+from qp.relay import relay_completion
+from qp.timestamps import parse_iso, utc_now_iso
+from qp.usage import CompletionRecord
+
+
+async def create_completion(request: web.Request) -> web.StreamResponse:
+    policy = request.app[POLICY].current
+    config = request.app[CONFIG]
+    completion = parse_completion(
+        await read_json(request, policy.max_completion_body_bytes), policy
+    )
+    key, payer = choose_key(
+        completion,
+        request.headers.get("x-openrouter-key"),
+        policy,
+        config.openrouter_api_key,
+        config.app_openrouter_keys,
+    )
+    check_system_message(completion, policy)
+    record = CompletionRecord(
+        started_at=utc_now_iso(), app=completion.app, model=completion.model, payer=payer
+    )
+    return await relay_completion(
+        request,
+        request.app[UPSTREAM],
+        policy,
+        upstream_body(completion),
+        key,
+        record,
+        request.app[DATABASE].insert_completion,
+    )
+
+
+async def usage_report(request: web.Request) -> web.Response:
+    """Totals by app, model and payer, optionally for one app and from a date on."""
+    require_admin(request, request.app[CONFIG].admin_key)
+    app = request.query.get("app") or None
+    since = None
+    if request.query.get("since"):
+        since = parse_iso(request.query["since"])
+        if since is None:
+            raise ApiError(400, "Invalid since parameter")
+    totals = await request.app[DATABASE].usage_totals(since, app)
+    rows = [
+        {
+            "app": total.app,
+            "model": total.model,
+            "payer": total.payer,
+            "completions": total.completions,
+            "promptTokens": total.prompt_tokens,
+            "completionTokens": total.completion_tokens,
+            "cost": total.cost,
+            "clientLeft": total.client_left,
+        }
+        for total in totals
+    ]
+    overall = {
+        name: sum(row[name] for row in rows)
+        for name in ("completions", "promptTokens", "completionTokens", "cost", "clientLeft")
+    }
+    return json_response({"since": since, "app": app, "totals": rows, "overall": overall})

@@ -1,0 +1,127 @@
+"""A CompletionRequest as the contract defines it: validation, key choice, upstream body."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from qp.config import APP_KEY_PREFIX
+from qp.errors import ApiError
+from qp.policy import Policy
+
+Payer = Literal["server", "app", "user"]
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    model: str
+    system_message: str
+    messages: list[Any]
+    tools: list[Any]
+    app: str | None
+    provider: Any
+
+
+def parse_completion(body: Any, policy: Policy) -> CompletionRequest:
+    """Contract checks 4 and 5: the request's shape (400), then its size (413)."""
+    if not (
+        isinstance(body, dict)
+        and isinstance(body.get("model"), str)
+        and isinstance(body.get("systemMessage"), str)
+        and isinstance(body.get("messages"), list)
+        and (body.get("tools") is None or isinstance(body["tools"], list))
+    ):
+        raise ApiError(400, "Invalid completion request")
+    messages = body["messages"]
+    if len(messages) > policy.max_messages:
+        raise ApiError(
+            413,
+            "Request validation failed",
+            message=f"Too many messages: {len(messages)} (max: {policy.max_messages})",
+        )
+    longest = max((message_chars(message) for message in messages), default=0)
+    if longest > policy.max_message_chars:
+        raise ApiError(
+            413,
+            "Request validation failed",
+            message=f"Message too long: {longest} characters (max: {policy.max_message_chars})",
+        )
+    app = body.get("app")
+    return CompletionRequest(
+        model=body["model"],
+        system_message=body["systemMessage"],
+        messages=messages,
+        tools=body.get("tools") or [],
+        app=app if isinstance(app, str) and app else None,
+        provider=body.get("provider"),
+    )
+
+
+def message_chars(message: Any) -> int:
+    """A message's text: a string `content`, or the sum of its `text` parts."""
+    if not isinstance(message, dict):
+        return 0
+    content = message.get("content")
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(
+            len(part["text"])
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return 0
+
+
+def choose_key(
+    completion: CompletionRequest,
+    user_key: str | None,
+    policy: Policy,
+    server_key: str | None,
+    app_keys: Mapping[str, str],
+) -> tuple[str, Payer]:
+    """Contract checks 6 and 7: whose OpenRouter key pays for this completion."""
+    if user_key:
+        return user_key, "user"
+    if completion.model not in policy.cheap_model_set:
+        raise ApiError(400, f"OpenRouter key required for model: {completion.model}")
+    if completion.app is not None:
+        app_key = app_keys.get(app_key_variable(completion.app))
+        if app_key:
+            return app_key, "app"
+    if server_key:
+        return server_key, "server"
+    raise ApiError(500, "API key not configured")
+
+
+def app_key_variable(app: str) -> str:
+    """`bids-assistant` -> `OPENROUTER_API_KEY_BIDS_ASSISTANT`."""
+    return APP_KEY_PREFIX + app.upper().replace("-", "_")
+
+
+def check_system_message(completion: CompletionRequest, policy: Policy) -> None:
+    """Contract check 8: every group of required phrases has one phrase in the message."""
+    system = completion.system_message
+    groups = policy.required_phrase_groups
+    if not all(any(phrase in system for phrase in group) for group in groups):
+        raise ApiError(400, "First message must contain the correct system message")
+
+
+def upstream_body(completion: CompletionRequest) -> bytes:
+    """The JSON POSTed to OpenRouter; usage accounting asked for, so the last chunk has it."""
+    body: dict[str, Any] = {
+        "model": completion.model,
+        "messages": [
+            {"role": "system", "content": completion.system_message},
+            *completion.messages,
+        ],
+        "stream": True,
+        "tools": completion.tools,
+    }
+    if completion.provider:
+        body["provider"] = {"only": [completion.provider]}
+    body["usage"] = {"include": True}
+    return orjson.dumps(body)

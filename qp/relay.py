@@ -1,0 +1,200 @@
+"""The completion relay: POST upstream, then pass each chunk to the client as it arrives.
+
+Nothing is buffered beyond the chunk in hand: every chunk read from OpenRouter is written
+to the client before the next read, unchanged. The handler runs with aiohttp's handler
+cancellation on, so a client that leaves cancels it at whatever it awaits, and leaving the
+upstream response's context closes that connection at once: nobody pays for tokens no one
+reads. The ledger row is written whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from qp.errors import ApiError
+from qp.policy import Policy
+from qp.usage import CompletionRecord, UsageScanner
+
+log = logging.getLogger("qp.relay")
+
+STREAM_HEADERS = {
+    "Content-Type": "text/plain; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+CONNECT_TIMEOUT = 10.0
+# How much of an upstream error body is read to find its message.
+MAX_ERROR_BODY = 64 * 1024
+# Connections to upstream held at once: one per open stream.
+MAX_UPSTREAM_CONNECTIONS = 4096
+
+SaveRecord = Callable[[CompletionRecord], Awaitable[None]]
+
+
+def open_upstream_session() -> aiohttp.ClientSession:
+    """The one client session for the life of the process, reusing connections to upstream."""
+    connector = aiohttp.TCPConnector(limit=MAX_UPSTREAM_CONNECTIONS, ttl_dns_cache=300)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout())
+
+
+async def relay_completion(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    policy: Policy,
+    payload: bytes,
+    key: str,
+    record: CompletionRecord,
+    save_record: SaveRecord,
+) -> web.StreamResponse:
+    """Stream the upstream completion to the client; errors before the stream are ApiErrors."""
+    started = time.monotonic()
+    try:
+        upstream = await _post(session, policy, payload, key, record)
+        async with upstream:
+            if not 200 <= upstream.status < 300:
+                raise await _upstream_error(upstream, record)
+            return await _stream(request, upstream, record)
+    except asyncio.CancelledError:
+        record.client_left = True
+        if record.outcome == "pending":
+            record.outcome = "client_left"
+        raise
+    finally:
+        record.duration_ms = round((time.monotonic() - started) * 1000)
+        # Shielded: a client that left must not take the ledger row with it.
+        await asyncio.shield(_save(save_record, record))
+
+
+async def _post(
+    session: aiohttp.ClientSession,
+    policy: Policy,
+    payload: bytes,
+    key: str,
+    record: CompletionRecord,
+) -> aiohttp.ClientResponse:
+    try:
+        async with asyncio.timeout(policy.upstream_timeout):
+            return await session.post(
+                policy.openrouter_url,
+                data=payload,
+                headers={
+                    "Authorization": f"Bearer {key}",
+                    "Content-Type": "application/json",
+                    # Compression would make upstream and us hold bytes back.
+                    "Accept-Encoding": "identity",
+                },
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(
+                    sock_connect=CONNECT_TIMEOUT, sock_read=policy.upstream_idle_timeout
+                ),
+            )
+    except TimeoutError:
+        record.status, record.outcome = 504, "timeout"
+        log.warning("completion: no answer from upstream within %g s", policy.upstream_timeout)
+        raise ApiError(
+            504,
+            "Gateway Timeout",
+            message=f"The completion service did not answer within {policy.upstream_timeout:g} s",
+        ) from None
+    except aiohttp.ClientError as err:
+        record.status, record.outcome = 502, "unreachable"
+        log.warning("completion: cannot reach upstream: %s", err.__class__.__name__)
+        raise ApiError(
+            502, "Bad Gateway", message="Could not connect to the completion service"
+        ) from None
+
+
+async def _upstream_error(upstream: aiohttp.ClientResponse, record: CompletionRecord) -> ApiError:
+    """The same status, the upstream's reason phrase, and its own message when it has one."""
+    record.status, record.outcome = upstream.status, "upstream_error"
+    log.warning("completion: upstream answered %d", upstream.status)
+    reason = upstream.reason or _phrase(upstream.status)
+    try:
+        body = await upstream.content.read(MAX_ERROR_BODY)
+    except (aiohttp.ClientError, TimeoutError):
+        body = b""
+    message = _error_message(body)
+    return ApiError(upstream.status, reason, **({"message": message} if message else {}))
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Upstream error"
+
+
+def _error_message(body: bytes) -> str | None:
+    """OpenRouter's `{"error": {"message": ...}}`, or a plain `error`/`message` string."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(parsed, dict):
+        return None
+    error = parsed.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"]
+    for candidate in (error, parsed.get("message")):
+        if isinstance(candidate, str):
+            return candidate
+    return None
+
+
+async def _stream(
+    request: web.Request, upstream: aiohttp.ClientResponse, record: CompletionRecord
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
+    await response.prepare(request)
+    record.status = 200
+    usage = UsageScanner()
+    try:
+        while True:
+            try:
+                chunk = await upstream.content.readany()
+            except TimeoutError:
+                record.outcome = "upstream_idle"
+                log.warning("completion: upstream silent mid-stream; stream ended")
+                _abort(request)
+                break
+            except aiohttp.ClientError as err:
+                record.outcome = "upstream_died"
+                log.warning("completion: upstream failed mid-stream (%s)", type(err).__name__)
+                _abort(request)
+                break
+            try:
+                if not chunk:
+                    await response.write_eof()
+                    record.outcome = "completed"
+                    break
+                await response.write(chunk)
+            except ConnectionError:
+                record.outcome, record.client_left = "client_left", True
+                break
+            usage.feed(chunk)
+    finally:
+        record.prompt_tokens = usage.prompt_tokens
+        record.completion_tokens = usage.completion_tokens
+        record.cost = usage.cost
+    return response
+
+
+def _abort(request: web.Request) -> None:
+    """End the client's stream without its final chunk, so it can tell it was cut short."""
+    if request.transport is not None:
+        request.transport.close()
+
+
+async def _save(save_record: SaveRecord, record: CompletionRecord) -> None:
+    try:
+        await save_record(record)
+    except Exception:
+        log.exception("completion: could not write the ledger row")

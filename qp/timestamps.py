@@ -1,0 +1,29 @@
+"""Timestamps as the worker wrote them: ISO 8601 UTC, three fractional digits and a `Z`.
+
+Stored as text in that one format, so ordering by text is ordering by time.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+
+def utc_now_iso() -> str:
+    return format_iso(datetime.now(UTC))
+
+
+def format_iso(moment: datetime) -> str:
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_iso(text: str) -> str | None:
+    """A date (`2026-11-01`) or date-time (with `Z` or an offset; none means UTC) in the
+    stored format, or None when it is neither."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return format_iso(moment)

@@ -1,0 +1,75 @@
+"""The spend ledger's inputs: what one completion cost, read from the stream as it passes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+# A partial SSE line longer than this is not usage accounting; it is dropped, not kept.
+MAX_PARTIAL_LINE = 256 * 1024
+
+
+@dataclass
+class CompletionRecord:
+    """One ledger row. Never holds message contents or keys."""
+
+    started_at: str
+    app: str | None
+    model: str
+    payer: str
+    status: int = 0
+    outcome: str = "pending"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost: float | None = None
+    duration_ms: int = 0
+    client_left: bool = False
+
+
+class UsageScanner:
+    """Finds OpenRouter's `usage` object in the SSE lines relayed to the client.
+
+    It only ever looks at bytes already sent, keeps at most one partial line, and parses
+    only lines that mention `"usage"`, so the relay never waits on it.
+    """
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.cost: float | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._partial + chunk if self._partial else chunk
+        end = data.rfind(b"\n")
+        if end < 0:
+            self._keep(data)
+            return
+        self._keep(data[end + 1 :])
+        if b'"usage"' not in data[:end]:
+            return
+        for line in data[:end].split(b"\n"):
+            if line.startswith(b"data:") and b'"usage"' in line:
+                self._read_usage(line[5:].strip())
+
+    def _keep(self, partial: bytes) -> None:
+        self._partial = partial if len(partial) <= MAX_PARTIAL_LINE else b""
+
+    def _read_usage(self, payload: bytes) -> None:
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return
+        usage = event.get("usage") if isinstance(event, dict) else None
+        if not isinstance(usage, dict):
+            return
+        self.prompt_tokens = _number(usage.get("prompt_tokens"), self.prompt_tokens)
+        self.completion_tokens = _number(usage.get("completion_tokens"), self.completion_tokens)
+        self.cost = _number(usage.get("cost"), self.cost)
+
+
+def _number(value, default):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    return default

@@ -1,0 +1,183 @@
+"""A fake OpenRouter: a real HTTP server that records what it receives and streams scripted
+SSE with delays.
+
+The script for a request is picked by its last message's content, `script:NAME`; anything
+else gets the standard stream. Tests run it in a thread of their own; benchmarks run it as
+a process: `python -m tests.fake_openrouter --port P`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+
+# A normal completion, cut into chunks at awkward places: inside a line, inside a JSON
+# string and inside a multi-byte UTF-8 character.
+STANDARD_STREAM = [
+    b": OPENROUTER PROCESSING\n\n",
+    b'data: {"id":"gen-1","choices":[{"delta":{"content":"Hel"}}]}\n\ndata: {"id":"gen-1","ch',
+    b'oices":[{"delta":{"content":"lo \xe2\x9c',
+    b'\x93 w\xc3\xb6rld"}}]}\n\n',
+    b'data: {"id":"gen-1","choices":[{"delta":{},"finish_reason":"stop"}],"usage":'
+    b'{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15,"cost":0.00042}}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+@dataclass
+class Script:
+    """How the fake answers: status, a delay before the headers, then timed chunks."""
+
+    status: int = 200
+    reason: str | None = None
+    body: bytes = b""
+    headers_delay: float = 0.0
+    chunks: list[tuple[float, bytes]] = field(
+        default_factory=lambda: [(0.0, chunk) for chunk in STANDARD_STREAM]
+    )
+    # After the chunks: stay silent this long, then end normally.
+    hold: float = 0.0
+    # After the chunks: drop the connection without ending the response.
+    die: bool = False
+
+
+@dataclass
+class Received:
+    """One request as the fake saw it; times are time.monotonic()."""
+
+    headers: dict[str, str]
+    body: dict
+    started: float
+    sent: list[tuple[float, bytes]] = field(default_factory=list)
+    finished: float | None = None
+    disconnected: float | None = None
+
+
+class FakeOpenRouter:
+    def __init__(self) -> None:
+        self.scripts: dict[str, Script] = {}
+        self.received: list[Received] = []
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api/v1/chat/completions"
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/api/v1/chat/completions", self._complete)
+        return app
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        seen = Received(dict(request.headers), body, time.monotonic())
+        self.received.append(seen)
+        script = self.scripts.get(_script_name(body), Script())
+        try:
+            await asyncio.sleep(script.headers_delay)
+            if script.status != 200:
+                return web.Response(status=script.status, reason=script.reason, body=script.body)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            for delay, chunk in script.chunks:
+                await asyncio.sleep(delay)
+                await response.write(chunk)
+                seen.sent.append((time.monotonic(), chunk))
+            if script.die:
+                request.transport.abort()
+                return response
+            await asyncio.sleep(script.hold)
+            await response.write_eof()
+            seen.finished = time.monotonic()
+            return response
+        except (asyncio.CancelledError, ConnectionError):
+            seen.disconnected = time.monotonic()
+            raise
+
+    def start(self) -> FakeOpenRouter:
+        """Serve from a thread of its own, on a free port of 127.0.0.1."""
+        ready = threading.Event()
+
+        def serve() -> None:
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self._start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, name="fake-openrouter", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("the fake OpenRouter did not start")
+        return self
+
+    async def _start(self, port: int = 0) -> None:
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def last(self) -> Received:
+        return self.received[-1]
+
+    def wait_for(self, predicate, seconds: float = 5.0) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.01)
+        return predicate()
+
+
+def _script_name(body: dict) -> str | None:
+    messages = body.get("messages") or []
+    content = messages[-1].get("content") if messages and isinstance(messages[-1], dict) else None
+    if isinstance(content, str) and content.startswith("script:"):
+        return content[len("script:") :]
+    return None
+
+
+def bench_scripts() -> dict[str, Script]:
+    """Scripts the relay benchmark asks for by name."""
+    token = b'data: {"id":"gen-b","choices":[{"delta":{"content":"token "}}]}\n\n'
+    usage = (
+        b'data: {"id":"gen-b","choices":[],"usage":{"prompt_tokens":10,'
+        b'"completion_tokens":200,"cost":0.0001}}\n\ndata: [DONE]\n\n'
+    )
+    return {
+        # 200 tokens, 2 ms apart: time to first chunk and a realistic stream.
+        "paced": Script(chunks=[(0.002, token)] * 200 + [(0.0, usage)]),
+        # 8 MiB as fast as it can go, 16 KiB a write: throughput.
+        "bulk": Script(chunks=[(0.0, token * 240)] * 512 + [(0.0, usage)]),
+        # One chunk, then an open stream for a minute: memory per open stream.
+        "hold": Script(chunks=[(0.0, token)], hold=60.0),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A fake OpenRouter for benchmarks")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    fake = FakeOpenRouter()
+    fake.scripts.update(bench_scripts())
+    web.run_app(fake.app(), host="127.0.0.1", port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

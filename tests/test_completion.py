@@ -1,0 +1,523 @@
+"""POST /api/completion against the real server and a fake OpenRouter on a real port."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Iterator
+
+import aiohttp
+import orjson
+import pytest
+
+from qp.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
+from tests.conftest import ADMIN_KEY
+from tests.fake_openrouter import STANDARD_STREAM, FakeOpenRouter, Script
+from tests.helpers import call
+from tests.support import QPServer
+
+SYSTEM = "You help with NWB files. " + " ".join(
+    group[0] for group in DEFAULT_REQUIRED_PHRASE_GROUPS
+)
+CHEAP = "openai/gpt-4.1-mini"
+EXPENSIVE = "anthropic/claude-sonnet-4"
+KEYS = {
+    "OPENROUTER_API_KEY": "server-key",
+    "OPENROUTER_API_KEY_BIDS_ASSISTANT": "bids-key",
+}
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeOpenRouter]:
+    fake = FakeOpenRouter().start()
+    yield fake
+    fake.stop()
+
+
+def start_qp(tmp_path_factory, fake: FakeOpenRouter, **env: str) -> QPServer:
+    return QPServer(
+        tmp_path_factory.mktemp("qp-completion"),
+        {"ADMIN_KEY": ADMIN_KEY, "QP_OPENROUTER_URL": fake.url, **KEYS, **env},
+    ).start()
+
+
+@pytest.fixture(scope="module")
+def relay_server(fake, tmp_path_factory) -> Iterator[QPServer]:
+    server = start_qp(tmp_path_factory, fake)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def http(relay_server) -> aiohttp.ClientSession:
+    async with aiohttp.ClientSession(relay_server.url) as session:
+        yield session
+
+
+def completion(content: str = "hello", **changes) -> dict:
+    request = {
+        "model": CHEAP,
+        "systemMessage": SYSTEM,
+        "messages": [{"role": "user", "content": content}],
+        "app": "nwb-assistant",
+    }
+    request.update(changes)
+    return request
+
+
+async def stream(http: aiohttp.ClientSession, request: dict, headers=None) -> tuple[int, bytes]:
+    async with http.post("/api/completion", json=request, headers=headers) as response:
+        return response.status, await response.read()
+
+
+# --- the relay ------------------------------------------------------------------------
+
+
+async def test_stream_is_relayed_byte_for_byte_with_streaming_headers(http, fake):
+    async with http.post("/api/completion", json=completion()) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert response.headers["Cache-Control"] == "no-cache"
+        assert response.headers["X-Accel-Buffering"] == "no"
+        assert await response.read() == b"".join(STANDARD_STREAM)
+
+
+async def test_upstream_gets_the_contract_body_and_the_servers_key(http, fake):
+    tools = [{"type": "function", "function": {"name": "search", "parameters": {}}}]
+    request = completion(
+        messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+        tools=tools,
+        app="stan-assistant",
+    )
+    assert (await stream(http, request))[0] == 200
+    seen = fake.last()
+    assert seen.headers["Authorization"] == "Bearer server-key"
+    assert seen.headers["Content-Type"] == "application/json"
+    assert seen.body == {
+        "model": CHEAP,
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"},
+        ],
+        "stream": True,
+        "tools": tools,
+        "usage": {"include": True},
+    }
+
+
+@pytest.mark.parametrize("tools", [None, "absent"])
+async def test_tools_default_to_an_empty_list(http, fake, tools):
+    request = completion()
+    if tools is None:
+        request["tools"] = None
+    assert (await stream(http, request))[0] == 200
+    assert fake.last().body["tools"] == []
+
+
+async def test_provider_becomes_only_that_provider(http, fake):
+    assert (await stream(http, completion(provider="Cerebras")))[0] == 200
+    assert fake.last().body["provider"] == {"only": ["Cerebras"]}
+
+
+async def test_no_provider_sends_no_provider(http, fake):
+    assert (await stream(http, completion()))[0] == 200
+    assert "provider" not in fake.last().body
+
+
+# --- whose key pays ---------------------------------------------------------------------
+
+
+async def test_the_users_key_wins_even_for_a_cheap_model(http, fake):
+    status, _ = await stream(http, completion(), {"x-openrouter-key": "user-key"})
+    assert status == 200
+    assert fake.last().headers["Authorization"] == "Bearer user-key"
+
+
+async def test_an_expensive_model_with_the_users_key_goes_through(http, fake):
+    status, _ = await stream(http, completion(model=EXPENSIVE), {"x-openrouter-key": "user-key"})
+    assert status == 200
+    assert fake.last().headers["Authorization"] == "Bearer user-key"
+    assert fake.last().body["model"] == EXPENSIVE
+
+
+async def test_a_cheap_model_uses_the_apps_own_key(http, fake):
+    assert (await stream(http, completion(app="bids-assistant")))[0] == 200
+    assert fake.last().headers["Authorization"] == "Bearer bids-key"
+
+
+async def test_a_cheap_model_without_an_app_key_uses_the_servers_key(http, fake):
+    assert (await stream(http, completion(app="nwb-assistant")))[0] == 200
+    assert fake.last().headers["Authorization"] == "Bearer server-key"
+
+
+async def test_an_expensive_model_without_a_key_is_400_and_never_sent(http, fake):
+    before = len(fake.received)
+    assert await call(http, "POST", "/api/completion", json=completion(model=EXPENSIVE)) == (
+        400,
+        {"error": f"OpenRouter key required for model: {EXPENSIVE}"},
+    )
+    assert len(fake.received) == before
+
+
+async def test_no_key_configured_is_500(fake, tmp_path_factory):
+    server = QPServer(tmp_path_factory.mktemp("qp-nokey"), {"QP_OPENROUTER_URL": fake.url}).start()
+    try:
+        async with aiohttp.ClientSession(server.url) as http:
+            assert await call(http, "POST", "/api/completion", json=completion()) == (
+                500,
+                {"error": "API key not configured"},
+            )
+    finally:
+        server.stop()
+
+
+async def test_cheap_models_come_from_qp_cheap_models(fake, tmp_path_factory):
+    server = start_qp(tmp_path_factory, fake, QP_CHEAP_MODELS="vendor/tiny, vendor/small")
+    try:
+        async with aiohttp.ClientSession(server.url) as http:
+            assert (await stream(http, completion(model="vendor/small")))[0] == 200
+            assert fake.last().headers["Authorization"] == "Bearer server-key"
+            assert await call(http, "POST", "/api/completion", json=completion(model=CHEAP)) == (
+                400,
+                {"error": f"OpenRouter key required for model: {CHEAP}"},
+            )
+    finally:
+        server.stop()
+
+
+# --- validation, in the contract's order -------------------------------------------------
+
+
+async def test_malformed_json_is_400(http):
+    assert await call(
+        http, "POST", "/api/completion", data=b"{nope", headers={"Content-Type": "text/plain"}
+    ) == (400, {"error": "Invalid JSON body"})
+
+
+INVALID_REQUESTS = {
+    "not an object": [],
+    "no model": {k: v for k, v in completion().items() if k != "model"},
+    "model a number": completion(model=4),
+    "no system message": {k: v for k, v in completion().items() if k != "systemMessage"},
+    "system message null": completion(systemMessage=None),
+    "messages an object": completion(messages={"role": "user"}),
+    "tools an object": completion(tools={"type": "function"}),
+    "tools a string": completion(tools="search"),
+}
+
+
+@pytest.mark.parametrize("body", INVALID_REQUESTS.values(), ids=INVALID_REQUESTS.keys())
+async def test_invalid_completion_request_is_400(http, body):
+    assert await call(http, "POST", "/api/completion", json=body) == (
+        400,
+        {"error": "Invalid completion request"},
+    )
+
+
+async def test_body_over_500_kib_is_413(http, fake):
+    before = len(fake.received)
+    body = orjson.dumps(completion("a" * (500 * 1024)))
+    status, answer = await call(
+        http, "POST", "/api/completion", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert status == 413
+    assert answer == {
+        "error": "Request validation failed",
+        "message": f"Request body too large: {len(body) / 1024:.1f} KB (max: 500.0 KB)",
+    }
+    assert len(fake.received) == before
+
+
+async def test_more_than_50_messages_is_413(http):
+    messages = [{"role": "user", "content": "x"}] * 51
+    assert await call(http, "POST", "/api/completion", json=completion(messages=messages)) == (
+        413,
+        {"error": "Request validation failed", "message": "Too many messages: 51 (max: 50)"},
+    )
+
+
+async def test_exactly_50_messages_and_100000_characters_are_accepted(http):
+    messages = [{"role": "user", "content": "x"}] * 49 + [
+        {"role": "user", "content": "y" * 100_000}
+    ]
+    assert (await stream(http, completion(messages=messages)))[0] == 200
+
+
+async def test_a_message_over_100000_characters_is_413(http):
+    # Characters, not bytes: 100,001 two-byte characters are over, at 200 KB of body.
+    body = orjson.dumps(completion("é" * 100_001))
+    assert await call(
+        http, "POST", "/api/completion", data=body, headers={"Content-Type": "application/json"}
+    ) == (
+        413,
+        {
+            "error": "Request validation failed",
+            "message": "Message too long: 100001 characters (max: 100000)",
+        },
+    )
+
+
+async def test_text_parts_are_summed_against_the_limit(http):
+    parts = [{"type": "text", "text": "a" * 50_000}, {"type": "image_url", "image_url": {}}]
+    parts.append({"type": "text", "text": "b" * 50_001})
+    request = completion(messages=[{"role": "user", "content": parts}])
+    status, answer = await call(http, "POST", "/api/completion", json=request)
+    assert status == 413
+    assert answer["message"] == "Message too long: 100001 characters (max: 100000)"
+
+
+@pytest.mark.parametrize("missing_group", range(3))
+async def test_a_system_message_missing_a_phrase_group_is_400(http, fake, missing_group):
+    system = " ".join(
+        group[0] for i, group in enumerate(DEFAULT_REQUIRED_PHRASE_GROUPS) if i != missing_group
+    )
+    before = len(fake.received)
+    assert await call(http, "POST", "/api/completion", json=completion(systemMessage=system)) == (
+        400,
+        {"error": "First message must contain the correct system message"},
+    )
+    assert len(fake.received) == before
+
+
+async def test_the_second_phrase_of_a_group_also_passes(http):
+    groups = DEFAULT_REQUIRED_PHRASE_GROUPS
+    system = f"{groups[0][0]}\n{groups[1][1]}\n{groups[2][0]}"
+    assert (await stream(http, completion(systemMessage=system)))[0] == 200
+
+
+async def test_the_key_check_comes_before_the_phrase_check(http):
+    request = completion(model=EXPENSIVE, systemMessage="no phrases")
+    assert (await call(http, "POST", "/api/completion", json=request))[1] == {
+        "error": f"OpenRouter key required for model: {EXPENSIVE}"
+    }
+
+
+# --- timing and clients that leave ------------------------------------------------------
+
+
+async def test_the_first_chunk_reaches_the_client_before_upstream_sends_the_second(http, fake):
+    fake.scripts["paced"] = Script(chunks=[(0.0, b"data: one\n\n"), (1.0, b"data: two\n\n")])
+    async with http.post("/api/completion", json=completion("script:paced")) as response:
+        first = await response.content.readany()
+        first_at = time.monotonic()
+        rest = await response.read()
+    second_sent_at = fake.last().sent[1][0]
+    assert first == b"data: one\n\n"
+    assert rest == b"data: two\n\n"
+    assert first_at < second_sent_at
+
+
+async def test_a_client_leaving_before_the_first_byte_aborts_upstream(http, fake):
+    fake.scripts["slow-start"] = Script(headers_delay=30.0)
+    before = len(fake.received)
+    request = http.post("/api/completion", json=completion("script:slow-start"))
+    task = asyncio.ensure_future(request)
+    assert await asyncio.to_thread(fake.wait_for, lambda: len(fake.received) > before)
+    task.cancel()
+    left_at = time.monotonic()
+    seen = fake.received[before]
+    assert await asyncio.to_thread(fake.wait_for, lambda: seen.disconnected is not None, 2.0)
+    assert seen.disconnected - left_at < 1.0
+
+
+async def test_a_client_leaving_mid_stream_aborts_upstream(relay_server, fake):
+    fake.scripts["long"] = Script(chunks=[(0.0, b"data: one\n\n"), (30.0, b"data: two\n\n")])
+    before = len(fake.received)
+    async with aiohttp.ClientSession(relay_server.url) as http:
+        response = await http.post("/api/completion", json=completion("script:long"))
+        assert await response.content.readany() == b"data: one\n\n"
+        response.close()
+        left_at = time.monotonic()
+    seen = fake.received[before]
+    assert await asyncio.to_thread(fake.wait_for, lambda: seen.disconnected is not None, 2.0)
+    assert seen.disconnected - left_at < 1.0
+
+
+# --- upstream failures ------------------------------------------------------------------
+
+
+async def test_upstream_error_keeps_its_status_with_its_own_message(http, fake):
+    fake.scripts["401"] = Script(
+        status=401,
+        body=b'{"error":{"message":"No auth credentials found","code":401}}',
+    )
+    assert await call(http, "POST", "/api/completion", json=completion("script:401")) == (
+        401,
+        {"error": "Unauthorized", "message": "No auth credentials found"},
+    )
+
+
+async def test_upstream_error_without_a_message_gives_the_reason_phrase(http, fake):
+    fake.scripts["429"] = Script(status=429, body=b"slow down")
+    assert await call(http, "POST", "/api/completion", json=completion("script:429")) == (
+        429,
+        {"error": "Too Many Requests"},
+    )
+
+
+async def test_unreachable_upstream_is_502(tmp_path_factory):
+    fake = FakeOpenRouter()
+    fake.port = 1  # nothing listens there
+    server = start_qp(tmp_path_factory, fake)
+    try:
+        async with aiohttp.ClientSession(server.url) as http:
+            assert await call(http, "POST", "/api/completion", json=completion()) == (
+                502,
+                {"error": "Bad Gateway", "message": "Could not connect to the completion service"},
+            )
+    finally:
+        server.stop()
+    assert "cannot reach upstream" in server.log()
+    assert "Traceback" not in server.log()
+
+
+@pytest.fixture(scope="module")
+def impatient_server(fake, tmp_path_factory) -> Iterator[QPServer]:
+    server = start_qp(tmp_path_factory, fake, QP_UPSTREAM_TIMEOUT="1", QP_UPSTREAM_IDLE_TIMEOUT="1")
+    yield server
+    server.stop()
+
+
+async def test_no_first_byte_in_time_is_504(impatient_server, fake):
+    fake.scripts["late"] = Script(headers_delay=5.0)
+    started = time.monotonic()
+    async with aiohttp.ClientSession(impatient_server.url) as http:
+        assert await call(http, "POST", "/api/completion", json=completion("script:late")) == (
+            504,
+            {
+                "error": "Gateway Timeout",
+                "message": "The completion service did not answer within 1 s",
+            },
+        )
+    assert time.monotonic() - started < 3
+
+
+async def test_silence_mid_stream_ends_the_clients_stream(impatient_server, fake):
+    fake.scripts["stall"] = Script(chunks=[(0.0, b"data: one\n\n"), (10.0, b"data: two\n\n")])
+    started = time.monotonic()
+    async with (
+        aiohttp.ClientSession(impatient_server.url) as http,
+        http.post("/api/completion", json=completion("script:stall")) as response,
+    ):
+        assert await response.content.readany() == b"data: one\n\n"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert time.monotonic() - started < 4
+    assert "upstream silent mid-stream" in impatient_server.log()
+
+
+async def test_upstream_dying_mid_stream_ends_the_clients_stream(http, relay_server, fake):
+    fake.scripts["die"] = Script(chunks=[(0.0, b"data: one\n\n")], die=True)
+    started = time.monotonic()
+    async with http.post("/api/completion", json=completion("script:die")) as response:
+        assert await response.content.readany() == b"data: one\n\n"
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert time.monotonic() - started < 3
+    assert "upstream failed mid-stream" in relay_server.log()
+    assert "Traceback" not in relay_server.log()
+
+
+# --- the spend ledger ----------------------------------------------------------------------
+
+
+def ledger(server: QPServer) -> list[dict]:
+    with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute("SELECT * FROM completions ORDER BY id")]
+
+
+async def test_each_completion_is_one_ledger_row_with_usage_and_payer(fake, tmp_path_factory):
+    server = start_qp(tmp_path_factory, fake)
+    try:
+        async with aiohttp.ClientSession(server.url) as http:
+            await stream(http, completion("SECRET-QUESTION", app="bids-assistant"))
+            await stream(http, completion(app="nwb-assistant"))
+            await stream(http, completion(model=EXPENSIVE), {"x-openrouter-key": "user-key"})
+            fake.scripts["401b"] = Script(status=401, body=b"{}")
+            await stream(http, completion("script:401b"))
+            await call(http, "POST", "/api/completion", json=completion(model=EXPENSIVE))
+        rows = ledger(server)
+    finally:
+        server.stop()
+    assert [(r["app"], r["model"], r["payer"], r["status"], r["outcome"]) for r in rows] == [
+        ("bids-assistant", CHEAP, "app", 200, "completed"),
+        ("nwb-assistant", CHEAP, "server", 200, "completed"),
+        ("nwb-assistant", EXPENSIVE, "user", 200, "completed"),
+        ("nwb-assistant", CHEAP, "server", 401, "upstream_error"),
+    ]
+    assert [(r["prompt_tokens"], r["completion_tokens"], r["cost"]) for r in rows[:3]] == [
+        (12, 3, 0.00042)
+    ] * 3
+    assert rows[3]["cost"] is None
+    assert all(r["duration_ms"] >= 0 and r["client_left"] == 0 for r in rows)
+    database = (server.data_dir / "qp.sqlite3").read_bytes()
+    assert b"SECRET-QUESTION" not in database
+    assert b"bids-key" not in database and b"user-key" not in database
+
+
+async def test_a_client_that_leaves_is_in_the_ledger(fake, tmp_path_factory):
+    server = start_qp(tmp_path_factory, fake)
+    fake.scripts["long2"] = Script(chunks=[(0.0, b"data: one\n\n"), (30.0, b"data: two\n\n")])
+    try:
+        async with aiohttp.ClientSession(server.url) as http:
+            response = await http.post("/api/completion", json=completion("script:long2"))
+            await response.content.readany()
+            response.close()
+        assert await asyncio.to_thread(fake.wait_for, lambda: bool(ledger(server)), 3.0)
+        (row,) = ledger(server)
+    finally:
+        server.stop()
+    assert (row["status"], row["outcome"], row["client_left"]) == (200, "client_left", 1)
+
+
+async def test_usage_report_totals_by_app_model_and_payer(fake, tmp_path_factory):
+    server = start_qp(tmp_path_factory, fake)
+    admin = {"x-admin-key": ADMIN_KEY}
+    try:
+        async with aiohttp.ClientSession(server.url) as http:
+            for _ in range(2):
+                await stream(http, completion(app="bids-assistant"))
+            await stream(http, completion(app="nwb-assistant"))
+            assert await call(http, "GET", "/api/usage") == (401, {"error": "Unauthorized"})
+            status, report = await call(http, "GET", "/api/usage", headers=admin)
+            assert status == 200
+            assert report["totals"] == [
+                {
+                    "app": "bids-assistant",
+                    "model": CHEAP,
+                    "payer": "app",
+                    "completions": 2,
+                    "promptTokens": 24,
+                    "completionTokens": 6,
+                    "cost": pytest.approx(0.00084),
+                    "clientLeft": 0,
+                },
+                {
+                    "app": "nwb-assistant",
+                    "model": CHEAP,
+                    "payer": "server",
+                    "completions": 1,
+                    "promptTokens": 12,
+                    "completionTokens": 3,
+                    "cost": pytest.approx(0.00042),
+                    "clientLeft": 0,
+                },
+            ]
+            assert report["overall"]["completions"] == 3
+            _, one_app = await call(http, "GET", "/api/usage?app=nwb-assistant", headers=admin)
+            assert [row["app"] for row in one_app["totals"]] == ["nwb-assistant"]
+            _, future = await call(http, "GET", "/api/usage?since=2999-01-01", headers=admin)
+            assert future["totals"] == [] and future["since"] == "2999-01-01T00:00:00.000Z"
+            _, past = await call(
+                http, "GET", "/api/usage?since=2000-01-01T00:00:00Z", headers=admin
+            )
+            assert past["overall"]["completions"] == 3
+            assert await call(http, "GET", "/api/usage?since=yesterday", headers=admin) == (
+                400,
+                {"error": "Invalid since parameter"},
+            )
+    finally:
+        server.stop()
