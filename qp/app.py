@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack
 
 from aiohttp import web
 
-from qp.appkeys import CHAT_STORE, CONFIG, DATABASE, POLICY, UPSTREAM
+from qp.appkeys import CHAT_STORE, CONFIG, DATABASE, LEDGER, POLICY, UPSTREAM
 from qp.blobs import StoreNotReady, open_blob_store
 from qp.chat_cache import ChatCache
 from qp.chat_store import ChatStore
@@ -18,6 +18,7 @@ from qp.config import Config
 from qp.cors import setup_cors
 from qp.db import Database, SchemaTooNew
 from qp.errors import StorageUnavailable, error_middleware
+from qp.ledger import SpendLedger
 from qp.policy import PolicyHolder
 from qp.relay import open_upstream_session
 from qp.routes import add_routes
@@ -61,6 +62,8 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         await db.changed_elsewhere()  # the baseline, taken while the cache is still empty
         watcher = asyncio.create_task(_forget_chats_changed_elsewhere(db, store))
         stack.callback(watcher.cancel)
+        app[LEDGER] = ledger = SpendLedger(db)
+        stack.push_async_callback(ledger.close)
         yield
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from qp.appkeys import CONFIG, DATABASE, POLICY, UPSTREAM
+from qp.appkeys import CONFIG, DATABASE, LEDGER, POLICY, UPSTREAM
 from qp.auth import require_admin
 from qp.bodies import read_json
 from qp.completion_request import (
@@ -43,7 +43,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         upstream_body(completion),
         key,
         record,
-        request.app[DATABASE].insert_completion,
+        request.app[LEDGER].record,
     )
 
 
@@ -56,6 +56,7 @@ async def usage_report(request: web.Request) -> web.Response:
         since = parse_iso(request.query["since"])
         if since is None:
             raise ApiError(400, "Invalid since parameter")
+    await request.app[LEDGER].flush()  # the report includes every completion so far
     totals = await request.app[DATABASE].usage_totals(since, app)
     rows = [
         {

@@ -208,25 +208,28 @@ class Database:
 
     # --- the spend ledger ----------------------------------------------------------------
 
-    async def insert_completion(self, record: CompletionRecord) -> None:
+    async def insert_completions(self, records: list[CompletionRecord]) -> None:
         async def insert(conn: aiosqlite.Connection) -> None:
-            await conn.execute(
+            await conn.executemany(
                 "INSERT INTO completions (started_at, app, model, payer, prompt_tokens,"
                 " completion_tokens, cost, status, outcome, duration_ms, client_left)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.started_at,
-                    record.app,
-                    record.model,
-                    record.payer,
-                    record.prompt_tokens,
-                    record.completion_tokens,
-                    record.cost,
-                    record.status,
-                    record.outcome,
-                    record.duration_ms,
-                    int(record.client_left),
-                ),
+                [
+                    (
+                        record.started_at,
+                        record.app,
+                        record.model,
+                        record.payer,
+                        record.prompt_tokens,
+                        record.completion_tokens,
+                        record.cost,
+                        record.status,
+                        record.outcome,
+                        record.duration_ms,
+                        int(record.client_left),
+                    )
+                    for record in records
+                ],
             )
 
         await self.write(insert)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+from yarl import URL
+
 from qp.cors import OriginMatcher
 
 KIB = 1024
@@ -81,6 +83,10 @@ class Policy:
     @cached_property
     def origin_matcher(self) -> OriginMatcher:
         return OriginMatcher(self.allowed_origins)
+
+    @cached_property
+    def openrouter_url_parsed(self) -> URL:
+        return URL(self.openrouter_url)
 
     @cached_property
     def cheap_model_set(self) -> frozenset[str]:

@@ -4,7 +4,7 @@ Nothing is buffered beyond the chunk in hand: every chunk read from OpenRouter i
 to the client before the next read, unchanged. The handler runs with aiohttp's handler
 cancellation on, so a client that leaves cancels it at whatever it awaits, and leaving the
 upstream response's context closes that connection at once: nobody pays for tokens no one
-reads. The ledger row is written whatever happens.
+reads. The ledger row is handed over whatever happens, and written in the background.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import http
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import aiohttp
 import orjson
@@ -36,13 +36,18 @@ MAX_ERROR_BODY = 64 * 1024
 # Connections to upstream held at once: one per open stream.
 MAX_UPSTREAM_CONNECTIONS = 4096
 
-SaveRecord = Callable[[CompletionRecord], Awaitable[None]]
+SaveRecord = Callable[[CompletionRecord], None]
 
 
 def open_upstream_session() -> aiohttp.ClientSession:
     """The one client session for the life of the process, reusing connections to upstream."""
     connector = aiohttp.TCPConnector(limit=MAX_UPSTREAM_CONNECTIONS, ttl_dns_cache=300)
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout())
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(),
+        # Cookies upstream sets for one user's request must never ride along on another's.
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
 
 
 async def relay_completion(
@@ -69,8 +74,7 @@ async def relay_completion(
         raise
     finally:
         record.duration_ms = round((time.monotonic() - started) * 1000)
-        # Shielded: a client that left must not take the ledger row with it.
-        await asyncio.shield(_save(save_record, record))
+        save_record(record)
 
 
 async def _post(
@@ -83,7 +87,7 @@ async def _post(
     try:
         async with asyncio.timeout(policy.upstream_timeout):
             return await session.post(
-                policy.openrouter_url,
+                policy.openrouter_url_parsed,
                 data=payload,
                 headers={
                     "Authorization": f"Bearer {key}",
@@ -191,10 +195,3 @@ def _abort(request: web.Request) -> None:
     """End the client's stream without its final chunk, so it can tell it was cut short."""
     if request.transport is not None:
         request.transport.close()
-
-
-async def _save(save_record: SaveRecord, record: CompletionRecord) -> None:
-    try:
-        await save_record(record)
-    except Exception:
-        log.exception("completion: could not write the ledger row")

@@ -41,17 +41,18 @@ class UsageScanner:
         self.cost: float | None = None
 
     def feed(self, chunk: bytes) -> None:
-        data = self._partial + chunk if self._partial else chunk
-        end = data.rfind(b"\n")
+        end = chunk.rfind(b"\n")
         if end < 0:
-            self._keep(data)
+            self._keep(self._partial + chunk)
             return
-        self._keep(data[end + 1 :])
-        if b'"usage"' not in data[:end]:
-            return
-        for line in data[:end].split(b"\n"):
-            if line.startswith(b"data:") and b'"usage"' in line:
-                self._read_usage(line[5:].strip())
+        # Only lines that mention "usage" are parsed; the test for it runs on the chunk and
+        # the partial line as they are, and on the few bytes around the seam between them.
+        seam = self._partial[-8:] + chunk[:8]
+        if b'"usage"' in chunk or b'"usage"' in seam or b'"usage"' in self._partial:
+            for line in (self._partial + chunk[:end]).split(b"\n"):
+                if line.startswith(b"data:") and b'"usage"' in line:
+                    self._read_usage(line[5:].strip())
+        self._keep(chunk[end + 1 :])
 
     def _keep(self, partial: bytes) -> None:
         self._partial = partial if len(partial) <= MAX_PARTIAL_LINE else b""

@@ -99,9 +99,12 @@ class FakeOpenRouter:
             await response.write_eof()
             seen.finished = time.monotonic()
             return response
-        except (asyncio.CancelledError, ConnectionError):
+        except asyncio.CancelledError:
             seen.disconnected = time.monotonic()
             raise
+        except ConnectionError:
+            seen.disconnected = time.monotonic()
+            return web.Response(status=499)
 
     def start(self) -> FakeOpenRouter:
         """Serve from a thread of its own, on a free port of 127.0.0.1."""
@@ -161,8 +164,10 @@ def bench_scripts() -> dict[str, Script]:
         b'"completion_tokens":200,"cost":0.0001}}\n\ndata: [DONE]\n\n'
     )
     return {
-        # 200 tokens, 2 ms apart: time to first chunk and a realistic stream.
-        "paced": Script(chunks=[(0.002, token)] * 200 + [(0.0, usage)]),
+        # 100 tokens, 10 ms apart (a fast model): time to first chunk, a realistic stream.
+        "paced": Script(chunks=[(0.01, token)] * 100 + [(0.0, usage)]),
+        # The first token 10 ms in, then the end: time to first chunk, quickly.
+        "first": Script(chunks=[(0.01, token), (0.0, usage)]),
         # 8 MiB as fast as it can go, 16 KiB a write: throughput.
         "bulk": Script(chunks=[(0.0, token * 240)] * 512 + [(0.0, usage)]),
         # One chunk, then an open stream for a minute: memory per open stream.

@@ -1,0 +1,190 @@
+"""Benchmark the completion relay: the same streamed completion fetched straight from a fake
+OpenRouter and through qp-server, interleaved in one run.
+
+    .venv/bin/python bench/relay.py [--rounds 200]
+
+The fake upstream runs as its own process (tests/fake_openrouter.py). Prints, at
+concurrency 1 and 100: median and p99 time to first chunk both ways and the difference,
+and stream throughput both ways; then the server's resident memory idle and while it
+holds 1,000 open streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qp.policy import DEFAULT_REQUIRED_PHRASE_GROUPS  # noqa: E402
+from tests.support import QPServer, free_ports, wait_for_port  # noqa: E402
+
+MODEL = "bench/model"
+SYSTEM = " ".join(group[0] for group in DEFAULT_REQUIRED_PHRASE_GROUPS)
+
+
+def completion(script: str) -> dict:
+    return {
+        "model": MODEL,
+        "systemMessage": SYSTEM,
+        "messages": [{"role": "user", "content": f"script:{script}"}],
+    }
+
+
+def upstream_body(script: str) -> dict:
+    return {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"script:{script}"},
+        ],
+        "stream": True,
+        "tools": [],
+        "usage": {"include": True},
+    }
+
+
+async def fetch(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[float, float, int]:
+    """Seconds to the first chunk, seconds to the end, bytes."""
+    started = time.perf_counter()
+    async with session.post(url, json=body) as response:
+        assert response.status == 200, response.status
+        first = await response.content.readany()
+        first_at = time.perf_counter()
+        size = len(first)
+        while chunk := await response.content.readany():
+            size += len(chunk)
+    return first_at - started, time.perf_counter() - started, size
+
+
+async def interleaved(
+    session: aiohttp.ClientSession,
+    direct_url: str,
+    relay_url: str,
+    script: str,
+    rounds: int,
+    concurrency: int,
+) -> dict[str, list[tuple[float, float, int]]]:
+    """`rounds` rounds; each runs `concurrency` fetches one way, then the other, alternating
+    which goes first, so both see the same machine."""
+    results: dict[str, list] = {"direct": [], "relay": []}
+    ways = [("direct", direct_url, upstream_body(script)), ("relay", relay_url, completion(script))]
+    for i in range(rounds):
+        for name, url, body in ways if i % 2 == 0 else ways[::-1]:
+            results[name] += await asyncio.gather(
+                *(fetch(session, url, body) for _ in range(concurrency))
+            )
+    return results
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+async def hold_streams(session: aiohttp.ClientSession, relay_url: str, count: int, pid: int):
+    responses = []
+
+    async def open_one():
+        response = await session.post(relay_url, json=completion("hold"))
+        assert response.status == 200
+        await response.content.readany()
+        responses.append(response)
+
+    await asyncio.gather(*(open_one() for _ in range(count)))
+    await asyncio.sleep(1.0)
+    held = rss_mb(pid)
+    for response in responses:
+        response.close()
+    return held
+
+
+def aggregate_mb_per_s(runs: list[tuple[float, float, int]], concurrency: int) -> float:
+    """Median over rounds of the round's bytes over its slowest stream's time."""
+    rounds = [runs[i : i + concurrency] for i in range(0, len(runs), concurrency)]
+    return statistics.median(
+        sum(r[2] for r in batch) / max(r[1] for r in batch) / 1e6 for batch in rounds
+    )
+
+
+async def run(args: argparse.Namespace, direct_url: str, relay_url: str, pid: int) -> None:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await interleaved(session, direct_url, relay_url, "first", 10, 4)  # warm-up
+        print(f"\n{'':34}{'direct':>10}{'relay':>11}{'relay - direct':>16}")
+        for concurrency, rounds in ((1, args.rounds), (100, max(3, args.rounds // 20))):
+            first = await interleaved(session, direct_url, relay_url, "first", rounds, concurrency)
+            for label, fraction in (("median", 0.5), ("p99", 0.99)):
+                d = percentile([r[0] for r in first["direct"]], fraction) * 1000
+                r = percentile([r[0] for r in first["relay"]], fraction) * 1000
+                print(
+                    f"c={concurrency:<3} time to first chunk, {label:6}  {d:8.2f}ms {r:8.2f}ms"
+                    f" {r - d:+12.2f}ms"
+                )
+            few = max(3, rounds // 20)
+            paced = await interleaved(session, direct_url, relay_url, "paced", few, concurrency)
+            d, r = (statistics.median(run[1] for run in paced[way]) for way in ("direct", "relay"))
+            print(
+                f"c={concurrency:<3} 100 tokens 10 ms apart, whole  {d * 1000:8.1f}ms"
+                f" {r * 1000:8.1f}ms {d / r * 100:11.1f}% of direct speed"
+            )
+            bulk = await interleaved(session, direct_url, relay_url, "bulk", few, concurrency)
+            d, r = (aggregate_mb_per_s(bulk[way], concurrency) for way in ("direct", "relay"))
+            print(
+                f"c={concurrency:<3} 8 MB as fast as it goes, MB/s  {d:8.1f}   {r:8.1f}  "
+                f" {r / d * 100:11.1f}% of direct speed"
+            )
+        idle = rss_mb(pid)
+        held = await hold_streams(session, relay_url, 1000, pid)
+        print(
+            f"\nserver RSS idle {idle:.1f} MB; holding 1000 open streams {held:.1f} MB"
+            f" (+{held - idle:.1f} MB; target <= +100 MB)"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=300)
+    args = parser.parse_args()
+    (fake_port,) = free_ports()
+    fake = subprocess.Popen(
+        [sys.executable, "-m", "tests.fake_openrouter", "--port", str(fake_port)], cwd=ROOT
+    )
+    direct_url = f"http://127.0.0.1:{fake_port}/api/v1/chat/completions"
+    server = QPServer(
+        Path(tempfile.mkdtemp(prefix="qp-relay-bench-")),
+        {
+            "QP_OPENROUTER_URL": direct_url,
+            "OPENROUTER_API_KEY": "bench-key",
+            "QP_CHEAP_MODELS": MODEL,
+        },
+    )
+    try:
+        wait_for_port(fake_port, 20, fake)
+        server.start()
+        asyncio.run(run(args, direct_url, f"{server.url}/api/completion", server.process.pid))
+    finally:
+        server.stop()
+        fake.terminate()
+        fake.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

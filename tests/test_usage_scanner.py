@@ -1,0 +1,39 @@
+"""UsageScanner on its own: it finds OpenRouter's usage however the stream is cut."""
+
+from __future__ import annotations
+
+from qp.usage import UsageScanner
+from tests.fake_openrouter import STANDARD_STREAM
+
+STREAM = b"".join(STANDARD_STREAM)
+
+
+def scan(chunks: list[bytes]) -> tuple:
+    scanner = UsageScanner()
+    for chunk in chunks:
+        scanner.feed(chunk)
+    return scanner.prompt_tokens, scanner.completion_tokens, scanner.cost
+
+
+def test_usage_is_found_whatever_the_single_cut():
+    for cut in range(1, len(STREAM)):
+        assert scan([STREAM[:cut], STREAM[cut:]]) == (12, 3, 0.00042), cut
+
+
+def test_usage_is_found_byte_by_byte():
+    assert scan([STREAM[i : i + 1] for i in range(len(STREAM))]) == (12, 3, 0.00042)
+
+
+def test_a_stream_without_usage_leaves_it_unknown():
+    assert scan([b'data: {"choices":[]}\n\n', b"data: [DONE]\n\n"]) == (None, None, None)
+
+
+def test_usage_without_cost_keeps_the_tokens():
+    line = b'data: {"usage":{"prompt_tokens":5,"completion_tokens":7}}\n\n'
+    assert scan([line]) == (5, 7, None)
+
+
+def test_an_overlong_line_is_skipped_and_the_usage_after_it_still_found():
+    junk = [b"data: " + b"x" * (64 * 1024)] * 8  # 512 KiB without a newline
+    line = b'\ndata: {"usage":{"prompt_tokens":5,"completion_tokens":7,"cost":1.5}}\n\n'
+    assert scan([*junk, line]) == (5, 7, 1.5)
