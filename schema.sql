@@ -39,5 +39,19 @@ CREATE TABLE IF NOT EXISTS completions (
 CREATE INDEX IF NOT EXISTS idx_completions_started_at ON completions(started_at);
 CREATE INDEX IF NOT EXISTS idx_completions_app_started_at ON completions(app, started_at);
 
+-- Installation settings, e.g. the random salt for client-address hashes.
+CREATE TABLE IF NOT EXISTS settings (
+  name TEXT PRIMARY KEY,
+  value TEXT NOT NULL
+);
+
+-- Clients blocked for excessive rate-limit violations, by salted address hash. Kept here so
+-- a restart never lifts a block. Times are ISO 8601 UTC like everywhere else.
+CREATE TABLE IF NOT EXISTS blocks (
+  client_hash TEXT PRIMARY KEY,
+  blocked_at TEXT NOT NULL,
+  blocked_until TEXT NOT NULL
+);
+
 -- The schema version this file describes; qp/db.py migrates older databases up to it.
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;

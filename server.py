@@ -12,7 +12,7 @@ import sys
 from aiohttp import web
 
 from qp.app import StartupError, create_app
-from qp.config import ConfigError, load_config
+from qp.config import ConfigError, describe, load_config
 from qp.logs import AccessLogger, configure_logging
 
 
@@ -21,6 +21,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", help="address to listen on (QP_HOST, default 127.0.0.1)")
     parser.add_argument("--port", help="port to listen on (QP_PORT, default 8787)")
     parser.add_argument("--unix-socket", help="listen on this unix socket instead (QP_UNIX_SOCKET)")
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="check the environment and the QP_CONFIG file, print the effective settings"
+        " (secrets masked) and exit 0, or 1 with the problem",
+    )
     return parser.parse_args(argv)
 
 
@@ -30,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(host=args.host, port=args.port, unix_socket=args.unix_socket)
     except ConfigError as err:
         print(f"qp-server: {err}", file=sys.stderr)
-        return 2
+        return 1 if args.check_config else 2
+    if args.check_config:
+        print(describe(config), end="")
+        return 0
     configure_logging()
     where = (
         {"path": config.unix_socket}

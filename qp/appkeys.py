@@ -10,6 +10,7 @@ from qp.config import Config
 from qp.db import Database
 from qp.ledger import SpendLedger
 from qp.policy import PolicyHolder
+from qp.rate_limits import RateLimiter
 
 CONFIG = web.AppKey("config", Config)
 DATABASE = web.AppKey("database", Database)
@@ -17,3 +18,9 @@ CHAT_STORE = web.AppKey("chat_store", ChatStore)
 POLICY = web.AppKey("policy", PolicyHolder)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 LEDGER = web.AppKey("ledger", SpendLedger)
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+# Route -> rate-limit class ("chats", "completion"); routes not in it are not limited.
+RATE_CLASSES = web.AppKey("rate_classes", dict)
+IP_SALT = web.AppKey("ip_salt", str)
+# The salted hash of the request's client address.
+CLIENT_HASH = web.RequestKey("client_hash", str)

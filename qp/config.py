@@ -1,22 +1,24 @@
-"""Configuration: one frozen dataclass, built once from the environment at start-up."""
+"""Configuration: one frozen dataclass, built once at start-up from the environment (and,
+for the policy, the QP_CONFIG file)."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qp.errors import ConfigError
 from qp.policy import Policy
+from qp.policy_loader import load_policy, policy_as_toml
+
+__all__ = ["Config", "ConfigError", "describe", "load_config"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8787
 DEFAULT_CACHE_MB = 64
 APP_KEY_PREFIX = "OPENROUTER_API_KEY_"
-
-
-class ConfigError(Exception):
-    """A configuration value is unusable; the message is one line naming it."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,11 @@ class Config:
     openrouter_api_key: str | None = field(default=None, repr=False)
     app_openrouter_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     cache_bytes: int = DEFAULT_CACHE_MB * 1024 * 1024
+    # The policy file (QP_CONFIG), re-read on SIGHUP; the policy as first loaded.
+    config_path: Path | None = None
     policy: Policy = field(default_factory=Policy)
+    # Salt for client-address hashes; None: the installation's own, kept in the database.
+    ip_salt: str | None = field(default=None, repr=False)
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -48,48 +54,6 @@ def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) 
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value
-
-
-def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not value > 0:
-        raise ConfigError(f"{name} must be more than 0 seconds, got {raw}")
-    return value
-
-
-def _url(environ: Mapping[str, str], name: str, default: str) -> str:
-    url = environ.get(name, "").strip() or default
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"{name} must be an http:// or https:// URL, got {url!r}")
-    return url
-
-
-def _names(environ: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    raw = environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    return tuple(item.strip() for item in raw.split(",") if item.strip())
-
-
-def policy_from_env(environ: Mapping[str, str], base: Policy) -> Policy:
-    """The policy with the environment's QP_* overrides applied on top of `base`."""
-    return Policy(
-        allowed_origins=base.allowed_origins,
-        cheap_models=_names(environ, "QP_CHEAP_MODELS", base.cheap_models),
-        required_phrase_groups=base.required_phrase_groups,
-        max_chats_per_app=_int(environ, "QP_MAX_CHATS_PER_APP", base.max_chats_per_app, minimum=1),
-        openrouter_url=_url(environ, "QP_OPENROUTER_URL", base.openrouter_url),
-        upstream_timeout=_seconds(environ, "QP_UPSTREAM_TIMEOUT", base.upstream_timeout),
-        upstream_idle_timeout=_seconds(
-            environ, "QP_UPSTREAM_IDLE_TIMEOUT", base.upstream_idle_timeout
-        ),
-    )
 
 
 def _port(name: str, raw: str) -> int:
@@ -140,6 +104,7 @@ def load_config(
         raw_port = _nonempty(environ, "QP_PORT")
         listen_port = _port("QP_PORT", raw_port) if raw_port else DEFAULT_PORT
     storage_url = _nonempty(environ, "QP_STORAGE") or f"file://{data_dir / 'blobs'}"
+    config_path = Path(raw) if (raw := _nonempty(environ, "QP_CONFIG")) else None
     return Config(
         host=host or _nonempty(environ, "QP_HOST") or DEFAULT_HOST,
         port=listen_port,
@@ -157,5 +122,45 @@ def load_config(
             if name.startswith(APP_KEY_PREFIX) and value
         },
         cache_bytes=_int(environ, "QP_CACHE_MB", DEFAULT_CACHE_MB) * 1024 * 1024,
-        policy=policy_from_env(environ, Policy()),
+        config_path=config_path,
+        policy=load_policy(environ, config_path),
+        ip_salt=environ.get("QP_IP_SALT") or None,
     )
+
+
+SECRET = "******** (set)"
+
+
+def describe(config: Config, environ: Mapping[str, str] | None = None) -> str:
+    """The effective settings: the process's, then the policy as a QP_CONFIG file would
+    hold it. Every secret is masked."""
+    environ = os.environ if environ is None else environ
+
+    def show(value: object) -> str:
+        return "(unset)" if value is None else json.dumps(str(value))
+
+    def secret(value: object) -> str:
+        return SECRET if value else "(unset)"
+
+    lines = [
+        "# qp-server: effective configuration; secrets are masked",
+        f"# host = {show(config.host)}",
+        f"# port = {config.port}",
+        f"# unix_socket = {show(config.unix_socket)}",
+        f"# data_dir = {show(config.data_dir)}",
+        f"# database = {show(config.database_path)}",
+        f"# storage = {show(config.storage_url)}",
+        f"# s3_endpoint_url = {show(config.s3_endpoint_url)}",
+        f"# aws_region = {show(config.aws_region)}",
+        f"# aws_access_key_id = {secret(environ.get('AWS_ACCESS_KEY_ID'))}",
+        f"# aws_secret_access_key = {secret(environ.get('AWS_SECRET_ACCESS_KEY'))}",
+        f"# cache_mb = {config.cache_bytes // (1024 * 1024)}",
+        f"# admin_key = {secret(config.admin_key)}",
+        f"# openrouter_api_key = {secret(config.openrouter_api_key)}",
+        *(f"# {name.lower()} = {SECRET}" for name in sorted(config.app_openrouter_keys)),
+        f"# ip_salt = {secret(config.ip_salt) if config.ip_salt else '(kept in the database)'}",
+        f"# config file = {show(config.config_path)}",
+        "# The policy in force (defaults, then the file, then QP_* variables):",
+        "",
+    ]
+    return "\n".join(lines) + policy_as_toml(config.policy)

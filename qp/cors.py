@@ -72,12 +72,19 @@ def setup_cors(app: web.Application, matcher: Callable[[], OriginMatcher]) -> No
     cors = aiohttp_cors.CorsConfig(app, router_adapter=adapter)
     for route in list(app.router.routes()):
         cors.add(route)
-    app.on_response_prepare.append(_contract_headers)
 
+    async def contract_headers(request: web.Request, response: web.StreamResponse) -> None:
+        """What aiohttp-cors leaves to us: Vary on Origin always; the allowed origin on
+        answers for paths no route matched (aiohttp-cors only sees routes); and, on an
+        allowed preflight, every method and header the API takes."""
+        response.headers.add(hdrs.VARY, hdrs.ORIGIN)
+        allowed = response.headers.get(hdrs.ACCESS_CONTROL_ALLOW_ORIGIN)
+        origin = request.headers.get(hdrs.ORIGIN)
+        if allowed is None and origin and request.match_info.http_exception is not None:
+            if matcher().allows(origin):
+                response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+        elif allowed is not None and request.method == hdrs.METH_OPTIONS:
+            response.headers[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = ", ".join(ALLOW_METHODS)
+            response.headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = ", ".join(ALLOW_HEADERS)
 
-async def _contract_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """Vary on Origin always; an allowed preflight names every method and header the API takes."""
-    response.headers.add(hdrs.VARY, hdrs.ORIGIN)
-    if request.method == hdrs.METH_OPTIONS and hdrs.ACCESS_CONTROL_ALLOW_ORIGIN in response.headers:
-        response.headers[hdrs.ACCESS_CONTROL_ALLOW_METHODS] = ", ".join(ALLOW_METHODS)
-        response.headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = ", ".join(ALLOW_HEADERS)
+    app.on_response_prepare.append(contract_headers)

@@ -8,6 +8,7 @@ never blocks a read.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -254,6 +255,48 @@ class Database:
             )
         return [UsageTotal(*row) for row in rows]
 
+    # --- installation settings and blocks -------------------------------------------------
+
+    async def installation_salt(self) -> str:
+        """The random salt for client-address hashes, made on first use and kept."""
+
+        async def get_or_make(conn: aiosqlite.Connection) -> str:
+            await conn.execute(
+                "INSERT OR IGNORE INTO settings (name, value) VALUES ('ip_salt', ?)",
+                (secrets.token_hex(32),),
+            )
+            rows = await conn.execute_fetchall("SELECT value FROM settings WHERE name = 'ip_salt'")
+            return rows[0][0]
+
+        return await self.write(get_or_make)
+
+    async def active_blocks(self, now: str) -> list[tuple[str, str]]:
+        """(client hash, blocked until) of the blocks not yet over."""
+        async with self.reader() as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT client_hash, blocked_until FROM blocks WHERE blocked_until > ?"
+                " ORDER BY blocked_until",
+                (now,),
+            )
+        return [tuple(row) for row in rows]
+
+    async def save_block(self, client_hash: str, blocked_at: str, blocked_until: str) -> None:
+        async def save(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                "INSERT OR REPLACE INTO blocks (client_hash, blocked_at, blocked_until)"
+                " VALUES (?, ?, ?)",
+                (client_hash, blocked_at, blocked_until),
+            )
+
+        await self.write(save)
+
+    async def delete_block(self, client_hash: str) -> bool:
+        async def delete(conn: aiosqlite.Connection) -> bool:
+            cursor = await conn.execute("DELETE FROM blocks WHERE client_hash = ?", (client_hash,))
+            return cursor.rowcount > 0
+
+        return await self.write(delete)
+
 
 @dataclass(frozen=True, slots=True)
 class UsageTotal:
@@ -287,6 +330,7 @@ _SELECT_CHAT = (
 # current schema. Version 1 is the first; later issues append here.
 MIGRATIONS: dict[int, str] = {
     1: "-- 1 -> 2 adds the completions table, which schema.sql creates",
+    2: "-- 2 -> 3 adds the settings and blocks tables, which schema.sql creates",
 }
 
 

@@ -25,6 +25,10 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class ConfigError(Exception):
+    """A configuration value is unusable; the message is one line naming it."""
+
+
 class StorageUnavailable(Exception):
     """The database or the blob store failed or cannot be reached; answered 503."""
 

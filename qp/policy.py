@@ -11,7 +11,9 @@ from functools import cached_property
 
 from yarl import URL
 
+from qp.client_address import IPNetwork, parse_networks
 from qp.cors import OriginMatcher
+from qp.rate_limits import RateLimit
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -63,6 +65,9 @@ DEFAULT_REQUIRED_PHRASE_GROUPS = (
 
 DEFAULT_OPENROUTER_URL = "https://openrouter.ai/api/v1/chat/completions"
 
+DEFAULT_CHATS_RATE_LIMIT = RateLimit(per_minute=300, per_hour=5000)
+DEFAULT_COMPLETION_RATE_LIMIT = RateLimit(per_minute=100, per_hour=1000)
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -79,6 +84,10 @@ class Policy:
     openrouter_url: str = DEFAULT_OPENROUTER_URL
     upstream_timeout: float = 120.0
     upstream_idle_timeout: float = 300.0
+    chats_rate_limit: RateLimit = DEFAULT_CHATS_RATE_LIMIT
+    completion_rate_limit: RateLimit = DEFAULT_COMPLETION_RATE_LIMIT
+    # Peers whose X-Forwarded-For / CF-Connecting-IP are believed (a unix-socket peer is).
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
 
     @cached_property
     def origin_matcher(self) -> OriginMatcher:
@@ -87,6 +96,13 @@ class Policy:
     @cached_property
     def openrouter_url_parsed(self) -> URL:
         return URL(self.openrouter_url)
+
+    @cached_property
+    def trusted_networks(self) -> tuple[IPNetwork, ...]:
+        return parse_networks(self.trusted_proxies)
+
+    def rate_limit(self, rate_class: str) -> RateLimit:
+        return self.chats_rate_limit if rate_class == "chats" else self.completion_rate_limit
 
     @cached_property
     def cheap_model_set(self) -> frozenset[str]:

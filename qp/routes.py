@@ -6,12 +6,23 @@ from aiohttp import web
 
 from qp import chat_handlers, completion_handlers
 
+# method, path, handler, rate-limit class (None: not limited; the admin routes)
+ROUTES = (
+    ("POST", "/api/chats", chat_handlers.create_chat, "chats"),
+    ("GET", "/api/chats", chat_handlers.list_chats, None),
+    ("GET", "/api/chats/{chat_id}", chat_handlers.get_chat, "chats"),
+    ("PUT", "/api/chats/{chat_id}", chat_handlers.update_chat, "chats"),
+    ("DELETE", "/api/chats/{chat_id}", chat_handlers.delete_chat, None),
+    ("POST", "/api/completion", completion_handlers.create_completion, "completion"),
+    ("GET", "/api/usage", completion_handlers.usage_report, None),
+)
 
-def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_post("/api/chats", chat_handlers.create_chat)
-    router.add_get("/api/chats", chat_handlers.list_chats)
-    router.add_get("/api/chats/{chat_id}", chat_handlers.get_chat)
-    router.add_put("/api/chats/{chat_id}", chat_handlers.update_chat)
-    router.add_delete("/api/chats/{chat_id}", chat_handlers.delete_chat)
-    router.add_post("/api/completion", completion_handlers.create_completion)
-    router.add_get("/api/usage", completion_handlers.usage_report)
+
+def add_routes(router: web.UrlDispatcher) -> dict[web.AbstractRoute, str]:
+    """Register the table; answers each limited route's rate-limit class."""
+    rate_classes = {}
+    for method, path, handler, rate_class in ROUTES:
+        route = router.add_route(method, path, handler)
+        if rate_class is not None:
+            rate_classes[route] = rate_class
+    return rate_classes

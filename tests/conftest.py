@@ -75,6 +75,21 @@ def start_server(backend_name, request, tmp_path_factory) -> Iterator[Callable[.
 
 
 @pytest.fixture
+def qp_server(tmp_path) -> Iterator[Callable[..., QPServer]]:
+    """Start a server on the file store with the given environment; stopped after the test."""
+    started: list[QPServer] = []
+
+    def start(name: str = "qp", **env: str) -> QPServer:
+        qp = QPServer(tmp_path / name, {"ADMIN_KEY": ADMIN_KEY, **env}).start()
+        started.append(qp)
+        return qp
+
+    yield start
+    for qp in started:
+        qp.stop()
+
+
+@pytest.fixture
 async def http(server) -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(server.url) as session:
         yield session

@@ -47,6 +47,18 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = 
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
 
 
+def wait_for_socket(path: Path, timeout: float, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening")
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(path))
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {path} after {timeout} s")
+
+
 def _stop(process: subprocess.Popen, timeout: float = 10) -> int:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -66,6 +78,8 @@ class QPServer:
     env: dict[str, str] = field(default_factory=dict)
     port: int = 0
     process: subprocess.Popen | None = None
+    # Listen on this unix socket instead of a TCP port.
+    unix_socket: Path | None = None
 
     @property
     def url(self) -> str:
@@ -77,25 +91,42 @@ class QPServer:
 
     def start(self, timeout: float = 20) -> QPServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if not self.port:
+        if not self.port and self.unix_socket is None:
             (self.port,) = free_ports()
         env = {
             key: value
             for key, value in os.environ.items()
             if not key.startswith(("QP_", "OPENROUTER_", "AWS_")) and key != "ADMIN_KEY"
         }
-        env.update({"QP_DATA_DIR": str(self.data_dir), "PYTHONUNBUFFERED": "1"})
+        env.update(
+            {
+                "QP_DATA_DIR": str(self.data_dir),
+                "PYTHONUNBUFFERED": "1",
+                # The suite's many requests come from one address; the rate-limit tests
+                # set their own limits.
+                "QP_RATE_LIMIT_CHATS": "off",
+                "QP_RATE_LIMIT_COMPLETION": "off",
+            }
+        )
         env.update(self.env)
         with open(self.log_path, "ab") as log:
+            where = (
+                ["--unix-socket", str(self.unix_socket)]
+                if self.unix_socket
+                else ["--port", str(self.port)]
+            )
             self.process = subprocess.Popen(
-                [sys.executable, str(ROOT / "server.py"), "--port", str(self.port)],
+                [sys.executable, str(ROOT / "server.py"), *where],
                 cwd=ROOT,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         try:
-            wait_for_port(self.port, timeout, self.process)
+            if self.unix_socket:
+                wait_for_socket(self.unix_socket, timeout, self.process)
+            else:
+                wait_for_port(self.port, timeout, self.process)
         except Exception as err:
             self.stop()
             raise RuntimeError(f"qp-server did not start: {err}\n{self.log()}") from None
@@ -108,6 +139,9 @@ class QPServer:
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
 
     def restart(self) -> QPServer:
         self.stop()

@@ -1,0 +1,204 @@
+"""Building the Policy: the contract's defaults, then the TOML file (QP_CONFIG), then QP_*
+environment variables, which win. Every value is checked; a bad one is a ConfigError
+naming where it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from qp.client_address import parse_networks
+from qp.errors import ConfigError
+from qp.policy import Policy
+from qp.rate_limits import RateLimit
+
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9*.-]+(:\d{1,5})?")
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    items = _strings(value)
+    for origin in items:
+        if not _ORIGIN.fullmatch(origin) or "***" in origin:
+            raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], * or ** labels)")
+    return items
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError("must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _phrase_groups(value: Any) -> tuple[tuple[str, ...], ...]:
+    if not isinstance(value, list | tuple):
+        raise ValueError("must be a list of lists of phrases")
+    groups = tuple(_strings(group) for group in value)
+    if any(not group for group in groups):
+        raise ValueError("a group of phrases is empty")
+    return groups
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"must be a number of seconds above 0, got {value!r}")
+    return float(value)
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    return value
+
+
+def _rate_limit(value: Any) -> RateLimit:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string like '100/minute,1000/hour' or 'off', got {value!r}")
+    return RateLimit.parse(value)
+
+
+def _networks(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of addresses and CIDR ranges")
+    parse_networks(value)
+    return tuple(value)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"must be a number, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One Policy field: where it lives in the file, its variable, and how it is checked."""
+
+    field: str
+    section: str | None
+    key: str
+    env: str | None
+    check: Callable[[Any], Any]
+    from_env: Callable[[str], Any] = str
+
+
+SETTINGS = (
+    Setting(
+        "allowed_origins", None, "allowed_origins", "QP_ALLOWED_ORIGINS", _origins, _comma_list
+    ),
+    Setting(
+        "trusted_proxies", None, "trusted_proxies", "QP_TRUSTED_PROXIES", _networks, _comma_list
+    ),
+    Setting("max_chats_per_app", "chats", "max_per_app", "QP_MAX_CHATS_PER_APP", _count, _number),
+    Setting("max_chat_body_bytes", "chats", "max_body_bytes", None, _count),
+    Setting("chats_rate_limit", "chats", "rate_limit", "QP_RATE_LIMIT_CHATS", _rate_limit),
+    Setting("openrouter_url", "completion", "openrouter_url", "QP_OPENROUTER_URL", _url),
+    Setting("cheap_models", "completion", "cheap_models", "QP_CHEAP_MODELS", _strings, _comma_list),
+    Setting("required_phrase_groups", "completion", "required_phrase_groups", None, _phrase_groups),
+    Setting(
+        "completion_rate_limit", "completion", "rate_limit", "QP_RATE_LIMIT_COMPLETION", _rate_limit
+    ),
+    Setting("max_completion_body_bytes", "completion", "max_body_bytes", None, _count),
+    Setting("max_messages", "completion", "max_messages", None, _count),
+    Setting("max_message_chars", "completion", "max_message_chars", None, _count),
+    Setting(
+        "upstream_timeout",
+        "completion",
+        "upstream_timeout",
+        "QP_UPSTREAM_TIMEOUT",
+        _seconds,
+        _number,
+    ),
+    Setting(
+        "upstream_idle_timeout",
+        "completion",
+        "upstream_idle_timeout",
+        "QP_UPSTREAM_IDLE_TIMEOUT",
+        _seconds,
+        _number,
+    ),
+)
+assert {s.field for s in SETTINGS} == {f.name for f in fields(Policy)}
+
+
+def load_policy(environ: Mapping[str, str], config_path: Path | None) -> Policy:
+    """Defaults, then the file, then the environment; ConfigError on the first bad value."""
+    values: dict[str, Any] = {}
+    if config_path is not None:
+        values.update(_from_file(config_path))
+    for setting in SETTINGS:
+        raw = environ.get(setting.env) if setting.env else None
+        # An empty QP_TRUSTED_PROXIES means "trust nobody"; other empty variables are unset.
+        if raw is None or (not raw.strip() and setting.field != "trusted_proxies"):
+            continue
+        try:
+            values[setting.field] = setting.check(setting.from_env(raw))
+        except ValueError as err:
+            raise ConfigError(f"{setting.env}: {err}") from None
+    return Policy(**values)
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"QP_CONFIG {path}: cannot read it: {err.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"QP_CONFIG {path}: not valid TOML: {err}") from None
+    known = {(s.section, s.key): s for s in SETTINGS}
+    values: dict[str, Any] = {}
+    for name, value in document.items():
+        if isinstance(value, dict):
+            entries = [(name, key, item) for key, item in value.items()]
+        else:
+            entries = [(None, name, value)]
+        for section, key, item in entries:
+            setting = known.get((section, key))
+            where = f"{section}.{key}" if section else key
+            if setting is None:
+                raise ConfigError(f"QP_CONFIG {path}: unknown setting {where!r}")
+            try:
+                values[setting.field] = setting.check(item)
+            except ValueError as err:
+                raise ConfigError(f"QP_CONFIG {path}: {where} {err}") from None
+    return values
+
+
+def policy_as_toml(policy: Policy) -> str:
+    """The policy in the file's own shape: a valid QP_CONFIG file."""
+    lines: list[str] = []
+    for section in (None, "chats", "completion"):
+        if section is not None:
+            lines += ["", f"[{section}]"]
+        for setting in SETTINGS:
+            if setting.section == section:
+                lines.append(f"{setting.key} = {_toml_value(getattr(policy, setting.field))}")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, bool | int | float):
+        return json.dumps(value)
+    # A JSON string is a TOML basic string.
+    return json.dumps(str(value), ensure_ascii=False)

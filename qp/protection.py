@@ -1,0 +1,48 @@
+"""Who is asking, and whether they may: client identity and the rate-limit middleware."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from qp.appkeys import CLIENT_HASH, IP_SALT, POLICY, RATE_CLASSES, RATE_LIMITER
+from qp.client_address import client_address, hash_client
+from qp.db import Database
+from qp.errors import ApiError
+from qp.rate_limits import RateLimiter
+from qp.timestamps import format_iso, utc_now_iso
+
+
+@web.middleware
+async def rate_limit_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Names the client (as a salted hash) and applies its route's rate-limit class."""
+    policy = request.app[POLICY].current
+    client = hash_client(client_address(request, policy.trusted_networks), request.app[IP_SALT])
+    request[CLIENT_HASH] = client
+    rate_class = request.app[RATE_CLASSES].get(request.match_info.route)
+    if rate_class is not None:
+        limit = policy.rate_limit(rate_class)
+        refusal = await request.app[RATE_LIMITER].check(client, rate_class, limit)
+        if refusal is not None:
+            raise ApiError(
+                429,
+                "Rate limit exceeded",
+                headers={"Retry-After": str(refusal.retry_after)},
+                retryAfter=refusal.retry_after,
+                message=refusal.message,
+            )
+    return await handler(request)
+
+
+async def open_rate_limiter(db: Database) -> RateLimiter:
+    """A limiter that starts with the blocks in force and saves new ones to the database."""
+    blocks = {
+        client: datetime.fromisoformat(until).timestamp()
+        for client, until in await db.active_blocks(utc_now_iso())
+    }
+
+    async def save_block(client: str, until: float) -> None:
+        await db.save_block(client, utc_now_iso(), format_iso(datetime.fromtimestamp(until, UTC)))
+
+    return RateLimiter(blocks, save_block)

@@ -1,0 +1,122 @@
+"""Rate limits: fixed windows per minute and per hour, per client and class, and blocks.
+
+Counters live in memory (a restart forgives a minute's count); blocks live in SQLite, so a
+restart never lifts one. Clients are known only by the salted hash of their address.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+REFUSALS_BEFORE_BLOCK = 10
+REFUSAL_MEMORY_SECONDS = 3600
+BLOCK_SECONDS = 24 * 3600
+_LIMIT_PART = re.compile(r"\s*(\d+)\s*/\s*(minute|hour)\s*")
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Requests allowed per minute and per hour; None is no limit on that window."""
+
+    per_minute: int | None
+    per_hour: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        """`N/minute,M/hour` (either part may be left out) or `off`; ValueError otherwise."""
+        if text.strip().lower() == "off":
+            return cls(None, None)
+        counts: dict[str, int] = {}
+        for part in text.split(","):
+            match = _LIMIT_PART.fullmatch(part)
+            if not match or match.group(2) in counts:
+                raise ValueError(f"{text!r} is not N/minute,M/hour or off")
+            counts[match.group(2)] = int(match.group(1))
+        return cls(counts.get("minute"), counts.get("hour"))
+
+    def __str__(self) -> str:
+        parts = [f"{self.per_minute}/minute"] if self.per_minute is not None else []
+        parts += [f"{self.per_hour}/hour"] if self.per_hour is not None else []
+        return ",".join(parts) or "off"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    retry_after: int
+    message: str
+
+
+SaveBlock = Callable[[str, float], Awaitable[None]]
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        blocks: dict[str, float],
+        save_block: SaveBlock,
+        clock: Callable[[], float] = time.time,
+    ):
+        # client hash -> blocked until (epoch seconds); loaded from and saved to SQLite.
+        self._blocks = blocks
+        self._save_block = save_block
+        self._clock = clock
+        # (client hash, class) -> [minute window, count in it, hour window, count in it]
+        self._counters: dict[tuple[str, str], list[int]] = {}
+        self._refusals: dict[str, deque[float]] = {}
+        self._current_hour = 0
+
+    async def check(self, client: str, rate_class: str, limit: RateLimit) -> Refusal | None:
+        """Count the request, or say why it is refused."""
+        now = self._clock()
+        blocked_until = self._blocks.get(client)
+        if blocked_until is not None:
+            if blocked_until > now:
+                return Refusal(
+                    math.ceil(blocked_until - now), "IP blocked due to excessive violations"
+                )
+            del self._blocks[client]
+        minute, hour = int(now // 60), int(now // 3600)
+        self._forget_old_hours(hour)
+        counter = self._counters.get((client, rate_class))
+        if counter is None:
+            counter = self._counters[client, rate_class] = [minute, 0, hour, 0]
+        if counter[0] != minute:
+            counter[0], counter[1] = minute, 0
+        if counter[2] != hour:
+            counter[2], counter[3] = hour, 0
+        if limit.per_hour is not None and counter[3] >= limit.per_hour:
+            refusal = Refusal(3600, f"Rate limit exceeded: {limit.per_hour} requests per hour")
+        elif limit.per_minute is not None and counter[1] >= limit.per_minute:
+            refusal = Refusal(60, f"Rate limit exceeded: {limit.per_minute} requests per minute")
+        else:
+            counter[1] += 1
+            counter[3] += 1
+            return None
+        await self._note_refusal(client, now)
+        return refusal
+
+    async def _note_refusal(self, client: str, now: float) -> None:
+        refusals = self._refusals.setdefault(client, deque(maxlen=REFUSALS_BEFORE_BLOCK))
+        refusals.append(now)
+        if len(refusals) == REFUSALS_BEFORE_BLOCK and now - refusals[0] <= REFUSAL_MEMORY_SECONDS:
+            until = now + BLOCK_SECONDS
+            self._blocks[client] = until
+            del self._refusals[client]
+            await self._save_block(client, until)
+
+    def _forget_old_hours(self, hour: int) -> None:
+        """Once an hour, drop counters and refusals nobody can be limited by any more."""
+        if hour == self._current_hour:
+            return
+        self._current_hour = hour
+        self._counters = {key: c for key, c in self._counters.items() if c[2] == hour}
+        cutoff = hour * 3600 - REFUSAL_MEMORY_SECONDS
+        self._refusals = {k: q for k, q in self._refusals.items() if q and q[-1] >= cutoff}
+
+    def lift(self, client: str) -> None:
+        self._blocks.pop(client, None)
