@@ -1,5 +1,6 @@
 -- qp-server's SQLite schema. Applied at every start-up; every statement is idempotent.
--- The chats table is the worker's D1 table, column for column, so a D1 export loads as is.
+-- The chats table is the worker's D1 table, column for column (plus `pending`), so a D1
+-- export loads as is.
 -- Timestamps are stored as the worker wrote them: ISO 8601 UTC text with milliseconds and Z,
 -- so ordering by text is ordering by time.
 
@@ -11,7 +12,11 @@ CREATE TABLE IF NOT EXISTS chats (
   completion_tokens INTEGER DEFAULT 0,
   estimated_cost REAL DEFAULT 0,
   created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
-  updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP
+  updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+  -- Set while a write of this chat may not have reached the blob store: JSON naming the
+  -- operation, the SHA-256 of the messages being written and, for an update, the row as
+  -- it was. A restart finishes or undoes each such write (see qp/chat_store.py).
+  pending TEXT
 );
 
 -- Serves both the per-app count (chat limit) and the admin list (newest updated_at first).
@@ -54,4 +59,4 @@ CREATE TABLE IF NOT EXISTS blocks (
 );
 
 -- The schema version this file describes; qp/db.py migrates older databases up to it.
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;

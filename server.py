@@ -6,7 +6,9 @@ Everything else comes from environment variables (see README.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import resource
 import sys
 
 from aiohttp import web
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(describe(config), end="")
         return 0
-    configure_logging()
+    configure_logging(config.log_format)
+    _raise_open_file_limit()
     where = (
         {"path": config.unix_socket}
         if config.unix_socket
@@ -52,10 +55,16 @@ def main(argv: list[str] | None = None) -> int:
             **where,
             access_log_class=AccessLogger,
             access_log=logging.getLogger("qp.access"),
+            access_log_format=config.log_format,
+            # SIGTERM/SIGINT: stop accepting, let requests and streams in flight finish.
+            shutdown_timeout=config.shutdown_timeout,
             # A client that leaves cancels its handler: the completion relay relies on it to
             # abort upstream at once. Chat writes are shielded (see ChatStore).
             handler_cancellation=True,
-            print=lambda message: print(message.splitlines()[0], file=sys.stderr, flush=True),
+            # aiohttp's "==== Running on ... ====" banner, as a log line like the others.
+            print=lambda message: logging.getLogger("qp.server").info(
+                message.splitlines()[0].strip("= ")
+            ),
         )
     except StartupError as err:
         print(f"qp-server: {err}", file=sys.stderr)
@@ -65,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qp-server: cannot listen on {target}: {err.strerror or err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _raise_open_file_limit() -> None:
+    """Each open stream holds two sockets; take the soft limit up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 if __name__ == "__main__":

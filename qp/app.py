@@ -18,22 +18,26 @@ from qp.appkeys import (
     DATABASE,
     IP_SALT,
     LEDGER,
+    METRICS,
     POLICY,
     RATE_CLASSES,
     RATE_LIMITER,
     UPSTREAM,
 )
-from qp.blobs import StoreNotReady, open_blob_store
+from qp.batches import BatchWriter
+from qp.blobs import BlobStore, StoreNotReady, open_blob_store
 from qp.chat_cache import ChatCache
 from qp.chat_store import ChatStore
 from qp.config import Config
 from qp.cors import setup_cors
-from qp.db import Database, SchemaTooNew
+from qp.db import READER_COUNT, Database, SchemaTooNew
 from qp.errors import ConfigError, StorageUnavailable, error_middleware
-from qp.ledger import SpendLedger
+from qp.metrics import Metrics
+from qp.ops import observe_middleware
 from qp.policy import PolicyHolder
 from qp.policy_loader import load_policy
-from qp.protection import open_rate_limiter, rate_limit_middleware
+from qp.protection import load_blocks, open_rate_limiter, rate_limit_middleware
+from qp.rate_limits import RateLimiter
 from qp.relay import open_upstream_session
 from qp.routes import add_routes
 
@@ -46,8 +50,9 @@ class StartupError(Exception):
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, rate_limit_middleware])
+    app = web.Application(middlewares=[observe_middleware, error_middleware, rate_limit_middleware])
     app[CONFIG] = config
+    app[METRICS] = Metrics()
     app[POLICY] = PolicyHolder(config.policy)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_upstream)
@@ -57,30 +62,48 @@ def create_app(config: Config) -> web.Application:
     return app
 
 
+async def open_storage(
+    config: Config, stack: AsyncExitStack, reader_count: int = READER_COUNT
+) -> tuple[Database, BlobStore]:
+    """Open the database, then the blob store, both closed by `stack`; StartupError names
+    the one that cannot be opened."""
+    try:
+        db = await Database.open(config.database_path, reader_count)
+    except (sqlite3.Error, OSError, SchemaTooNew) as err:
+        raise StartupError(f"QP_DATABASE {config.database_path}: {err}") from None
+    stack.push_async_callback(db.close)
+    try:
+        blobs = await open_blob_store(
+            config.storage_url, config.s3_endpoint_url, config.aws_region, stack
+        )
+    except StoreNotReady as err:
+        raise StartupError(f"QP_STORAGE {config.storage_url}: {err}") from None
+    return db, blobs
+
+
 async def _storage(app: web.Application) -> AsyncIterator[None]:
     """Open the database, then the blob store; close them in reverse order at shutdown."""
     config = app[CONFIG]
     async with AsyncExitStack() as stack:
-        try:
-            db = await Database.open(config.database_path)
-        except (sqlite3.Error, OSError, SchemaTooNew) as err:
-            raise StartupError(f"QP_DATABASE {config.database_path}: {err}") from None
-        stack.push_async_callback(db.close)
-        try:
-            blobs = await open_blob_store(
-                config.storage_url, config.s3_endpoint_url, config.aws_region, stack
-            )
-        except StoreNotReady as err:
-            raise StartupError(f"QP_STORAGE {config.storage_url}: {err}") from None
+        db, blobs = await open_storage(config, stack)
         app[DATABASE] = db
         app[CHAT_STORE] = store = ChatStore(db, blobs, ChatCache(config.cache_bytes))
         await db.changed_elsewhere()  # the baseline, taken while the cache is still empty
-        watcher = asyncio.create_task(_forget_chats_changed_elsewhere(db, store))
-        stack.callback(watcher.cancel)
-        app[LEDGER] = ledger = SpendLedger(db)
+        stack.push_async_callback(store.close)
+        finished, undone = await store.recover()
+        if finished or undone:
+            log.warning(
+                "recovered %d chat writes a stop interrupted: %d finished, %d undone",
+                finished + undone,
+                finished,
+                undone,
+            )
+        app[LEDGER] = ledger = BatchWriter(db.insert_completions, "ledger rows")
         stack.push_async_callback(ledger.close)
         app[IP_SALT] = config.ip_salt or await db.installation_salt()
-        app[RATE_LIMITER] = await open_rate_limiter(db)
+        app[RATE_LIMITER] = limiter = await open_rate_limiter(db)
+        watcher = asyncio.create_task(_follow_changes_made_elsewhere(db, store, limiter))
+        stack.callback(watcher.cancel)
         yield
 
 
@@ -111,12 +134,16 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def _forget_chats_changed_elsewhere(db: Database, store: ChatStore) -> None:
-    """The operators' tools write to the database directly; drop cached chats when they do."""
+async def _follow_changes_made_elsewhere(
+    db: Database, store: ChatStore, limiter: RateLimiter
+) -> None:
+    """The operators' tools (python -m qp) write to the database directly: when they have,
+    drop the cached chats and take the blocks in force from the database again."""
     while True:
         await asyncio.sleep(EXTERNAL_CHANGE_POLL_SECONDS)
         try:
             if await db.changed_elsewhere():
                 store.forget_all()
+                limiter.replace_blocks(await load_blocks(db))
         except StorageUnavailable as err:
             log.warning("cannot poll the database for outside changes: %s", err)

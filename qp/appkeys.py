@@ -1,14 +1,18 @@
 """Typed keys for what the application holds for the life of the process."""
 
+# CLIENT_HASH (a request key) is defined in qp.logs, which writes it, and re-exported here.
+
 from __future__ import annotations
 
 import aiohttp
 from aiohttp import web
 
+from qp.batches import BatchWriter
 from qp.chat_store import ChatStore
 from qp.config import Config
 from qp.db import Database
-from qp.ledger import SpendLedger
+from qp.logs import CLIENT_HASH  # noqa: F401 (a request key, re-exported)
+from qp.metrics import Metrics
 from qp.policy import PolicyHolder
 from qp.rate_limits import RateLimiter
 
@@ -17,10 +21,10 @@ DATABASE = web.AppKey("database", Database)
 CHAT_STORE = web.AppKey("chat_store", ChatStore)
 POLICY = web.AppKey("policy", PolicyHolder)
 UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
-LEDGER = web.AppKey("ledger", SpendLedger)
+# The spend ledger: completion records, written in batches.
+LEDGER = web.AppKey("ledger", BatchWriter)
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 # Route -> rate-limit class ("chats", "completion"); routes not in it are not limited.
 RATE_CLASSES = web.AppKey("rate_classes", dict)
 IP_SALT = web.AppKey("ip_salt", str)
-# The salted hash of the request's client address.
-CLIENT_HASH = web.RequestKey("client_hash", str)
+METRICS = web.AppKey("metrics", Metrics)

@@ -12,7 +12,9 @@ import contextlib
 import os
 import re
 import tempfile
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -51,6 +53,17 @@ class BlobStore(Protocol):
     async def delete(self, key: str) -> None: ...
 
     async def ping(self) -> None: ...
+
+    def listing(self, prefix: str) -> AsyncIterator[StoredBlob]:
+        """Every blob whose key starts with `prefix` (a folder, ending in `/`)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    key: str
+    size: int
+    modified: float  # epoch seconds
 
 
 class FileBlobStore:
@@ -99,8 +112,35 @@ class FileBlobStore:
             raise StorageUnavailable("Storage", f"delete {key}: {err}") from err
 
     async def ping(self) -> None:
-        if not await asyncio.to_thread(os.access, self.root, os.W_OK):
-            raise StorageUnavailable("Storage", f"{self.root} is not writable")
+        if not await asyncio.to_thread(_writable_folder, self.root):
+            raise StorageUnavailable("Storage", f"{self.root} is not a writable folder")
+
+    async def listing(self, prefix: str) -> AsyncIterator[StoredBlob]:
+        folder = self._path(prefix.rstrip("/"))
+
+        def scan() -> list[StoredBlob]:
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                return []
+            found = []
+            for entry in entries:
+                # Temp files of writes in progress start with a dot.
+                if entry.is_file() and not entry.name.startswith("."):
+                    stat = entry.stat()
+                    found.append(StoredBlob(prefix + entry.name, stat.st_size, stat.st_mtime))
+            return found
+
+        try:
+            blobs = await asyncio.to_thread(scan)
+        except OSError as err:
+            raise StorageUnavailable("Storage", f"list {prefix}: {err}") from err
+        for blob in blobs:
+            yield blob
+
+
+def _writable_folder(path: Path) -> bool:
+    return path.is_dir() and os.access(path, os.W_OK)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -149,8 +189,10 @@ class S3BlobStore:
         endpoint_url: str | None,
         region: str | None,
         exit_stack: AsyncExitStack,
+        profile: str | None = None,
     ) -> S3BlobStore:
-        """Create the client (closed by `exit_stack`) and check the bucket answers."""
+        """Create the client (closed by `exit_stack`) and check the bucket answers.
+        `profile` picks credentials from ~/.aws (botocore's named profiles)."""
         bucket, _, prefix = url[len("s3://") :].partition("/")
         config = AioConfig(
             # A store that is down should answer 503 quickly, not after minutes of retries.
@@ -165,6 +207,8 @@ class S3BlobStore:
             response_checksum_validation="when_required",
         )
         session = get_session()
+        if profile:
+            session.set_config_variable("profile", profile)
         client = await exit_stack.enter_async_context(
             session.create_client(
                 "s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=config
@@ -231,11 +275,28 @@ class S3BlobStore:
         except _S3_FAILURES as err:
             raise StorageUnavailable("Storage", f"head bucket: {err!r}") from err
 
+    async def listing(self, prefix: str) -> AsyncIterator[StoredBlob]:
+        skip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+                for item in page.get("Contents", []):
+                    yield StoredBlob(
+                        item["Key"][skip:], item["Size"], item["LastModified"].timestamp()
+                    )
+        except _S3_FAILURES as err:
+            raise StorageUnavailable("Storage", f"list {prefix}: {err!r}") from err
+
 
 async def open_blob_store(
-    url: str, endpoint_url: str | None, region: str | None, exit_stack: AsyncExitStack
+    url: str,
+    endpoint_url: str | None,
+    region: str | None,
+    exit_stack: AsyncExitStack,
+    profile: str | None = None,
 ) -> BlobStore:
     """The store a `QP_STORAGE` URL names: `file://PATH` or `s3://BUCKET[/PREFIX]`."""
     if url.startswith("file://"):
         return FileBlobStore.open(Path(url[len("file://") :]))
-    return await S3BlobStore.open(url, endpoint_url, region, exit_stack)
+    return await S3BlobStore.open(url, endpoint_url, region, exit_stack, profile)

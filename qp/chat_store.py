@@ -9,8 +9,13 @@ concurrent writes of one chat from mixing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 
+import orjson
+
+from qp.batches import BatchWriter
 from qp.blobs import BlobStore, chat_key
 from qp.chat_cache import ChatCache
 from qp.chat_model import (
@@ -39,6 +44,15 @@ class ChatStore:
         self._blobs = blobs
         self._cache = cache
         self._locks = ChatLocks()
+        # Writes whose blob is stored: their rows' `pending` is cleared in batches.
+        self._settled = BatchWriter(db.settle_chats, "settled chat writes")
+
+    async def close(self) -> None:
+        await self._settled.close()
+
+    async def ping(self) -> None:
+        """Raises StorageUnavailable when the blob store does not answer."""
+        await self._blobs.ping()
 
     # Writes run shielded: a client that leaves mid-request (which cancels its handler)
     # must not stop a write between its SQL and blob steps.
@@ -49,8 +63,9 @@ class ChatStore:
 
     async def _create(self, chat: ChatInput, max_chats_per_app: int) -> str:
         chat_id = chat.chat_id or new_chat_id()
+        pending = _pending("create", chat.messages_json)
         async with self._locks.writing(chat_id):
-            await self._db.insert_chat(chat_id, chat, utc_now_iso(), max_chats_per_app)
+            await self._db.insert_chat(chat_id, chat, utc_now_iso(), max_chats_per_app, pending)
             try:
                 await self._blobs.put(chat_key(chat_id), chat.messages_json)
             except BaseException:
@@ -58,6 +73,7 @@ class ChatStore:
                 raise
             finally:
                 self._cache.discard(chat_id)
+        self._settled.add((chat_id, pending))
         return chat_id
 
     async def get_json(self, chat_id: str) -> bytes | None:
@@ -76,9 +92,15 @@ class ChatStore:
         await asyncio.shield(self._update(chat_id, chat))
 
     async def _update(self, chat_id: str, chat: ChatInput) -> None:
+        written: list[str] = []
+
+        def pending(previous: ChatRow) -> str:
+            written.append(_pending("update", chat.messages_json, previous))
+            return written[-1]
+
         async with self._locks.writing(chat_id):
             try:
-                previous = await self._db.update_chat(chat_id, chat, utc_now_iso())
+                previous = await self._db.update_chat(chat_id, chat, utc_now_iso(), pending)
                 if previous is None:
                     raise ChatNotFound
                 try:
@@ -88,6 +110,7 @@ class ChatStore:
                     raise
             finally:
                 self._cache.discard(chat_id)
+        self._settled.add((chat_id, written[-1]))
 
     async def delete(self, chat_id: str) -> None:
         """Remove the row, then the blob (a retry after a failed blob delete removes it)."""
@@ -121,6 +144,28 @@ class ChatStore:
             chats.update(zip((row.chat_id for row in fresh), rendered, strict=True))
         return b"[" + b",".join(chat for chat in chats.values() if chat is not None) + b"]"
 
+    async def recover(self) -> tuple[int, int]:
+        """Finish or undo the writes a crash interrupted; answers (finished, undone).
+
+        A write whose blob holds the messages it was writing is finished; otherwise the
+        write is undone: a create's row is removed, an update's row is put back.
+        """
+        finished = undone = 0
+        for row, pending in await self._db.pending_chats():
+            intent = orjson.loads(pending)
+            async with self._locks.writing(row.chat_id):
+                if await blob_matches(self._blobs, row.chat_id, pending):
+                    await self._db.settle_chats([(row.chat_id, pending)])
+                    finished += 1
+                elif intent["op"] == "create":
+                    await self._db.delete_chat(row.chat_id)
+                    undone += 1
+                else:
+                    await self._db.restore_chat(ChatRow(**intent["previous"]))
+                    undone += 1
+                self._cache.discard(row.chat_id)
+        return finished, undone
+
     def forget_all(self) -> None:
         """Drop every cached chat (another process changed the database)."""
         self._cache.clear()
@@ -137,3 +182,22 @@ class ChatStore:
         rendered = render_chat(row, messages)
         self._cache.put(row.chat_id, rendered)
         return rendered
+
+
+def messages_digest(messages_json: bytes) -> str:
+    """SHA-256 of a messages array as stored: how a pending write knows its blob."""
+    return hashlib.sha256(messages_json).hexdigest()
+
+
+async def blob_matches(blobs: BlobStore, chat_id: str, pending: str) -> bool:
+    """Whether the chat's blob holds the messages its pending write was storing."""
+    stored = await blobs.get(chat_key(chat_id))
+    return stored is not None and messages_digest(stored) == orjson.loads(pending)["sha256"]
+
+
+def _pending(op: str, messages_json: bytes, previous: ChatRow | None = None) -> str:
+    """The `pending` a write leaves on its row until its blob is stored."""
+    intent = {"op": op, "sha256": messages_digest(messages_json)}
+    if previous is not None:
+        intent["previous"] = dataclasses.asdict(previous)
+    return orjson.dumps(intent).decode()

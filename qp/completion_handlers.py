@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from qp.appkeys import CONFIG, DATABASE, LEDGER, POLICY, UPSTREAM
+from qp.appkeys import CONFIG, DATABASE, LEDGER, METRICS, POLICY, UPSTREAM
 from qp.auth import require_admin
 from qp.bodies import read_json
 from qp.completion_request import (
@@ -36,15 +36,22 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     record = CompletionRecord(
         started_at=utc_now_iso(), app=completion.app, model=completion.model, payer=payer
     )
-    return await relay_completion(
-        request,
-        request.app[UPSTREAM],
-        policy,
-        upstream_body(completion),
-        key,
-        record,
-        request.app[LEDGER].record,
-    )
+    metrics = request.app[METRICS]
+
+    def finished(record: CompletionRecord) -> None:
+        request.app[LEDGER].add(record)
+        metrics.completion_finished(record)
+
+    with metrics.open_streams.track_inprogress():
+        return await relay_completion(
+            request,
+            request.app[UPSTREAM],
+            policy,
+            upstream_body(completion),
+            key,
+            record,
+            finished,
+        )
 
 
 async def usage_report(request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qp.errors import ConfigError
+from qp.logs import LOG_FORMATS
 from qp.policy import Policy
 from qp.policy_loader import load_policy, policy_as_toml
 
@@ -18,6 +19,7 @@ __all__ = ["Config", "ConfigError", "describe", "load_config"]
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8787
 DEFAULT_CACHE_MB = 64
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 APP_KEY_PREFIX = "OPENROUTER_API_KEY_"
 
 
@@ -41,6 +43,9 @@ class Config:
     policy: Policy = field(default_factory=Policy)
     # Salt for client-address hashes; None: the installation's own, kept in the database.
     ip_salt: str | None = field(default=None, repr=False)
+    # SIGTERM/SIGINT: seconds requests and streams in flight get to finish.
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    log_format: str = "text"
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -53,6 +58,26 @@ def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) 
         raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _shutdown_timeout(environ: Mapping[str, str]) -> float:
+    raw = _nonempty(environ, "QP_SHUTDOWN_TIMEOUT")
+    if raw is None:
+        return DEFAULT_SHUTDOWN_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise ConfigError(f"QP_SHUTDOWN_TIMEOUT must be a number of seconds, got {raw!r}")
+    return value
+
+
+def _log_format(environ: Mapping[str, str]) -> str:
+    value = (_nonempty(environ, "QP_LOG_FORMAT") or "text").lower()
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"QP_LOG_FORMAT must be text or json, got {value!r}")
     return value
 
 
@@ -125,6 +150,8 @@ def load_config(
         config_path=config_path,
         policy=load_policy(environ, config_path),
         ip_salt=environ.get("QP_IP_SALT") or None,
+        shutdown_timeout=_shutdown_timeout(environ),
+        log_format=_log_format(environ),
     )
 
 
@@ -160,6 +187,8 @@ def describe(config: Config, environ: Mapping[str, str] | None = None) -> str:
         *(f"# {name.lower()} = {SECRET}" for name in sorted(config.app_openrouter_keys)),
         f"# ip_salt = {secret(config.ip_salt) if config.ip_salt else '(kept in the database)'}",
         f"# config file = {show(config.config_path)}",
+        f"# shutdown_timeout = {config.shutdown_timeout:g}",
+        f"# log_format = {show(config.log_format)}",
         "# The policy in force (defaults, then the file, then QP_* variables):",
         "",
     ]

@@ -8,6 +8,7 @@ never blocks a read.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -131,8 +132,12 @@ class Database:
             )
         return [ChatRow(*row) for row in rows]
 
+    # A chat write changes the row (with `pending` describing the write) before the blob,
+    # and clears `pending` after it. After a crash, a row with `pending` set tells exactly
+    # which writes may be half done, and how to finish or undo each (ChatStore.recover).
+
     async def insert_chat(
-        self, chat_id: str, chat: ChatInput, now: str, max_chats_per_app: int
+        self, chat_id: str, chat: ChatInput, now: str, max_chats_per_app: int, pending: str
     ) -> None:
         """Insert a new row; the app's count check and the insert are one transaction."""
 
@@ -146,7 +151,8 @@ class Database:
                 raise ChatExists
             await conn.execute(
                 "INSERT INTO chats (chat_id, app, model, prompt_tokens, completion_tokens,"
-                " estimated_cost, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " estimated_cost, created_at, updated_at, pending)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     chat_id,
                     chat.app,
@@ -156,18 +162,23 @@ class Database:
                     chat.estimated_cost,
                     now,
                     now,
+                    pending,
                 ),
             )
 
         await self.write(insert)
 
-    async def update_chat(self, chat_id: str, chat: ChatInput, now: str) -> ChatRow | None:
-        """Replace model, usage and updated_at; returns the row as it was, or None if absent."""
+    async def update_chat(
+        self, chat_id: str, chat: ChatInput, now: str, pending: Callable[[ChatRow], str]
+    ) -> ChatRow | None:
+        """Replace model, usage and updated_at, recording `pending(row as it was)`; returns
+        the row as it was, or None if absent."""
 
         async def update(conn: aiosqlite.Connection) -> ChatRow | None:
             rows = await conn.execute_fetchall(_SELECT_CHAT + " WHERE chat_id = ?", (chat_id,))
             if not rows:
                 return None
+            previous = ChatRow(*rows[0])
             await conn.execute(
                 _UPDATE_CHAT,
                 (
@@ -176,15 +187,16 @@ class Database:
                     chat.completion_tokens,
                     chat.estimated_cost,
                     now,
+                    pending(previous),
                     chat_id,
                 ),
             )
-            return ChatRow(*rows[0])
+            return previous
 
         return await self.write(update)
 
     async def restore_chat(self, row: ChatRow) -> None:
-        """Put a row back exactly as it was (undoing an update whose blob write failed)."""
+        """Put a row back exactly as it was, with no write pending (undoing an update)."""
 
         async def restore(conn: aiosqlite.Connection) -> None:
             await conn.execute(
@@ -195,11 +207,62 @@ class Database:
                     row.completion_tokens,
                     row.estimated_cost,
                     row.updated_at,
+                    None,
                     row.chat_id,
                 ),
             )
 
         await self.write(restore)
+
+    async def settle_chats(self, writes: list[tuple[str, str]]) -> None:
+        """Mark (chat id, pending) writes as done; a later write's `pending` is left alone."""
+        if not writes:
+            return
+
+        async def settle(conn: aiosqlite.Connection) -> None:
+            await conn.executemany(
+                "UPDATE chats SET pending = NULL WHERE chat_id = ? AND pending = ?", writes
+            )
+
+        await self.write(settle)
+
+    async def pending_chats(self) -> list[tuple[ChatRow, str]]:
+        """Rows whose last write may not have reached the blob store."""
+        async with self.reader() as conn:
+            rows = await conn.execute_fetchall(
+                _SELECT_CHAT.replace(" FROM chats", ", pending FROM chats")
+                + " WHERE pending IS NOT NULL"
+            )
+        return [(ChatRow(*row[:-1]), row[-1]) for row in rows]
+
+    async def import_chats(self, rows: list[ChatRow]) -> tuple[int, int, int]:
+        """Store imported rows in one transaction: new ones added, stored ones replaced only
+        by a newer one. Answers (added, replaced, unchanged)."""
+
+        async def store(conn: aiosqlite.Connection) -> tuple[int, int, int]:
+            added = replaced = 0
+            for row in rows:
+                found = await conn.execute_fetchall(
+                    "SELECT updated_at FROM chats WHERE chat_id = ?", (row.chat_id,)
+                )
+                if found and found[0][0] >= row.updated_at:
+                    continue
+                await conn.execute(
+                    "INSERT OR REPLACE INTO chats (chat_id, app, model, prompt_tokens,"
+                    " completion_tokens, estimated_cost, created_at, updated_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    dataclasses.astuple(row),
+                )
+                added, replaced = (added, replaced + 1) if found else (added + 1, replaced)
+            return added, replaced, len(rows) - added - replaced
+
+        return await self.write(store)
+
+    async def all_chat_ids(self) -> list[tuple[str, str]]:
+        """(chat id, updated_at) of every row."""
+        async with self.reader() as conn:
+            rows = await conn.execute_fetchall("SELECT chat_id, updated_at FROM chats")
+        return [tuple(row) for row in rows]
 
     async def delete_chat(self, chat_id: str) -> None:
         async def delete(conn: aiosqlite.Connection) -> None:
@@ -312,7 +375,7 @@ class UsageTotal:
 
 _UPDATE_CHAT = (
     "UPDATE chats SET model = ?, prompt_tokens = ?, completion_tokens = ?,"
-    " estimated_cost = ?, updated_at = ? WHERE chat_id = ?"
+    " estimated_cost = ?, updated_at = ?, pending = ? WHERE chat_id = ?"
 )
 
 
@@ -331,6 +394,7 @@ _SELECT_CHAT = (
 MIGRATIONS: dict[int, str] = {
     1: "-- 1 -> 2 adds the completions table, which schema.sql creates",
     2: "-- 2 -> 3 adds the settings and blocks tables, which schema.sql creates",
+    3: "ALTER TABLE chats ADD COLUMN pending TEXT;",
 }
 
 
@@ -342,6 +406,10 @@ async def _apply_schema(conn: aiosqlite.Connection) -> None:
     schema = SCHEMA_PATH.read_text(encoding="utf-8")
     target = _schema_version(schema)
     ((current,),) = await conn.execute_fetchall("PRAGMA user_version")
+    if current == 0 and await conn.execute_fetchall(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chats'"
+    ):
+        current = 1  # the worker's own D1 table, loaded into SQLite: version 1's chats
     if current > target:
         raise SchemaTooNew(f"schema version {current} is newer than this server's ({target})")
     for version in range(current, target) if current else ():

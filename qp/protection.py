@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from qp.appkeys import CLIENT_HASH, IP_SALT, POLICY, RATE_CLASSES, RATE_LIMITER
+from qp.appkeys import CLIENT_HASH, IP_SALT, METRICS, POLICY, RATE_CLASSES, RATE_LIMITER
 from qp.client_address import client_address, hash_client
 from qp.db import Database
 from qp.errors import ApiError
@@ -25,6 +25,7 @@ async def rate_limit_middleware(request: web.Request, handler) -> web.StreamResp
         limit = policy.rate_limit(rate_class)
         refusal = await request.app[RATE_LIMITER].check(client, rate_class, limit)
         if refusal is not None:
+            request.app[METRICS].rate_limit_refusals.labels(rate_class, refusal.reason).inc()
             raise ApiError(
                 429,
                 "Rate limit exceeded",
@@ -35,12 +36,17 @@ async def rate_limit_middleware(request: web.Request, handler) -> web.StreamResp
     return await handler(request)
 
 
-async def open_rate_limiter(db: Database) -> RateLimiter:
-    """A limiter that starts with the blocks in force and saves new ones to the database."""
-    blocks = {
+async def load_blocks(db: Database) -> dict[str, float]:
+    """Client hash -> blocked until (epoch seconds), for the blocks in force."""
+    return {
         client: datetime.fromisoformat(until).timestamp()
         for client, until in await db.active_blocks(utc_now_iso())
     }
+
+
+async def open_rate_limiter(db: Database) -> RateLimiter:
+    """A limiter that starts with the blocks in force and saves new ones to the database."""
+    blocks = await load_blocks(db)
 
     async def save_block(client: str, until: float) -> None:
         await db.save_block(client, utc_now_iso(), format_iso(datetime.fromtimestamp(until, UTC)))

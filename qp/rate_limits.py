@@ -49,6 +49,7 @@ class RateLimit:
 class Refusal:
     retry_after: int
     message: str
+    reason: str  # minute, hour or blocked
 
 
 SaveBlock = Callable[[str, float], Awaitable[None]]
@@ -77,7 +78,9 @@ class RateLimiter:
         if blocked_until is not None:
             if blocked_until > now:
                 return Refusal(
-                    math.ceil(blocked_until - now), "IP blocked due to excessive violations"
+                    math.ceil(blocked_until - now),
+                    "IP blocked due to excessive violations",
+                    "blocked",
                 )
             del self._blocks[client]
         minute, hour = int(now // 60), int(now // 3600)
@@ -90,9 +93,13 @@ class RateLimiter:
         if counter[2] != hour:
             counter[2], counter[3] = hour, 0
         if limit.per_hour is not None and counter[3] >= limit.per_hour:
-            refusal = Refusal(3600, f"Rate limit exceeded: {limit.per_hour} requests per hour")
+            refusal = Refusal(
+                3600, f"Rate limit exceeded: {limit.per_hour} requests per hour", "hour"
+            )
         elif limit.per_minute is not None and counter[1] >= limit.per_minute:
-            refusal = Refusal(60, f"Rate limit exceeded: {limit.per_minute} requests per minute")
+            refusal = Refusal(
+                60, f"Rate limit exceeded: {limit.per_minute} requests per minute", "minute"
+            )
         else:
             counter[1] += 1
             counter[3] += 1
@@ -118,5 +125,6 @@ class RateLimiter:
         cutoff = hour * 3600 - REFUSAL_MEMORY_SECONDS
         self._refusals = {k: q for k, q in self._refusals.items() if q and q[-1] >= cutoff}
 
-    def lift(self, client: str) -> None:
-        self._blocks.pop(client, None)
+    def replace_blocks(self, blocks: dict[str, float]) -> None:
+        """Take the blocks in force as the database has them (an operator lifted one)."""
+        self._blocks = blocks

@@ -1,9 +1,8 @@
-"""SpendLedger: completion records written in the background, in batches.
+"""BatchWriter: items handed over now, written in the background, many to a transaction.
 
-A stream never waits on the disk for its ledger row: the relay hands the record over and
-returns. Rows are written at most FLUSH_SECONDS after they are handed over, many to a
-transaction, so the ledger's disk syncs stay off the path of the next request. Rows queued
-at shutdown are written before the database closes; a crash loses at most FLUSH_SECONDS.
+For writes nobody has to wait for (ledger rows, marking chat writes as settled): the disk
+sync happens at most FLUSH_SECONDS later, off the path of the requests that follow.
+Items queued at shutdown are written before the database closes.
 """
 
 from __future__ import annotations
@@ -11,28 +10,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
-from qp.db import Database
 from qp.errors import StorageUnavailable
-from qp.usage import CompletionRecord
 
-log = logging.getLogger("qp.ledger")
+log = logging.getLogger("qp.batches")
+T = TypeVar("T")
 
 
-class SpendLedger:
+class BatchWriter(Generic[T]):
     FLUSH_SECONDS = 0.5
 
-    def __init__(self, db: Database):
-        self._db = db
-        self._queue: asyncio.Queue[CompletionRecord] = asyncio.Queue()
+    def __init__(self, write_batch: Callable[[list[T]], Awaitable[None]], what: str):
+        self._write_batch = write_batch
+        self._what = what
+        self._queue: asyncio.Queue[T] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._writer = asyncio.create_task(self._write_forever())
 
-    def record(self, record: CompletionRecord) -> None:
-        self._queue.put_nowait(record)
+    def add(self, item: T) -> None:
+        self._queue.put_nowait(item)
 
     async def flush(self) -> None:
-        """Write every record handed over so far, now."""
+        """Write every item handed over so far, now."""
         self._wake.set()
         await self._queue.join()
 
@@ -52,9 +53,9 @@ class SpendLedger:
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self._db.insert_completions(batch)
+                await self._write_batch(batch)
             except StorageUnavailable as err:
-                log.error("%d ledger rows not written: %s", len(batch), err)
+                log.error("%d %s not written: %s", len(batch), self._what, err)
             finally:
                 for _ in batch:
                     self._queue.task_done()

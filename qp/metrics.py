@@ -1,0 +1,84 @@
+"""Prometheus metrics (prometheus-client), in a registry of the app's own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from qp.usage import CompletionRecord
+
+# Label values that come from clients (app names, methods) are capped, so nobody can grow
+# the metrics without bound; past the cap they count as "other".
+MAX_APPS = 100
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+# A client that left before its answer was sent (nginx's code for it).
+CLIENT_LEFT = 499
+UPSTREAM_FAILURES = frozenset(
+    {"timeout", "unreachable", "upstream_error", "upstream_idle", "upstream_died"}
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "qp_requests", "Requests answered", ["route", "method", "status"], registry=r
+        )
+        self.duration = Histogram(
+            "qp_request_duration_seconds",
+            "Time to answer a request (a completion: to the end of its stream)",
+            ["route", "method"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60, 300),
+            registry=r,
+        )
+        self.open_streams = Gauge(
+            "qp_open_streams", "Completion streams being relayed now", registry=r
+        )
+        self.upstream_errors = Counter(
+            "qp_upstream_errors",
+            "Completions that failed upstream, by kind (timeout, unreachable, upstream_error,"
+            " upstream_idle, upstream_died)",
+            ["kind"],
+            registry=r,
+        )
+        self.rate_limit_refusals = Counter(
+            "qp_rate_limit_refusals",
+            "Requests refused by the rate limits, by class and why (minute, hour, blocked)",
+            ["rate_class", "reason"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "qp_completion_tokens",
+            "Tokens of relayed completions, by app, payer and kind (prompt, completion)",
+            ["app", "payer", "kind"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "qp_completion_cost_usd",
+            "Cost of relayed completions as OpenRouter reports it, by app and payer",
+            ["app", "payer"],
+            registry=r,
+        )
+        self._apps: set[str] = set()
+
+    def app_label(self, app: str | None) -> str:
+        if app is None:
+            return ""
+        if app in self._apps or len(self._apps) < MAX_APPS:
+            self._apps.add(app)
+            return app
+        return "other"
+
+    def completion_finished(self, record: CompletionRecord) -> None:
+        if record.outcome in UPSTREAM_FAILURES:
+            self.upstream_errors.labels(record.outcome).inc()
+        app = self.app_label(record.app)
+        if record.prompt_tokens:
+            self.tokens.labels(app, record.payer, "prompt").inc(record.prompt_tokens)
+        if record.completion_tokens:
+            self.tokens.labels(app, record.payer, "completion").inc(record.completion_tokens)
+        if record.cost:
+            self.cost.labels(app, record.payer).inc(record.cost)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,416 @@
+"""`python -m qp ...`: the operators' command line, on the server's own data."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import ADMIN_KEY
+from tests.helpers import call, create
+from tests.support import ROOT, make_chat
+
+FIXTURE = ROOT / "tests" / "fixtures" / "worker-export"
+
+
+def qp(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("QP_", "AWS_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "qp", *args],
+        cwd=ROOT,
+        env={**clean, "QP_DATA_DIR": str(data_dir), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("python -m qp: error: ")
+    for word in words:
+        assert word in line
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["chats"],
+        ["chats", "list"],
+        ["chats", "show"],
+        ["chats", "delete"],
+        ["usage"],
+        ["blocks"],
+        ["blocks", "list"],
+        ["blocks", "lift"],
+        ["check"],
+        ["import-d1"],
+        ["copy-blobs"],
+    ],
+)
+def test_every_command_has_help(tmp_path, command):
+    result = qp(tmp_path, *command, "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: python -m qp")
+
+
+def test_a_missing_argument_is_a_usage_error(tmp_path):
+    result = qp(tmp_path, "chats", "list")
+    assert result.returncode == 2
+    assert "--app" in result.stderr
+
+
+# --- chats, usage, blocks on a server's data -------------------------------------------------
+
+
+async def test_chats_list_show_delete(qp_server):
+    server = qp_server()
+    async with aiohttp.ClientSession(server.url) as http:
+        ids = [await create(http, make_chat(app="cli-app", messages=[i])) for i in range(3)]
+        _, served = await call(http, "GET", f"/api/chats/{ids[1]}")
+        listing = qp(server.data_dir, "chats", "list", "--app", "cli-app")
+        assert listing.returncode == 0
+        rows = listing.stdout.splitlines()
+        assert rows[0].split() == ["CHAT", "ID", "UPDATED", "MODEL", "PROMPT", "COMPLETION"]
+        assert [row.split()[0] for row in rows[1:]] == ids[::-1]
+
+        shown = qp(server.data_dir, "chats", "show", ids[1])
+        assert shown.returncode == 0
+        assert json.loads(shown.stdout) == served
+
+        deleted = qp(server.data_dir, "chats", "delete", ids[1])
+        assert deleted.returncode == 0
+        # The running server sees it within a second, cached or not.
+        for _ in range(40):
+            if (await call(http, "GET", f"/api/chats/{ids[1]}"))[0] == 404:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the server still serves a chat deleted by the tool")
+        assert not (server.data_dir / "blobs" / "chats" / f"{ids[1]}.json").exists()
+    one_line_error(qp(server.data_dir, "chats", "show", ids[1]), "no chat", ids[1])
+    one_line_error(qp(server.data_dir, "chats", "delete", "../x"), "not a chat id")
+
+
+async def test_usage_totals(qp_server):
+    server = qp_server()
+    with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
+        db.executemany(
+            "INSERT INTO completions (started_at, app, model, payer, prompt_tokens,"
+            " completion_tokens, cost, status, outcome, duration_ms, client_left)"
+            " VALUES (?, 'a', 'm', ?, 10, 5, 0.25, 200, 'completed', 1, 0)",
+            [("2026-01-01T00:00:00.000Z", "server"), ("2026-06-01T00:00:00.000Z", "server")],
+        )
+    result = qp(server.data_dir, "usage", "--app", "a", "--since", "2026-03-01")
+    assert result.returncode == 0
+    assert result.stdout.splitlines()[1].split() == [
+        "a",
+        "m",
+        "server",
+        "1",
+        "10",
+        "5",
+        "0.250000",
+        "0",
+    ]
+    one_line_error(qp(server.data_dir, "usage", "--since", "soon"), "--since")
+
+
+async def test_blocks_list_and_lift_reach_the_running_server(qp_server):
+    server = qp_server(QP_RATE_LIMIT_CHATS="1/minute")
+    async with aiohttp.ClientSession(server.url) as http:
+        for _ in range(12):
+            _, body = await call(http, "GET", "/api/chats/x")
+        assert body["message"] == "IP blocked due to excessive violations"
+        listing = qp(server.data_dir, "blocks", "list")
+        assert listing.returncode == 0
+        client_hash = listing.stdout.splitlines()[1].split()[0]
+        assert len(client_hash) == 64
+        lifted = qp(server.data_dir, "blocks", "lift", client_hash)
+        assert lifted.returncode == 0, lifted.stderr
+        for _ in range(40):
+            _, body = await call(http, "GET", "/api/chats/x")
+            if body.get("message") != "IP blocked due to excessive violations":
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the running server kept the lifted block")
+        assert qp(server.data_dir, "blocks", "list").stdout.splitlines()[1:] == []
+    one_line_error(qp(server.data_dir, "blocks", "lift", client_hash), "no block")
+
+
+# --- check and repair ------------------------------------------------------------------------
+
+
+async def test_check_finds_and_repairs_what_cannot_be_served(qp_server):
+    server = qp_server()
+    async with aiohttp.ClientSession(server.url) as http:
+        kept = await create(http, make_chat(app="c"))
+        no_blob = await create(http, make_chat(app="c"))
+        unreadable = await create(http, make_chat(app="c"))
+    server.stop()
+    chats = server.data_dir / "blobs" / "chats"
+    (chats / f"{no_blob}.json").unlink()
+    (chats / f"{unreadable}.json").write_text("{not an array")
+    (chats / "orphan.json").write_text("[]")
+    assert qp(server.data_dir, "check").stdout == "nothing to repair\n"  # all younger than 60 s
+
+    found = qp(server.data_dir, "check", "--min-age", "0")
+    assert found.returncode == 1
+    assert sorted(found.stdout.splitlines()) == sorted(
+        [
+            f"row-without-blob {no_blob}",
+            f"unreadable-blob {unreadable} (not a JSON array)",
+            "blob-without-row orphan",
+        ]
+    )
+    repaired = qp(server.data_dir, "check", "--min-age", "0", "--repair")
+    assert repaired.returncode == 0
+    assert len(repaired.stdout.splitlines()) == 6
+    again = qp(server.data_dir, "check", "--min-age", "0")
+    assert (again.returncode, again.stdout) == (0, "nothing to repair\n")
+    server.start()
+    async with aiohttp.ClientSession(server.url) as http:
+        assert (await call(http, "GET", f"/api/chats/{kept}"))[0] == 200
+        for gone in (no_blob, unreadable, "orphan"):
+            assert (await call(http, "GET", f"/api/chats/{gone}"))[0] == 404
+
+
+# --- interrupted writes ------------------------------------------------------------------------
+
+
+def interrupt(db_path: Path, chat_id: str, pending: dict, **row: object) -> None:
+    """Leave a row as a write stopped between its SQL step and its blob would."""
+    sets = ", ".join(f"{column} = ?" for column in row)
+    with sqlite3.connect(db_path) as db:
+        db.execute(
+            f"UPDATE chats SET {sets}{', ' if sets else ''}pending = ? WHERE chat_id = ?",
+            (*row.values(), json.dumps(pending), chat_id),
+        )
+
+
+async def test_a_restart_finishes_or_undoes_interrupted_writes(qp_server):
+    server = qp_server()
+    async with aiohttp.ClientSession(server.url) as http:
+        updated = await create(http, make_chat(app="w", model="old", messages=["old"]))
+        undone = await create(http, make_chat(app="w", model="old", messages=["old"]))
+        created = await create(http, make_chat(app="w", model="new", messages=["new"]))
+        half_created = await create(http, make_chat(app="w", model="new", messages=["new"]))
+        _, before = await call(http, "GET", f"/api/chats/{undone}")
+    server.stop()
+    db = server.data_dir / "qp.sqlite3"
+    chats = server.data_dir / "blobs" / "chats"
+    with sqlite3.connect(db) as conn:
+        previous = dict(
+            zip(
+                [
+                    "chat_id",
+                    "app",
+                    "model",
+                    "prompt_tokens",
+                    "completion_tokens",
+                    "estimated_cost",
+                    "created_at",
+                    "updated_at",
+                ],
+                conn.execute(
+                    "SELECT chat_id, app, model, prompt_tokens, completion_tokens,"
+                    " estimated_cost, created_at, updated_at FROM chats WHERE chat_id = ?",
+                    (undone,),
+                ).fetchone(),
+                strict=True,
+            )
+        )
+    new_blob = b'["new"]'
+    digest = hashlib.sha256(new_blob).hexdigest()
+    # The update reached the blob store before the stop: it is finished.
+    (chats / f"{updated}.json").write_bytes(new_blob)
+    interrupt(db, updated, {"op": "update", "sha256": digest, "previous": {}}, model="new")
+    # The update did not: it is undone, the row put back as it was.
+    interrupt(db, undone, {"op": "update", "sha256": digest, "previous": previous}, model="new")
+    # A create whose blob is there is finished; one whose blob is not is undone.
+    interrupt(db, created, {"op": "create", "sha256": hashlib.sha256(b'["new"]').hexdigest()})
+    (chats / f"{half_created}.json").unlink()
+    interrupt(db, half_created, {"op": "create", "sha256": digest})
+
+    checked = qp(server.data_dir, "check", "--min-age", "0")
+    assert checked.returncode == 1
+    # Writes whose blob was stored need nothing but their bookkeeping: not reported.
+    assert sorted(checked.stdout.splitlines()) == sorted(
+        [f"interrupted-write {undone} (update)", f"interrupted-write {half_created} (create)"]
+    )
+    server.start()
+    assert "4 chat writes a stop interrupted: 2 finished, 2 undone" in server.log()
+    async with aiohttp.ClientSession(server.url) as http:
+        _, chat = await call(http, "GET", f"/api/chats/{updated}")
+        assert (chat["model"], chat["messages"]) == ("new", ["new"])
+        assert await call(http, "GET", f"/api/chats/{undone}") == (200, before)
+        assert (await call(http, "GET", f"/api/chats/{created}"))[1]["messages"] == ["new"]
+        assert (await call(http, "GET", f"/api/chats/{half_created}"))[0] == 404
+    assert qp(server.data_dir, "check", "--min-age", "0").stdout == "nothing to repair\n"
+
+
+# --- moving from the worker: import-d1 and copy-blobs ------------------------------------------
+
+
+def expected_worker_chats() -> dict[str, dict]:
+    """What the worker answered for each exported chat: its row and its R2 messages."""
+    scratch = sqlite3.connect(":memory:")
+    scratch.executescript((FIXTURE / "d1-export.sql").read_text())
+    chats = {}
+    for chat_id, app, model, prompt, completion, cost, created, updated in scratch.execute(
+        "SELECT * FROM chats"
+    ):
+        blob = FIXTURE / "r2" / "chats" / f"{chat_id}.json"
+        if blob.exists():
+            chats[chat_id] = {
+                "chatId": chat_id,
+                "app": app,
+                "model": model,
+                "messages": json.loads(blob.read_bytes()),
+                "totalUsage": {
+                    "promptTokens": prompt,
+                    "completionTokens": completion,
+                    "estimatedCost": cost,
+                },
+                "createdAt": created,
+                "updatedAt": updated,
+            }
+    return chats
+
+
+async def test_a_worker_export_imports_into_servable_chats_idempotently(qp_server, tmp_path):
+    data = tmp_path / "moved"
+    first = qp(data, "import-d1", str(FIXTURE / "d1-export.sql"))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "24 chats added, 0 replaced by newer, 0 unchanged, 1 refused\n"
+    assert "not imported: '../escape': invalid chat id" in first.stderr
+    copied = qp(
+        data, "copy-blobs", "--from", f"file://{FIXTURE / 'r2'}", "--to", f"file://{data / 'blobs'}"
+    )
+    assert copied.returncode == 0, copied.stderr
+    assert copied.stdout == "24 copied, 0 already there\n"
+
+    rows_before = chat_rows(data)
+    again = qp(data, "import-d1", str(FIXTURE / "d1-export.sql"))
+    assert again.stdout == "0 chats added, 0 replaced by newer, 24 unchanged, 1 refused\n"
+    resumed = qp(
+        data, "copy-blobs", "--from", f"file://{FIXTURE / 'r2'}", "--to", f"file://{data / 'blobs'}"
+    )
+    assert resumed.stdout == "0 copied, 24 already there\n"
+    assert chat_rows(data) == rows_before
+    assert len(rows_before) == 24
+
+    server = qp_server("moved-server", QP_DATA_DIR=str(data))
+    expected = expected_worker_chats()
+    assert len(expected) == 24
+    async with aiohttp.ClientSession(server.url) as http:
+        for chat_id, chat in expected.items():
+            assert await call(http, "GET", f"/api/chats/{chat_id}") == (200, chat)
+        _, listed = await call(
+            http, "GET", "/api/chats?app=o'brien-lab", headers={"x-admin-key": ADMIN_KEY}
+        )
+        assert {c["chatId"] for c in listed} == {
+            i for i, c in expected.items() if c["app"] == "o'brien-lab"
+        }
+    assert qp(data, "check", "--min-age", "0").stdout == "nothing to repair\n"
+
+
+def chat_rows(data: Path) -> list[tuple]:
+    with sqlite3.connect(data / "qp.sqlite3") as db:
+        return db.execute("SELECT * FROM chats ORDER BY chat_id").fetchall()
+
+
+def test_a_dump_with_an_unknown_statement_is_refused_whole(tmp_path):
+    dump = tmp_path / "dump.sql"
+    text = (FIXTURE / "d1-export.sql").read_text()
+    dump.write_text(text.replace("CREATE INDEX idx_app", "DROP TABLE chats;\nCREATE INDEX idx_app"))
+    result = qp(tmp_path / "data", "import-d1", str(dump))
+    one_line_error(result, "not a statement of a chats export", "DROP TABLE chats")
+    # Refused before anything was opened: no database, no rows.
+    assert not (tmp_path / "data" / "qp.sqlite3").exists()
+
+
+def test_copy_blobs_to_and_from_s3(tmp_path, seaweed):
+    bucket = seaweed.create_bucket()
+    env = {
+        "AWS_ACCESS_KEY_ID": seaweed.server_env(bucket)["AWS_ACCESS_KEY_ID"],
+        "AWS_SECRET_ACCESS_KEY": seaweed.server_env(bucket)["AWS_SECRET_ACCESS_KEY"],
+        "AWS_REGION": "us-east-1",
+    }
+    up = qp(
+        tmp_path,
+        "copy-blobs",
+        "--from",
+        f"file://{FIXTURE / 'r2'}",
+        "--to",
+        f"s3://{bucket}/qp",
+        "--to-endpoint-url",
+        seaweed.endpoint_url,
+        **env,
+    )
+    assert up.returncode == 0, up.stderr
+    assert up.stdout == "24 copied, 0 already there\n"
+    assert "24/24" in up.stderr  # the progress bar
+    sample = "AxXTjIlpWsbgd0DbuAzbR"
+    assert (
+        seaweed.get_object(bucket, f"qp/chats/{sample}.json")
+        == (FIXTURE / "r2" / "chats" / f"{sample}.json").read_bytes()
+    )
+    down = qp(
+        tmp_path,
+        "copy-blobs",
+        "--from",
+        f"s3://{bucket}/qp",
+        "--to",
+        f"file://{tmp_path / 'copy'}",
+        "--from-endpoint-url",
+        seaweed.endpoint_url,
+        **env,
+    )
+    assert down.stdout == "24 copied, 0 already there\n"
+    (tmp_path / "copy" / "chats" / f"{sample}.json").unlink()
+    resumed = qp(
+        tmp_path,
+        "copy-blobs",
+        "--from",
+        f"s3://{bucket}/qp",
+        "--to",
+        f"file://{tmp_path / 'copy'}",
+        "--from-endpoint-url",
+        seaweed.endpoint_url,
+        **env,
+    )
+    assert resumed.stdout == "1 copied, 23 already there\n"
+    one_line_error(
+        qp(
+            tmp_path,
+            "copy-blobs",
+            "--from",
+            "s3://no-such-bucket",
+            "--to",
+            f"file://{tmp_path}",
+            "--from-endpoint-url",
+            seaweed.endpoint_url,
+            **env,
+        ),
+        "--from",
+        "no-such-bucket",
+        "does not exist",
+    )
+    one_line_error(qp(tmp_path, "copy-blobs", "--from", "ftp://x", "--to", "file://y"), "--from")
+
+
+def test_a_bad_storage_setting_is_one_line(tmp_path):
+    one_line_error(qp(tmp_path, "check", QP_STORAGE="gopher://x"), "QP_STORAGE")

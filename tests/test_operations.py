@@ -1,0 +1,204 @@
+"""Running it for real: graceful shutdown, /healthz, /metrics, and the request log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import socket
+import time
+
+import aiohttp
+import pytest
+
+from tests.conftest import ADMIN_KEY
+from tests.fake_openrouter import FakeOpenRouter, Script
+from tests.helpers import call
+from tests.support import SeaweedFS, make_chat
+from tests.test_completion import SYSTEM
+
+
+@pytest.fixture
+def fake():
+    fake = FakeOpenRouter().start()
+    yield fake
+    fake.stop()
+
+
+def completion(content: str, app: str = "ops-app") -> dict:
+    return {
+        "model": "openai/gpt-4.1-mini",
+        "systemMessage": SYSTEM,
+        "messages": [{"role": "user", "content": content}],
+        "app": app,
+    }
+
+
+# --- graceful shutdown ---------------------------------------------------------------------
+
+
+async def test_sigterm_lets_a_stream_in_flight_finish_and_exits_0(qp_server, fake):
+    fake.scripts["slow"] = Script(
+        chunks=[(0.0, b"data: one\n\n"), (1.5, b"data: two\n\n"), (0.0, b"data: [DONE]\n\n")]
+    )
+    server = qp_server(QP_OPENROUTER_URL=fake.url, OPENROUTER_API_KEY="k")
+    async with aiohttp.ClientSession(server.url) as http:
+        response = await http.post("/api/completion", json=completion("script:slow"))
+        assert await response.content.readany() == b"data: one\n\n"
+        server.signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        # No new connections once it is stopping...
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", server.port), 1):
+            pass
+        # ...but the stream in flight runs to its end.
+        assert await response.read() == b"data: two\n\ndata: [DONE]\n\n"
+    assert await asyncio.to_thread(server.process.wait, 10) == 0
+    assert "Traceback" not in server.log()
+
+
+async def test_sigterm_cuts_streams_still_open_after_the_shutdown_timeout(qp_server, fake):
+    fake.scripts["endless"] = Script(chunks=[(0.0, b"data: one\n\n")], hold=60.0)
+    server = qp_server(QP_OPENROUTER_URL=fake.url, OPENROUTER_API_KEY="k", QP_SHUTDOWN_TIMEOUT="1")
+    async with aiohttp.ClientSession(server.url) as http:
+        response = await http.post("/api/completion", json=completion("script:endless"))
+        await response.content.readany()
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(server.process.wait, 15) == 0
+        assert time.monotonic() - started < 8
+        response.close()
+
+
+# --- /healthz --------------------------------------------------------------------------------
+
+
+async def test_healthz_is_ok_when_database_and_store_answer(qp_server):
+    server = qp_server()
+    async with aiohttp.ClientSession(server.url) as http:
+        assert await call(http, "GET", "/healthz") == (200, {"status": "ok"})
+
+
+async def test_healthz_names_a_blob_folder_that_is_gone(qp_server):
+    server = qp_server()
+    blobs = server.data_dir / "blobs"
+    blobs.rename(server.data_dir / "blobs.gone")
+    blobs.write_text("not a folder")
+    async with aiohttp.ClientSession(server.url) as http:
+        assert await call(http, "GET", "/healthz") == (
+            503,
+            {
+                "error": "Service unavailable",
+                "status": "unavailable",
+                "checks": {"database": "ok", "storage": "unavailable"},
+            },
+        )
+
+
+async def test_healthz_is_503_while_seaweedfs_is_stopped(qp_server, tmp_path):
+    weed = SeaweedFS(tmp_path / "weed").start()
+    try:
+        server = qp_server(**weed.server_env(weed.create_bucket()))
+        async with aiohttp.ClientSession(server.url) as http:
+            assert await call(http, "GET", "/healthz") == (200, {"status": "ok"})
+            weed.stop()
+            status, body = await call(http, "GET", "/healthz")
+            assert status == 503
+            assert body["checks"] == {"database": "ok", "storage": "unavailable"}
+            weed.start()
+            assert await call(http, "GET", "/healthz") == (200, {"status": "ok"})
+    finally:
+        weed.stop()
+
+
+# --- /metrics --------------------------------------------------------------------------------
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus text."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.rsplit("} ", 1)[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {name} {labels} in:\n{text}")
+
+
+async def test_metrics_count_requests_streams_errors_refusals_and_spend(qp_server, fake):
+    server = qp_server(
+        QP_OPENROUTER_URL=fake.url,
+        OPENROUTER_API_KEY="k",
+        OPENROUTER_API_KEY_PAID_APP="paid",
+        QP_RATE_LIMIT_CHATS="2/minute",
+    )
+    fake.scripts["hold"] = Script(chunks=[(0.0, b"data: one\n\n")], hold=30.0)
+    fake.scripts["401"] = Script(status=401, body=b"{}")
+    async with aiohttp.ClientSession(server.url) as http:
+        await call(http, "GET", "/api/chats/nothing")
+        await call(http, "GET", "/api/chats/nothing")
+        await call(http, "GET", "/api/chats/nothing")  # the third is refused
+        async with http.post("/api/completion", json=completion("hi", "paid-app")) as r:
+            await r.read()
+        await call(http, "POST", "/api/completion", json=completion("script:401"))
+        held = await http.post("/api/completion", json=completion("script:hold"))
+        await held.content.readany()
+        async with http.get("/metrics") as response:
+            assert response.status == 200
+            assert response.content_type == "text/plain"
+            text = await response.text()
+        held.close()
+    route = "/api/chats/{chat_id}"
+    assert metric(text, "qp_requests_total", route=route, method="GET", status="404") == 2
+    assert metric(text, "qp_requests_total", route=route, method="GET", status="429") == 1
+    assert metric(text, "qp_request_duration_seconds_count", route=route, method="GET") == 3
+    assert metric(text, "qp_open_streams") == 1
+    assert metric(text, "qp_upstream_errors_total", kind="upstream_error") == 1
+    assert metric(text, "qp_rate_limit_refusals_total", rate_class="chats", reason="minute") == 1
+    assert (
+        metric(text, "qp_completion_tokens_total", app="paid-app", payer="app", kind="prompt") == 12
+    )
+    assert (
+        metric(text, "qp_completion_tokens_total", app="paid-app", payer="app", kind="completion")
+        == 3
+    )
+    assert metric(text, "qp_completion_cost_usd_total", app="paid-app", payer="app") == 0.00042
+
+
+# --- the request log ---------------------------------------------------------------------------
+
+
+async def test_json_logs_are_one_object_a_line_without_secrets(qp_server, fake):
+    server = qp_server(
+        QP_LOG_FORMAT="json", QP_OPENROUTER_URL=fake.url, OPENROUTER_API_KEY="sk-server-secret"
+    )
+    async with aiohttp.ClientSession(server.url) as http:
+        chat_id = (
+            await call(
+                http,
+                "POST",
+                "/api/chats",
+                json={"chat": make_chat(messages=[{"role": "user", "content": "SECRET-WORDS"}])},
+            )
+        )[1]["chatId"]
+        await call(http, "GET", "/api/chats?app=x", headers={"x-admin-key": ADMIN_KEY})
+        async with http.post(
+            "/api/completion",
+            json=completion("MORE-SECRET-WORDS"),
+            headers={"x-openrouter-key": "sk-user-secret"},
+        ) as response:
+            await response.read()
+    server.stop()
+    log = server.log()
+    for secret in ("SECRET-WORDS", chat_id, ADMIN_KEY, "sk-server-secret", "sk-user-secret"):
+        assert secret not in log
+    entries = [json.loads(line) for line in log.splitlines() if line.strip()]
+    access = [e for e in entries if e["logger"] == "qp.access"]
+    assert [(e["method"], e["route"], e["status"]) for e in access] == [
+        ("POST", "/api/chats", 200),
+        ("GET", "/api/chats", 200),
+        ("POST", "/api/completion", 200),
+    ]
+    for entry in access:
+        assert set(entry) >= {"time", "method", "route", "status", "duration_ms", "bytes"}
+        assert re.fullmatch(r"[0-9a-f]{64}", entry["client"])
