@@ -6,7 +6,6 @@ import re
 import secrets
 import string
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -64,12 +63,6 @@ def is_valid_chat_id(chat_id: str) -> bool:
 def new_chat_id() -> str:
     """21 characters drawn uniformly from A-Za-z0-9 by a cryptographic random source."""
     return "".join(secrets.choice(CHAT_ID_ALPHABET) for _ in range(GENERATED_ID_LENGTH))
-
-
-def utc_now_iso() -> str:
-    """ISO 8601 UTC with exactly three fractional digits and a `Z`, as the worker wrote them."""
-    now = datetime.now(UTC)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
 def _is_number(value: Any) -> bool:

@@ -50,6 +50,3 @@ class ChatLocks:
             entry[1] -= 1
             if entry[1] == 0:
                 del self._entries[chat_id]
-
-    def __len__(self) -> int:
-        return len(self._entries)
