@@ -8,6 +8,7 @@ fixed at start-up, where ours reloads with the policy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Iterable
@@ -29,6 +30,28 @@ def parse_networks(entries: Iterable[str]) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+class TrustedProxies:
+    """The trusted proxies of one policy, answering for address strings from a cache: a
+    request costs a dictionary lookup, not address parsing."""
+
+    MAX_REMEMBERED = 10_000
+
+    def __init__(self, networks: tuple[IPNetwork, ...]):
+        self._networks = networks
+        # address text -> (the address in canonical form or None if not one, trusted)
+        self._seen: dict[str, tuple[str | None, bool]] = {}
+
+    def classify(self, text: str) -> tuple[str | None, bool]:
+        known = self._seen.get(text)
+        if known is None:
+            if len(self._seen) >= self.MAX_REMEMBERED:
+                self._seen.clear()
+            address = _ip(text)
+            trusted = address is not None and any(address in n for n in self._networks)
+            known = self._seen[text] = (None if address is None else str(address), trusted)
+        return known
+
+
 def _ip(text: str) -> IPAddress | None:
     try:
         address = ipaddress.ip_address(text.strip())
@@ -40,39 +63,35 @@ def _ip(text: str) -> IPAddress | None:
     return address
 
 
-def _trusted(address: IPAddress, networks: tuple[IPNetwork, ...]) -> bool:
-    return any(address in network for network in networks)
-
-
-def client_address(request: web.BaseRequest, trusted: tuple[IPNetwork, ...]) -> str:
+def client_address(request: web.BaseRequest, trusted: TrustedProxies) -> str:
     """The client's address as the contract means it.
 
     Headers count only when the direct peer is a trusted proxy (or the unix socket): then
     the right-most X-Forwarded-For entry that is not itself a trusted proxy; failing that,
     CF-Connecting-IP; failing that, the left-most X-Forwarded-For entry.
     """
-    peer = request.remote or ""
-    peer_ip = _ip(peer)
-    if peer_ip is not None and not _trusted(peer_ip, trusted):
-        return str(peer_ip)
+    peer, peer_trusted = trusted.classify(request.remote or "")
+    if peer is not None and not peer_trusted:
+        return peer
     # The peer is a trusted proxy, or a unix-socket peer (no address): believe its headers.
     forwarded = [
-        address
+        classified
         for header in request.headers.getall("X-Forwarded-For", [])
         for part in header.split(",")
-        if (address := _ip(part)) is not None
+        if (classified := trusted.classify(part))[0] is not None
     ]
-    for address in reversed(forwarded):
-        if not _trusted(address, trusted):
-            return str(address)
-    cloudflare = _ip(request.headers.get("CF-Connecting-IP", ""))
+    for address, is_trusted in reversed(forwarded):
+        if not is_trusted:
+            return address
+    cloudflare, _ = trusted.classify(request.headers.get("CF-Connecting-IP", ""))
     if cloudflare is not None:
-        return str(cloudflare)
+        return cloudflare
     if forwarded:
-        return str(forwarded[0])
-    return str(peer_ip) if peer_ip is not None else "unix"
+        return forwarded[0][0]
+    return peer if peer is not None else "unix"
 
 
+@functools.lru_cache(maxsize=65536)
 def hash_client(address: str, salt: str) -> str:
     """Addresses are kept only as salted SHA-256 hashes."""
     return hashlib.sha256(f"{salt}\x00{address}".encode()).hexdigest()

@@ -60,6 +60,19 @@ class Metrics:
             registry=r,
         )
         self._apps: set[str] = set()
+        self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def request_series(self, route: str, method: str, status: int) -> tuple[Counter, Histogram]:
+        """The request counter and duration histogram of one route, method and status (kept:
+        `labels()` on every request was a measurable part of a cached GET)."""
+        key = (route, method, status)
+        series = self._request_series.get(key)
+        if series is None:
+            series = self._request_series[key] = (
+                self.requests.labels(route, method, str(status)),
+                self.duration.labels(route, method),
+            )
+        return series
 
     def app_label(self, app: str | None) -> str:
         if app is None:

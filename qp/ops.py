@@ -28,11 +28,10 @@ async def observe_middleware(request: web.Request, handler) -> web.StreamRespons
         status = response.status
         return response
     finally:
-        metrics = request.app[METRICS]
-        route = route_name(request)
         method = request.method if request.method in KNOWN_METHODS else "OTHER"
-        metrics.requests.labels(route, method, str(status)).inc()
-        metrics.duration.labels(route, method).observe(time.monotonic() - started)
+        count, duration = request.app[METRICS].request_series(route_name(request), method, status)
+        count.inc()
+        duration.observe(time.monotonic() - started)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -11,7 +11,7 @@ from functools import cached_property
 
 from yarl import URL
 
-from qp.client_address import IPNetwork, parse_networks
+from qp.client_address import TrustedProxies, parse_networks
 from qp.cors import OriginMatcher
 from qp.rate_limits import RateLimit
 
@@ -98,8 +98,8 @@ class Policy:
         return URL(self.openrouter_url)
 
     @cached_property
-    def trusted_networks(self) -> tuple[IPNetwork, ...]:
-        return parse_networks(self.trusted_proxies)
+    def trusted(self) -> TrustedProxies:
+        return TrustedProxies(parse_networks(self.trusted_proxies))
 
     def rate_limit(self, rate_class: str) -> RateLimit:
         return self.chats_rate_limit if rate_class == "chats" else self.completion_rate_limit

@@ -18,11 +18,11 @@ from qp.timestamps import format_iso, utc_now_iso
 async def rate_limit_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Names the client (as a salted hash) and applies its route's rate-limit class."""
     policy = request.app[POLICY].current
-    client = hash_client(client_address(request, policy.trusted_networks), request.app[IP_SALT])
+    client = hash_client(client_address(request, policy.trusted), request.app[IP_SALT])
     request[CLIENT_HASH] = client
     rate_class = request.app[RATE_CLASSES].get(request.match_info.route)
-    if rate_class is not None:
-        limit = policy.rate_limit(rate_class)
+    limit = policy.rate_limit(rate_class) if rate_class is not None else None
+    if limit is not None and limit.is_limited:
         refusal = await request.app[RATE_LIMITER].check(client, rate_class, limit)
         if refusal is not None:
             request.app[METRICS].rate_limit_refusals.labels(rate_class, refusal.reason).inc()

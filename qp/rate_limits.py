@@ -39,6 +39,10 @@ class RateLimit:
             counts[match.group(2)] = int(match.group(1))
         return cls(counts.get("minute"), counts.get("hour"))
 
+    @property
+    def is_limited(self) -> bool:
+        return self.per_minute is not None or self.per_hour is not None
+
     def __str__(self) -> str:
         parts = [f"{self.per_minute}/minute"] if self.per_minute is not None else []
         parts += [f"{self.per_hour}/hour"] if self.per_hour is not None else []
