@@ -21,9 +21,13 @@ async def rate_limit_middleware(request: web.Request, handler) -> web.StreamResp
     client = hash_client(client_address(request, policy.trusted), request.app[IP_SALT])
     request[CLIENT_HASH] = client
     rate_class = request.app[RATE_CLASSES].get(request.match_info.route)
-    limit = policy.rate_limit(rate_class) if rate_class is not None else None
-    if limit is not None and limit.is_limited:
-        refusal = await request.app[RATE_LIMITER].check(client, rate_class, limit)
+    if rate_class is not None:
+        limiter, limit = request.app[RATE_LIMITER], policy.rate_limit(rate_class)
+        # A class whose limits are off still refuses blocked clients; no need to count.
+        if limit.is_limited:
+            refusal = await limiter.check(client, rate_class, limit)
+        else:
+            refusal = limiter.blocked(client)
         if refusal is not None:
             request.app[METRICS].rate_limit_refusals.labels(rate_class, refusal.reason).inc()
             raise ApiError(

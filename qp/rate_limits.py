@@ -75,18 +75,25 @@ class RateLimiter:
         self._refusals: dict[str, deque[float]] = {}
         self._current_hour = 0
 
+    def blocked(self, client: str) -> Refusal | None:
+        """The refusal of a blocked client (whatever the limits of the route)."""
+        blocked_until = self._blocks.get(client)
+        if blocked_until is None:
+            return None
+        now = self._clock()
+        if blocked_until <= now:
+            del self._blocks[client]
+            return None
+        return Refusal(
+            math.ceil(blocked_until - now), "IP blocked due to excessive violations", "blocked"
+        )
+
     async def check(self, client: str, rate_class: str, limit: RateLimit) -> Refusal | None:
         """Count the request, or say why it is refused."""
+        refusal = self.blocked(client)
+        if refusal is not None or not limit.is_limited:
+            return refusal
         now = self._clock()
-        blocked_until = self._blocks.get(client)
-        if blocked_until is not None:
-            if blocked_until > now:
-                return Refusal(
-                    math.ceil(blocked_until - now),
-                    "IP blocked due to excessive violations",
-                    "blocked",
-                )
-            del self._blocks[client]
         minute, hour = int(now // 60), int(now // 3600)
         self._forget_old_hours(hour)
         counter = self._counters.get((client, rate_class))
