@@ -1,7 +1,5 @@
 """Typed keys for what the application holds for the life of the process."""
 
-# CLIENT_HASH (a request key) is defined in qp.logs, which writes it, and re-exported here.
-
 from __future__ import annotations
 
 import aiohttp
@@ -11,7 +9,6 @@ from qp.batches import BatchWriter
 from qp.chat_store import ChatStore
 from qp.config import Config
 from qp.db import Database
-from qp.logs import CLIENT_HASH  # noqa: F401 (a request key, re-exported)
 from qp.metrics import Metrics
 from qp.policy import PolicyHolder
 from qp.rate_limits import RateLimiter

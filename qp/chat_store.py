@@ -92,17 +92,15 @@ class ChatStore:
         await asyncio.shield(self._update(chat_id, chat))
 
     async def _update(self, chat_id: str, chat: ChatInput) -> None:
-        written: list[str] = []
-
         def pending(previous: ChatRow) -> str:
-            written.append(_pending("update", chat.messages_json, previous))
-            return written[-1]
+            return _pending("update", chat.messages_json, previous)
 
         async with self._locks.writing(chat_id):
             try:
-                previous = await self._db.update_chat(chat_id, chat, utc_now_iso(), pending)
-                if previous is None:
+                updated = await self._db.update_chat(chat_id, chat, utc_now_iso(), pending)
+                if updated is None:
                     raise ChatNotFound
+                previous, note = updated
                 try:
                     await self._blobs.put(chat_key(chat_id), chat.messages_json)
                 except BaseException:
@@ -110,7 +108,7 @@ class ChatStore:
                     raise
             finally:
                 self._cache.discard(chat_id)
-        self._settled.add((chat_id, written[-1]))
+        self._settled.add((chat_id, note))
 
     async def delete(self, chat_id: str) -> None:
         """Remove the row, then the blob (a retry after a failed blob delete removes it)."""
@@ -154,7 +152,7 @@ class ChatStore:
         for row, pending in await self._db.pending_chats():
             intent = orjson.loads(pending)
             async with self._locks.writing(row.chat_id):
-                if await blob_matches(self._blobs, row.chat_id, pending):
+                if await blob_matches(self._blobs, row.chat_id, intent["sha256"]):
                     await self._db.settle_chats([(row.chat_id, pending)])
                     finished += 1
                 elif intent["op"] == "create":
@@ -189,10 +187,10 @@ def messages_digest(messages_json: bytes) -> str:
     return hashlib.sha256(messages_json).hexdigest()
 
 
-async def blob_matches(blobs: BlobStore, chat_id: str, pending: str) -> bool:
-    """Whether the chat's blob holds the messages its pending write was storing."""
+async def blob_matches(blobs: BlobStore, chat_id: str, digest: str) -> bool:
+    """Whether the chat's blob holds the messages with this SHA-256 (a pending write's)."""
     stored = await blobs.get(chat_key(chat_id))
-    return stored is not None and messages_digest(stored) == orjson.loads(pending)["sha256"]
+    return stored is not None and messages_digest(stored) == digest
 
 
 def _pending(op: str, messages_json: bytes, previous: ChatRow | None = None) -> str:

@@ -170,15 +170,16 @@ class Database:
 
     async def update_chat(
         self, chat_id: str, chat: ChatInput, now: str, pending: Callable[[ChatRow], str]
-    ) -> ChatRow | None:
+    ) -> tuple[ChatRow, str] | None:
         """Replace model, usage and updated_at, recording `pending(row as it was)`; returns
-        the row as it was, or None if absent."""
+        the row as it was and the pending note written, or None if absent."""
 
-        async def update(conn: aiosqlite.Connection) -> ChatRow | None:
+        async def update(conn: aiosqlite.Connection) -> tuple[ChatRow, str] | None:
             rows = await conn.execute_fetchall(_SELECT_CHAT + " WHERE chat_id = ?", (chat_id,))
             if not rows:
                 return None
             previous = ChatRow(*rows[0])
+            note = pending(previous)
             await conn.execute(
                 _UPDATE_CHAT,
                 (
@@ -187,11 +188,11 @@ class Database:
                     chat.completion_tokens,
                     chat.estimated_cost,
                     now,
-                    pending(previous),
+                    note,
                     chat_id,
                 ),
             )
-            return previous
+            return previous, note
 
         return await self.write(update)
 

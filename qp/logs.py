@@ -15,7 +15,8 @@ from aiohttp.abc import AbstractAccessLogger
 
 from qp.timestamps import format_iso
 
-# The request key under which the rate-limit middleware leaves the client's address hash.
+# The request key under which the rate-limit middleware leaves the client's address hash,
+# for the access log.
 CLIENT_HASH = web.RequestKey("client_hash", str)
 
 

@@ -42,8 +42,9 @@ async def find_problems(db: Database, blobs: BlobStore, min_age: float) -> list[
         if _epoch(row.updated_at) > cutoff:
             continue
         # A write whose blob was stored is done; only its bookkeeping lagged behind.
-        if not await blob_matches(blobs, row.chat_id, intent):
-            findings.append(Finding("interrupted-write", row.chat_id, orjson.loads(intent)["op"]))
+        note = orjson.loads(intent)
+        if not await blob_matches(blobs, row.chat_id, note["sha256"]):
+            findings.append(Finding("interrupted-write", row.chat_id, note["op"]))
     stored = {}
     async for blob in blobs.listing("chats/"):
         match = CHAT_KEY.fullmatch(blob.key)

@@ -6,10 +6,11 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from qp.appkeys import CLIENT_HASH, IP_SALT, METRICS, POLICY, RATE_CLASSES, RATE_LIMITER
+from qp.appkeys import IP_SALT, METRICS, POLICY, RATE_CLASSES, RATE_LIMITER
 from qp.client_address import client_address, hash_client
 from qp.db import Database
 from qp.errors import ApiError
+from qp.logs import CLIENT_HASH
 from qp.rate_limits import RateLimiter
 from qp.timestamps import format_iso, utc_now_iso
 
