@@ -2,7 +2,12 @@
 
 For writes nobody has to wait for (ledger rows, marking chat writes as settled): the disk
 sync happens at most FLUSH_SECONDS later, off the path of the requests that follow.
-Items queued at shutdown are written before the database closes.
+Items queued at shutdown are written before the database closes, for CLOSE_SECONDS at
+most.
+
+The background task must never die: a batch the database refuses (down, full) is retried
+a few times and then dropped; a batch it cannot take (a value it cannot store) is written
+item by item and the items it still refuses are dropped. Every drop is logged and counted.
 """
 
 from __future__ import annotations
@@ -21,15 +26,31 @@ T = TypeVar("T")
 
 class BatchWriter(Generic[T]):
     FLUSH_SECONDS = 0.5
+    # Waits before each retry of a batch the database refused.
+    RETRY_SECONDS = (0.5, 2.0, 5.0)
+    # Items waiting at most; past it new items are dropped (the database is long gone).
+    MAX_QUEUED = 100_000
+    CLOSE_SECONDS = 5.0
 
-    def __init__(self, write_batch: Callable[[list[T]], Awaitable[None]], what: str):
+    def __init__(
+        self,
+        write_batch: Callable[[list[T]], Awaitable[None]],
+        what: str,
+        on_drop: Callable[[int], None] | None = None,
+    ):
         self._write_batch = write_batch
         self._what = what
+        self._on_drop = on_drop
+        self.dropped = 0
+        self._closing = False
         self._queue: asyncio.Queue[T] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._writer = asyncio.create_task(self._write_forever())
 
     def add(self, item: T) -> None:
+        if self._queue.qsize() >= self.MAX_QUEUED:
+            self._drop(1, "the queue is full")
+            return
         self._queue.put_nowait(item)
 
     async def flush(self) -> None:
@@ -38,8 +59,13 @@ class BatchWriter(Generic[T]):
         await self._queue.join()
 
     async def close(self) -> None:
-        """Write what is queued, then stop."""
-        await self.flush()
+        """Write what is queued (for CLOSE_SECONDS at most), then stop."""
+        self._closing = True
+        try:
+            async with asyncio.timeout(self.CLOSE_SECONDS):
+                await self.flush()
+        except TimeoutError:
+            log.error("%d %s not written before shutdown", self._queue.qsize(), self._what)
         self._writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
@@ -53,9 +79,35 @@ class BatchWriter(Generic[T]):
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self._write_batch(batch)
-            except StorageUnavailable as err:
-                log.error("%d %s not written: %s", len(batch), self._what, err)
+                await self._write(batch)
+            except Exception as err:  # the task must live on, whatever a batch does
+                self._drop(len(batch), f"{type(err).__name__}: {err}")
             finally:
                 for _ in batch:
                     self._queue.task_done()
+
+    async def _write(self, batch: list[T]) -> None:
+        for wait in (*self.RETRY_SECONDS, None):
+            try:
+                await self._write_batch(batch)
+                return
+            except StorageUnavailable as err:
+                if wait is None or self._closing:
+                    self._drop(len(batch), str(err))
+                    return
+                log.warning("%d %s not written yet (%s); retrying", len(batch), self._what, err)
+                await asyncio.sleep(wait)
+            except Exception as err:
+                # Something in the batch the database cannot take: the rest still goes in.
+                if len(batch) == 1:
+                    self._drop(1, f"{type(err).__name__}: {err}")
+                    return
+                for item in batch:
+                    await self._write([item])
+                return
+
+    def _drop(self, count: int, why: str) -> None:
+        self.dropped += count
+        if self._on_drop is not None:
+            self._on_drop(count)
+        log.error("%d %s dropped: %s", count, self._what, why)

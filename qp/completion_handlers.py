@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from aiohttp import web
 
 from qp.appkeys import CONFIG, DATABASE, LEDGER, METRICS, POLICY, UPSTREAM
@@ -17,6 +20,8 @@ from qp.errors import ApiError, json_response
 from qp.relay import relay_completion
 from qp.timestamps import parse_iso, utc_now_iso
 from qp.usage import CompletionRecord
+
+USAGE_FLUSH_SECONDS = 5.0
 
 
 async def create_completion(request: web.Request) -> web.StreamResponse:
@@ -63,7 +68,10 @@ async def usage_report(request: web.Request) -> web.Response:
         since = parse_iso(request.query["since"])
         if since is None:
             raise ApiError(400, "Invalid since parameter")
-    await request.app[LEDGER].flush()  # the report includes every completion so far
+    # The report includes every completion so far, unless the database keeps refusing them.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(USAGE_FLUSH_SECONDS):
+            await request.app[LEDGER].flush()
     totals = await request.app[DATABASE].usage_totals(since, app)
     rows = [
         {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from qp.usage import CompletionRecord
@@ -59,6 +61,12 @@ class Metrics:
             ["app", "payer"],
             registry=r,
         )
+        self.batch_drops = Counter(
+            "qp_batch_items_dropped",
+            "Background writes given up (ledger rows, settled chat writes), by batch",
+            ["batch"],
+            registry=r,
+        )
         self._apps: set[str] = set()
         self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
@@ -92,6 +100,10 @@ class Metrics:
             self.tokens.labels(app, record.payer, "completion").inc(record.completion_tokens)
         if record.cost:
             self.cost.labels(app, record.payer).inc(record.cost)
+
+    def counter_of_drops(self, batch: str) -> Callable[[int], None]:
+        """What a BatchWriter calls with the number of items it gave up."""
+        return self.batch_drops.labels(batch).inc
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
+log = logging.getLogger("qp.usage")
+
 # A partial SSE line longer than this is not usage accounting; it is dropped, not kept.
 MAX_PARTIAL_LINE = 256 * 1024
+# What the ledger's INTEGER columns hold (SQLite's signed 64 bits).
+MAX_TOKENS = 2**63 - 1
 
 
 @dataclass
@@ -65,12 +73,32 @@ class UsageScanner:
         usage = event.get("usage") if isinstance(event, dict) else None
         if not isinstance(usage, dict):
             return
-        self.prompt_tokens = _number(usage.get("prompt_tokens"), self.prompt_tokens)
-        self.completion_tokens = _number(usage.get("completion_tokens"), self.completion_tokens)
-        self.cost = _number(usage.get("cost"), self.cost)
+        if "prompt_tokens" in usage:
+            self.prompt_tokens = _tokens(usage["prompt_tokens"], "prompt_tokens")
+        if "completion_tokens" in usage:
+            self.completion_tokens = _tokens(usage["completion_tokens"], "completion_tokens")
+        if "cost" in usage:
+            self.cost = _cost(usage["cost"])
 
 
-def _number(value, default):
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+def _tokens(value: Any, name: str) -> int | None:
+    """A token count the ledger can store, or None (with a warning) for anything else."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
         return value
-    return default
+    _unstorable(name)
+    return None
+
+
+def _cost(value: Any) -> float | None:
+    """A cost the ledger can store, or None (with a warning) for anything else."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        with contextlib.suppress(OverflowError):
+            cost = float(value)
+            if math.isfinite(cost) and cost >= 0:
+                return cost
+    _unstorable("cost")
+    return None
+
+
+def _unstorable(name: str) -> None:
+    log.warning("upstream reported a %s the ledger cannot store; it is kept as NULL", name)

@@ -522,3 +522,40 @@ async def test_usage_report_totals_by_app_model_and_payer(fake, tmp_path_factory
             )
     finally:
         server.stop()
+
+
+def usage_line(prompt: object, completion_tokens: object, cost: object) -> bytes:
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "cost": cost}
+    return b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\ndata: [DONE]\n\n"
+
+
+async def test_usage_the_ledger_cannot_store_is_null_and_the_ledger_goes_on(fake, tmp_path_factory):
+    server = start_qp(tmp_path_factory, fake, QP_SHUTDOWN_TIMEOUT="2")
+    fake.scripts["huge"] = Script(chunks=[(0.0, usage_line(2**64 - 1, 2**64 - 1, 1.0))])
+    fake.scripts["negative"] = Script(chunks=[(0.0, usage_line(-5, "7", -0.5))])
+    admin = {"x-admin-key": ADMIN_KEY}
+    async with aiohttp.ClientSession(server.url) as http:
+        for script in ("huge", "negative"):
+            await stream(http, completion(f"script:{script}", app="odd-usage"))
+        for _ in range(3):
+            await stream(http, completion(app="odd-usage"))
+        status, report = await call(http, "GET", "/api/usage?app=odd-usage", headers=admin)
+    assert status == 200
+    assert report["overall"] == {
+        "completions": 5,
+        "promptTokens": 36,
+        "completionTokens": 9,
+        "cost": pytest.approx(1.00126),
+        "clientLeft": 0,
+    }
+    started = time.monotonic()
+    assert server.stop() == 0
+    assert time.monotonic() - started < 2 + 5
+    rows = ledger(server)
+    assert [(r["prompt_tokens"], r["completion_tokens"], r["cost"]) for r in rows[:2]] == [
+        (None, None, 1.0),
+        (None, None, None),
+    ]
+    log = server.log()
+    assert "upstream reported a prompt_tokens the ledger cannot store" in log
+    assert "Traceback" not in log
