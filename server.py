@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         target = config.unix_socket or f"{config.host}:{config.port}"
         print(f"qp-server: cannot listen on {target}: {err.strerror or err}", file=sys.stderr)
         return 1
+    except Exception as err:  # one line, never a traceback, whatever stopped it
+        print(f"qp-server: stopped: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

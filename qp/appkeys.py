@@ -9,6 +9,7 @@ from qp.batches import BatchWriter
 from qp.chat_store import ChatStore
 from qp.config import Config
 from qp.db import Database
+from qp.disk import DiskSpace
 from qp.metrics import Metrics
 from qp.policy import PolicyHolder
 from qp.rate_limits import RateLimiter
@@ -25,3 +26,4 @@ RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 RATE_CLASSES = web.AppKey("rate_classes", dict)
 IP_SALT = web.AppKey("ip_salt", str)
 METRICS = web.AppKey("metrics", Metrics)
+DISK_SPACE = web.AppKey("disk_space", DiskSpace)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import tempfile
@@ -16,14 +17,14 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import botocore.exceptions
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
-from qp.errors import StorageUnavailable
+from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable
 
 # A key is slash-separated segments of safe characters; never `..`, never absolute.
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
@@ -54,6 +55,10 @@ class BlobStore(Protocol):
 
     async def ping(self) -> None: ...
 
+    async def probe_write(self) -> None:
+        """A small write that proves the store takes writes again (StorageUnavailable if not)."""
+        ...
+
     def listing(self, prefix: str) -> AsyncIterator[StoredBlob]:
         """Every blob whose key starts with `prefix` (a folder, ending in `/`)."""
         ...
@@ -66,8 +71,22 @@ class StoredBlob:
     modified: float  # epoch seconds
 
 
+def _os_failure(action: str, key: str, err: OSError) -> StorageUnavailable:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = FULL
+    elif err.errno in (errno.EROFS, errno.EPERM, errno.EACCES):
+        reason = READ_ONLY
+    else:
+        reason = UNAVAILABLE
+    return StorageUnavailable("Storage", f"{action} {key}: {err.strerror or err}", reason)
+
+
 class FileBlobStore:
-    """Blobs as files under one folder; a key can never name a path outside it."""
+    """Blobs as files under one folder; a key can never name a path outside it.
+
+    The folder itself is never re-created once open: if it vanishes (an unmounted disk),
+    writes fail rather than land in whatever is left at its path.
+    """
 
     def __init__(self, root: Path):
         self.root = root.resolve()
@@ -95,25 +114,31 @@ class FileBlobStore:
         except FileNotFoundError:
             return None
         except OSError as err:
-            raise StorageUnavailable("Storage", f"read {key}: {err}") from err
+            raise _os_failure("read", key, err) from err
 
     async def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
             await asyncio.to_thread(_write_atomically, path, data)
         except OSError as err:
-            raise StorageUnavailable("Storage", f"write {key}: {err}") from err
+            raise _os_failure("write", key, err) from err
 
     async def delete(self, key: str) -> None:
         path = self._path(key)
         try:
             await asyncio.to_thread(path.unlink, missing_ok=True)
         except OSError as err:
-            raise StorageUnavailable("Storage", f"delete {key}: {err}") from err
+            raise _os_failure("delete", key, err) from err
 
     async def ping(self) -> None:
         if not await asyncio.to_thread(_writable_folder, self.root):
             raise StorageUnavailable("Storage", f"{self.root} is not a writable folder")
+
+    async def probe_write(self) -> None:
+        try:
+            await asyncio.to_thread(_probe_folder, self.root)
+        except OSError as err:
+            raise _os_failure("probe", str(self.root), err) from err
 
     async def listing(self, prefix: str) -> AsyncIterator[StoredBlob]:
         folder = self._path(prefix.rstrip("/"))
@@ -143,9 +168,19 @@ def _writable_folder(path: Path) -> bool:
     return path.is_dir() and os.access(path, os.W_OK)
 
 
+def _probe_folder(root: Path) -> None:
+    fd, name = tempfile.mkstemp(dir=root, prefix=".probe-")
+    try:
+        os.write(fd, b"probe")
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     """Temp file in the same folder, fsync, rename over, fsync the folder: never a torn blob."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # The key's own folder (chats/) may be new; the store's root must exist already.
+    path.parent.mkdir(exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as tmp:
@@ -174,13 +209,34 @@ _S3_FAILURES = (
 )
 
 
-class S3BlobStore:
-    """Blobs in an S3-compatible bucket, under an optional key prefix."""
+DEFAULT_S3_TIMEOUT = 30.0
 
-    def __init__(self, client, bucket: str, prefix: str):
+
+def _s3_failure(action: str, key: str, err: Exception) -> StorageUnavailable:
+    if isinstance(err, TimeoutError):
+        return StorageUnavailable("Storage", f"{action} {key}: no answer in time")
+    reason = UNAVAILABLE
+    if isinstance(err, botocore.exceptions.ClientError):
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = err.response.get("Error", {}).get("Code")
+        # MinIO and others say so when their disks are full.
+        if status == 507 or code in ("XMinioStorageFull", "InsufficientStorage"):
+            reason = FULL
+    return StorageUnavailable("Storage", f"{action} {key}: {err!r}", reason)
+
+
+class S3BlobStore:
+    """Blobs in an S3-compatible bucket, under an optional key prefix.
+
+    Every call has a deadline (`timeout`, QP_S3_TIMEOUT): a store that accepts connections
+    and never answers costs a request that long at most, never a chat's lock forever.
+    """
+
+    def __init__(self, client: Any, bucket: str, prefix: str, timeout: float = DEFAULT_S3_TIMEOUT):
         self._client = client
         self.bucket = bucket
         self.prefix = prefix
+        self.timeout = timeout
 
     @classmethod
     async def open(
@@ -190,14 +246,15 @@ class S3BlobStore:
         region: str | None,
         exit_stack: AsyncExitStack,
         profile: str | None = None,
+        call_timeout: float = DEFAULT_S3_TIMEOUT,
     ) -> S3BlobStore:
         """Create the client (closed by `exit_stack`) and check the bucket answers.
         `profile` picks credentials from ~/.aws (botocore's named profiles)."""
         bucket, _, prefix = url[len("s3://") :].partition("/")
         config = AioConfig(
             # A store that is down should answer 503 quickly, not after minutes of retries.
-            connect_timeout=3,
-            read_timeout=30,
+            connect_timeout=min(3.0, call_timeout),
+            read_timeout=call_timeout,
             retries={"max_attempts": 2, "mode": "standard"},
             max_pool_connections=64,
             # Path-style works on R2, SeaweedFS and MinIO alike; AWS keeps its default.
@@ -214,14 +271,15 @@ class S3BlobStore:
                 "s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=config
             )
         )
-        store = cls(client, bucket, prefix.strip("/"))
+        store = cls(client, bucket, prefix.strip("/"), call_timeout)
         await store._check_bucket(endpoint_url)
         return store
 
     async def _check_bucket(self, endpoint_url: str | None) -> None:
         where = endpoint_url or "AWS S3"
         try:
-            await self._client.head_bucket(Bucket=self.bucket)
+            async with asyncio.timeout(self.timeout):
+                await self._client.head_bucket(Bucket=self.bucket)
         except botocore.exceptions.NoCredentialsError:
             raise StoreNotReady(
                 "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
@@ -236,6 +294,8 @@ class S3BlobStore:
                     " check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
                 ) from None
             raise StoreNotReady(f"bucket {self.bucket!r} at {where}: {err}") from None
+        except TimeoutError:
+            raise StoreNotReady(f"S3 at {where} did not answer within {self.timeout:g} s") from None
         except _S3_FAILURES as err:
             raise StoreNotReady(f"cannot reach S3 at {where}: {err}") from None
 
@@ -245,48 +305,64 @@ class S3BlobStore:
 
     async def get(self, key: str) -> bytes | None:
         try:
-            response = await self._client.get_object(Bucket=self.bucket, Key=self._key(key))
-            async with response["Body"] as stream:
-                return await stream.read()
+            async with asyncio.timeout(self.timeout):
+                response = await self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+                async with response["Body"] as stream:
+                    data: bytes = await stream.read()
+                    return data
         except botocore.exceptions.ClientError as err:
             if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
-            raise StorageUnavailable("Storage", f"get {key}: {err}") from err
+            raise _s3_failure("get", key, err) from err
         except _S3_FAILURES as err:
-            raise StorageUnavailable("Storage", f"get {key}: {err!r}") from err
+            raise _s3_failure("get", key, err) from err
 
     async def put(self, key: str, data: bytes) -> None:
         try:
-            await self._client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType="application/json"
-            )
+            async with asyncio.timeout(self.timeout):
+                await self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=data,
+                    ContentType="application/json",
+                )
         except _S3_FAILURES as err:
-            raise StorageUnavailable("Storage", f"put {key}: {err!r}") from err
+            raise _s3_failure("put", key, err) from err
 
     async def delete(self, key: str) -> None:
         try:
-            await self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+            async with asyncio.timeout(self.timeout):
+                await self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except _S3_FAILURES as err:
-            raise StorageUnavailable("Storage", f"delete {key}: {err!r}") from err
+            raise _s3_failure("delete", key, err) from err
 
     async def ping(self) -> None:
         try:
-            await self._client.head_bucket(Bucket=self.bucket)
+            async with asyncio.timeout(self.timeout):
+                await self._client.head_bucket(Bucket=self.bucket)
         except _S3_FAILURES as err:
-            raise StorageUnavailable("Storage", f"head bucket: {err!r}") from err
+            raise _s3_failure("head", "bucket", err) from err
+
+    async def probe_write(self) -> None:
+        # Writing a probe object into the operator's bucket is not worth it: an S3 store
+        # that answers takes writes.
+        await self.ping()
 
     async def listing(self, prefix: str) -> AsyncIterator[StoredBlob]:
         skip = len(self.prefix) + 1 if self.prefix else 0
         paginator = self._client.get_paginator("list_objects_v2")
-        try:
-            full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
-            async for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
-                for item in page.get("Contents", []):
-                    yield StoredBlob(
-                        item["Key"][skip:], item["Size"], item["LastModified"].timestamp()
-                    )
-        except _S3_FAILURES as err:
-            raise StorageUnavailable("Storage", f"list {prefix}: {err!r}") from err
+        full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=full_prefix).__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    page = await pages.__anext__()
+            except StopAsyncIteration:
+                return
+            except _S3_FAILURES as err:
+                raise _s3_failure("list", prefix, err) from err
+            for item in page.get("Contents", []):
+                yield StoredBlob(item["Key"][skip:], item["Size"], item["LastModified"].timestamp())
 
 
 async def open_blob_store(
@@ -295,8 +371,13 @@ async def open_blob_store(
     region: str | None,
     exit_stack: AsyncExitStack,
     profile: str | None = None,
+    s3_timeout: float = DEFAULT_S3_TIMEOUT,
 ) -> BlobStore:
     """The store a `QP_STORAGE` URL names: `file://PATH` or `s3://BUCKET[/PREFIX]`."""
     if url.startswith("file://"):
-        return FileBlobStore.open(Path(url[len("file://") :]))
-    return await S3BlobStore.open(url, endpoint_url, region, exit_stack, profile)
+        return FileBlobStore.open(file_store_root(url))
+    return await S3BlobStore.open(url, endpoint_url, region, exit_stack, profile, s3_timeout)
+
+
+def file_store_root(url: str) -> Path:
+    return Path(url[len("file://") :])

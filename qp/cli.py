@@ -14,15 +14,24 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import orjson
 
-from qp.app import StartupError, open_storage
+from qp.app import (
+    StartupError,
+    disk_space,
+    lock_files,
+    open_storage,
+    storage_identity,
+    take_claims,
+)
 from qp.blob_copy import copy_chat_blobs
 from qp.blobs import BlobStore, StoreNotReady, open_blob_store
 from qp.chat_cache import ChatCache
 from qp.chat_model import is_valid_chat_id
 from qp.chat_store import ChatStore
+from qp.claim import ClaimHeld, holder_of
 from qp.config import Config, ConfigError, load_config, validate_storage_url
 from qp.d1_import import DumpRefused, parse_dump
 from qp.db import Database, SchemaTooNew
@@ -40,10 +49,17 @@ class CommandFailed(Exception):
 @asynccontextmanager
 async def opened(config: Config) -> AsyncIterator[tuple[Database, BlobStore, ChatStore]]:
     async with AsyncExitStack() as stack:
-        db, blobs = await open_storage(config, stack, reader_count=1)
-        store = ChatStore(db, blobs, ChatCache(0))
-        stack.push_async_callback(store.close)
-        yield db, blobs, store
+        yield await open_in(config, stack)
+
+
+async def open_in(config: Config, stack: AsyncExitStack) -> tuple[Database, BlobStore, ChatStore]:
+    """The server's storage, closed by `stack`. On a full disk, a delete may take the
+    server's disk reserve."""
+    space = disk_space(config)
+    db, blobs = await open_storage(config, stack, reader_count=1, space=space)
+    store = ChatStore(db, blobs, ChatCache(0), write_deadline=config.write_deadline, space=space)
+    stack.push_async_callback(store.close)
+    return db, blobs, store
 
 
 def table(rows: list[tuple], header: tuple[str, ...]) -> str:
@@ -142,9 +158,17 @@ async def blocks_lift(args: argparse.Namespace, config: Config) -> int:
 # --- check, import, copy ---------------------------------------------------------------------
 
 
+# Beside a live server, a write is only taken for abandoned this long after the server's
+# own deadline for acknowledging it (clocks, scheduling).
+LIVE_MARGIN_SECONDS = 5.0
+
+
 async def check(args: argparse.Namespace, config: Config) -> int:
-    async with opened(config) as (db, blobs, store):
-        findings = await find_problems(db, blobs, args.min_age)
+    async with AsyncExitStack() as stack:
+        live_min_age = _live_min_age(config, stack, args)
+        min_age = args.min_age if live_min_age is None else live_min_age
+        db, blobs, store = await open_in(config, stack)
+        findings = await find_problems(db, blobs, min_age)
         for finding in findings:
             print(finding)
         if not findings:
@@ -153,9 +177,43 @@ async def check(args: argparse.Namespace, config: Config) -> int:
         if not args.repair:
             print(f"{len(findings)} problems; run with --repair to fix them", file=sys.stderr)
             return 1
-        for line in await repair(findings, db, blobs, store):
+        for line in await repair(findings, db, blobs, store, live_min_age):
             print(line)
     return 0
+
+
+def _live_min_age(config: Config, stack: AsyncExitStack, args: argparse.Namespace) -> float | None:
+    """None when nobody serves the database (with --repair, it is claimed for this run, so
+    no server can start meanwhile); beside a live server, the age below which its writes
+    may still be in flight."""
+    holder: dict[str, Any] | None
+    if args.repair:
+        try:
+            take_claims(config, stack)
+            return None
+        except ClaimHeld as held:
+            holder = held.holder
+    else:
+        holder = holder_of(lock_files(config)[0][0])
+        if holder is None:
+            return None
+    pid = holder.get("pid", "unknown")
+    storage = holder.get("storage")
+    if storage is not None and storage != storage_identity(config.storage_url):
+        raise CommandFailed(
+            f"a qp-server (pid {pid}) serves this database with QP_STORAGE={storage},"
+            f" not {config.storage_url}: run with the server's environment"
+        )
+    deadline = holder.get("write_deadline")
+    if not isinstance(deadline, int | float):
+        deadline = config.write_deadline
+    min_age = max(args.min_age, deadline + LIVE_MARGIN_SECONDS)
+    print(
+        f"a qp-server (pid {pid}) is serving this database: writes younger than"
+        f" {min_age:g} s may be in flight and are left alone",
+        file=sys.stderr,
+    )
+    return min_age
 
 
 async def import_d1(args: argparse.Namespace, config: Config) -> int:

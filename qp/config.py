@@ -4,6 +4,7 @@ for the policy, the QP_CONFIG file)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,11 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8787
 DEFAULT_CACHE_MB = 64
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_S3_TIMEOUT = 30.0
+DEFAULT_MIN_FREE_MB = 256
+# A write may take this much longer than one S3 call before it is no longer acknowledged:
+# its SQL steps and the client's share of the event loop.
+WRITE_DEADLINE_SLACK = 10.0
 APP_KEY_PREFIX = "OPENROUTER_API_KEY_"
 
 
@@ -46,6 +52,15 @@ class Config:
     # SIGTERM/SIGINT: seconds requests and streams in flight get to finish.
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     log_format: str = "text"
+    # Deadline of every S3 call (QP_S3_TIMEOUT).
+    s3_timeout: float = DEFAULT_S3_TIMEOUT
+    # Free disk below which new chats and updates get 507 (QP_MIN_FREE_MB).
+    min_free_bytes: int = DEFAULT_MIN_FREE_MB * 1024 * 1024
+
+    @property
+    def write_deadline(self) -> float:
+        """Seconds from a chat write's SQL step past which it is never acknowledged."""
+        return self.s3_timeout + WRITE_DEADLINE_SLACK
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -61,16 +76,18 @@ def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) 
     return value
 
 
-def _shutdown_timeout(environ: Mapping[str, str]) -> float:
-    raw = _nonempty(environ, "QP_SHUTDOWN_TIMEOUT")
+def _seconds(
+    environ: Mapping[str, str], name: str, default: float, *, zero_allowed: bool = True
+) -> float:
+    raw = _nonempty(environ, name)
     if raw is None:
-        return DEFAULT_SHUTDOWN_TIMEOUT
+        return default
     try:
         value = float(raw)
     except ValueError:
-        value = -1.0
-    if value < 0:
-        raise ConfigError(f"QP_SHUTDOWN_TIMEOUT must be a number of seconds, got {raw!r}")
+        value = math.nan
+    if not (value >= 0 if zero_allowed else value > 0) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}")
     return value
 
 
@@ -150,8 +167,10 @@ def load_config(
         config_path=config_path,
         policy=load_policy(environ, config_path),
         ip_salt=environ.get("QP_IP_SALT") or None,
-        shutdown_timeout=_shutdown_timeout(environ),
+        shutdown_timeout=_seconds(environ, "QP_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT),
         log_format=_log_format(environ),
+        s3_timeout=_seconds(environ, "QP_S3_TIMEOUT", DEFAULT_S3_TIMEOUT, zero_allowed=False),
+        min_free_bytes=_int(environ, "QP_MIN_FREE_MB", DEFAULT_MIN_FREE_MB) * 1024 * 1024,
     )
 
 
@@ -188,6 +207,8 @@ def describe(config: Config, environ: Mapping[str, str] | None = None) -> str:
         f"# ip_salt = {secret(config.ip_salt) if config.ip_salt else '(kept in the database)'}",
         f"# config file = {show(config.config_path)}",
         f"# shutdown_timeout = {config.shutdown_timeout:g}",
+        f"# s3_timeout = {config.s3_timeout:g}",
+        f"# min_free_mb = {config.min_free_bytes // (1024 * 1024)}",
         f"# log_format = {show(config.log_format)}",
         "# The policy in force (defaults, then the file, then QP_* variables):",
         "",

@@ -29,12 +29,22 @@ class ConfigError(Exception):
     """A configuration value is unusable; the message is one line naming it."""
 
 
-class StorageUnavailable(Exception):
-    """The database or the blob store failed or cannot be reached; answered 503."""
+# Why storage failed, as /healthz names it: out of space, refusing writes, or anything else.
+FULL = "full"
+READ_ONLY = "read-only"
+UNAVAILABLE = "unavailable"
 
-    def __init__(self, what: str, detail: str = ""):
+
+class StorageUnavailable(Exception):
+    """The database or the blob store failed or cannot be reached; answered 503.
+
+    `what` names the part (Database, Storage); `reason` is FULL, READ_ONLY or UNAVAILABLE.
+    """
+
+    def __init__(self, what: str, detail: str = "", reason: str = UNAVAILABLE):
         super().__init__(f"{what}: {detail}" if detail else what)
         self.what = what
+        self.reason = reason
 
 
 def json_response(
@@ -68,6 +78,12 @@ def too_large(what: str, size: int, limit: int) -> ApiError:
 
 
 NOT_FOUND = "Not found"
+STORAGE_UNAVAILABLE = {"error": "Storage unavailable"}
+
+
+def insufficient_storage() -> ApiError:
+    """Free disk below the operator's floor: new chats and updates wait; deletes still work."""
+    return ApiError(507, "Insufficient storage")
 
 
 @web.middleware
@@ -78,8 +94,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except ApiError as err:
         return json_response(err.body, err.status, err.headers)
     except StorageUnavailable as err:
+        # One answer whichever part failed: the client can only wait and retry.
         log.error("%s %s: %s", request.method, route_name(request), err)
-        return json_response({"error": f"{err.what} unavailable"}, 503, {"Retry-After": "5"})
+        return json_response(STORAGE_UNAVAILABLE, 503, {"Retry-After": "5"})
     except web.HTTPNotFound:
         return json_response({"error": NOT_FOUND}, 404)
     except web.HTTPMethodNotAllowed as err:

@@ -2,24 +2,28 @@
 with --repair, its removal.
 
 Findings younger than `min_age` seconds are left alone, so a check next to a running
-server never mistakes a write in progress for damage.
+server never mistakes a write in progress for damage. Every repair is a change conditional
+on what was found still being so, made inside a database write transaction where it
+touches a blob: beside a live server, a chat written meanwhile is left alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
-from dataclasses import dataclass
-from datetime import datetime
-
-import orjson
+from dataclasses import dataclass, field
 
 from qp.blobs import BlobStore, chat_key
 from qp.chat_model import CHAT_ID_PATTERN, is_messages_array
-from qp.chat_store import ChatStore, blob_matches
+from qp.chat_store import ChatStore, PendingWrite, blob_matches
 from qp.db import Database
+from qp.timestamps import epoch_seconds
 
 CHAT_KEY = re.compile(rf"chats/({CHAT_ID_PATTERN.pattern})\.json")
+# A blob call made while holding the database's write lock must end well within the time a
+# server's writer waits for that lock (its busy timeout, 5 s).
+BLOB_SECONDS_IN_TRANSACTION = 2.0
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class Finding:
     kind: str  # interrupted-write, row-without-blob, blob-without-row, unreadable-blob
     chat_id: str
     detail: str = ""
+    # The row's updated_at when found: a repair applies only while it is unchanged.
+    updated_at: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         return f"{self.kind} {self.chat_id}" + (f" ({self.detail})" if self.detail else "")
@@ -34,17 +40,21 @@ class Finding:
 
 async def find_problems(db: Database, blobs: BlobStore, min_age: float) -> list[Finding]:
     """Everything that cannot be served, oldest first by kind."""
-    cutoff = time.time() - min_age
+    now = time.time()
+    cutoff = now - min_age
     findings: list[Finding] = []
     pending_rows = await db.pending_chats()
     pending = {row.chat_id for row, _ in pending_rows}
-    for row, intent in pending_rows:
-        if _epoch(row.updated_at) > cutoff:
+    for row, note in pending_rows:
+        write = PendingWrite.read(row, note)
+        if write is None:
+            findings.append(Finding("interrupted-write", row.chat_id, "unreadable note"))
+            continue
+        if write.at > cutoff:
             continue
         # A write whose blob was stored is done; only its bookkeeping lagged behind.
-        note = orjson.loads(intent)
-        if not await blob_matches(blobs, row.chat_id, note["sha256"]):
-            findings.append(Finding("interrupted-write", row.chat_id, note["op"]))
+        if not await blob_matches(blobs, row.chat_id, write.sha256):
+            findings.append(Finding("interrupted-write", row.chat_id, write.op, row.updated_at))
     stored = {}
     async for blob in blobs.listing("chats/"):
         match = CHAT_KEY.fullmatch(blob.key)
@@ -52,14 +62,14 @@ async def find_problems(db: Database, blobs: BlobStore, min_age: float) -> list[
             stored[match.group(1)] = blob
     rows = dict(await db.all_chat_ids())
     for chat_id, updated_at in sorted(rows.items()):
-        if chat_id in pending or _epoch(updated_at) > cutoff:
+        if chat_id in pending or epoch_seconds(updated_at) > cutoff:
             continue
         if chat_id not in stored:
-            findings.append(Finding("row-without-blob", chat_id))
+            findings.append(Finding("row-without-blob", chat_id, updated_at=updated_at))
         else:
             content = await blobs.get(chat_key(chat_id))
             if content is not None and not is_messages_array(content):
-                findings.append(Finding("unreadable-blob", chat_id, "not a JSON array"))
+                findings.append(Finding("unreadable-blob", chat_id, "not a JSON array", updated_at))
     for chat_id, blob in sorted(stored.items()):
         if chat_id not in rows and blob.modified <= cutoff:
             findings.append(Finding("blob-without-row", chat_id))
@@ -67,25 +77,68 @@ async def find_problems(db: Database, blobs: BlobStore, min_age: float) -> list[
 
 
 async def repair(
-    findings: list[Finding], db: Database, blobs: BlobStore, store: ChatStore
+    findings: list[Finding],
+    db: Database,
+    blobs: BlobStore,
+    store: ChatStore,
+    live_min_age: float | None = None,
 ) -> list[str]:
-    """Finish or undo interrupted writes; remove rows and blobs that cannot be served."""
+    """Finish or undo interrupted writes; remove rows and blobs that cannot be served.
+
+    `live_min_age` is set beside a live server: only writes older than it are resolved.
+    """
     done: list[str] = []
     if any(f.kind == "interrupted-write" for f in findings):
-        finished, undone = await store.recover()
-        done.append(f"interrupted writes: {finished} finished, {undone} undone")
+        counts = await store.recover(older_than=live_min_age)
+        line = f"interrupted writes: {counts['finished']} finished, {counts['undone']} undone"
+        if counts["unchanged"]:
+            line += f", {counts['unchanged']} left alone (written again meanwhile)"
+        if counts["unresolved"]:
+            line += f", {counts['unresolved']} not resolved (the blob store did not answer)"
+        done.append(line)
     for finding in findings:
-        if finding.kind in ("row-without-blob", "unreadable-blob"):
-            await store.delete(finding.chat_id)
-            done.append(f"removed chat {finding.chat_id} ({finding.kind})")
-        elif finding.kind == "blob-without-row":
-            await blobs.delete(chat_key(finding.chat_id))
-            done.append(f"removed blob {chat_key(finding.chat_id)} (no row)")
+        if finding.kind == "interrupted-write":
+            continue
+        try:
+            if finding.kind == "blob-without-row":
+                removed = await _remove_orphan_blob(db, blobs, finding.chat_id)
+                what = f"blob {chat_key(finding.chat_id)} (no row)"
+            else:
+                removed = await _remove_chat(db, blobs, finding)
+                what = f"chat {finding.chat_id} ({finding.kind})"
+        except TimeoutError:
+            done.append(f"left {finding.chat_id} alone: the blob store did not answer in time")
+            continue
+        if removed:
+            done.append(f"removed {what}")
+        else:
+            done.append(f"left {finding.chat_id} alone: it changed meanwhile")
     return done
 
 
-def _epoch(iso: str) -> float:
-    try:
-        return datetime.fromisoformat(iso).timestamp()
-    except ValueError:
-        return 0.0
+async def _remove_chat(db: Database, blobs: BlobStore, finding: Finding) -> bool:
+    """Delete a row that cannot be served, and its blob, only if both are still as found."""
+    key = chat_key(finding.chat_id)
+
+    async def blob_still_broken() -> bool:
+        async with asyncio.timeout(BLOB_SECONDS_IN_TRANSACTION):
+            content = await blobs.get(key)
+            if content is None:
+                return finding.kind == "row-without-blob"
+            if finding.kind != "unreadable-blob" or is_messages_array(content):
+                return False
+            await blobs.delete(key)
+            return True
+
+    return await db.delete_settled_chat(finding.chat_id, finding.updated_at, blob_still_broken)
+
+
+async def _remove_orphan_blob(db: Database, blobs: BlobStore, chat_id: str) -> bool:
+    """Delete a blob only while its chat has no row (no create can add one meanwhile)."""
+
+    async def delete() -> bool:
+        async with asyncio.timeout(BLOB_SECONDS_IN_TRANSACTION):
+            await blobs.delete(chat_key(chat_id))
+        return True
+
+    return await db.without_row(chat_id, delete)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from qp.appkeys import CHAT_STORE, DATABASE, METRICS
-from qp.errors import StorageUnavailable, json_response
+from qp.appkeys import CHAT_STORE, DATABASE, DISK_SPACE, METRICS
+from qp.errors import FULL, UNAVAILABLE, StorageUnavailable, json_response
 from qp.logs import route_name
 from qp.metrics import CLIENT_LEFT, KNOWN_METHODS
 
@@ -35,10 +37,13 @@ async def observe_middleware(request: web.Request, handler) -> web.StreamRespons
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 when the database and the blob store answer; 503 naming what does not."""
+    """200 when the database and the blob store answer and take writes; 503 naming what
+    does not, and why: `unavailable`, `full`, `read-only`, or for the database file
+    `deleted`, `replaced` or `damaged`."""
+    db = request.app[DATABASE]
     checks = {
-        "database": await _check(request.app[DATABASE].ping),
-        "storage": await _check(request.app[CHAT_STORE].ping),
+        "database": db.damage or await _check(db.ping),
+        "storage": await _storage_check(request.app),
     }
     if all(state == "ok" for state in checks.values()):
         return json_response({"status": "ok"})
@@ -47,13 +52,26 @@ async def healthz(request: web.Request) -> web.Response:
     )
 
 
-async def _check(ping) -> str:
+async def _storage_check(app: web.Application) -> str:
+    space = app[DISK_SPACE]
+    if space.below_floor() or space.reserve_used_up():
+        return FULL
+    store = app[CHAT_STORE]
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(HEALTH_CHECK_SECONDS):
+            await store.current_write_problem()
+    if store.write_problem is not None:
+        return store.write_problem
+    return await _check(store.ping)
+
+
+async def _check(ping: Callable[[], Awaitable[None]]) -> str:
     try:
         async with asyncio.timeout(HEALTH_CHECK_SECONDS):
             await ping()
     except (StorageUnavailable, TimeoutError) as err:
         log.warning("health check failed: %s", err or "timed out")
-        return "unavailable"
+        return UNAVAILABLE
     return "ok"
 
 

@@ -27,3 +27,11 @@ def parse_iso(text: str) -> str | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return format_iso(moment)
+
+
+def epoch_seconds(iso: str) -> float:
+    """A stored timestamp as epoch seconds (0 for one that is not ISO 8601)."""
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import botocore.session
+import pytest
 from botocore.config import Config as BotocoreConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +82,8 @@ class QPServer:
     process: subprocess.Popen | None = None
     # Listen on this unix socket instead of a TCP port.
     unix_socket: Path | None = None
+    # Where server.log goes; default: the data folder.
+    log_dir: Path | None = None
 
     @property
     def url(self) -> str:
@@ -87,7 +91,7 @@ class QPServer:
 
     @property
     def log_path(self) -> Path:
-        return self.data_dir / "server.log"
+        return (self.log_dir or self.data_dir) / "server.log"
 
     def start(self, timeout: float = 20) -> QPServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -285,3 +289,82 @@ def make_chat(
     if chat_id is not None:
         chat["chatId"] = chat_id
     return chat
+
+
+def run_qp(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -m qp ARGS` on a data folder, with the server's environment stripped."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("QP_", "AWS_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "qp", *args],
+        cwd=ROOT,
+        env={**clean, "QP_DATA_DIR": str(data_dir), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def run_server_once(
+    data_dir: Path, *args: str, cwd: Path = ROOT, timeout: float = 60, **env: str
+) -> subprocess.CompletedProcess:
+    """`python server.py ARGS` expected to refuse to start: its exit and output."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("QP_", "AWS_"))}
+    clean.update({"QP_DATA_DIR": str(data_dir), **env})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), *args],
+        env=clean,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class SmallDisk:
+    """A tmpfs of its own, for filling up; unmounted (lazily, if busy) on exit.
+
+    Mounting needs root (CI runs as root); elsewhere the test is skipped with the reason.
+    """
+
+    def __init__(self, path: Path, megabytes: int):
+        self.path = path
+        self.megabytes = megabytes
+        self._fillers = 0
+
+    def mount(self) -> SmallDisk:
+        self.path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={self.megabytes}m", "tmpfs", str(self.path)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); needs root")
+        return self
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+    def fill(self) -> None:
+        """Write a new filler file until the disk has no byte left."""
+        self._fillers += 1
+        fd = os.open(self.path / f"filler-{self._fillers}", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            for size in (1 << 20, 1 << 12, 1):
+                try:
+                    while True:
+                        os.write(fd, b"\0" * size)
+                except OSError as err:
+                    if err.errno != errno.ENOSPC:
+                        raise
+        finally:
+            os.close(fd)
+
+    def empty(self) -> None:
+        """Remove every filler file."""
+        for filler in self.path.glob("filler-*"):
+            filler.unlink()
+
+    def free_bytes(self) -> int:
+        stat = os.statvfs(self.path)
+        return stat.f_bavail * stat.f_frsize

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -16,21 +14,12 @@ import pytest
 
 from tests.conftest import ADMIN_KEY
 from tests.helpers import call, create
-from tests.support import ROOT, make_chat
+from tests.support import ROOT, make_chat, run_qp
 
 FIXTURE = ROOT / "tests" / "fixtures" / "worker-export"
 
 
-def qp(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("QP_", "AWS_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "qp", *args],
-        cwd=ROOT,
-        env={**clean, "QP_DATA_DIR": str(data_dir), **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+qp = run_qp
 
 
 def one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:

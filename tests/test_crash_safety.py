@@ -9,7 +9,7 @@ import aiohttp
 
 from tests.helpers import call
 from tests.support import make_chat
-from tests.test_cli import qp
+from tests.support import run_qp as qp
 
 WORKERS = 12
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -115,6 +117,52 @@ async def test_s3_down_answers_503_and_nothing_saved_is_lost(own_seaweed, tmp_pa
                 {"error": "Chat not found"},
             )
             assert await create(http, make_chat("never-made", app="s3-app")) == "never-made"
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
+
+
+async def test_a_stalled_s3_answers_503_in_time_and_releases_the_chat(own_seaweed, tmp_path):
+    bucket = own_seaweed.create_bucket()
+    env = {"ADMIN_KEY": ADMIN_KEY, "QP_S3_TIMEOUT": "2", **own_seaweed.server_env(bucket)}
+    server = QPServer(tmp_path / "qp", env).start()
+    chat_id = uuid.uuid4().hex
+    # A client that would wait forever is what this test must not do itself.
+    patience = aiohttp.ClientTimeout(total=20)
+    try:
+        async with aiohttp.ClientSession(server.url, timeout=patience) as http:
+            await create(http, make_chat(chat_id, app="stall", model="before", messages=["kept"]))
+            _, before = await call(http, "GET", f"/api/chats/{chat_id}")
+
+            own_seaweed.process.send_signal(signal.SIGSTOP)  # accepts, never answers
+            try:
+                update = make_chat(chat_id, app="stall", model="after", messages=["big" * 400_000])
+                for method, path, body in (
+                    ("PUT", f"/api/chats/{chat_id}", {"chat": update}),
+                    ("POST", "/api/chats", {"chat": make_chat("stalled-new", app="stall")}),
+                ):
+                    started = time.monotonic()
+                    assert await call(http, method, path, json=body) == STORAGE_UNAVAILABLE
+                    assert time.monotonic() - started < 2 + 3
+                # The chat's lock was let go: a read answers (503: the store does not).
+                started = time.monotonic()
+                assert await call(http, "GET", f"/api/chats/{chat_id}") == STORAGE_UNAVAILABLE
+                assert time.monotonic() - started < 2 + 3
+            finally:
+                own_seaweed.process.send_signal(signal.SIGCONT)
+
+            # The SQL changes were undone: the chat as it was, the new one never made.
+            for _ in range(50):
+                answer = await call(http, "GET", f"/api/chats/{chat_id}")
+                if answer[0] == 200:
+                    break
+                await asyncio.sleep(0.2)
+            assert answer == (200, before)
+            assert await call(http, "GET", "/api/chats/stalled-new") == (
+                404,
+                {"error": "Chat not found"},
+            )
+            assert await create(http, make_chat("stalled-new", app="stall")) == "stalled-new"
     finally:
         server.stop()
     assert "Traceback" not in server.log()

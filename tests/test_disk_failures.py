@@ -1,0 +1,249 @@
+"""When the disk fills, turns read-only, or the database file is deleted or damaged under a
+running server: honest 503s and /healthz, nothing saved lost, deletes still working."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import ADMIN_KEY
+from tests.helpers import call, create
+from tests.support import QPServer, SmallDisk, make_chat, run_qp
+
+STORAGE_UNAVAILABLE = (503, {"error": "Storage unavailable"})
+INSUFFICIENT_STORAGE = (507, {"error": "Insufficient storage"})
+ADMIN = {"x-admin-key": ADMIN_KEY}
+
+
+def unhealthy(database: str = "ok", storage: str = "ok") -> tuple[int, dict]:
+    return 503, {
+        "error": "Service unavailable",
+        "status": "unavailable",
+        "checks": {"database": database, "storage": storage},
+    }
+
+
+@pytest.fixture
+def disk(tmp_path) -> Iterator[SmallDisk]:
+    small = SmallDisk(tmp_path / "disk", 32).mount()
+    yield small
+    small.unmount()
+
+
+@pytest.fixture
+def disk_server(disk, tmp_path) -> Iterator[QPServer]:
+    """A server whose database and blobs live on the small disk, with no free-space floor:
+    the disk really fills. Its log stays off that disk."""
+    server = QPServer(
+        disk.path / "data",
+        {"ADMIN_KEY": ADMIN_KEY, "QP_MIN_FREE_MB": "0"},
+        log_dir=tmp_path,
+    )
+    server.start()
+    yield server
+    server.stop()
+    assert "Traceback" not in server.log()
+
+
+async def wait_for(http: aiohttp.ClientSession, path: str, expected: tuple, seconds: float = 5):
+    """Poll until `path` answers `expected`; the last answer otherwise."""
+    answer = None
+    for _ in range(int(seconds / 0.1)):
+        answer = await call(http, "GET", path)
+        if answer == expected:
+            break
+        await asyncio.sleep(0.1)
+    return answer
+
+
+async def test_a_full_disk_answers_503_keeps_what_was_saved_and_deletes_still_work(
+    disk, disk_server
+):
+    async with aiohttp.ClientSession(disk_server.url) as http:
+        kept = await create(http, make_chat(app="full", model="before", messages=["kept"]))
+        by_admin = await create(http, make_chat(app="full"))
+        by_tool = await create(http, make_chat(app="full"))
+        _, before = await call(http, "GET", f"/api/chats/{kept}")
+        disk.fill()
+
+        new = make_chat("never-stored", app="full")
+        assert await call(http, "POST", "/api/chats", json={"chat": new}) == STORAGE_UNAVAILABLE
+        changed = make_chat(kept, app="full", model="after", messages=["lost?"])
+        assert (
+            await call(http, "PUT", f"/api/chats/{kept}", json={"chat": changed})
+            == STORAGE_UNAVAILABLE
+        )
+        assert await call(http, "GET", f"/api/chats/{kept}") == (200, before)
+        assert await call(http, "GET", "/api/chats/never-stored") == (
+            404,
+            {"error": "Chat not found"},
+        )
+        assert await call(http, "GET", "/healthz") == unhealthy(storage="full")
+
+        # The operator makes room through qp itself: the admin route, then the tool.
+        assert await call(http, "DELETE", f"/api/chats/{by_admin}", headers=ADMIN) == (
+            200,
+            {"success": True},
+        )
+        assert (await call(http, "GET", f"/api/chats/{by_admin}"))[0] == 404
+        disk.fill()
+        deleted = await asyncio.to_thread(run_qp, disk_server.data_dir, "chats", "delete", by_tool)
+        assert deleted.returncode == 0, deleted.stderr
+        assert (await wait_for(http, f"/api/chats/{by_tool}", (404, {"error": "Chat not found"})))[
+            0
+        ] == 404
+        checked = await asyncio.to_thread(run_qp, disk_server.data_dir, "check")
+        assert (checked.returncode, checked.stdout) == (0, "nothing to repair\n"), checked.stderr
+
+        disk.empty()
+        assert await call(http, "POST", "/api/chats", json={"chat": new}) == (
+            200,
+            {"chatId": "never-stored"},
+        )
+        assert await call(http, "GET", "/healthz") == (200, {"status": "ok"})
+        assert await call(http, "GET", f"/api/chats/{kept}") == (200, before)
+
+
+@pytest.mark.parametrize("reserve", ["kept", "gone"])
+async def test_a_restart_on_a_full_disk_serves_reads_and_refuses_writes(disk, disk_server, reserve):
+    async with aiohttp.ClientSession(disk_server.url) as http:
+        kept = await create(http, make_chat(app="restart", messages=["kept"]))
+        _, before = await call(http, "GET", f"/api/chats/{kept}")
+    disk_server.stop()
+    if reserve == "gone":
+        (disk_server.data_dir / "qp.sqlite3.reserve").unlink()
+    disk.fill()
+
+    disk_server.start()
+    async with aiohttp.ClientSession(disk_server.url) as http:
+        assert await call(http, "GET", f"/api/chats/{kept}") == (200, before)
+        new = make_chat("after-restart", app="restart")
+        assert await call(http, "POST", "/api/chats", json={"chat": new}) == STORAGE_UNAVAILABLE
+        assert await call(http, "GET", "/healthz") == unhealthy(storage="full")
+    checked = await asyncio.to_thread(run_qp, disk_server.data_dir, "check")
+    assert "Traceback" not in checked.stderr
+    assert (checked.returncode, checked.stdout) == (0, "nothing to repair\n"), checked.stderr
+
+    disk_server.stop()
+    disk.empty()
+    disk_server.start()
+    async with aiohttp.ClientSession(disk_server.url) as http:
+        assert (await call(http, "POST", "/api/chats", json={"chat": new}))[0] == 200
+        assert await call(http, "GET", f"/api/chats/{kept}") == (200, before)
+
+
+async def test_below_the_free_space_floor_new_chats_and_updates_get_507(qp_server):
+    server = qp_server()
+    async with aiohttp.ClientSession(server.url) as http:
+        kept = await create(http, make_chat(app="floor"))
+        doomed = await create(http, make_chat(app="floor"))
+        _, before = await call(http, "GET", f"/api/chats/{kept}")
+    server.stop()
+    server.env["QP_MIN_FREE_MB"] = str(2**40)  # more than any disk has free
+    server.start()
+    async with aiohttp.ClientSession(server.url) as http:
+        new = make_chat(app="floor")
+        assert await call(http, "POST", "/api/chats", json={"chat": new}) == INSUFFICIENT_STORAGE
+        update = make_chat(kept, app="floor", model="changed")
+        assert (
+            await call(http, "PUT", f"/api/chats/{kept}", json={"chat": update})
+            == INSUFFICIENT_STORAGE
+        )
+        assert await call(http, "GET", f"/api/chats/{kept}") == (200, before)
+        assert await call(http, "DELETE", f"/api/chats/{doomed}", headers=ADMIN) == (
+            200,
+            {"success": True},
+        )
+        assert await call(http, "GET", "/healthz") == unhealthy(storage="full")
+
+
+def chattr(flag: str, *paths: Path) -> None:
+    done = subprocess.run(["chattr", flag, *map(str, paths)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr is not permitted here: {done.stderr.strip()}")
+
+
+async def test_read_only_blob_files_answer_503_and_the_server_lives_on(qp_server):
+    server = qp_server()
+    chats = server.data_dir / "blobs" / "chats"
+    async with aiohttp.ClientSession(server.url) as http:
+        kept = await create(http, make_chat(app="ro", messages=["kept"]))
+        _, before = await call(http, "GET", f"/api/chats/{kept}")
+        locked = [chats, *chats.iterdir(), server.data_dir / "blobs"]
+        chattr("+i", *locked)
+        try:
+            update = make_chat(kept, app="ro", messages=["changed"])
+            assert (
+                await call(http, "PUT", f"/api/chats/{kept}", json={"chat": update})
+                == STORAGE_UNAVAILABLE
+            )
+            new = make_chat(app="ro")
+            assert await call(http, "POST", "/api/chats", json={"chat": new}) == STORAGE_UNAVAILABLE
+            assert await call(http, "GET", f"/api/chats/{kept}") == (200, before)
+            assert await call(http, "GET", "/healthz") == unhealthy(storage="read-only")
+        finally:
+            chattr("-i", *locked)
+        assert (await call(http, "POST", "/api/chats", json={"chat": new}))[0] == 200
+        await asyncio.sleep(5)  # /healthz tries a write again at most every 5 s
+        assert await call(http, "GET", "/healthz") == (200, {"status": "ok"})
+    assert server.process.poll() is None
+    assert "Traceback" not in server.log()
+
+
+def damage(path: Path, how: str) -> None:
+    if how == "deleted":
+        path.unlink()
+    elif how == "replaced":
+        shutil.copy(path, path.with_name("copy"))
+        os.replace(path.with_name("copy"), path)
+    elif how == "truncated":
+        os.truncate(path, 0)
+    else:  # the first page zeroed
+        with open(path, "r+b") as file:
+            file.write(b"\0" * 4096)
+
+
+@pytest.mark.parametrize(
+    ("how", "state"),
+    [
+        ("deleted", "deleted"),
+        ("replaced", "replaced"),
+        ("truncated", "damaged"),
+        ("zeroed", "damaged"),
+    ],
+)
+async def test_a_database_file_damaged_under_the_server_takes_no_more_writes(qp_server, how, state):
+    server = qp_server()
+    async with aiohttp.ClientSession(server.url) as http:
+        kept = await create(http, make_chat(app="damaged", messages=["kept"]))
+        damage(server.data_dir / "qp.sqlite3", how)
+        # At once, before the server's once-a-second look: the write's own check refuses it.
+        new = make_chat(app="damaged")
+        assert await call(http, "POST", "/api/chats", json={"chat": new}) == STORAGE_UNAVAILABLE
+        update = make_chat(kept, app="damaged", messages=["changed"])
+        assert (
+            await call(http, "PUT", f"/api/chats/{kept}", json={"chat": update})
+            == STORAGE_UNAVAILABLE
+        )
+        assert await call(http, "GET", "/healthz") == unhealthy(database=state)
+    assert server.process.poll() is None
+    log = server.log()
+    assert f"the database file {server.data_dir / 'qp.sqlite3'} was {state}" in log
+    assert "Traceback" not in log
+
+
+async def test_a_damaged_database_file_is_noticed_without_any_write(qp_server):
+    server = qp_server()
+    async with aiohttp.ClientSession(server.url) as http:
+        assert await call(http, "GET", "/healthz") == (200, {"status": "ok"})
+        damage(server.data_dir / "qp.sqlite3", "zeroed")
+        assert await wait_for(http, "/healthz", unhealthy(database="damaged"), 3) == unhealthy(
+            database="damaged"
+        )

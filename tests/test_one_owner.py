@@ -1,0 +1,160 @@
+"""One owner per database: a second server refuses to start, `check --repair` beside a live
+server touches only what is provably abandoned, and no acknowledged write is ever lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+
+import aiohttp
+import pytest
+
+from tests.conftest import ADMIN_KEY
+from tests.helpers import WriteLoad, call, create
+from tests.support import make_chat, run_qp, run_server_once
+
+ROUNDS = 3
+
+
+def refusal_line(server) -> str:
+    database = server.data_dir / "qp.sqlite3"
+    return f"qp-server: another qp-server (pid {server.process.pid}) is serving {database}\n"
+
+
+async def under_write_load(server, attempt) -> None:
+    """Run `attempt()` ROUNDS times while clients create and update chats; then every write
+    the server acknowledged reads back, and a check after a clean stop finds nothing."""
+    async with WriteLoad(server.url) as load:
+        for _ in range(ROUNDS):
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(attempt)
+    assert load.refused == []
+    async with aiohttp.ClientSession(server.url) as http:
+        await load.check_all_read_back(http)
+    server.stop()
+    after = run_qp(server.data_dir, "check", "--min-age", "0")
+    assert (after.returncode, after.stdout) == (0, "nothing to repair\n")
+
+
+@pytest.mark.parametrize("port", ["another", "the same"])
+async def test_a_second_server_on_the_same_data_refuses_and_loses_nothing(qp_server, port):
+    server = qp_server(QP_MAX_CHATS_PER_APP="100000")
+
+    def start_a_second_server() -> None:
+        args = ["--port", "0" if port == "another" else str(server.port)]
+        second = run_server_once(server.data_dir, *args)
+        assert (second.returncode, second.stderr) == (1, refusal_line(server))
+
+    await under_write_load(server, start_a_second_server)
+
+
+@pytest.mark.parametrize("min_age", ["0", "60"])
+async def test_check_repair_beside_a_live_server_under_load_loses_nothing(qp_server, min_age):
+    server = qp_server(QP_MAX_CHATS_PER_APP="100000")
+
+    def repair() -> None:
+        repaired = run_qp(server.data_dir, "check", "--repair", "--min-age", min_age)
+        assert repaired.returncode == 0, repaired.stderr
+        assert repaired.stdout == "nothing to repair\n"
+        assert f"a qp-server (pid {server.process.pid}) is serving" in repaired.stderr
+
+    await under_write_load(server, repair)
+
+
+def leave_pending(db_path, chat_id: str, note: dict, **row: object) -> None:
+    """Leave a row as a writer that stopped between its SQL step and its blob would."""
+    sets = "".join(f"{column} = ?, " for column in row)
+    with sqlite3.connect(db_path) as db:
+        db.execute(
+            f"UPDATE chats SET {sets}pending = ? WHERE chat_id = ?",
+            (*row.values(), json.dumps(note), chat_id),
+        )
+
+
+def row_of(db_path, chat_id: str) -> dict:
+    with sqlite3.connect(db_path) as db:
+        db.row_factory = sqlite3.Row
+        found = db.execute(
+            "SELECT chat_id, app, model, prompt_tokens, completion_tokens, estimated_cost,"
+            " created_at, updated_at FROM chats WHERE chat_id = ?",
+            (chat_id,),
+        ).fetchone()
+    return dict(found)
+
+
+async def test_check_repair_beside_a_live_server_undoes_only_abandoned_writes(qp_server):
+    server = qp_server(QP_S3_TIMEOUT="1")  # its writes end within 11 s; repair waits 16 s
+    db_path = server.data_dir / "qp.sqlite3"
+    async with aiohttp.ClientSession(server.url) as http:
+        old = await create(http, make_chat(app="live", model="kept"))
+        young = await create(http, make_chat(app="live", model="kept"))
+        _, before = await call(http, "GET", f"/api/chats/{old}")
+        for chat_id, age in ((old, 100.0), (young, 5.0)):
+            previous = row_of(db_path, chat_id)
+            note = {"op": "update", "sha256": "0" * 64, "at": time.time() - age}
+            leave_pending(db_path, chat_id, {**note, "previous": previous}, model="half-written")
+
+        repaired = await asyncio.to_thread(
+            run_qp, server.data_dir, "check", "--repair", "--min-age", "0"
+        )
+        assert repaired.returncode == 0, repaired.stderr
+        assert repaired.stdout.splitlines() == [
+            f"interrupted-write {old} (update)",
+            "interrupted writes: 0 finished, 1 undone",
+        ]
+        assert "writes younger than 16 s may be in flight" in repaired.stderr
+        # The server notices the outside change within a second and serves the row put back.
+        for _ in range(40):
+            if await call(http, "GET", f"/api/chats/{old}") == (200, before):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the abandoned write was not undone")
+    assert row_of(db_path, young)["model"] == "half-written"  # young: maybe in flight
+
+
+async def test_check_refuses_to_repair_another_blob_store_than_the_live_servers(
+    qp_server, tmp_path
+):
+    server = qp_server()
+    result = run_qp(
+        server.data_dir, "check", "--repair", QP_STORAGE=f"file://{tmp_path / 'elsewhere'}"
+    )
+    assert result.returncode == 1
+    assert "serves this database with QP_STORAGE=" in result.stderr
+    assert "run with the server's environment" in result.stderr
+
+
+async def test_a_removed_lock_file_is_claimed_again(qp_server):
+    server = qp_server()
+    (server.data_dir / "qp.sqlite3.lock").unlink()
+    await asyncio.sleep(1.5)  # the server checks its claim every second
+    second = await asyncio.to_thread(run_server_once, server.data_dir, "--port", "0")
+    assert (second.returncode, second.stderr) == (1, refusal_line(server))
+    async with aiohttp.ClientSession(server.url) as http:
+        assert (await call(http, "POST", "/api/chats", json={"chat": make_chat()}))[0] == 200
+
+
+async def test_a_second_server_on_the_same_blob_folder_refuses(qp_server, tmp_path):
+    server = qp_server()
+    blobs = server.data_dir / "blobs"
+    second = run_server_once(tmp_path / "other", "--port", "0", QP_STORAGE=f"file://{blobs}")
+    assert (second.returncode, second.stderr) == (
+        1,
+        f"qp-server: another qp-server (pid {server.process.pid}) is serving {blobs}\n",
+    )
+
+
+async def test_a_crashed_owner_leaves_no_claim_behind(qp_server):
+    server = qp_server()
+    async with aiohttp.ClientSession(server.url) as http:
+        chat_id = await create(http, make_chat(app="crash-claim"))
+    server.kill()
+    server.start()
+    async with aiohttp.ClientSession(server.url) as http:
+        status, chat = await call(
+            http, "GET", "/api/chats?app=crash-claim", headers={"x-admin-key": ADMIN_KEY}
+        )
+        assert (status, [c["chatId"] for c in chat]) == (200, [chat_id])
