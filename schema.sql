@@ -13,6 +13,9 @@ CREATE TABLE IF NOT EXISTS chats (
   estimated_cost REAL DEFAULT 0,
   created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
   updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+  -- Length in bytes of the messages array in the blob store (NULL: not known, as after an
+  -- import; filled in from the store in the background).
+  messages_bytes INTEGER,
   -- Set while a write of this chat may not have reached the blob store: JSON naming the
   -- operation, the SHA-256 of the messages being written and, for an update, the row as
   -- it was. A restart finishes or undoes each such write (see qp/chat_store.py).
@@ -25,7 +28,8 @@ CREATE INDEX IF NOT EXISTS idx_chats_app_updated_at ON chats(app, updated_at DES
 -- The spend ledger: one row per completion sent upstream. Never message contents or keys.
 -- payer: who paid (server: OPENROUTER_API_KEY, app: OPENROUTER_API_KEY_{APP}, user: the
 -- client's own x-openrouter-key). status: the HTTP status the client got. outcome:
--- completed, client_left, upstream_error, upstream_idle, upstream_died, unreachable, timeout.
+-- completed, client_left, upstream_error, upstream_idle, upstream_died, unreachable, timeout,
+-- shutdown (still streaming when the server's shutdown timeout ended).
 CREATE TABLE IF NOT EXISTS completions (
   id INTEGER PRIMARY KEY,
   started_at TEXT NOT NULL,
@@ -59,4 +63,4 @@ CREATE TABLE IF NOT EXISTS blocks (
 );
 
 -- The schema version this file describes; qp/db.py migrates older databases up to it.
-PRAGMA user_version = 4;
+PRAGMA user_version = 5;

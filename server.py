@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import resource
 import sys
 
-from aiohttp import web
-
 from qp.app import StartupError, create_app
 from qp.config import ConfigError, describe, load_config
-from qp.logs import AccessLogger, configure_logging
+from qp.http_server import run
+from qp.logs import configure_logging
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,28 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     configure_logging(config.log_format)
     _raise_open_file_limit()
-    where = (
-        {"path": config.unix_socket}
-        if config.unix_socket
-        else {"host": config.host, "port": config.port}
-    )
     try:
-        web.run_app(
-            create_app(config),
-            **where,
-            access_log_class=AccessLogger,
-            access_log=logging.getLogger("qp.access"),
-            access_log_format=config.log_format,
-            # SIGTERM/SIGINT: stop accepting, let requests and streams in flight finish.
-            shutdown_timeout=config.shutdown_timeout,
-            # A client that leaves cancels its handler: the completion relay relies on it to
-            # abort upstream at once. Chat writes are shielded (see ChatStore).
-            handler_cancellation=True,
-            # aiohttp's "==== Running on ... ====" banner, as a log line like the others.
-            print=lambda message: logging.getLogger("qp.server").info(
-                message.splitlines()[0].strip("= ")
-            ),
-        )
+        run(create_app(config), config)
     except StartupError as err:
         print(f"qp-server: {err}", file=sys.stderr)
         return 1

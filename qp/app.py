@@ -16,8 +16,10 @@ from typing import Any
 from aiohttp import web
 
 from qp.appkeys import (
+    BYTE_BUDGET,
     CHAT_STORE,
     CONFIG,
+    DAILY_QUOTA,
     DATABASE,
     DISK_SPACE,
     IP_SALT,
@@ -26,10 +28,13 @@ from qp.appkeys import (
     POLICY,
     RATE_CLASSES,
     RATE_LIMITER,
+    SHUTTING_DOWN,
     UPSTREAM,
 )
+from qp.auth import ADMIN_GUARD, AdminGuard
 from qp.batches import BatchWriter
 from qp.blobs import BlobStore, StoreNotReady, file_store_root, open_blob_store
+from qp.budget import ByteBudget
 from qp.chat_cache import ChatCache
 from qp.chat_store import ChatStore
 from qp.claim import Claim, ClaimHeld
@@ -43,11 +48,13 @@ from qp.ops import observe_middleware
 from qp.policy import PolicyHolder
 from qp.policy_loader import load_policy
 from qp.protection import load_blocks, open_rate_limiter, rate_limit_middleware
+from qp.quota import DailyQuota
 from qp.rate_limits import RateLimiter
 from qp.relay import open_upstream_session
 from qp.routes import add_routes
 
 log = logging.getLogger("qp.app")
+LAG_PROBE_SECONDS = 0.1
 
 
 class StartupError(Exception):
@@ -59,9 +66,15 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[POLICY] = PolicyHolder(config.policy)
+    app[SHUTTING_DOWN] = asyncio.Event()
+    app[ADMIN_GUARD] = AdminGuard()
+    app[DAILY_QUOTA] = DailyQuota()
+    app[BYTE_BUDGET] = ByteBudget(config.max_inflight_bytes)
+    app.on_shutdown.append(_note_shutdown)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_reload_on_sighup)
+    app.cleanup_ctx.append(_watch_loop_lag)
     app[RATE_CLASSES] = add_routes(app.router)
     setup_cors(app, lambda: app[POLICY].current.origin_matcher)
     return app
@@ -189,16 +202,30 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
                 " retrying in the background",
                 counts["unresolved"],
             )
+        if await store.count_stored():
+            sizes = asyncio.create_task(_learn_sizes(store))
+            stack.callback(sizes.cancel)
         app[LEDGER] = ledger = BatchWriter(
             db.insert_completions, "ledger rows", metrics.counter_of_drops("ledger")
         )
         stack.push_async_callback(ledger.close)
         app[IP_SALT] = config.ip_salt or await _installation_salt(db)
         app[RATE_LIMITER] = limiter = await open_rate_limiter(db)
+        metrics.watch_rate_limiter(limiter)
         chores = Housekeeping(db, store, limiter, space, claims, claim_record(config))
         task = asyncio.create_task(chores.run())
         stack.callback(task.cancel)
         yield
+
+
+async def _learn_sizes(store: ChatStore) -> None:
+    """Rows imported without their messages' size learn it from the blob store."""
+    try:
+        learned = await store.learn_sizes()
+    except StorageUnavailable as err:
+        log.warning("cannot learn the sizes of imported chats yet: %s", err)
+        return
+    log.info("learned the size of %d imported chats from the blob store", learned)
 
 
 async def _installation_salt(db: Database) -> str:
@@ -206,6 +233,23 @@ async def _installation_salt(db: Database) -> str:
         return await db.installation_salt()
     except StorageUnavailable as err:
         raise StartupError(f"cannot keep the address-hash salt in the database: {err}") from None
+
+
+async def _watch_loop_lag(app: web.Application) -> AsyncIterator[None]:
+    async def watch() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(LAG_PROBE_SECONDS)
+            app[METRICS].loop_lag.observe(max(0.0, loop.time() - started - LAG_PROBE_SECONDS))
+
+    task = asyncio.create_task(watch())
+    yield
+    task.cancel()
+
+
+async def _note_shutdown(app: web.Application) -> None:
+    app[SHUTTING_DOWN].set()
 
 
 async def _reload_on_sighup(app: web.Application) -> AsyncIterator[None]:
@@ -288,6 +332,7 @@ class Housekeeping:
         if await self._db.changed_elsewhere():
             self._store.forget_all()
             self._limiter.replace_blocks(await load_blocks(self._db))
+            await self._store.count_stored()
 
     async def _check_files(self) -> None:
         """The database file still ours and whole; the lock files still ours."""

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from aiohttp import web
 
 from qp.batches import BatchWriter
+from qp.budget import ByteBudget
 from qp.chat_store import ChatStore
 from qp.config import Config
 from qp.db import Database
 from qp.disk import DiskSpace
 from qp.metrics import Metrics
 from qp.policy import PolicyHolder
+from qp.quota import DailyQuota
 from qp.rate_limits import RateLimiter
 
 CONFIG = web.AppKey("config", Config)
@@ -27,3 +31,9 @@ RATE_CLASSES = web.AppKey("rate_classes", dict)
 IP_SALT = web.AppKey("ip_salt", str)
 METRICS = web.AppKey("metrics", Metrics)
 DISK_SPACE = web.AppKey("disk_space", DiskSpace)
+# Set when SIGTERM/SIGINT starts the shutdown: streams cut after it are `shutdown`.
+SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
+# Bytes of chats each client stored today.
+DAILY_QUOTA = web.AppKey("daily_quota", DailyQuota)
+# Bytes of chats and request bodies held in memory at once (QP_MAX_INFLIGHT_MB).
+BYTE_BUDGET = web.AppKey("byte_budget", ByteBudget)

@@ -13,7 +13,7 @@ import errno
 import os
 import re
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +44,27 @@ def check_key(key: str) -> str:
     return key
 
 
+class BlobReader(Protocol):
+    """An open blob, read a piece at a time: what it held when opened, whatever happens to
+    the key meanwhile."""
+
+    size: int
+
+    async def read(self, nbytes: int) -> bytes:
+        """Up to `nbytes`; b"" at the end."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 class BlobStore(Protocol):
     """Bytes by key. Missing keys read as None; any failure raises StorageUnavailable."""
 
     async def get(self, key: str) -> bytes | None: ...
+
+    async def open_reader(self, key: str) -> BlobReader | None:
+        """The blob, open for reading in pieces, or None when missing."""
+        ...
 
     async def put(self, key: str, data: bytes) -> None: ...
 
@@ -116,6 +133,15 @@ class FileBlobStore:
         except OSError as err:
             raise _os_failure("read", key, err) from err
 
+    async def open_reader(self, key: str) -> BlobReader | None:
+        path = self._path(key)
+        try:
+            return await asyncio.to_thread(_FileReader.open, path)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise _os_failure("read", key, err) from err
+
     async def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
@@ -164,6 +190,34 @@ class FileBlobStore:
             yield blob
 
 
+class _FileReader:
+    """A blob file, open: a rename over it (a newer write) does not change what it reads."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self.size = os.fstat(fd).st_size
+
+    @classmethod
+    def open(cls, path: Path) -> _FileReader:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return cls(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    async def read(self, nbytes: int) -> bytes:
+        try:
+            return await asyncio.to_thread(os.read, self._fd, nbytes)
+        except OSError as err:
+            raise _os_failure("read", "an open blob", err) from err
+
+    async def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 def _writable_folder(path: Path) -> bool:
     return path.is_dir() and os.access(path, os.W_OK)
 
@@ -210,6 +264,7 @@ _S3_FAILURES = (
 
 
 DEFAULT_S3_TIMEOUT = 30.0
+SPOOL_CHUNK = 256 * 1024
 
 
 def _s3_failure(action: str, key: str, err: Exception) -> StorageUnavailable:
@@ -232,11 +287,20 @@ class S3BlobStore:
     and never answers costs a request that long at most, never a chat's lock forever.
     """
 
-    def __init__(self, client: Any, bucket: str, prefix: str, timeout: float = DEFAULT_S3_TIMEOUT):
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str,
+        timeout: float = DEFAULT_S3_TIMEOUT,
+        spool_dir: Path | None = None,
+    ):
         self._client = client
         self.bucket = bucket
         self.prefix = prefix
         self.timeout = timeout
+        # Where objects opened for reading are downloaded to (None: the system's temp dir).
+        self.spool_dir = spool_dir
 
     @classmethod
     async def open(
@@ -304,15 +368,44 @@ class S3BlobStore:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     async def get(self, key: str) -> bytes | None:
+        pieces: list[bytes] = []
+
+        async def keep(piece: bytes) -> None:
+            pieces.append(piece)
+
+        return b"".join(pieces) if await self._fetch(key, keep) else None
+
+    async def open_reader(self, key: str) -> BlobReader | None:
+        """The object, downloaded at the store's pace into a temporary file first: a client
+        reading slowly then holds a file, not one of the store's connections."""
+        spool = await asyncio.to_thread(tempfile.TemporaryFile, dir=self.spool_dir)
+        try:
+
+            async def spill(piece: bytes) -> None:
+                await asyncio.to_thread(spool.write, piece)
+
+            if not await self._fetch(key, spill):
+                return None
+            await asyncio.to_thread(spool.seek, 0)
+            return _FileReader(os.dup(spool.fileno()))
+        except OSError as err:
+            raise _os_failure("spool", key, err) from err
+        finally:
+            spool.close()
+
+    async def _fetch(self, key: str, take: Callable[[bytes], Awaitable[None]]) -> bool:
+        """Hand the object's bytes to `take` piece by piece, within the deadline; False when
+        there is no such object."""
         try:
             async with asyncio.timeout(self.timeout):
                 response = await self._client.get_object(Bucket=self.bucket, Key=self._key(key))
                 async with response["Body"] as stream:
-                    data: bytes = await stream.read()
-                    return data
+                    while piece := await stream.read(SPOOL_CHUNK):
+                        await take(piece)
+            return True
         except botocore.exceptions.ClientError as err:
             if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
+                return False
             raise _s3_failure("get", key, err) from err
         except _S3_FAILURES as err:
             raise _s3_failure("get", key, err) from err

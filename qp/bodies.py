@@ -1,17 +1,33 @@
-"""Reading request bodies under a size limit, and parsing them as JSON."""
+"""Reading request bodies under a size limit and deadlines, and parsing them as JSON."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from qp.errors import ApiError, too_large
+from qp.policy import Policy
+
+# Parsed into Python objects, JSON takes up to this many times its size (`[{},{},...]`:
+# a 64-byte dict for every 3 bytes). A body is charged that much of the byte budget until
+# it is parsed.
+PARSE_FACTOR = 25
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, or a 413 once it is known to exceed `limit` bytes.
+def body_allowance(request: web.Request, limit: int) -> int:
+    """What reading and parsing this body may cost at most: the declared length (or the
+    limit, for a body of unknown length) times PARSE_FACTOR."""
+    declared = request.content_length
+    return PARSE_FACTOR * min(declared if declared is not None else limit, limit)
+
+
+async def read_body(request: web.Request, limit: int, policy: Policy) -> bytes:
+    """The whole body, or a 413 once it is known to exceed `limit` bytes; 408 when the
+    client goes quiet for `body_idle_timeout` or takes over `body_timeout` in all.
 
     aiohttp's own `client_max_size` would answer its own 413 body; the contract's body and
     the chat-sized limit are decided here instead.
@@ -21,7 +37,16 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise too_large("Request body", declared, limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
+    deadline = time.monotonic() + policy.body_timeout
+    while True:
+        quiet = min(policy.body_idle_timeout, deadline - time.monotonic())
+        try:
+            async with asyncio.timeout(max(quiet, 0)):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise _too_slow() from None
+        if not chunk:
+            break
         size += len(chunk)
         if size > limit:
             raise too_large("Request body", size, limit)
@@ -29,9 +54,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_json(request: web.Request, limit: int) -> Any:
+def _too_slow() -> ApiError:
+    return ApiError(408, "Request timeout", message="The request body came too slowly")
+
+
+async def read_json(request: web.Request, limit: int, policy: Policy) -> Any:
     """The body parsed as JSON: 413 when too large, 400 `Invalid JSON body` when not JSON."""
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, policy)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:

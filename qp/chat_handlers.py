@@ -1,73 +1,122 @@
-"""Handlers for /api/chats: parse and validate, call the ChatStore, shape the answer."""
+"""Handlers for /api/chats: parse and validate, call the ChatStore, shape the answer.
+
+Chats can be 10 MiB: a request body is charged to the byte budget (QP_MAX_INFLIGHT_MB)
+before it is read, and a chat read is sent in pieces when large, so what clients send and
+ask for never decides how much memory the server takes.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+
 from aiohttp import web
 
-from qp.appkeys import CHAT_STORE, CONFIG, POLICY
+from qp.appkeys import BYTE_BUDGET, CHAT_STORE, CONFIG, DAILY_QUOTA, POLICY
 from qp.auth import require_admin
-from qp.bodies import read_json
+from qp.bodies import body_allowance, read_json
 from qp.chat_model import (
     ChatExists,
+    ChatInput,
     ChatLimitExceeded,
     ChatNotFound,
     is_valid_chat_id,
     parse_chat,
 )
-from qp.errors import ApiError, json_bytes_response, json_response
+from qp.chat_store import CHUNK_BYTES, ChatStream
+from qp.errors import ApiError, StorageUnavailable, json_bytes_response, json_response
+from qp.logs import CLIENT_HASH
+from qp.policy import Policy
+
+log = logging.getLogger("qp.chat_handlers")
 
 CHAT_NOT_FOUND = "Chat not found"
 SUCCESS = {"success": True}
+GIB = 1024**3
+# What a read holds of the byte budget while it runs: a small chat whole, or a piece of a
+# large one and its rendering.
+READ_HOLD_BYTES = 2 * CHUNK_BYTES
 
 
 async def create_chat(request: web.Request) -> web.Response:
     policy = request.app[POLICY].current
-    body = await read_json(request, policy.max_chat_body_bytes)
-    chat = parse_chat(body, id_required=False, max_bytes=policy.max_chat_body_bytes)
-    if chat.chat_id is not None and not is_valid_chat_id(chat.chat_id):
-        raise ApiError(400, "Invalid chat id")
-    try:
-        chat_id = await request.app[CHAT_STORE].create(chat, policy.max_chats_per_app)
-    except ChatLimitExceeded:
-        limit = policy.max_chats_per_app
-        raise ApiError(
-            400, f"Chat limit exceeded for app {chat.app}. Maximum {limit} chats allowed."
-        ) from None
-    except ChatExists:
-        raise ApiError(409, "Chat already exists") from None
+    async with request.app[BYTE_BUDGET].hold(
+        body_allowance(request, policy.max_chat_body_bytes)
+    ) as held:
+        chat = await _read_chat(request, policy, id_required=False)
+        held.shrink_to(2 * len(chat.messages_json))
+        if chat.chat_id is not None and not is_valid_chat_id(chat.chat_id):
+            raise ApiError(400, "Invalid chat id")
+        try:
+            with _charged(request, chat):
+                chat_id = await request.app[CHAT_STORE].create(
+                    chat, policy.max_chats_per_app, _total_cap(policy)
+                )
+        except ChatLimitExceeded:
+            limit = policy.max_chats_per_app
+            raise ApiError(
+                400, f"Chat limit exceeded for app {chat.app}. Maximum {limit} chats allowed."
+            ) from None
+        except ChatExists:
+            raise ApiError(409, "Chat already exists") from None
     return json_response({"chatId": chat_id})
 
 
-async def get_chat(request: web.Request) -> web.Response:
+async def get_chat(request: web.Request) -> web.StreamResponse:
     chat_id = request.match_info["chat_id"]
-    chat = await request.app[CHAT_STORE].get_json(chat_id) if is_valid_chat_id(chat_id) else None
-    if chat is None:
-        raise ApiError(404, CHAT_NOT_FOUND)
-    return json_bytes_response(chat)
+    async with request.app[BYTE_BUDGET].hold(READ_HOLD_BYTES):
+        store = request.app[CHAT_STORE]
+        chat = await store.open_chat(chat_id) if is_valid_chat_id(chat_id) else None
+        if chat is None:
+            raise ApiError(404, CHAT_NOT_FOUND)
+        if isinstance(chat, bytes):
+            return json_bytes_response(chat)
+        response = _streamed_json(chat.size)
+        await response.prepare(request)
+        await _send(request, response, chat.pieces())
+        return response
 
 
 async def update_chat(request: web.Request) -> web.Response:
     chat_id = request.match_info["chat_id"]
     policy = request.app[POLICY].current
-    body = await read_json(request, policy.max_chat_body_bytes)
-    chat = parse_chat(body, id_required=True, max_bytes=policy.max_chat_body_bytes)
-    if not is_valid_chat_id(chat_id):
-        raise ApiError(400, "Invalid chat id")
-    if chat.chat_id != chat_id:
-        raise ApiError(400, "Chat ID mismatch")
-    try:
-        await request.app[CHAT_STORE].update(chat_id, chat)
-    except ChatNotFound:
-        raise ApiError(404, CHAT_NOT_FOUND) from None
+    async with request.app[BYTE_BUDGET].hold(
+        body_allowance(request, policy.max_chat_body_bytes)
+    ) as held:
+        chat = await _read_chat(request, policy, id_required=True)
+        held.shrink_to(2 * len(chat.messages_json))
+        if not is_valid_chat_id(chat_id):
+            raise ApiError(400, "Invalid chat id")
+        if chat.chat_id != chat_id:
+            raise ApiError(400, "Chat ID mismatch")
+        try:
+            with _charged(request, chat):
+                await request.app[CHAT_STORE].update(chat_id, chat, _total_cap(policy))
+        except ChatNotFound:
+            raise ApiError(404, CHAT_NOT_FOUND) from None
     return json_response(SUCCESS)
 
 
-async def list_chats(request: web.Request) -> web.Response:
+async def list_chats(request: web.Request) -> web.StreamResponse:
+    """The app's newest chats, sent one after another as they are read: a list of a
+    hundred 10 MiB chats never sits in memory whole."""
     require_admin(request, request.app[CONFIG].admin_key)
     app = request.query.get("app")
     if not app:
         raise ApiError(400, "App parameter required")
-    return json_bytes_response(await request.app[CHAT_STORE].list_json(app))
+    async with (
+        request.app[BYTE_BUDGET].hold(READ_HOLD_BYTES),
+        contextlib.aclosing(request.app[CHAT_STORE].newest_chats(app)) as chats,
+    ):
+        # The first chat is read before answering: a store that is down is still a 503.
+        first = await anext(chats, None)
+        response = _streamed_json(None)
+        await response.prepare(request)
+        await _send(request, response, _json_array(first, chats))
+        return response
 
 
 async def delete_chat(request: web.Request) -> web.Response:
@@ -77,3 +126,74 @@ async def delete_chat(request: web.Request) -> web.Response:
         raise ApiError(404, CHAT_NOT_FOUND)
     await request.app[CHAT_STORE].delete(chat_id)
     return json_response(SUCCESS)
+
+
+async def _read_chat(request: web.Request, policy: Policy, *, id_required: bool) -> ChatInput:
+    """The body's chat, validated; the parsed body is let go before returning."""
+    return parse_chat(
+        await read_json(request, policy.max_chat_body_bytes, policy),
+        id_required=id_required,
+        max_bytes=policy.max_chat_body_bytes,
+        check_app=policy.check_app,
+    )
+
+
+@contextmanager
+def _charged(request: web.Request, chat: ChatInput) -> Iterator[None]:
+    """Count the chat's bytes against its client's daily quota (429 when over); given back
+    if the write does not happen."""
+    quota, client, size = request.app[DAILY_QUOTA], request[CLIENT_HASH], len(chat.messages_json)
+    quota.take(client, size, request.app[POLICY].current.max_chat_bytes_per_client_daily)
+    try:
+        yield
+    except BaseException:
+        quota.give_back(client, size)
+        raise
+
+
+def _total_cap(policy: Policy) -> int:
+    return int(policy.max_total_storage_gb * GIB)
+
+
+def _streamed_json(size: int | None) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    if size is not None:
+        response.content_length = size
+    return response
+
+
+async def _json_array(
+    first: bytes | ChatStream | None, rest: AsyncIterator[bytes | ChatStream]
+) -> AsyncIterator[bytes]:
+    yield b"["
+    chat = first
+    separator = b""
+    while chat is not None:
+        yield separator
+        separator = b","
+        if isinstance(chat, bytes):
+            yield chat
+        else:
+            async for piece in chat.pieces():
+                yield piece
+        chat = await anext(rest, None)
+    yield b"]"
+
+
+async def _send(
+    request: web.Request, response: web.StreamResponse, pieces: AsyncIterator[bytes]
+) -> None:
+    """Write the pieces, each within the policy's body idle timeout (a client that stops
+    reading does not hold the chat's blob open for ever). Once the answer has begun, a
+    failure can only cut it short: the client sees a truncated body."""
+    quiet = request.app[POLICY].current.body_idle_timeout
+    try:
+        async with contextlib.aclosing(pieces):
+            async for piece in pieces:
+                async with asyncio.timeout(quiet):
+                    await response.write(piece)
+        await response.write_eof()
+    except (TimeoutError, StorageUnavailable, ConnectionError) as err:
+        log.warning("a chat answer was cut short: %s", type(err).__name__)
+        if request.transport is not None:
+            request.transport.close()

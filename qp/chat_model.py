@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,8 @@ class ChatRow:
     estimated_cost: float
     created_at: str
     updated_at: str
+    # Length of the stored messages array; None for rows imported without it.
+    messages_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,15 +68,32 @@ def new_chat_id() -> str:
     return "".join(secrets.choice(CHAT_ID_ALPHABET) for _ in range(GENERATED_ID_LENGTH))
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+# What SQL's INTEGER columns hold; a larger integer could be parsed but never stored. A
+# float is held to the same range, so one rule says what a usage number may be.
+INT64_MAX = 2**63 - 1
 
 
-def parse_chat(body: Any, *, id_required: bool, max_bytes: int) -> ChatInput:
+# The cost column is REAL: beyond 2^53 an integer would come back as another number.
+COST_MAX = 2**53
+
+
+def _is_number(value: Any, bound: int = INT64_MAX) -> bool:
+    """A JSON number the database can store and give back as it was: within -bound..bound
+    (a float strictly inside: the float nearest 2^63 - 1 is 2^63 itself, just outside)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -bound - 1 <= value <= bound
+    return isinstance(value, float) and -bound - 1 < value < bound
+
+
+def parse_chat(
+    body: Any, *, id_required: bool, max_bytes: int, check_app: Callable[[str], None]
+) -> ChatInput:
     """Validate `{"chat": Chat}` (contract checks 4 and 5); 400 or 413 as the contract says.
 
     With `id_required` false (create), a missing, null or empty `chatId` is allowed: the
-    server generates one.
+    server generates one. `check_app` refuses an app name (400 Invalid app / Unknown app).
     """
     chat = body.get("chat") if isinstance(body, dict) else None
     if not isinstance(chat, dict):
@@ -89,11 +109,16 @@ def parse_chat(body: Any, *, id_required: bool, max_bytes: int) -> ChatInput:
         and isinstance(usage, dict)
         and _is_number(usage.get("promptTokens"))
         and _is_number(usage.get("completionTokens"))
-        and _is_number(usage.get("estimatedCost"))
+        and _is_number(usage.get("estimatedCost"), COST_MAX)
     ):
         raise ApiError(400, "Invalid chat data")
-    messages_json = orjson.dumps(chat["messages"])
-    size = serialized_size(chat, messages_json)
+    check_app(chat["app"])
+    try:
+        messages_json = orjson.dumps(chat["messages"])
+        size = serialized_size(chat, messages_json)
+    except orjson.JSONEncodeError:
+        # Nested deeper than the encoder writes (orjson reads 1,024 levels, writes 254).
+        raise ApiError(400, "Invalid chat data") from None
     if size > max_bytes:
         raise too_large("Chat", size, max_bytes)
     return ChatInput(
@@ -121,8 +146,9 @@ def _js_number(value: float) -> float:
     return value
 
 
-def render_chat(row: ChatRow, messages_json: bytes) -> bytes:
-    """The Chat JSON in the contract's key order, the stored messages spliced in unchanged."""
+def chat_frame(row: ChatRow) -> tuple[bytes, bytes]:
+    """The Chat JSON in the contract's key order around its messages: what comes before the
+    stored array and what comes after it, so the array is sent as stored, never re-encoded."""
     head = orjson.dumps({"chatId": row.chat_id, "app": row.app, "model": row.model})
     tail = orjson.dumps(
         {
@@ -135,7 +161,19 @@ def render_chat(row: ChatRow, messages_json: bytes) -> bytes:
             "updatedAt": row.updated_at,
         }
     )
-    return b"".join((head[:-1], b',"messages":', messages_json, b",", tail[1:]))
+    return head[:-1] + b',"messages":', b"," + tail[1:]
+
+
+def render_chat(row: ChatRow, messages_json: bytes) -> bytes:
+    """The Chat JSON, the stored messages spliced in unchanged."""
+    head, tail = chat_frame(row)
+    return b"".join((head, messages_json, tail))
+
+
+def starts_like_an_array(start: bytes) -> bool:
+    """What a read can check of a stored array without parsing it: how it begins. Every
+    array qp stores was written by a JSON encoder; `check` parses them all."""
+    return start.lstrip(b" \t\r\n").startswith(b"[")
 
 
 def is_messages_array(stored: bytes) -> bool:

@@ -21,35 +21,35 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from qp.batches import BatchWriter
-from qp.blobs import BlobStore, chat_key
+from qp.blobs import BlobReader, BlobStore, chat_key
 from qp.chat_cache import ChatCache
 from qp.chat_model import (
     ChatInput,
     ChatNotFound,
     ChatRow,
-    is_messages_array,
+    chat_frame,
     new_chat_id,
     render_chat,
+    starts_like_an_array,
 )
 from qp.db import Database
 from qp.disk import DiskSpace
-from qp.errors import FULL, READ_ONLY, StorageUnavailable
+from qp.errors import FULL, READ_ONLY, StorageUnavailable, insufficient_storage
 from qp.locks import ChatLocks
 from qp.timestamps import epoch_seconds, utc_now_iso
 
 log = logging.getLogger("qp.chat_store")
 
 LIST_LIMIT = 100
-# Blob fetches in flight at once for the admin list: 100 chats take two round trips to S3,
-# yet one admin request cannot open a hundred connections.
-LIST_FETCH_CONCURRENCY = 50
+# Chats up to this size are read whole (and cached); larger ones are sent in pieces of it.
+CHUNK_BYTES = 256 * 1024
 # Seconds a write may take from its SQL step to its answer; past it, it is undone and
 # answered 503. The server sets it from QP_S3_TIMEOUT.
 DEFAULT_WRITE_DEADLINE = 40.0
@@ -100,6 +100,42 @@ class PendingWrite:
 SqlStep = Callable[[str], Awaitable[PendingWrite]]
 
 
+@dataclass
+class ChatStream:
+    """A chat too large to hold whole: its JSON is `head`, then `first` and the rest of the
+    open blob, then `tail`. Whoever gets one sends it and closes it."""
+
+    head: bytes
+    first: bytes
+    blob: BlobReader
+    tail: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + self.blob.size + len(self.tail)
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        """The JSON in pieces of at most CHUNK_BYTES; the blob is closed at the end."""
+        try:
+            yield self.head
+            yield self.first
+            while piece := await self.blob.read(CHUNK_BYTES):
+                yield piece
+            yield self.tail
+        finally:
+            await self.blob.close()
+
+    async def read_all(self) -> bytes:
+        return b"".join([piece async for piece in self.pieces()])
+
+
+async def _read_to_end(reader: BlobReader) -> bytes:
+    pieces = []
+    while piece := await reader.read(CHUNK_BYTES):
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
 class ChatStore:
     def __init__(
         self,
@@ -126,6 +162,8 @@ class ChatStore:
         self._unresolved: dict[str, PendingWrite] = {}
         # FULL or READ_ONLY after a write failed so; cleared by the next write that works.
         self.write_problem: str | None = None
+        # Bytes of messages stored, all chats together, as the rows say (see count_stored).
+        self.stored_bytes = 0
         self._next_probe = 0.0
 
     @property
@@ -141,8 +179,11 @@ class ChatStore:
 
     # --- writes --------------------------------------------------------------------------
 
-    async def create(self, chat: ChatInput, max_chats_per_app: int) -> str:
-        """Store a new chat; raises ChatLimitExceeded or ChatExists, leaving stored chats alone."""
+    async def create(
+        self, chat: ChatInput, max_chats_per_app: int, max_total_bytes: int = 0
+    ) -> str:
+        """Store a new chat; raises ChatLimitExceeded or ChatExists, leaving stored chats
+        alone. `max_total_bytes` (0: none) caps all chats' messages together (507)."""
         chat_id = chat.chat_id or new_chat_id()
         note, digest, at = _note("create", chat.messages_json)
 
@@ -150,10 +191,10 @@ class ChatStore:
             await self._db.insert_chat(chat_id, chat, now, max_chats_per_app, note)
             return PendingWrite(chat_id, note, "create", digest, at, now, None)
 
-        await self._write(chat_id, chat.messages_json, insert)
+        await self._write(chat_id, chat.messages_json, insert, max_total_bytes)
         return chat_id
 
-    async def update(self, chat_id: str, chat: ChatInput) -> None:
+    async def update(self, chat_id: str, chat: ChatInput, max_total_bytes: int = 0) -> None:
         """Replace messages, model and usage; raises ChatNotFound."""
 
         async def update(now: str) -> PendingWrite:
@@ -168,9 +209,11 @@ class ChatStore:
                 raise ChatNotFound
             return made[-1]
 
-        await self._write(chat_id, chat.messages_json, update)
+        await self._write(chat_id, chat.messages_json, update, max_total_bytes)
 
-    async def _write(self, chat_id: str, messages_json: bytes, sql_step: SqlStep) -> None:
+    async def _write(
+        self, chat_id: str, messages_json: bytes, sql_step: SqlStep, max_total_bytes: int
+    ) -> None:
         """The one write sequence: the SQL step (with its pending note), the blob, the answer.
 
         Shielded: a client that leaves mid-request (which cancels its handler) must not stop
@@ -178,6 +221,8 @@ class ChatStore:
         """
         if self._space is not None:
             self._space.check_room()
+        if max_total_bytes and self.stored_bytes + len(messages_json) > max_total_bytes:
+            raise insufficient_storage()
         await asyncio.shield(self._write_shielded(chat_id, messages_json, sql_step))
 
     async def _write_shielded(self, chat_id: str, messages_json: bytes, sql_step: SqlStep) -> None:
@@ -202,6 +247,7 @@ class ChatStore:
             finally:
                 self._cache.discard(chat_id)
         self.write_problem = None
+        self.stored_bytes += len(messages_json) - _size(write.previous)
         self._settled.add((chat_id, write.note))
 
     async def _undo(self, write: PendingWrite) -> None:
@@ -234,7 +280,7 @@ class ChatStore:
     async def _delete(self, chat_id: str) -> None:
         async with self._locks.writing(chat_id):
             try:
-                await self._db.delete_chat(chat_id)
+                self.stored_bytes -= await self._db.delete_chat(chat_id)
                 self._unresolved.pop(chat_id, None)
                 await self._blobs.delete(chat_key(chat_id))
             finally:
@@ -242,8 +288,9 @@ class ChatStore:
 
     # --- reads ---------------------------------------------------------------------------
 
-    async def get_json(self, chat_id: str) -> bytes | None:
-        """The chat rendered as the contract's JSON; None when its row or messages are missing."""
+    async def open_chat(self, chat_id: str) -> bytes | ChatStream | None:
+        """The chat as the contract's JSON: whole when small (and cached), else as a stream
+        to send piece by piece; None when its row or messages are missing."""
         rendered = self._cache.get(chat_id)
         if rendered is not None:
             return rendered
@@ -253,48 +300,59 @@ class ChatStore:
             row = await self._db.chat_row(chat_id)
             if row is None:
                 return None
-            return await self._render(row)
+            # Opened under the lock, read after it: the open blob keeps what it held.
+            return await self._open(row)
 
-    async def list_json(self, app: str, limit: int = LIST_LIMIT) -> bytes:
-        """The app's newest chats by updated_at as a JSON array, skipping any whose messages
-        are missing. Cached chats are current; the rest are fetched concurrently."""
-        rows = await self._db.recent_chat_rows(app, limit)
-        chats = {row.chat_id: self._cache.get(row.chat_id) for row in rows}
-        missing = [chat_id for chat_id, chat in chats.items() if chat is None]
-        if missing:
-            async with self._locks.reading_all(missing):
-                # Read again under the locks, so each row matches the blob fetched beside it.
-                fresh = [
-                    row
-                    for row in await self._db.chat_rows_by_id(missing)
-                    if row.chat_id not in self._unresolved
-                ]
-                limiter = asyncio.Semaphore(LIST_FETCH_CONCURRENCY)
+    async def get_json(self, chat_id: str) -> bytes | None:
+        """The chat's JSON, whole (the operators' tools; not for large chats on a server)."""
+        chat = await self.open_chat(chat_id)
+        return await chat.read_all() if isinstance(chat, ChatStream) else chat
 
-                async def render(row: ChatRow) -> bytes | None:
-                    async with limiter:
-                        return await self._render(row)
-
-                rendered = await asyncio.gather(*(render(row) for row in fresh))
-            chats.update(zip((row.chat_id for row in fresh), rendered, strict=True))
-        return b"[" + b",".join(chat for chat in chats.values() if chat is not None) + b"]"
+    async def newest_chats(
+        self, app: str, limit: int = LIST_LIMIT
+    ) -> AsyncIterator[bytes | ChatStream]:
+        """The app's newest chats by updated_at, one at a time (skipping any whose messages
+        are missing), each as `open_chat` gives it."""
+        for row in await self._db.recent_chat_rows(app, limit):
+            chat = self._cache.get(row.chat_id)
+            if chat is None:
+                async with self._locks.reading(row.chat_id):
+                    if row.chat_id in self._unresolved:
+                        continue
+                    # Read again under the lock, so the row matches the blob opened beside it.
+                    fresh = await self._db.chat_row(row.chat_id)
+                    chat = await self._open(fresh) if fresh is not None else None
+            if chat is not None:
+                yield chat
 
     def forget_all(self) -> None:
         """Drop every cached chat (another process changed the database)."""
         self._cache.clear()
 
-    async def _render(self, row: ChatRow) -> bytes | None:
-        """Fetch the row's messages and render the chat; call with the chat's lock held."""
-        messages = await self._blobs.get(chat_key(row.chat_id))
-        if messages is None:
+    async def _open(self, row: ChatRow) -> bytes | ChatStream | None:
+        """Open the row's messages: a small chat is read and rendered (and cached), a large
+        one left open to stream. Call with the chat's lock held."""
+        reader = await self._blobs.open_reader(chat_key(row.chat_id))
+        if reader is None:
             return None
-        if not is_messages_array(messages):
-            # The id stays out of the log (it is a bearer secret); `check` finds the blob.
-            log.error("a stored messages blob is not a JSON array; that chat is not served")
-            return None
-        rendered = render_chat(row, messages)
-        self._cache.put(row.chat_id, rendered)
-        return rendered
+        try:
+            first = await reader.read(CHUNK_BYTES)
+            if not starts_like_an_array(first):
+                # The id stays out of the log (it is a bearer secret); `check` finds the blob.
+                log.error("a stored messages blob is not a JSON array; that chat is not served")
+                await reader.close()
+                return None
+            if reader.size <= CHUNK_BYTES:
+                rest = await _read_to_end(reader)
+                await reader.close()
+                rendered = render_chat(row, first + rest)
+                self._cache.put(row.chat_id, rendered)
+                return rendered
+        except BaseException:
+            await reader.close()
+            raise
+        head, tail = chat_frame(row)
+        return ChatStream(head, first, reader, tail)
 
     # --- finishing or undoing interrupted writes -------------------------------------------
 
@@ -354,6 +412,28 @@ class ChatStore:
     def unresolved_count(self) -> int:
         return len(self._unresolved)
 
+    async def count_stored(self) -> int:
+        """Take the stored total from the rows again (at start, after outside changes);
+        answers how many rows do not know their size."""
+        self.stored_bytes, unknown = await self._db.stored_bytes()
+        return unknown
+
+    async def learn_sizes(self) -> int:
+        """Fill in the sizes rows do not know (imported ones) from the blob store's listing;
+        answers how many were filled in."""
+        unknown = set(await self._db.chats_of_unknown_size(limit=1_000_000))
+        if not unknown:
+            return 0
+        sizes = []
+        async for blob in self._blobs.listing("chats/"):
+            chat_id = blob.key[len("chats/") : -len(".json")]
+            if chat_id in unknown:
+                sizes.append((blob.size, chat_id))
+        for start in range(0, len(sizes), 1000):
+            await self._db.note_sizes(sizes[start : start + 1000])
+        await self.count_stored()
+        return len(sizes)
+
     async def current_write_problem(self) -> str | None:
         """`write_problem`, after a small real write to the database and the blob store (at
         most one every PROBE_SECONDS) to learn whether a full or read-only disk has mended."""
@@ -364,6 +444,10 @@ class ChatStore:
                 await self._blobs.probe_write()
                 self.write_problem = None
         return self.write_problem
+
+
+def _size(row: ChatRow | None) -> int:
+    return (row.messages_bytes or 0) if row is not None else 0
 
 
 def messages_digest(messages_json: bytes) -> str:

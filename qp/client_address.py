@@ -32,13 +32,19 @@ def parse_networks(entries: Iterable[str]) -> tuple[IPNetwork, ...]:
 
 class TrustedProxies:
     """The trusted proxies of one policy, answering for address strings from a cache: a
-    request costs a dictionary lookup, not address parsing."""
+    request costs a dictionary lookup, not address parsing.
+
+    A client is known by its address, or for IPv6 by its network of `ipv6_prefix` bits:
+    every address of one /64 (a home, a phone) is one client, or rotating through them would
+    dodge every limit.
+    """
 
     MAX_REMEMBERED = 10_000
 
-    def __init__(self, networks: tuple[IPNetwork, ...]):
+    def __init__(self, networks: tuple[IPNetwork, ...], ipv6_prefix: int = 128):
         self._networks = networks
-        # address text -> (the address in canonical form or None if not one, trusted)
+        self._ipv6_prefix = ipv6_prefix
+        # address text -> (the client it names, or None if not an address; trusted)
         self._seen: dict[str, tuple[str | None, bool]] = {}
 
     def classify(self, text: str) -> tuple[str | None, bool]:
@@ -48,8 +54,15 @@ class TrustedProxies:
                 self._seen.clear()
             address = _ip(text)
             trusted = address is not None and any(address in n for n in self._networks)
-            known = self._seen[text] = (None if address is None else str(address), trusted)
+            known = self._seen[text] = (self._client(address), trusted)
         return known
+
+    def _client(self, address: IPAddress | None) -> str | None:
+        if address is None:
+            return None
+        if isinstance(address, ipaddress.IPv6Address) and self._ipv6_prefix < 128:
+            return str(ipaddress.IPv6Network((address, self._ipv6_prefix), strict=False))
+        return str(address)
 
 
 def _ip(text: str) -> IPAddress | None:
@@ -57,9 +70,13 @@ def _ip(text: str) -> IPAddress | None:
         address = ipaddress.ip_address(text.strip())
     except ValueError:
         return None
-    # An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d.
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        # An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d.
+        if address.ipv4_mapped:
+            return address.ipv4_mapped
+        # fe80::1%eth0 and fe80::1%2 are one address: the scope (zone) is not the client's.
+        if address.scope_id is not None:
+            return ipaddress.IPv6Address(int(address))
     return address
 
 
@@ -88,6 +105,12 @@ def client_address(request: web.BaseRequest, trusted: TrustedProxies) -> str:
         return cloudflare
     if forwarded:
         return forwarded[0][0]
+    return peer if peer is not None else "unix"
+
+
+def peer_address(request: web.BaseRequest, trusted: TrustedProxies) -> str:
+    """The direct peer, for a request whose headers could not be read (a proxy's own)."""
+    peer, _ = trusted.classify(request.remote or "")
     return peer if peer is not None else "unix"
 
 

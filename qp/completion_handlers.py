@@ -7,9 +7,18 @@ import contextlib
 
 from aiohttp import web
 
-from qp.appkeys import CONFIG, DATABASE, LEDGER, METRICS, POLICY, UPSTREAM
+from qp.appkeys import (
+    BYTE_BUDGET,
+    CONFIG,
+    DATABASE,
+    LEDGER,
+    METRICS,
+    POLICY,
+    SHUTTING_DOWN,
+    UPSTREAM,
+)
 from qp.auth import require_admin
-from qp.bodies import read_json
+from qp.bodies import body_allowance, read_json
 from qp.completion_request import (
     check_system_message,
     choose_key,
@@ -17,7 +26,7 @@ from qp.completion_request import (
     upstream_body,
 )
 from qp.errors import ApiError, json_response
-from qp.relay import relay_completion
+from qp.relay import Payload, relay_completion
 from qp.timestamps import parse_iso, utc_now_iso
 from qp.usage import CompletionRecord
 
@@ -27,20 +36,27 @@ USAGE_FLUSH_SECONDS = 5.0
 async def create_completion(request: web.Request) -> web.StreamResponse:
     policy = request.app[POLICY].current
     config = request.app[CONFIG]
-    completion = parse_completion(
-        await read_json(request, policy.max_completion_body_bytes), policy
-    )
-    key, payer = choose_key(
-        completion,
-        request.headers.get("x-openrouter-key"),
-        policy,
-        config.openrouter_api_key,
-        config.app_openrouter_keys,
-    )
-    check_system_message(completion, policy)
-    record = CompletionRecord(
-        started_at=utc_now_iso(), app=completion.app, model=completion.model, payer=payer
-    )
+    # The parsed request is charged to the byte budget and let go before the stream starts:
+    # a stream may stay open for minutes, holding only what it relays.
+    async with request.app[BYTE_BUDGET].hold(
+        body_allowance(request, policy.max_completion_body_bytes)
+    ):
+        completion = parse_completion(
+            await read_json(request, policy.max_completion_body_bytes, policy), policy
+        )
+        key, payer = choose_key(
+            completion,
+            request.headers.get("x-openrouter-key"),
+            policy,
+            config.openrouter_api_key,
+            config.app_openrouter_keys,
+        )
+        check_system_message(completion, policy)
+        record = CompletionRecord(
+            started_at=utc_now_iso(), app=completion.app, model=completion.model, payer=payer
+        )
+        payload = Payload(upstream_body(completion))
+        del completion
     metrics = request.app[METRICS]
 
     def finished(record: CompletionRecord) -> None:
@@ -52,10 +68,11 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
             request,
             request.app[UPSTREAM],
             policy,
-            upstream_body(completion),
+            payload,
             key,
             record,
             finished,
+            request.app[SHUTTING_DOWN],
         )
 
 

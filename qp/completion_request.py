@@ -33,8 +33,14 @@ def parse_completion(body: Any, policy: Policy) -> CompletionRequest:
         and isinstance(body.get("systemMessage"), str)
         and isinstance(body.get("messages"), list)
         and (body.get("tools") is None or isinstance(body["tools"], list))
+        and _encodable(body)
     ):
         raise ApiError(400, "Invalid completion request")
+    app = body.get("app")
+    if app is not None and not isinstance(app, str):
+        raise ApiError(400, "Invalid app")
+    if app:
+        policy.check_app(app)
     messages = body["messages"]
     if len(messages) > policy.max_messages:
         raise ApiError(
@@ -42,38 +48,57 @@ def parse_completion(body: Any, policy: Policy) -> CompletionRequest:
             "Request validation failed",
             message=f"Too many messages: {len(messages)} (max: {policy.max_messages})",
         )
-    longest = max((message_chars(message) for message in messages), default=0)
-    if longest > policy.max_message_chars:
-        raise ApiError(
-            413,
-            "Request validation failed",
-            message=f"Message too long: {longest} characters (max: {policy.max_message_chars})",
-        )
-    app = body.get("app")
+    for index, message in enumerate(messages):
+        length = message_chars(message)
+        if length > policy.max_message_chars:
+            raise ApiError(
+                413,
+                "Request validation failed",
+                message=f"Message {index} too large: {length} characters"
+                f" (max: {policy.max_message_chars})",
+            )
     return CompletionRequest(
         model=body["model"],
         system_message=body["systemMessage"],
         messages=messages,
         tools=body.get("tools") or [],
-        app=app if isinstance(app, str) and app else None,
+        app=app or None,
         provider=body.get("provider"),
     )
 
 
+def _encodable(body: dict[str, Any]) -> bool:
+    """What goes upstream can be written as JSON again (orjson reads 1,024 levels deep but
+    writes 254)."""
+    try:
+        orjson.dumps([body["messages"], body.get("tools"), body.get("provider")])
+    except orjson.JSONEncodeError:
+        return False
+    return True
+
+
 def message_chars(message: Any) -> int:
-    """A message's text: a string `content`, or the sum of its `text` parts."""
+    """A message's text as JavaScript counts string length (UTF-16 code units): a string
+    `content`, or the sum of its `text` parts."""
     if not isinstance(message, dict):
         return 0
     content = message.get("content")
     if isinstance(content, str):
-        return len(content)
+        return _js_length(content)
     if isinstance(content, list):
         return sum(
-            len(part["text"])
+            _js_length(part["text"])
             for part in content
             if isinstance(part, dict) and isinstance(part.get("text"), str)
         )
     return 0
+
+
+def _js_length(text: str) -> int:
+    """len() counts code points; JavaScript counts a character beyond U+FFFF as two."""
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def choose_key(

@@ -23,6 +23,8 @@ DEFAULT_CACHE_MB = 64
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_S3_TIMEOUT = 30.0
 DEFAULT_MIN_FREE_MB = 256
+DEFAULT_MAX_CONNECTIONS = 2048
+DEFAULT_MAX_INFLIGHT_MB = 256
 # A write may take this much longer than one S3 call before it is no longer acknowledged:
 # its SQL steps and the client's share of the event loop.
 WRITE_DEADLINE_SLACK = 10.0
@@ -56,6 +58,12 @@ class Config:
     s3_timeout: float = DEFAULT_S3_TIMEOUT
     # Free disk below which new chats and updates get 507 (QP_MIN_FREE_MB).
     min_free_bytes: int = DEFAULT_MIN_FREE_MB * 1024 * 1024
+    # Connections open at once (QP_MAX_CONNECTIONS); lowered to fit the open-file limit.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    # Bytes of chats and request bodies held in memory at once (QP_MAX_INFLIGHT_MB).
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_MB * 1024 * 1024
+    # Bearer token /metrics asks for (QP_METRICS_TOKEN); None: loopback peers only.
+    metrics_token: str | None = field(default=None, repr=False)
 
     @property
     def write_deadline(self) -> float:
@@ -171,6 +179,11 @@ def load_config(
         log_format=_log_format(environ),
         s3_timeout=_seconds(environ, "QP_S3_TIMEOUT", DEFAULT_S3_TIMEOUT, zero_allowed=False),
         min_free_bytes=_int(environ, "QP_MIN_FREE_MB", DEFAULT_MIN_FREE_MB) * 1024 * 1024,
+        max_connections=_int(environ, "QP_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1),
+        max_inflight_bytes=_int(environ, "QP_MAX_INFLIGHT_MB", DEFAULT_MAX_INFLIGHT_MB, 1)
+        * 1024
+        * 1024,
+        metrics_token=environ.get("QP_METRICS_TOKEN") or None,
     )
 
 
@@ -209,6 +222,9 @@ def describe(config: Config, environ: Mapping[str, str] | None = None) -> str:
         f"# shutdown_timeout = {config.shutdown_timeout:g}",
         f"# s3_timeout = {config.s3_timeout:g}",
         f"# min_free_mb = {config.min_free_bytes // (1024 * 1024)}",
+        f"# max_connections = {config.max_connections}",
+        f"# max_inflight_mb = {config.max_inflight_bytes // (1024 * 1024)}",
+        f"# metrics_token = {secret(config.metrics_token)}",
         f"# log_format = {show(config.log_format)}",
         "# The policy in force (defaults, then the file, then QP_* variables):",
         "",

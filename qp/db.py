@@ -397,9 +397,8 @@ class Database:
             if await conn.execute_fetchall("SELECT 1 FROM chats WHERE chat_id = ?", (chat_id,)):
                 raise ChatExists
             await conn.execute(
-                "INSERT INTO chats (chat_id, app, model, prompt_tokens, completion_tokens,"
-                " estimated_cost, created_at, updated_at, pending)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO chats ({_CHAT_COLUMNS}, pending)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     chat_id,
                     chat.app,
@@ -409,6 +408,7 @@ class Database:
                     chat.estimated_cost,
                     now,
                     now,
+                    len(chat.messages_json),
                     pending,
                 ),
             )
@@ -435,6 +435,7 @@ class Database:
                     chat.completion_tokens,
                     chat.estimated_cost,
                     now,
+                    len(chat.messages_json),
                     note,
                     chat_id,
                 ),
@@ -472,6 +473,7 @@ class Database:
                 previous.completion_tokens,
                 previous.estimated_cost,
                 previous.updated_at,
+                previous.messages_bytes,
                 None,
                 previous.chat_id,
                 pending,
@@ -553,9 +555,8 @@ class Database:
                 if found and (found[0][0] >= row.updated_at or found[0][1] is not None):
                     continue
                 await conn.execute(
-                    "INSERT OR REPLACE INTO chats (chat_id, app, model, prompt_tokens,"
-                    " completion_tokens, estimated_cost, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT OR REPLACE INTO chats ({_CHAT_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     dataclasses.astuple(row),
                 )
                 added, replaced = (added, replaced + 1) if found else (added + 1, replaced)
@@ -563,18 +564,50 @@ class Database:
 
         return await self.write(store)
 
+    async def stored_bytes(self) -> tuple[int, int]:
+        """Bytes of messages the rows say are stored, and how many rows do not say."""
+        async with self.reader() as conn:
+            ((total, unknown),) = await conn.execute_fetchall(
+                "SELECT COALESCE(SUM(messages_bytes), 0), COUNT(*) - COUNT(messages_bytes)"
+                " FROM chats"
+            )
+        return total, unknown
+
+    async def chats_of_unknown_size(self, limit: int) -> list[str]:
+        async with self.reader() as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT chat_id FROM chats WHERE messages_bytes IS NULL LIMIT ?", (limit,)
+            )
+        return [row[0] for row in rows]
+
+    async def note_sizes(self, sizes: list[tuple[int, str]]) -> None:
+        """Record (size, chat id) of messages found in the blob store (rows imported)."""
+
+        async def note(conn: aiosqlite.Connection) -> None:
+            await conn.executemany(
+                "UPDATE chats SET messages_bytes = ? WHERE chat_id = ? AND messages_bytes IS NULL",
+                sizes,
+            )
+
+        await self.write(note)
+
     async def all_chat_ids(self) -> list[tuple[str, str]]:
         """(chat id, updated_at) of every row."""
         async with self.reader() as conn:
             rows = await conn.execute_fetchall("SELECT chat_id, updated_at FROM chats")
         return [tuple(row) for row in rows]
 
-    async def delete_chat(self, chat_id: str) -> None:
-        async def delete(conn: aiosqlite.Connection) -> None:
-            await conn.execute("DELETE FROM chats WHERE chat_id = ?", (chat_id,))
+    async def delete_chat(self, chat_id: str) -> int:
+        """Remove the row; answers the size of the messages it said were stored."""
+
+        async def delete(conn: aiosqlite.Connection) -> int:
+            rows = await conn.execute_fetchall(
+                "DELETE FROM chats WHERE chat_id = ? RETURNING messages_bytes", (chat_id,)
+            )
+            return (rows[0][0] or 0) if rows else 0
 
         # Deletes are how an operator makes room on a full disk: they may use the reserve.
-        await self.write(delete, maintenance=True)
+        return await self.write(delete, maintenance=True)
 
     # --- the spend ledger ----------------------------------------------------------------
 
@@ -685,7 +718,7 @@ class UsageTotal:
 
 _UPDATE_CHAT = (
     "UPDATE chats SET model = ?, prompt_tokens = ?, completion_tokens = ?,"
-    " estimated_cost = ?, updated_at = ?, pending = ? WHERE chat_id = ?"
+    " estimated_cost = ?, updated_at = ?, messages_bytes = ?, pending = ? WHERE chat_id = ?"
 )
 
 
@@ -694,7 +727,8 @@ def _read_only_uri(path: Path) -> str:
 
 
 _CHAT_COLUMNS = (
-    "chat_id, app, model, prompt_tokens, completion_tokens, estimated_cost, created_at, updated_at"
+    "chat_id, app, model, prompt_tokens, completion_tokens, estimated_cost, created_at,"
+    " updated_at, messages_bytes"
 )
 _SELECT_CHAT = f"SELECT {_CHAT_COLUMNS} FROM chats"
 
@@ -705,6 +739,7 @@ MIGRATIONS: dict[int, str] = {
     1: "-- 1 -> 2 adds the completions table, which schema.sql creates",
     2: "-- 2 -> 3 adds the settings and blocks tables, which schema.sql creates",
     3: "ALTER TABLE chats ADD COLUMN pending TEXT;",
+    4: "ALTER TABLE chats ADD COLUMN messages_bytes INTEGER;",
 }
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from qp.logs import route_name
+from qp.logs import method_name, route_name
 
 log = logging.getLogger("qp.errors")
 
@@ -81,6 +81,17 @@ NOT_FOUND = "Not found"
 STORAGE_UNAVAILABLE = {"error": "Storage unavailable"}
 
 
+def too_many_requests(retry_after: int, message: str) -> ApiError:
+    """The contract's 429: `Retry-After`, and `retryAfter` and the reason in the body."""
+    return ApiError(
+        429,
+        "Rate limit exceeded",
+        headers={"Retry-After": str(retry_after)},
+        retryAfter=retry_after,
+        message=message,
+    )
+
+
 def insufficient_storage() -> ApiError:
     """Free disk below the operator's floor: new chats and updates wait; deletes still work."""
     return ApiError(507, "Insufficient storage")
@@ -92,10 +103,13 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as err:
-        return json_response(err.body, err.status, err.headers)
+        response = json_response(err.body, err.status, err.headers)
+        if err.status == 408:
+            response.force_close()  # the rest of a slow body is not worth waiting for
+        return response
     except StorageUnavailable as err:
         # One answer whichever part failed: the client can only wait and retry.
-        log.error("%s %s: %s", request.method, route_name(request), err)
+        log.error("%s %s: %s", method_name(request), route_name(request), err)
         return json_response(STORAGE_UNAVAILABLE, 503, {"Retry-After": "5"})
     except web.HTTPNotFound:
         return json_response({"error": NOT_FOUND}, 404)
@@ -108,5 +122,5 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
             raise
         return json_response({"error": err.reason}, err.status)
     except Exception:
-        log.exception("unhandled error in %s %s", request.method, route_name(request))
+        log.exception("unhandled error in %s %s", method_name(request), route_name(request))
         return json_response({"error": "Internal server error"}, 500)

@@ -7,6 +7,7 @@ import atexit
 import logging
 import sys
 import time as _time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import orjson
@@ -18,6 +19,10 @@ from qp.timestamps import format_iso
 # The request key under which the rate-limit middleware leaves the client's address hash,
 # for the access log.
 CLIENT_HASH = web.RequestKey("client_hash", str)
+# Set on a request the HTTP parser refused (it has no route and no headers).
+MALFORMED = web.RequestKey("malformed", bool)
+# Methods logged as they are; any other is logged as OTHER (a method can be 8 KB long).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 
 
 LOG_FORMATS = ("text", "json")
@@ -42,6 +47,47 @@ def _iso(moment: float) -> str:
     return format_iso(datetime.fromtimestamp(moment, UTC))
 
 
+class OncePerSecond(logging.Filter):
+    """Lets one line of each kind through per second, and says how many it held back.
+
+    A line is of the kind its logger and message template make, so a warning a client can
+    trigger on every request costs the log one line a second, not one per request. Lines
+    of other libraries lose their traceback and message (they may quote request bytes:
+    keys, paths) and keep the exception's type.
+    """
+
+    def __init__(self, clock: Callable[[], float] = _time.monotonic) -> None:
+        super().__init__()
+        self._clock = clock
+        self._last: dict[tuple[str, object], float] = {}
+        self._held: dict[tuple[str, object], int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("qp"):
+            _strip_details(record)
+        key = (record.name, record.msg)
+        now = self._clock()
+        if now - self._last.get(key, -1.0) < 1.0:
+            self._held[key] = self._held.get(key, 0) + 1
+            return False
+        if len(self._last) > 10_000:  # kinds are few; this only bounds a flood of odd ones
+            self._last.clear()
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        if held:
+            record.msg = f"{record.getMessage()} ({held} more like it held back)"
+            record.args = ()
+        return True
+
+
+def _strip_details(record: logging.LogRecord) -> None:
+    kind = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else None
+    record.msg = str(record.msg).split("%", 1)[0].strip() + (f" ({kind})" if kind else "")
+    record.args = ()
+    record.exc_info = None
+    record.exc_text = None
+
+
 def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
@@ -49,6 +95,7 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
         if log_format == "json"
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     )
+    handler.addFilter(OncePerSecond())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -60,63 +107,90 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
 
 def route_name(request: web.BaseRequest) -> str:
     """The route's pattern, never the path itself: chat ids in paths are bearer secrets."""
-    match_info = getattr(request, "match_info", None)
+    if request.get(MALFORMED):
+        return "(malformed)"
+    try:
+        match_info = request.match_info  # type: ignore[attr-defined]
+    except (AttributeError, AssertionError):  # it never reached the router
+        return "(no route)"
     if match_info is None or match_info.http_exception is not None:
         return "(no route)"
     return match_info.route.resource.canonical if match_info.route.resource else "(no route)"
 
 
-class AccessLogger(AbstractAccessLogger):
-    """One line per request: method, route pattern, status, duration, bytes sent, and the
-    client's address hash; JSON when the access log format (QP_LOG_FORMAT) is `json`.
+def method_name(request: web.BaseRequest) -> str:
+    return request.method if request.method in KNOWN_METHODS else "OTHER"
 
-    Lines skip the logging module and are written in batches (at most FLUSH_SECONDS
-    late): a write per request cost a third of a cached GET's time.
-    """
+
+class _AccessLines:
+    """The access log's lines for the whole process (aiohttp makes an access logger per
+    connection): batched writes, and the per-second budget with its count of held lines."""
 
     FLUSH_SECONDS = 0.2
     MAX_PENDING = 256
 
-    def __init__(self, logger: logging.Logger, log_format: str) -> None:
-        super().__init__(logger, log_format)
-        self._json = log_format == "json"
-        self._stream = sys.stderr
-        self._second = -1
-        self._stamp = ""
+    def __init__(self, per_second: int, per_client: int):
+        self.per_second = per_second
+        self.per_client = per_client
+        self.stream = sys.stderr
+        self.json = False
         self._pending: list[str] = []
         self._flush_timer: asyncio.TimerHandle | None = None
-        atexit.register(self.flush)
+        self._window = -1
+        self._written = 0
+        self._by_client: dict[str, int] = {}
+        self._held = 0
+        self._report_timer: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._stamp = ""
 
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        client = request.get(CLIENT_HASH, "-")
-        if self._json:
-            line = orjson.dumps(
-                {
-                    "time": _iso(_time.time()),
-                    "level": "INFO",
-                    "logger": "qp.access",
-                    "method": request.method,
-                    "route": route_name(request),
-                    "status": response.status,
-                    "duration_ms": round(time * 1000, 1),
-                    "bytes": response.body_length,
-                    "client": client,
-                }
-            ).decode()
-        else:
-            line = (
-                f"{self._timestamp()} INFO qp.access {request.method} {route_name(request)}"
-                f" {response.status} {time * 1000:.1f}ms {response.body_length}B client={client}"
+    def admit(self, client: str) -> bool:
+        """Whether a line for `client` may be written this second; if not, it is counted and
+        the count said once the second is over."""
+        window = int(_time.time())
+        if window != self._window:
+            self._window, self._written = window, 0
+            self._by_client.clear()
+        seen = self._by_client.get(client, 0)
+        if self._written < self.per_second and seen < self.per_client:
+            self._by_client[client] = seen + 1
+            self._written += 1
+            return True
+        self._held += 1
+        if self._report_timer is None:
+            self._report_timer = asyncio.get_running_loop().call_later(
+                1.0 - _time.time() % 1, self.report_held
             )
+        return False
+
+    def report_held(self) -> None:
+        self._report_timer = None
+        held, self._held = self._held, 0
+        if not held:
+            return
+        text = (
+            f"{held} access lines held back in one second (over {self.per_client}"
+            f" for a client or {self.per_second} in all)"
+        )
+        if self.json:
+            entry = {"time": _iso(_time.time()), "level": "WARNING", "logger": "qp.access"}
+            self.add(orjson.dumps({**entry, "message": text}).decode())
+        else:
+            self.add(f"{self.timestamp()} WARNING qp.access {text}")
+
+    def add(self, line: str) -> None:
         self._pending.append(line + "\n")
         if len(self._pending) >= self.MAX_PENDING:
             self.flush()
         elif self._flush_timer is None:
-            self._flush_timer = asyncio.get_running_loop().call_later(
-                self.FLUSH_SECONDS, self.flush
-            )
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # at exit
+                self.flush()
+                return
+            self._flush_timer = loop.call_later(self.FLUSH_SECONDS, self.flush)
 
-    def _timestamp(self) -> str:
+    def timestamp(self) -> str:
         now = _time.time()
         second = int(now)
         if second != self._second:
@@ -129,6 +203,61 @@ class AccessLogger(AbstractAccessLogger):
             self._flush_timer.cancel()
             self._flush_timer = None
         if self._pending:
-            self._stream.write("".join(self._pending))
-            self._stream.flush()
+            self.stream.write("".join(self._pending))
+            self.stream.flush()
             self._pending.clear()
+
+    def flush_at_exit(self) -> None:
+        """What is still pending, the count of held lines included."""
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self.report_held()
+        self.flush()
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: method, route pattern, status, duration, bytes sent, and the
+    client's address hash; JSON when the access log format (QP_LOG_FORMAT) is `json`.
+
+    Lines skip the logging module and are written in batches (at most 0.2 s late): a write
+    per request cost a third of a cached GET's time. At most LINES_PER_CLIENT a second per
+    client and LINES_PER_SECOND in all are written; how many were held back is said in one
+    line a second, so a flood costs the log a bounded rate.
+    """
+
+    LINES_PER_SECOND = 1000
+    LINES_PER_CLIENT = 20
+    lines = _AccessLines(LINES_PER_SECOND, LINES_PER_CLIENT)
+
+    def __init__(self, logger: logging.Logger, log_format: str) -> None:
+        super().__init__(logger, log_format)
+        self._json = self.lines.json = log_format == "json"
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        client = request.get(CLIENT_HASH, "-")
+        if not self.lines.admit(client):
+            return
+        if self._json:
+            line = orjson.dumps(
+                {
+                    "time": _iso(_time.time()),
+                    "level": "INFO",
+                    "logger": "qp.access",
+                    "method": method_name(request),
+                    "route": route_name(request),
+                    "status": response.status,
+                    "duration_ms": round(time * 1000, 1),
+                    "bytes": response.body_length,
+                    "client": client,
+                }
+            ).decode()
+        else:
+            line = (
+                f"{self.lines.timestamp()} INFO qp.access {method_name(request)}"
+                f" {route_name(request)} {response.status} {time * 1000:.1f}ms"
+                f" {response.body_length}B client={client}"
+            )
+        self.lines.add(line)
+
+
+atexit.register(AccessLogger.lines.flush_at_exit)

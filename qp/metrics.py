@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
+from qp.rate_limits import RateLimiter
 from qp.usage import CompletionRecord
 
 # Label values that come from clients (app names, methods) are capped, so nobody can grow
 # the metrics without bound; past the cap they count as "other".
 MAX_APPS = 100
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 # A client that left before its answer was sent (nginx's code for it).
 CLIENT_LEFT = 499
 UPSTREAM_FAILURES = frozenset(
@@ -67,6 +70,19 @@ class Metrics:
             ["batch"],
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "qp_event_loop_lag_seconds",
+            "How late the event loop woke a task sleeping 0.1 s: time nothing else could run",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=r,
+        )
+        self.connections_closed = Counter(
+            "qp_connections_closed",
+            "Connections the server closed on its own: header_timeout (headers too slow),"
+            " too_many (over QP_MAX_CONNECTIONS)",
+            ["reason"],
+            registry=r,
+        )
         self._apps: set[str] = set()
         self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
@@ -101,9 +117,30 @@ class Metrics:
         if record.cost:
             self.cost.labels(app, record.payer).inc(record.cost)
 
+    def watch_rate_limiter(self, limiter: RateLimiter) -> None:
+        """Expose the limiter's table: clients tracked, and those forgotten past its cap."""
+        self.registry.register(_RateLimiterCollector(limiter))
+
     def counter_of_drops(self, batch: str) -> Callable[[int], None]:
         """What a BatchWriter calls with the number of items it gave up."""
         return self.batch_drops.labels(batch).inc
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RateLimiterCollector(Collector):
+    def __init__(self, limiter: RateLimiter):
+        self._limiter = limiter
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "qp_rate_limit_tracked",
+            "Rate-limit counters held (client and class)",
+            value=self._limiter.tracked,
+        )
+        yield CounterMetricFamily(
+            "qp_rate_limit_forgotten",
+            "Rate-limit counters dropped past the table's cap, least recently seen first",
+            value=self._limiter.forgotten,
+        )

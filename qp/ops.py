@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -11,10 +13,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from qp.appkeys import CHAT_STORE, DATABASE, DISK_SPACE, METRICS
-from qp.errors import FULL, UNAVAILABLE, StorageUnavailable, json_response
-from qp.logs import route_name
-from qp.metrics import CLIENT_LEFT, KNOWN_METHODS
+from qp.appkeys import CHAT_STORE, CONFIG, DATABASE, DISK_SPACE, METRICS
+from qp.errors import FULL, UNAVAILABLE, ApiError, StorageUnavailable, json_response
+from qp.logs import method_name, route_name
+from qp.metrics import CLIENT_LEFT
 
 log = logging.getLogger("qp.ops")
 HEALTH_CHECK_SECONDS = 5.0
@@ -30,8 +32,9 @@ async def observe_middleware(request: web.Request, handler) -> web.StreamRespons
         status = response.status
         return response
     finally:
-        method = request.method if request.method in KNOWN_METHODS else "OTHER"
-        count, duration = request.app[METRICS].request_series(route_name(request), method, status)
+        count, duration = request.app[METRICS].request_series(
+            route_name(request), method_name(request), status
+        )
         count.inc()
         duration.observe(time.monotonic() - started)
 
@@ -76,6 +79,26 @@ async def _check(ping: Callable[[], Awaitable[None]]) -> str:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text, for `Authorization: Bearer $QP_METRICS_TOKEN`; with no token set,
+    for loopback peers that no proxy forwarded (spend by app is the operator's business)."""
+    token = request.app[CONFIG].metrics_token
+    if token is not None:
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+            raise ApiError(401, "Unauthorized")
+    elif not _direct_from_loopback(request):
+        raise ApiError(403, "Forbidden")
     return web.Response(
         body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
+
+
+FORWARDING_HEADERS = ("X-Forwarded-For", "Forwarded", "X-Real-IP", "CF-Connecting-IP")
+
+
+def _direct_from_loopback(request: web.Request) -> bool:
+    try:
+        peer = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False  # the unix socket: nginx, forwarding someone
+    return peer.is_loopback and not any(h in request.headers for h in FORWARDING_HEADERS)

@@ -6,6 +6,7 @@ never edited in place, so a request sees one consistent policy from start to end
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -13,10 +14,19 @@ from yarl import URL
 
 from qp.client_address import TrustedProxies, parse_networks
 from qp.cors import OriginMatcher
+from qp.errors import ApiError
 from qp.rate_limits import RateLimit
 
 KIB = 1024
 MIB = 1024 * KIB
+MAX_APP_CHARS = 100
+# Printable text: no control characters (C0, DEL, C1); they end lines in logs and labels.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def is_app_name(app: str) -> bool:
+    return len(app) <= MAX_APP_CHARS and _CONTROL.search(app) is None
+
 
 DEFAULT_ALLOWED_ORIGINS = (
     "http://localhost:5173",
@@ -88,6 +98,20 @@ class Policy:
     completion_rate_limit: RateLimit = DEFAULT_COMPLETION_RATE_LIMIT
     # Peers whose X-Forwarded-For / CF-Connecting-IP are believed (a unix-socket peer is).
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    # IPv6 clients are known by their network of this prefix length (one /64 is one home).
+    ipv6_prefix: int = 64
+    # Apps chats and completions may name; empty: any app (of at most 100 printable chars).
+    apps: tuple[str, ...] = ()
+    # Bytes of chat messages one client may write per UTC day (0: no quota).
+    max_chat_bytes_per_client_daily: int = 200 * MIB
+    # Stored chat messages, all apps together, in GiB (0: no cap).
+    max_total_storage_gb: float = 0.0
+    # Seconds a client has to send a request's headers; a body's longest silence; a whole
+    # body; an idle connection between requests.
+    header_timeout: float = 10.0
+    body_idle_timeout: float = 30.0
+    body_timeout: float = 120.0
+    keepalive_timeout: float = 75.0
 
     @cached_property
     def origin_matcher(self) -> OriginMatcher:
@@ -99,7 +123,7 @@ class Policy:
 
     @cached_property
     def trusted(self) -> TrustedProxies:
-        return TrustedProxies(parse_networks(self.trusted_proxies))
+        return TrustedProxies(parse_networks(self.trusted_proxies), self.ipv6_prefix)
 
     def rate_limit(self, rate_class: str) -> RateLimit:
         return self.chats_rate_limit if rate_class == "chats" else self.completion_rate_limit
@@ -107,6 +131,18 @@ class Policy:
     @cached_property
     def cheap_model_set(self) -> frozenset[str]:
         return frozenset(self.cheap_models)
+
+    @cached_property
+    def app_set(self) -> frozenset[str]:
+        return frozenset(self.apps)
+
+    def check_app(self, app: str) -> None:
+        """400 `Invalid app` unless at most MAX_APP_CHARS printable characters; 400 `Unknown
+        app` when the operator lists the apps and this is not one of them."""
+        if not is_app_name(app):
+            raise ApiError(400, "Invalid app")
+        if self.apps and app not in self.app_set:
+            raise ApiError(400, "Unknown app")
 
 
 class PolicyHolder:

@@ -15,7 +15,7 @@ from typing import Any
 
 from qp.client_address import parse_networks
 from qp.errors import ConfigError
-from qp.policy import Policy
+from qp.policy import Policy, is_app_name
 from qp.rate_limits import RateLimit
 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9*.-]+(:\d{1,5})?")
@@ -48,6 +48,33 @@ def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"must be a whole number of at least 1, got {value!r}")
     return value
+
+
+def _quantity(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"must be a whole number of at least 0 (0: off), got {value!r}")
+    return value
+
+
+def _gigabytes(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
+        raise ValueError(f"must be a number of GiB, at least 0 (0: off), got {value!r}")
+    return float(value)
+
+
+def _prefix(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 128:
+        raise ValueError(f"must be a prefix length from 1 to 128, got {value!r}")
+    return value
+
+
+def _apps(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of app names")
+    for app in value:
+        if not is_app_name(app):
+            raise ValueError(f"{app!r} is not an app name (at most 100 printable characters)")
+    return tuple(value)
 
 
 def _seconds(value: Any) -> float:
@@ -108,6 +135,32 @@ SETTINGS = (
     Setting(
         "trusted_proxies", None, "trusted_proxies", "QP_TRUSTED_PROXIES", _networks, _comma_list
     ),
+    Setting("ipv6_prefix", None, "ipv6_prefix", "QP_IPV6_PREFIX", _prefix, _number),
+    Setting("apps", None, "apps", "QP_APPS", _apps, _comma_list),
+    Setting(
+        "max_chat_bytes_per_client_daily",
+        None,
+        "max_chat_bytes_per_client_daily",
+        "QP_MAX_CHAT_BYTES_PER_CLIENT_DAILY",
+        _quantity,
+        _number,
+    ),
+    Setting(
+        "max_total_storage_gb",
+        None,
+        "max_total_storage_gb",
+        "QP_MAX_TOTAL_STORAGE_GB",
+        _gigabytes,
+        _number,
+    ),
+    Setting("header_timeout", None, "header_timeout", "QP_HEADER_TIMEOUT", _seconds, _number),
+    Setting(
+        "body_idle_timeout", None, "body_idle_timeout", "QP_BODY_IDLE_TIMEOUT", _seconds, _number
+    ),
+    Setting("body_timeout", None, "body_timeout", "QP_BODY_TIMEOUT", _seconds, _number),
+    Setting(
+        "keepalive_timeout", None, "keepalive_timeout", "QP_KEEPALIVE_TIMEOUT", _seconds, _number
+    ),
     Setting("max_chats_per_app", "chats", "max_per_app", "QP_MAX_CHATS_PER_APP", _count, _number),
     Setting("max_chat_body_bytes", "chats", "max_body_bytes", None, _count),
     Setting("chats_rate_limit", "chats", "rate_limit", "QP_RATE_LIMIT_CHATS", _rate_limit),
@@ -147,8 +200,9 @@ def load_policy(environ: Mapping[str, str], config_path: Path | None) -> Policy:
         values.update(_from_file(config_path))
     for setting in SETTINGS:
         raw = environ.get(setting.env) if setting.env else None
-        # An empty QP_TRUSTED_PROXIES means "trust nobody"; other empty variables are unset.
-        if raw is None or (not raw.strip() and setting.field != "trusted_proxies"):
+        # An empty QP_TRUSTED_PROXIES means "trust nobody" (QP_APPS: "any app"); other empty
+        # variables are unset.
+        if raw is None or (not raw.strip() and setting.field not in ("trusted_proxies", "apps")):
             continue
         try:
             values[setting.field] = setting.check(setting.from_env(raw))

@@ -9,10 +9,12 @@ from aiohttp import web
 from qp.appkeys import IP_SALT, METRICS, POLICY, RATE_CLASSES, RATE_LIMITER
 from qp.client_address import client_address, hash_client
 from qp.db import Database
-from qp.errors import ApiError
+from qp.errors import too_many_requests
 from qp.logs import CLIENT_HASH
 from qp.rate_limits import RateLimiter
 from qp.timestamps import format_iso, utc_now_iso
+
+UNROUTED_RATE_CLASS = "chats"
 
 
 @web.middleware
@@ -22,6 +24,9 @@ async def rate_limit_middleware(request: web.Request, handler) -> web.StreamResp
     client = hash_client(client_address(request, policy.trusted), request.app[IP_SALT])
     request[CLIENT_HASH] = client
     rate_class = request.app[RATE_CLASSES].get(request.match_info.route)
+    if rate_class is None and request.match_info.http_exception is not None:
+        # No such route (404, 405): counted like the chats routes, so probing costs too.
+        rate_class = UNROUTED_RATE_CLASS
     if rate_class is not None:
         limiter, limit = request.app[RATE_LIMITER], policy.rate_limit(rate_class)
         # A class whose limits are off still refuses blocked clients; no need to count.
@@ -31,13 +36,7 @@ async def rate_limit_middleware(request: web.Request, handler) -> web.StreamResp
             refusal = limiter.blocked(client)
         if refusal is not None:
             request.app[METRICS].rate_limit_refusals.labels(rate_class, refusal.reason).inc()
-            raise ApiError(
-                429,
-                "Rate limit exceeded",
-                headers={"Retry-After": str(refusal.retry_after)},
-                retryAfter=refusal.retry_after,
-                message=refusal.message,
-            )
+            raise too_many_requests(refusal.retry_after, refusal.message)
     return await handler(request)
 
 

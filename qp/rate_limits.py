@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -60,20 +60,34 @@ SaveBlock = Callable[[str, float], Awaitable[None]]
 
 
 class RateLimiter:
+    """Counts requests per client and class in fixed windows, and blocks persistent
+    offenders.
+
+    Memory is bounded whatever the number of clients: counters are kept in the order their
+    clients were last seen; each check drops a few of the oldest whose windows are over,
+    and past `max_clients` the least recently seen go first (`forgotten` counts them; a
+    forgotten client merely starts its windows afresh).
+    """
+
+    PURGE_PER_CHECK = 4
+
     def __init__(
         self,
         blocks: dict[str, float],
         save_block: SaveBlock,
         clock: Callable[[], float] = time.time,
+        max_clients: int = 100_000,
     ):
         # client hash -> blocked until (epoch seconds); loaded from and saved to SQLite.
         self._blocks = blocks
         self._save_block = save_block
         self._clock = clock
+        self._max_clients = max_clients
         # (client hash, class) -> [minute window, count in it, hour window, count in it]
-        self._counters: dict[tuple[str, str], list[int]] = {}
-        self._refusals: dict[str, deque[float]] = {}
-        self._current_hour = 0
+        self._counters: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
+        # client hash -> times of its latest refusals, least recently refused first
+        self._refusals: OrderedDict[str, deque[float]] = OrderedDict()
+        self.forgotten = 0
 
     def blocked(self, client: str) -> Refusal | None:
         """The refusal of a blocked client (whatever the limits of the route)."""
@@ -95,14 +109,16 @@ class RateLimiter:
             return refusal
         now = self._clock()
         minute, hour = int(now // 60), int(now // 3600)
-        self._forget_old_hours(hour)
-        counter = self._counters.get((client, rate_class))
+        key = (client, rate_class)
+        counter = self._counters.pop(key, None)
         if counter is None:
-            counter = self._counters[client, rate_class] = [minute, 0, hour, 0]
+            counter = [minute, 0, hour, 0]
         if counter[0] != minute:
             counter[0], counter[1] = minute, 0
         if counter[2] != hour:
             counter[2], counter[3] = hour, 0
+        self._counters[key] = counter  # now the most recently seen, and in this hour
+        self._purge(hour)
         if limit.per_hour is not None and counter[3] >= limit.per_hour:
             refusal = Refusal(
                 3600, f"Rate limit exceeded: {limit.per_hour} requests per hour", "hour"
@@ -119,23 +135,37 @@ class RateLimiter:
         return refusal
 
     async def _note_refusal(self, client: str, now: float) -> None:
-        refusals = self._refusals.setdefault(client, deque(maxlen=REFUSALS_BEFORE_BLOCK))
+        refusals = self._refusals.pop(client, None) or deque(maxlen=REFUSALS_BEFORE_BLOCK)
         refusals.append(now)
         if len(refusals) == REFUSALS_BEFORE_BLOCK and now - refusals[0] <= REFUSAL_MEMORY_SECONDS:
             until = now + BLOCK_SECONDS
             self._blocks[client] = until
-            del self._refusals[client]
             await self._save_block(client, until)
-
-    def _forget_old_hours(self, hour: int) -> None:
-        """Once an hour, drop counters and refusals nobody can be limited by any more."""
-        if hour == self._current_hour:
             return
-        self._current_hour = hour
-        self._counters = {key: c for key, c in self._counters.items() if c[2] == hour}
-        cutoff = hour * 3600 - REFUSAL_MEMORY_SECONDS
-        self._refusals = {k: q for k, q in self._refusals.items() if q and q[-1] >= cutoff}
+        self._refusals[client] = refusals
+        while len(self._refusals) > self._max_clients:
+            self._refusals.popitem(last=False)
+
+    def _purge(self, hour: int) -> None:
+        """Drop the oldest counters whose hour is over, a few at a time, and any over the cap."""
+        for _ in range(self.PURGE_PER_CHECK):
+            oldest = next(iter(self._counters.values()))
+            if oldest[2] == hour:
+                break
+            self._counters.popitem(last=False)
+        while len(self._counters) > self._max_clients:
+            self._counters.popitem(last=False)
+            self.forgotten += 1
+        if self._refusals:
+            key, refusals = next(iter(self._refusals.items()))
+            if not refusals or refusals[-1] < self._clock() - REFUSAL_MEMORY_SECONDS:
+                del self._refusals[key]
 
     def replace_blocks(self, blocks: dict[str, float]) -> None:
         """Take the blocks in force as the database has them (an operator lifted one)."""
         self._blocks = blocks
+
+    @property
+    def tracked(self) -> int:
+        """Counters held now (one per client and class)."""
+        return len(self._counters)

@@ -39,6 +39,17 @@ MAX_UPSTREAM_CONNECTIONS = 4096
 SaveRecord = Callable[[CompletionRecord], None]
 
 
+class Payload:
+    """The body to POST upstream, handed over once: nothing keeps it for the stream's life."""
+
+    def __init__(self, data: bytes):
+        self._data = data
+
+    def take(self) -> bytes:
+        data, self._data = self._data, b""
+        return data
+
+
 def open_upstream_session() -> aiohttp.ClientSession:
     """The one client session for the life of the process, reusing connections to upstream."""
     connector = aiohttp.TCPConnector(limit=MAX_UPSTREAM_CONNECTIONS, ttl_dns_cache=300)
@@ -54,12 +65,17 @@ async def relay_completion(
     request: web.Request,
     session: aiohttp.ClientSession,
     policy: Policy,
-    payload: bytes,
+    payload: Payload,
     key: str,
     record: CompletionRecord,
     save_record: SaveRecord,
+    shutting_down: asyncio.Event,
 ) -> web.StreamResponse:
-    """Stream the upstream completion to the client; errors before the stream are ApiErrors."""
+    """Stream the upstream completion to the client; errors before the stream are ApiErrors.
+
+    A stream still open when the server's shutdown timeout ends is cut: `shutting_down`
+    tells that apart from a client that left.
+    """
     started = time.monotonic()
     try:
         upstream = await _post(session, policy, payload, key, record)
@@ -68,9 +84,12 @@ async def relay_completion(
                 raise await _upstream_error(upstream, record)
             return await _stream(request, upstream, record)
     except asyncio.CancelledError:
-        record.client_left = True
-        if record.outcome == "pending":
-            record.outcome = "client_left"
+        if shutting_down.is_set():
+            record.outcome = "shutdown"
+        else:
+            record.client_left = True
+            if record.outcome == "pending":
+                record.outcome = "client_left"
         raise
     finally:
         record.duration_ms = round((time.monotonic() - started) * 1000)
@@ -80,7 +99,7 @@ async def relay_completion(
 async def _post(
     session: aiohttp.ClientSession,
     policy: Policy,
-    payload: bytes,
+    payload: Payload,
     key: str,
     record: CompletionRecord,
 ) -> aiohttp.ClientResponse:
@@ -88,7 +107,7 @@ async def _post(
         async with asyncio.timeout(policy.upstream_timeout):
             return await session.post(
                 policy.openrouter_url_parsed,
-                data=payload,
+                data=payload.take(),
                 headers={
                     "Authorization": f"Bearer {key}",
                     "Content-Type": "application/json",
@@ -117,9 +136,18 @@ async def _post(
 
 
 async def _upstream_error(upstream: aiohttp.ClientResponse, record: CompletionRecord) -> ApiError:
-    """The same status, the upstream's reason phrase, and its own message when it has one."""
-    record.status, record.outcome = upstream.status, "upstream_error"
+    """The same status, the upstream's reason phrase, and its own message when it has one;
+    a redirect or a status HTTP does not define is 502."""
+    record.outcome = "upstream_error"
     log.warning("completion: upstream answered %d", upstream.status)
+    if not 400 <= upstream.status <= 599:
+        record.status = 502
+        return ApiError(
+            502,
+            "Bad Gateway",
+            message=f"The completion service answered with status {upstream.status}",
+        )
+    record.status = upstream.status
     reason = upstream.reason or _phrase(upstream.status)
     try:
         body = await upstream.content.read(MAX_ERROR_BODY)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from qp import chat_handlers, completion_handlers, ops
+from qp import chat_handlers, completion_handlers, openapi, ops
 
 # method, path, handler, rate-limit class (None: not limited; the admin routes)
 ROUTES = (
@@ -15,6 +15,7 @@ ROUTES = (
     ("DELETE", "/api/chats/{chat_id}", chat_handlers.delete_chat, None),
     ("POST", "/api/completion", completion_handlers.create_completion, "completion"),
     ("GET", "/api/usage", completion_handlers.usage_report, None),
+    ("GET", "/api/openapi.json", openapi.openapi_document, None),
     # For operators and monitoring; nginx passes only /api/ on.
     ("GET", "/healthz", ops.healthz, None),
     ("GET", "/metrics", ops.metrics, None),

@@ -22,11 +22,11 @@ def parse_iso(text: str) -> str | None:
     stored format, or None when it is neither."""
     try:
         moment = datetime.fromisoformat(text.strip())
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return format_iso(moment)
+    except (ValueError, OverflowError):  # not a date, or one UTC cannot show (year 0)
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return format_iso(moment)
 
 
 def epoch_seconds(iso: str) -> float:

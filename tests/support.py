@@ -10,12 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import botocore.session
+import orjson
 import pytest
 from botocore.config import Config as BotocoreConfig
 
@@ -106,10 +108,11 @@ class QPServer:
             {
                 "QP_DATA_DIR": str(self.data_dir),
                 "PYTHONUNBUFFERED": "1",
-                # The suite's many requests come from one address; the rate-limit tests
-                # set their own limits.
+                # The suite's many requests come from one address; the rate-limit and
+                # quota tests set their own limits.
                 "QP_RATE_LIMIT_CHATS": "off",
                 "QP_RATE_LIMIT_COMPLETION": "off",
+                "QP_MAX_CHAT_BYTES_PER_CLIENT_DAILY": "0",
             }
         )
         env.update(self.env)
@@ -368,3 +371,53 @@ class SmallDisk:
     def free_bytes(self) -> int:
         stat = os.statvfs(self.path)
         return stat.f_bavail * stat.f_frsize
+
+
+def rss_of(pid: int) -> int:
+    """Resident memory of a process, in bytes (Linux)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class RssSampler:
+    """Samples a process's RSS every 10 ms while `sampling()`; `peak` is the highest seen."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.peak = 0
+
+    def now(self) -> int:
+        return rss_of(self.pid)
+
+    @contextlib.contextmanager
+    def sampling(self):
+        self.peak = self.now()
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.01):
+                with contextlib.suppress(OSError, RuntimeError):
+                    self.peak = max(self.peak, rss_of(self.pid))
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+
+
+def big_chat(chat_id: str, app: str, mebibytes: float) -> bytes:
+    """A create body `{"chat": ...}` just under `mebibytes` MiB, of many small messages
+    (the shape that costs most memory once parsed)."""
+    target = int(mebibytes * 1024 * 1024) - 4096
+    one = len(orjson.dumps({"role": "assistant", "content": "turn 1000000"})) + 1
+    messages = [
+        {"role": "user" if n % 2 else "assistant", "content": f"turn {n}"}
+        for n in range(target // one)
+    ]
+    return orjson.dumps({"chat": make_chat(chat_id, app=app, messages=messages)})

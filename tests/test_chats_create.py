@@ -184,6 +184,14 @@ def _usage(**changes) -> dict:
     return {"chat": chat}
 
 
+def nested(depth: int) -> list:
+    """A list `depth` levels deep: orjson reads 1,024 levels but writes only 254."""
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 INVALID_CHATS = {
     "no chat": {},
     "chat is a string": {"chat": "x"},
@@ -203,6 +211,11 @@ INVALID_CHATS = {
     "prompt tokens a string": _usage(promptTokens="12"),
     "completion tokens a boolean": _usage(completionTokens=True),
     "cost null": _usage(estimatedCost=None),
+    # Valid JSON the server could not store or write again: never a 500.
+    "prompt tokens beyond 64 bits": _usage(promptTokens=2**63),
+    "completion tokens beyond 64 bits": _usage(completionTokens=2**64 - 1),
+    "messages nested 300 deep": _with(messages=nested(300)),
+    "an extra field nested 300 deep": _with(extra=nested(300)),
 }
 
 

@@ -205,3 +205,32 @@ async def test_reads_during_concurrent_puts_always_see_one_whole_write(http, app
     await asyncio.gather(read_repeatedly(), read_repeatedly(), *(write(i) for i in range(1, 16)))
     for chat in seen:
         assert chat["model"] == f"model-{chat['messages'][0]['writer']}"
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [{"promptTokens": 2**63}, {"completionTokens": 2**64 - 1}],
+    ids=["2^63", "2^64-1"],
+)
+async def test_usage_beyond_64_bits_on_update_is_400_and_keeps_the_chat(http, app_name, usage):
+    chat_id = await create(http, make_chat(app=app_name))
+    _, before = await call(http, "GET", f"/api/chats/{chat_id}")
+    update = make_chat(chat_id, app=app_name)
+    update["totalUsage"].update(usage)
+    assert await call(http, "PUT", f"/api/chats/{chat_id}", json={"chat": update}) == (
+        400,
+        {"error": "Invalid chat data"},
+    )
+    assert await call(http, "GET", f"/api/chats/{chat_id}") == (200, before)
+
+
+async def test_messages_too_deep_to_write_again_on_update_are_400(http, app_name):
+    chat_id = await create(http, make_chat(app=app_name))
+    deep: list = []
+    for _ in range(299):
+        deep = [deep]
+    update = make_chat(chat_id, app=app_name, messages=deep)
+    assert await call(http, "PUT", f"/api/chats/{chat_id}", json={"chat": update}) == (
+        400,
+        {"error": "Invalid chat data"},
+    )

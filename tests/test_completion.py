@@ -254,7 +254,25 @@ async def test_a_message_over_100000_characters_is_413(http):
         413,
         {
             "error": "Request validation failed",
-            "message": "Message too long: 100001 characters (max: 100000)",
+            "message": "Message 0 too large: 100001 characters (max: 100000)",
+        },
+    )
+
+
+async def test_the_413_names_the_first_message_too_large_in_javascript_length(http):
+    # JavaScript counts a character beyond U+FFFF as two: 50,001 of them are 100,002.
+    messages = [
+        {"role": "user", "content": "short"},
+        {"role": "assistant", "content": "\U0001f600" * 50_001},
+        {"role": "user", "content": "z" * 100_001},
+    ]
+    body = orjson.dumps(completion(messages=messages))
+    headers = {"Content-Type": "application/json"}
+    assert await call(http, "POST", "/api/completion", data=body, headers=headers) == (
+        413,
+        {
+            "error": "Request validation failed",
+            "message": "Message 1 too large: 100002 characters (max: 100000)",
         },
     )
 
@@ -265,7 +283,7 @@ async def test_text_parts_are_summed_against_the_limit(http):
     request = completion(messages=[{"role": "user", "content": parts}])
     status, answer = await call(http, "POST", "/api/completion", json=request)
     assert status == 413
-    assert answer["message"] == "Message too long: 100001 characters (max: 100000)"
+    assert answer["message"] == "Message 0 too large: 100001 characters (max: 100000)"
 
 
 @pytest.mark.parametrize("missing_group", range(3))
@@ -354,6 +372,48 @@ async def test_upstream_error_without_a_message_gives_the_reason_phrase(http, fa
     assert await call(http, "POST", "/api/completion", json=completion("script:429")) == (
         429,
         {"error": "Too Many Requests"},
+    )
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 600, 999])
+async def test_a_redirect_or_a_status_http_does_not_define_is_502(http, fake, status):
+    fake.scripts[f"odd{status}"] = Script(status=status, body=b"{}")
+    assert await call(http, "POST", "/api/completion", json=completion(f"script:odd{status}")) == (
+        502,
+        {
+            "error": "Bad Gateway",
+            "message": f"The completion service answered with status {status}",
+        },
+    )
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("where", ["messages", "tools", "provider"])
+async def test_a_request_nested_too_deep_to_send_upstream_is_400(http, fake, where):
+    request = completion()
+    if where == "messages":
+        request["messages"].append({"role": "user", "content": nested(300)})
+    else:
+        request[where] = nested(300) if where == "tools" else {"deep": nested(300)}
+    sent = len(fake.received)
+    assert await call(http, "POST", "/api/completion", json=request) == (
+        400,
+        {"error": "Invalid completion request"},
+    )
+    assert len(fake.received) == sent
+
+
+@pytest.mark.parametrize("app", ["x" * 101, "line\nbreak", 42, ["a"]])
+async def test_a_completion_for_an_invalid_app_is_400(http, fake, app):
+    assert await call(http, "POST", "/api/completion", json=completion(app=app)) == (
+        400,
+        {"error": "Invalid app"},
     )
 
 
@@ -559,3 +619,15 @@ async def test_usage_the_ledger_cannot_store_is_null_and_the_ledger_goes_on(fake
     log = server.log()
     assert "upstream reported a prompt_tokens the ledger cannot store" in log
     assert "Traceback" not in log
+
+
+async def test_a_stream_cut_by_shutdown_is_recorded_as_shutdown(fake, tmp_path_factory):
+    server = start_qp(tmp_path_factory, fake, QP_SHUTDOWN_TIMEOUT="1")
+    fake.scripts["forever"] = Script(chunks=[(0.0, b"data: one\n\n")], hold=60.0)
+    async with aiohttp.ClientSession(server.url) as http:
+        response = await http.post("/api/completion", json=completion("script:forever"))
+        await response.content.readany()
+        assert server.stop() == 0
+        response.close()
+    (row,) = ledger(server)
+    assert (row["status"], row["outcome"], row["client_left"]) == (200, "shutdown", 0)

@@ -12,6 +12,8 @@ import time
 import aiohttp
 import pytest
 
+from qp.metrics import Metrics
+from qp.usage import CompletionRecord
 from tests.conftest import ADMIN_KEY
 from tests.fake_openrouter import FakeOpenRouter, Script
 from tests.helpers import call
@@ -202,3 +204,60 @@ async def test_json_logs_are_one_object_a_line_without_secrets(qp_server, fake):
     for entry in access:
         assert set(entry) >= {"time", "method", "route", "status", "duration_ms", "bytes"}
         assert re.fullmatch(r"[0-9a-f]{64}", entry["client"])
+
+
+# --- hostile inputs, and who may read /metrics ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "since", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "2026-13-01", "\x00"]
+)
+async def test_a_since_no_date_in_utc_can_be_is_400(qp_server, since):
+    server = qp_server()
+    async with aiohttp.ClientSession(server.url) as http:
+        assert await call(
+            http, "GET", "/api/usage", params={"since": since}, headers={"x-admin-key": ADMIN_KEY}
+        ) == (400, {"error": "Invalid since parameter"})
+
+
+async def test_metrics_need_the_token_when_one_is_set(qp_server):
+    server = qp_server(QP_METRICS_TOKEN="scrape-secret")
+    async with aiohttp.ClientSession(server.url) as http:
+        assert await call(http, "GET", "/metrics") == (401, {"error": "Unauthorized"})
+        wrong = {"Authorization": "Bearer nope"}
+        assert await call(http, "GET", "/metrics", headers=wrong) == (
+            401,
+            {"error": "Unauthorized"},
+        )
+        right = {"Authorization": "Bearer scrape-secret"}
+        async with http.get("/metrics", headers=right) as response:
+            assert response.status == 200
+            assert "qp_requests_total" in await response.text()
+
+
+@pytest.mark.parametrize(
+    "header", ["X-Forwarded-For", "Forwarded", "X-Real-IP", "CF-Connecting-IP"]
+)
+async def test_without_a_token_metrics_refuse_anything_a_proxy_forwarded(qp_server, header):
+    server = qp_server()
+    async with aiohttp.ClientSession(server.url) as http:
+        assert await call(http, "GET", "/metrics", headers={header: "203.0.113.7"}) == (
+            403,
+            {"error": "Forbidden"},
+        )
+
+
+def test_metrics_of_a_million_apps_stay_small_and_quick():
+    metrics = Metrics()
+    for n in range(1_000_000):
+        record = CompletionRecord(
+            "2026-01-01T00:00:00.000Z", f"app-{n}-" + "x" * 90, "m", "server", 200, "completed"
+        )
+        record.prompt_tokens, record.completion_tokens, record.cost = 10, 5, 0.001
+        metrics.completion_finished(record)
+    started = time.perf_counter()
+    text = metrics.render()
+    took = time.perf_counter() - started
+    assert len(text) < 2**20, len(text)
+    assert took < 0.05, f"{took * 1000:.0f} ms"
+    assert b'app="other"' in text

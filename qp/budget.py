@@ -1,0 +1,74 @@
+"""ByteBudget: how many bytes of chats and request bodies the server holds in memory at once.
+
+What a client sends decides how much a request needs (a 10 MiB body parses into up to 25
+times that in Python objects); the budget (QP_MAX_INFLIGHT_MB) decides how much all
+requests together may have. A request asks before it allocates and waits its turn, first
+come first served, when the budget is spent; it may give back what it no longer needs as
+it goes, but never ask for more while holding some (no request can wait on another).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+
+class Hold:
+    """Bytes a request holds; `shrink_to` gives back what it no longer needs."""
+
+    def __init__(self, budget: ByteBudget, nbytes: int):
+        self._budget = budget
+        self.nbytes = nbytes
+
+    def shrink_to(self, nbytes: int) -> None:
+        if nbytes < self.nbytes:
+            self._budget._give_back(self.nbytes - nbytes)
+            self.nbytes = nbytes
+
+
+class ByteBudget:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.in_use = 0
+        self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[Hold]:
+        """Hold `nbytes` (at most the whole budget) until the block ends."""
+        nbytes = max(0, min(nbytes, self.max_bytes))
+        await self._take(nbytes)
+        hold = Hold(self, nbytes)
+        try:
+            yield hold
+        finally:
+            self._give_back(hold.nbytes)
+
+    async def _take(self, nbytes: int) -> None:
+        if not self._waiting and self.in_use + nbytes <= self.max_bytes:
+            self.in_use += nbytes
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append((nbytes, waiter))
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._give_back(nbytes)  # granted just as it was cancelled
+            else:
+                self._waiting.remove((nbytes, waiter))
+                self._grant()
+            raise
+
+    def _give_back(self, nbytes: int) -> None:
+        self.in_use -= nbytes
+        self._grant()
+
+    def _grant(self) -> None:
+        """Wake waiters in order while the first one fits."""
+        while self._waiting and self.in_use + self._waiting[0][0] <= self.max_bytes:
+            nbytes, waiter = self._waiting.popleft()
+            if not waiter.done():
+                self.in_use += nbytes
+                waiter.set_result(None)

@@ -1,0 +1,396 @@
+"""The contract as a document: OpenAPI 3.1 for every route, status and body, served at
+GET /api/openapi.json and fuzzed by schemathesis in the test suite.
+
+Written by hand from ../shared/API.md: where a check cannot be said in JSON Schema (the
+system message's required phrases, which models the server pays for, sizes in bytes) the
+description says it, and the answer that check gives is among the documented statuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from qp.chat_model import CHAT_ID_PATTERN, COST_MAX, INT64_MAX
+from qp.policy import MAX_APP_CHARS
+
+# Printable text: no control characters (C0, DEL, C1).
+APP_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+CHAT_ID = f"^{CHAT_ID_PATTERN.pattern}$"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+def _limited(description: str) -> dict[str, Any]:
+    answer = _json(_ref("Error"), description)
+    answer["headers"] = {"Retry-After": {"required": True, "schema": {"type": "string"}}}
+    return answer
+
+
+COMMON = {
+    "429": _limited("Rate limit exceeded (or, for writes, the client's daily storage quota)"),
+    "503": _error("The database or the blob store failed: Storage unavailable"),
+}
+BODY_ERRORS = {
+    "400": _error("Invalid JSON body, invalid data, invalid chat id or app"),
+    "408": _error("The request body came too slowly"),
+    "413": _error("Request validation failed: the body or the chat is too large"),
+}
+ADMIN = [{"adminKey": []}]
+
+TOKENS = {"type": "number", "minimum": -INT64_MAX - 1, "maximum": INT64_MAX}
+COST = {"type": "number", "minimum": -COST_MAX - 1, "maximum": COST_MAX}
+APP = {"type": "string", "maxLength": MAX_APP_CHARS, "pattern": APP_PATTERN}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+    },
+    "Usage": {
+        "type": "object",
+        "required": ["promptTokens", "completionTokens", "estimatedCost"],
+        "properties": {
+            "promptTokens": TOKENS,
+            "completionTokens": TOKENS,
+            "estimatedCost": COST,
+        },
+    },
+    "Chat": {
+        "type": "object",
+        "required": [
+            "chatId",
+            "app",
+            "model",
+            "messages",
+            "totalUsage",
+            "createdAt",
+            "updatedAt",
+        ],
+        "properties": {
+            "chatId": {"type": "string", "pattern": CHAT_ID},
+            "app": {"type": "string"},
+            "model": {"type": "string"},
+            "messages": {"type": "array"},
+            "totalUsage": _ref("Usage"),
+            "createdAt": {"type": "string", "format": "date-time"},
+            "updatedAt": {"type": "string", "format": "date-time"},
+        },
+    },
+    "ChatInput": {
+        "type": "object",
+        "description": "createdAt, updatedAt and any other field are ignored; messages are"
+        " stored exactly as sent. The whole chat may take 10 MiB.",
+        "required": ["app", "model", "messages", "totalUsage"],
+        "properties": {
+            "chatId": {
+                "description": "Create: missing, null or empty lets the server make one.",
+                "anyOf": [
+                    {"type": "string", "pattern": CHAT_ID},
+                    {"type": "string", "maxLength": 0},
+                    {"type": "null"},
+                ],
+            },
+            "app": APP,
+            "model": {"type": "string"},
+            "messages": {"type": "array"},
+            "totalUsage": _ref("Usage"),
+        },
+    },
+    "ChatBody": {
+        "type": "object",
+        "required": ["chat"],
+        "properties": {"chat": _ref("ChatInput")},
+    },
+    "CompletionRequest": {
+        "type": "object",
+        "description": "The system message must hold one phrase of each required group, and"
+        " a model the server does not pay for needs the client's x-openrouter-key (both"
+        " 400 otherwise); a message may hold 100,000 characters (413). The body may take"
+        " 500 KiB.",
+        "required": ["model", "systemMessage", "messages"],
+        "properties": {
+            "model": {"type": "string"},
+            "systemMessage": {"type": "string"},
+            "messages": {"type": "array", "description": "At most 50 (else 413)."},
+            "tools": {"anyOf": [{"type": "array"}, {"type": "null"}]},
+            "app": {"anyOf": [APP, {"type": "null"}]},
+            "provider": {},
+        },
+    },
+    "UsageTotals": {
+        "type": "object",
+        "required": ["completions", "promptTokens", "completionTokens", "cost", "clientLeft"],
+        "properties": {
+            "completions": {"type": "integer"},
+            "promptTokens": {"type": "integer"},
+            "completionTokens": {"type": "integer"},
+            "cost": {"type": "number"},
+            "clientLeft": {"type": "integer"},
+        },
+    },
+    "UsageReport": {
+        "type": "object",
+        "required": ["since", "app", "totals", "overall"],
+        "properties": {
+            "since": {"type": ["string", "null"]},
+            "app": {"type": ["string", "null"]},
+            "totals": {
+                "type": "array",
+                "items": {
+                    "allOf": [
+                        _ref("UsageTotals"),
+                        {
+                            "type": "object",
+                            "required": ["app", "model", "payer"],
+                            "properties": {
+                                "app": {"type": ["string", "null"]},
+                                "model": {"type": "string"},
+                                "payer": {"enum": ["server", "app", "user"]},
+                            },
+                        },
+                    ]
+                },
+            },
+            "overall": _ref("UsageTotals"),
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {
+            "status": {"enum": ["ok", "unavailable"]},
+            "error": {"type": "string"},
+            "checks": {
+                "type": "object",
+                "properties": {
+                    "database": {"type": "string"},
+                    "storage": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+CHAT_ID_PARAMETER = {
+    "name": "chatId",
+    "in": "path",
+    "required": True,
+    "description": f"A chat id ({CHAT_ID}); any other answers 404 (read, delete) or 400.",
+    "schema": {"type": "string"},
+}
+CHAT_BODY = {"required": True, "content": {"application/json": {"schema": _ref("ChatBody")}}}
+
+PATHS: dict[str, Any] = {
+    "/api/chats": {
+        "post": {
+            "operationId": "createChat",
+            "summary": "Store a new chat",
+            "requestBody": CHAT_BODY,
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["chatId"],
+                        "properties": {"chatId": {"type": "string", "pattern": CHAT_ID}},
+                    },
+                    "Stored",
+                ),
+                **BODY_ERRORS,
+                "409": _error("Chat already exists"),
+                **COMMON,
+                "507": _error("Insufficient storage"),
+            },
+        },
+        "get": {
+            "operationId": "listChats",
+            "summary": "An app's newest 100 chats, whole (admin)",
+            "security": ADMIN,
+            "parameters": [
+                {
+                    "name": "app",
+                    "in": "query",
+                    "required": True,
+                    "schema": {"type": "string", "minLength": 1},
+                }
+            ],
+            "responses": {
+                "200": _json({"type": "array", "items": _ref("Chat")}, "The chats"),
+                "400": _error("App parameter required"),
+                "401": _error("Unauthorized"),
+                **COMMON,
+            },
+        },
+    },
+    "/api/chats/{chatId}": {
+        "parameters": [CHAT_ID_PARAMETER],
+        "get": {
+            "operationId": "getChat",
+            "summary": "One chat",
+            "responses": {
+                "200": _json(_ref("Chat"), "The chat"),
+                "404": _error("Chat not found"),
+                **COMMON,
+            },
+        },
+        "put": {
+            "operationId": "updateChat",
+            "summary": "Replace a chat's messages, model and usage",
+            "requestBody": CHAT_BODY,
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["success"],
+                        "properties": {"success": {"const": True}},
+                    },
+                    "Stored",
+                ),
+                **BODY_ERRORS,
+                "404": _error("Chat not found"),
+                **COMMON,
+                "507": _error("Insufficient storage"),
+            },
+        },
+        "delete": {
+            "operationId": "deleteChat",
+            "summary": "Remove a chat (admin)",
+            "security": ADMIN,
+            "responses": {
+                "200": _json(
+                    {"type": "object", "properties": {"success": {"const": True}}},
+                    "Gone, whether or not it existed",
+                ),
+                "401": _error("Unauthorized"),
+                "404": _error("Chat not found (not a chat id)"),
+                **COMMON,
+            },
+        },
+    },
+    "/api/completion": {
+        "post": {
+            "operationId": "createCompletion",
+            "summary": "A streamed LLM completion, relayed from OpenRouter",
+            "parameters": [
+                {
+                    "name": "x-openrouter-key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("CompletionRequest")}},
+            },
+            "responses": {
+                "200": {
+                    "description": "OpenRouter's server-sent events, byte for byte",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                **BODY_ERRORS,
+                "402": _error("Budget exhausted"),
+                **COMMON,
+                "502": _error("Bad Gateway: upstream unreachable or answering oddly"),
+                "504": _error("Gateway Timeout"),
+                "default": _error(
+                    "Upstream's own status and reason (e.g. 401), with its message; 500 when"
+                    " no key is configured"
+                ),
+            },
+        },
+    },
+    "/api/usage": {
+        "get": {
+            "operationId": "usageReport",
+            "summary": "Completions, tokens and cost by app, model and payer (admin)",
+            "security": ADMIN,
+            "parameters": [
+                {"name": "app", "in": "query", "required": False, "schema": {"type": "string"}},
+                {
+                    "name": "since",
+                    "in": "query",
+                    "required": False,
+                    "description": "An ISO 8601 date or date-time; anything else is 400.",
+                    "schema": {"type": "string"},
+                },
+            ],
+            "responses": {
+                "200": _json(_ref("UsageReport"), "The totals"),
+                "400": _error("Invalid since parameter"),
+                "401": _error("Unauthorized"),
+                **COMMON,
+            },
+        },
+    },
+    "/api/openapi.json": {
+        "get": {
+            "operationId": "openapi",
+            "summary": "This document",
+            "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+        },
+    },
+    "/healthz": {
+        "get": {
+            "operationId": "health",
+            "summary": "Whether the database and the blob store answer and take writes",
+            "responses": {
+                "200": _json(_ref("Health"), "Healthy"),
+                "503": _json(_ref("Health"), "Not: checks name what and why"),
+            },
+        },
+    },
+    "/metrics": {
+        "get": {
+            "operationId": "metrics",
+            "summary": "Prometheus metrics (QP_METRICS_TOKEN, or loopback only)",
+            "security": [{"metricsToken": []}, {}],
+            "responses": {
+                "200": {
+                    "description": "Prometheus text",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                "401": _error("Unauthorized"),
+                "403": _error("Forbidden"),
+            },
+        },
+    },
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "qp-server",
+        "version": "1",
+        "description": "The QP chat backend's HTTP API (../shared/API.md). Every error body"
+        " is JSON with at least an `error` string. Any route may also answer 400 for a"
+        " request the HTTP parser rejects, and 429 when its client is over its rate limit.",
+    },
+    "paths": PATHS,
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {
+            "adminKey": {"type": "apiKey", "in": "header", "name": "x-admin-key"},
+            "metricsToken": {"type": "http", "scheme": "bearer"},
+        },
+    },
+}
+
+_DOCUMENT_JSON = orjson.dumps(DOCUMENT)
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.Response(body=_DOCUMENT_JSON, content_type="application/json")
