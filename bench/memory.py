@@ -1,0 +1,103 @@
+"""What large chats cost the server in memory: peak RSS while anonymous clients read them
+at once, and while admins list them, against the server's idle RSS.
+
+    .venv/bin/python bench/memory.py [--chats 100] [--mb 10] [--gets 40] [--lists 3]
+
+Stores `--chats` chats of `--mb` MiB each in one app (many small messages, the shape that
+costs most once parsed), then, with the server's RSS sampled every 10 ms: `--gets`
+concurrent GETs of different chats, twice; `--lists` concurrent admin lists of the app.
+Prints idle RSS, the peak over idle of each phase, and the RSS left afterwards. The issue's
+target: each peak at most 500 MB over idle, and within 100 MB of idle afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.support import QPServer, RssSampler, big_chat
+
+ADMIN_KEY = "bench-admin-key"
+
+
+async def run(args: argparse.Namespace, data: Path) -> None:
+    server = QPServer(
+        data,
+        {"ADMIN_KEY": ADMIN_KEY, "QP_MAX_CHAT_BYTES_PER_CLIENT_DAILY": "0", "QP_CACHE_MB": "64"},
+    ).start()
+    timeout = aiohttp.ClientTimeout(total=600)
+    try:
+        async with aiohttp.ClientSession(server.url, timeout=timeout) as http:
+            started = time.perf_counter()
+            ids = []
+            for n in range(args.chats):
+                body = big_chat(f"memory-{n}", "memory-bench", args.mb)
+                async with http.post("/api/chats", data=body) as response:
+                    assert response.status == 200, await response.text()
+                ids.append(f"memory-{n}")
+            took = time.perf_counter() - started
+            print(f"stored {args.chats} chats of {args.mb} MiB in {took:.1f} s")
+            await asyncio.sleep(2)
+            sampler = RssSampler(server.process.pid)
+            idle = sampler.now()
+            print(f"idle RSS: {idle / 2**20:.0f} MB")
+
+            async def get(chat_id: str) -> int:
+                async with http.get(f"/api/chats/{chat_id}") as response:
+                    return len(await response.read())
+
+            async def listing() -> int:
+                async with http.get(
+                    "/api/chats?app=memory-bench", headers={"x-admin-key": ADMIN_KEY}
+                ) as response:
+                    total = 0
+                    async for chunk in response.content.iter_chunked(1 << 20):
+                        total += len(chunk)
+                    return total
+
+            for label, calls in (
+                (
+                    f"{args.gets} concurrent GETs",
+                    [get(ids[i % len(ids)]) for i in range(args.gets)],
+                ),
+                (
+                    f"{args.gets} concurrent GETs again",
+                    [get(ids[(i + 7) % len(ids)]) for i in range(args.gets)],
+                ),
+                (f"{args.lists} concurrent admin lists", [listing() for _ in range(args.lists)]),
+            ):
+                with sampler.sampling():
+                    started = time.perf_counter()
+                    sizes = await asyncio.gather(*calls)
+                    took = time.perf_counter() - started
+                await asyncio.sleep(1.0)
+                print(
+                    f"{label}: {sum(sizes) / 2**20:.0f} MB in {took:.1f} s;"
+                    f" peak {(sampler.peak - idle) / 2**20:+.0f} MB over idle,"
+                    f" after {(sampler.now() - idle) / 2**20:+.0f} MB"
+                )
+    finally:
+        server.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chats", type=int, default=100)
+    parser.add_argument("--mb", type=int, default=10)
+    parser.add_argument("--gets", type=int, default=40)
+    parser.add_argument("--lists", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=Path("/tmp/qp-bench-memory"))
+    args = parser.parse_args()
+    asyncio.run(run(args, args.data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
