@@ -247,7 +247,7 @@ async def test_without_a_token_metrics_refuse_anything_a_proxy_forwarded(qp_serv
         )
 
 
-def test_metrics_of_a_million_apps_stay_small_and_quick():
+def test_metrics_of_a_million_apps_stay_small():
     metrics = Metrics()
     for n in range(1_000_000):
         record = CompletionRecord(
@@ -255,9 +255,7 @@ def test_metrics_of_a_million_apps_stay_small_and_quick():
         )
         record.prompt_tokens, record.completion_tokens, record.cost = 10, 5, 0.001
         metrics.completion_finished(record)
-    started = time.perf_counter()
     text = metrics.render()
-    took = time.perf_counter() - started
     assert len(text) < 2**20, len(text)
-    assert took < 0.05, f"{took * 1000:.0f} ms"
     assert b'app="other"' in text
+    assert text.count(b"qp_completion_cost_usd_total{") == 101  # 100 apps and `other`
