@@ -1,10 +1,10 @@
--- qp-server's SQLite schema. Applied at every start-up; every statement is idempotent.
--- The chats table is the worker's D1 table, column for column (plus `pending`), so a D1
--- export loads as is.
+-- qp-server's SQLite schema, whole, as qp/storage/migrations.py builds it step by step
+-- (tests/test_migrations.py checks they agree). The chats table is the worker's D1 table,
+-- column for column (plus `pending` and `messages_bytes`), so a D1 export loads as is.
 -- Timestamps are stored as the worker wrote them: ISO 8601 UTC text with milliseconds and Z,
 -- so ordering by text is ordering by time.
 
-CREATE TABLE IF NOT EXISTS chats (
+CREATE TABLE chats (
   chat_id TEXT PRIMARY KEY,
   app TEXT NOT NULL,
   model TEXT NOT NULL,
@@ -13,24 +13,24 @@ CREATE TABLE IF NOT EXISTS chats (
   estimated_cost REAL DEFAULT 0,
   created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
   updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+  -- Set while a write of this chat may not have reached the blob store: JSON naming the
+  -- operation, the SHA-256 of the messages being written, when, and for an update the row
+  -- as it was. A restart finishes or undoes each such write (see qp/chats/store.py).
+  pending TEXT,
   -- Length in bytes of the messages array in the blob store (NULL: not known, as after an
   -- import; filled in from the store in the background).
-  messages_bytes INTEGER,
-  -- Set while a write of this chat may not have reached the blob store: JSON naming the
-  -- operation, the SHA-256 of the messages being written and, for an update, the row as
-  -- it was. A restart finishes or undoes each such write (see qp/chat_store.py).
-  pending TEXT
+  messages_bytes INTEGER
 );
 
 -- Serves both the per-app count (chat limit) and the admin list (newest updated_at first).
-CREATE INDEX IF NOT EXISTS idx_chats_app_updated_at ON chats(app, updated_at DESC);
+CREATE INDEX idx_chats_app_updated_at ON chats(app, updated_at DESC);
 
 -- The spend ledger: one row per completion sent upstream. Never message contents or keys.
 -- payer: who paid (server: OPENROUTER_API_KEY, app: OPENROUTER_API_KEY_{APP}, user: the
 -- client's own x-openrouter-key). status: the HTTP status the client got. outcome:
 -- completed, client_left, upstream_error, upstream_idle, upstream_died, unreachable, timeout,
 -- shutdown (still streaming when the server's shutdown timeout ended).
-CREATE TABLE IF NOT EXISTS completions (
+CREATE TABLE completions (
   id INTEGER PRIMARY KEY,
   started_at TEXT NOT NULL,
   app TEXT,
@@ -45,22 +45,22 @@ CREATE TABLE IF NOT EXISTS completions (
   client_left INTEGER NOT NULL DEFAULT 0
 );
 
-CREATE INDEX IF NOT EXISTS idx_completions_started_at ON completions(started_at);
-CREATE INDEX IF NOT EXISTS idx_completions_app_started_at ON completions(app, started_at);
+CREATE INDEX idx_completions_started_at ON completions(started_at);
+CREATE INDEX idx_completions_app_started_at ON completions(app, started_at);
 
 -- Installation settings, e.g. the random salt for client-address hashes.
-CREATE TABLE IF NOT EXISTS settings (
+CREATE TABLE settings (
   name TEXT PRIMARY KEY,
   value TEXT NOT NULL
 );
 
 -- Clients blocked for excessive rate-limit violations, by salted address hash. Kept here so
 -- a restart never lifts a block. Times are ISO 8601 UTC like everywhere else.
-CREATE TABLE IF NOT EXISTS blocks (
+CREATE TABLE blocks (
   client_hash TEXT PRIMARY KEY,
   blocked_at TEXT NOT NULL,
   blocked_until TEXT NOT NULL
 );
 
--- The schema version this file describes; qp/db.py migrates older databases up to it.
+-- The schema version this file describes (SCHEMA_VERSION in qp/storage/migrations.py).
 PRAGMA user_version = 5;

@@ -25,7 +25,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qp.policy import DEFAULT_REQUIRED_PHRASE_GROUPS  # noqa: E402
+from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS  # noqa: E402
 from tests.support import QPServer, free_ports, wait_for_port  # noqa: E402
 
 MODEL = "bench/model"

@@ -36,7 +36,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qp.policy import DEFAULT_REQUIRED_PHRASE_GROUPS  # noqa: E402
+from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS  # noqa: E402
 from tests.support import QPServer, free_ports, make_chat, rss_of, wait_for_port  # noqa: E402
 
 ADMIN_KEY = "soak-admin-key"

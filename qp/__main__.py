@@ -2,6 +2,6 @@
 
 import sys
 
-from qp.cli import main
+from qp.cli.main import main
 
 sys.exit(main())

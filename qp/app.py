@@ -6,12 +6,9 @@ import asyncio
 import logging
 import os
 import signal
-import sqlite3
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from pathlib import Path
-from typing import Any
+from functools import partial
 
 from aiohttp import web
 
@@ -31,38 +28,35 @@ from qp.appkeys import (
     SHUTTING_DOWN,
     UPSTREAM,
 )
-from qp.auth import ADMIN_GUARD, AdminGuard
-from qp.batches import BatchWriter
-from qp.blobs import BlobStore, StoreNotReady, file_store_root, open_blob_store
-from qp.budget import ByteBudget
-from qp.chat_cache import ChatCache
-from qp.chat_store import ChatStore
-from qp.claim import Claim, ClaimHeld
+from qp.chats.cache import ChatCache
+from qp.chats.store import ChatStore
+from qp.completions.ledger import insert_records
+from qp.completions.relay import open_upstream_session
 from qp.config import Config
-from qp.cors import setup_cors
-from qp.db import READER_COUNT, Database, SchemaTooNew
-from qp.disk import DiskSpace
-from qp.errors import ConfigError, StorageUnavailable, error_middleware
+from qp.errors import ConfigError, StorageUnavailable
 from qp.metrics import Metrics
-from qp.ops import observe_middleware
-from qp.policy import PolicyHolder
-from qp.policy_loader import load_policy
-from qp.protection import load_blocks, open_rate_limiter, rate_limit_middleware
-from qp.quota import DailyQuota
-from qp.rate_limits import RateLimiter
-from qp.relay import open_upstream_session
+from qp.middlewares import MIDDLEWARES
+from qp.ops.housekeeping import Housekeeping
+from qp.policy.loader import load_policy
+from qp.policy.policy import PolicyHolder
+from qp.protection.admin import ADMIN_GUARD, AdminGuard
+from qp.protection.blocks import open_rate_limiter
+from qp.protection.byte_budget import ByteBudget
+from qp.protection.client_address import installation_salt
+from qp.protection.cors import setup_cors
+from qp.protection.quota import DailyQuota
 from qp.routes import add_routes
+from qp.startup import StartupError, claim_record, disk_space, open_storage, take_claims
+from qp.storage.batches import BatchWriter
+from qp.storage.claim import ClaimHeld
+from qp.storage.sqlite import Database
 
 log = logging.getLogger("qp.app")
 LAG_PROBE_SECONDS = 0.1
 
 
-class StartupError(Exception):
-    """A resource cannot be opened; the message is one line naming it."""
-
-
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[observe_middleware, error_middleware, rate_limit_middleware])
+    app = web.Application(middlewares=MIDDLEWARES)
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[POLICY] = PolicyHolder(config.policy)
@@ -78,88 +72,6 @@ def create_app(config: Config) -> web.Application:
     app[RATE_CLASSES] = add_routes(app.router)
     setup_cors(app, lambda: app[POLICY].current.origin_matcher)
     return app
-
-
-def lock_files(config: Config) -> list[tuple[Path, Path, str]]:
-    """(lock file, what it guards, its setting): the database, and a file store's folder."""
-    database = config.database_path
-    locks = [(database.with_name(database.name + ".lock"), database, "QP_DATABASE")]
-    if config.storage_url.startswith("file://"):
-        root = file_store_root(config.storage_url)
-        locks.append((root / ".qp-server.lock", root, "QP_STORAGE"))
-    return locks
-
-
-def claim_record(config: Config) -> dict[str, Any]:
-    """What the lock files say of their holder: who it is, and what a repair beside it
-    needs to know (its blob store, and how long its writes may take)."""
-    return {
-        "pid": os.getpid(),
-        "database": str(config.database_path.resolve()),
-        "storage": storage_identity(config.storage_url),
-        "write_deadline": config.write_deadline,
-    }
-
-
-def storage_identity(url: str) -> str:
-    """The blob store a URL names, comparable between processes (a folder made absolute)."""
-    if url.startswith("file://"):
-        return "file://" + str(file_store_root(url).resolve())
-    return url
-
-
-def take_claims(config: Config, stack: AsyncExitStack) -> list[Claim]:
-    """Claim the database (and file blob folder) for this process, released by `stack`.
-    Raises ClaimHeld (naming what is held in `guarded`), or StartupError when a lock file
-    cannot be made."""
-    claims = []
-    for lock, guarded, setting in lock_files(config):
-        try:
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            claim = Claim.take(lock, claim_record(config))
-        except ClaimHeld as held:
-            held.guarded = guarded
-            raise
-        except OSError as err:
-            raise StartupError(f"{setting} {guarded}: cannot claim it: {err}") from None
-        stack.callback(claim.release)
-        claims.append(claim)
-    return claims
-
-
-def disk_space(config: Config) -> DiskSpace:
-    folders = [config.database_path.parent]
-    if config.storage_url.startswith("file://"):
-        folders.append(file_store_root(config.storage_url))
-    reserve = config.database_path.with_name(config.database_path.name + ".reserve")
-    return DiskSpace(folders, config.min_free_bytes, reserve)
-
-
-async def open_storage(
-    config: Config,
-    stack: AsyncExitStack,
-    reader_count: int = READER_COUNT,
-    space: DiskSpace | None = None,
-) -> tuple[Database, BlobStore]:
-    """Open the database, then the blob store, both closed by `stack`; StartupError names
-    the one that cannot be opened."""
-    make_room = space.release_reserve if space is not None else None
-    try:
-        db = await Database.open(config.database_path, reader_count, make_room)
-    except (sqlite3.Error, OSError, SchemaTooNew) as err:
-        raise StartupError(f"QP_DATABASE {config.database_path}: {err}") from None
-    stack.push_async_callback(db.close)
-    try:
-        blobs = await open_blob_store(
-            config.storage_url,
-            config.s3_endpoint_url,
-            config.aws_region,
-            stack,
-            s3_timeout=config.s3_timeout,
-        )
-    except StoreNotReady as err:
-        raise StartupError(f"QP_STORAGE {config.storage_url}: {err}") from None
-    return db, blobs
 
 
 async def _storage(app: web.Application) -> AsyncIterator[None]:
@@ -206,7 +118,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
             sizes = asyncio.create_task(_learn_sizes(store))
             stack.callback(sizes.cancel)
         app[LEDGER] = ledger = BatchWriter(
-            db.insert_completions, "ledger rows", metrics.counter_of_drops("ledger")
+            partial(insert_records, db), "ledger rows", metrics.counter_of_drops("ledger")
         )
         stack.push_async_callback(ledger.close)
         app[IP_SALT] = config.ip_salt or await _installation_salt(db)
@@ -230,7 +142,7 @@ async def _learn_sizes(store: ChatStore) -> None:
 
 async def _installation_salt(db: Database) -> str:
     try:
-        return await db.installation_salt()
+        return await installation_salt(db)
     except StorageUnavailable as err:
         raise StartupError(f"cannot keep the address-hash salt in the database: {err}") from None
 
@@ -277,70 +189,3 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
     async with open_upstream_session() as session:
         app[UPSTREAM] = session
         yield
-
-
-class Housekeeping:
-    """What the server checks every second, in a task that must never die: each chore's
-    failure is logged (once a minute at most) and the next round runs anyway."""
-
-    ROUND_SECONDS = 1.0
-    RESERVE_EVERY_ROUNDS = 10
-    LOG_EVERY_SECONDS = 60.0
-
-    def __init__(
-        self,
-        db: Database,
-        store: ChatStore,
-        limiter: RateLimiter,
-        space: DiskSpace,
-        claims: list[Claim],
-        record: dict[str, Any],
-    ):
-        self._db = db
-        self._store = store
-        self._limiter = limiter
-        self._space = space
-        self._claims = claims
-        self._record = record
-        self._logged: dict[str, float] = {}
-
-    async def run(self) -> None:
-        rounds = 0
-        while True:
-            await asyncio.sleep(self.ROUND_SECONDS)
-            rounds += 1
-            await self._chore("follow outside changes", self._follow_changes_made_elsewhere)
-            await self._chore("check the database file", self._check_files)
-            await self._chore("retry failed writes", self._store.retry_unresolved)
-            if rounds % self.RESERVE_EVERY_ROUNDS == 0:
-                await self._chore(
-                    "keep the disk reserve", lambda: asyncio.to_thread(self._space.keep_reserve)
-                )
-
-    async def _chore(self, name: str, chore: Callable[[], Awaitable[None]]) -> None:
-        try:
-            await chore()
-        except Exception as err:
-            now = time.monotonic()
-            if now - self._logged.get(name, -self.LOG_EVERY_SECONDS) >= self.LOG_EVERY_SECONDS:
-                self._logged[name] = now
-                log.error("housekeeping: cannot %s: %s: %s", name, type(err).__name__, err)
-
-    async def _follow_changes_made_elsewhere(self) -> None:
-        """The operators' tools (python -m qp) write to the database directly: when they
-        have, drop the cached chats and take the blocks in force from the database again."""
-        if await self._db.changed_elsewhere():
-            self._store.forget_all()
-            self._limiter.replace_blocks(await load_blocks(self._db))
-            await self._store.count_stored()
-
-    async def _check_files(self) -> None:
-        """The database file still ours and whole; the lock files still ours."""
-        self._db.check_file()
-        for claim in self._claims:
-            if claim.still_held():
-                continue
-            if claim.renew(self._record):
-                log.warning("lock file %s was removed or replaced; claimed again", claim.lock_path)
-            else:
-                self._db.refuse_writes(f"{claim.lock_path} was taken by another process")

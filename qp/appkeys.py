@@ -7,16 +7,16 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from qp.batches import BatchWriter
-from qp.budget import ByteBudget
-from qp.chat_store import ChatStore
+from qp.chats.store import ChatStore
 from qp.config import Config
-from qp.db import Database
-from qp.disk import DiskSpace
 from qp.metrics import Metrics
-from qp.policy import PolicyHolder
-from qp.quota import DailyQuota
-from qp.rate_limits import RateLimiter
+from qp.policy.policy import PolicyHolder
+from qp.protection.byte_budget import ByteBudget
+from qp.protection.quota import DailyQuota
+from qp.protection.rate_limits import RateLimiter
+from qp.storage.batches import BatchWriter
+from qp.storage.disk import DiskSpace
+from qp.storage.sqlite import Database
 
 CONFIG = web.AppKey("config", Config)
 DATABASE = web.AppKey("database", Database)

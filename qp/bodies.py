@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 
 from qp.errors import ApiError, too_large
-from qp.policy import Policy
+from qp.policy.policy import Policy
 
 # Parsed into Python objects, JSON takes up to this many times its size (`[{},{},...]`:
 # a 64-byte dict for every 3 bytes). A body is charged that much of the byte budget until

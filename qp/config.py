@@ -12,8 +12,8 @@ from pathlib import Path
 
 from qp.errors import ConfigError
 from qp.logs import LOG_FORMATS
-from qp.policy import Policy
-from qp.policy_loader import load_policy, policy_as_toml
+from qp.policy.loader import load_policy, policy_as_toml
+from qp.policy.policy import Policy
 
 __all__ = ["Config", "ConfigError", "describe", "load_config"]
 

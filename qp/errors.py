@@ -8,8 +8,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from qp.logs import method_name, route_name
-
 log = logging.getLogger("qp.errors")
 
 
@@ -95,32 +93,3 @@ def too_many_requests(retry_after: int, message: str) -> ApiError:
 def insufficient_storage() -> ApiError:
     """Free disk below the operator's floor: new chats and updates wait; deletes still work."""
     return ApiError(507, "Insufficient storage")
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Turn every failure into a JSON answer; nothing ever leaves as a traceback or HTML."""
-    try:
-        return await handler(request)
-    except ApiError as err:
-        response = json_response(err.body, err.status, err.headers)
-        if err.status == 408:
-            response.force_close()  # the rest of a slow body is not worth waiting for
-        return response
-    except StorageUnavailable as err:
-        # One answer whichever part failed: the client can only wait and retry.
-        log.error("%s %s: %s", method_name(request), route_name(request), err)
-        return json_response(STORAGE_UNAVAILABLE, 503, {"Retry-After": "5"})
-    except web.HTTPNotFound:
-        return json_response({"error": NOT_FOUND}, 404)
-    except web.HTTPMethodNotAllowed as err:
-        return json_response(
-            {"error": "Method not allowed"}, 405, {"Allow": ", ".join(sorted(err.allowed_methods))}
-        )
-    except web.HTTPException as err:
-        if err.status < 400:
-            raise
-        return json_response({"error": err.reason}, err.status)
-    except Exception:
-        log.exception("unhandled error in %s %s", method_name(request), route_name(request))
-        return json_response({"error": "Internal server error"}, 500)

@@ -24,10 +24,10 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from qp.appkeys import IP_SALT, METRICS, POLICY, RATE_LIMITER
-from qp.client_address import hash_client, peer_address
 from qp.config import Config
 from qp.errors import json_response, too_many_requests
 from qp.logs import CLIENT_HASH, MALFORMED, AccessLogger
+from qp.protection.client_address import hash_client, peer_address
 
 log = logging.getLogger("qp.http")
 

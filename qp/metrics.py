@@ -9,8 +9,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from qp.rate_limits import RateLimiter
-from qp.usage import CompletionRecord
+from qp.completions.usage import CompletionRecord
+from qp.protection.rate_limits import RateLimiter
 
 # Label values that come from clients (app names, methods) are capped, so nobody can grow
 # the metrics without bound; past the cap they count as "other".

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from qp import chat_handlers, completion_handlers, openapi, ops
+from qp.chats import handlers as chat_handlers
+from qp.completions import handlers as completion_handlers
+from qp.ops import health as ops
+from qp.ops import openapi
 
 # method, path, handler, rate-limit class (None: not limited; the admin routes)
 ROUTES = (

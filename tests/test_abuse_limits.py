@@ -9,10 +9,10 @@ import tracemalloc
 import aiohttp
 import pytest
 
-from qp.auth import AdminGuard
-from qp.client_address import hash_client
 from qp.errors import ApiError
-from qp.rate_limits import RateLimit, RateLimiter
+from qp.protection.admin import AdminGuard
+from qp.protection.client_address import hash_client
+from qp.protection.rate_limits import RateLimit, RateLimiter
 from tests.conftest import ADMIN_KEY
 from tests.helpers import call, create
 from tests.support import make_chat

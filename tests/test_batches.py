@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from qp.batches import BatchWriter
 from qp.errors import StorageUnavailable
+from qp.storage.batches import BatchWriter
 
 
 class QuickBatchWriter(BatchWriter):

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from qp.budget import ByteBudget
+from qp.protection.byte_budget import ByteBudget
 
 
 async def test_a_request_waits_until_the_bytes_it_asks_for_are_free():

@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from qp.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
+from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
 from tests.conftest import ADMIN_KEY
 from tests.fake_openrouter import STANDARD_STREAM, FakeOpenRouter, Script
 from tests.helpers import call

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qp.blobs import FileBlobStore
+from qp.storage.blobs import FileBlobStore
 
 ESCAPING_KEYS = [
     "../outside.json",

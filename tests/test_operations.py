@@ -12,8 +12,8 @@ import time
 import aiohttp
 import pytest
 
+from qp.completions.usage import CompletionRecord
 from qp.metrics import Metrics
-from qp.usage import CompletionRecord
 from tests.conftest import ADMIN_KEY
 from tests.fake_openrouter import FakeOpenRouter, Script
 from tests.helpers import call

@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from qp.policy import Policy
-from qp.policy_loader import load_policy
+from qp.policy.loader import load_policy
+from qp.policy.policy import Policy
 from tests.fake_openrouter import FakeOpenRouter, Script
 from tests.helpers import call
 from tests.support import ROOT, QPServer

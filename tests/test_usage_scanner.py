@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from qp.usage import UsageScanner
+from qp.completions.usage import UsageScanner
 from tests.fake_openrouter import STANDARD_STREAM
 
 STREAM = b"".join(STANDARD_STREAM)

@@ -9,15 +9,24 @@ touches a blob: beside a live server, a chat written meanwhile is left alone.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import re
+import sys
 import time
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
-from qp.blobs import BlobStore, chat_key
-from qp.chat_model import CHAT_ID_PATTERN, is_messages_array
-from qp.chat_store import ChatStore, PendingWrite, blob_matches
-from qp.db import Database
+from qp.chats.model import CHAT_ID_PATTERN, is_messages_array
+from qp.chats.sql import ChatRows
+from qp.chats.store import ChatStore, PendingWrite, blob_matches
+from qp.cli.common import CommandFailed, Subcommands, open_in
+from qp.config import Config
+from qp.startup import lock_files, storage_identity, take_claims
+from qp.storage.blobs import BlobStore, chat_key
+from qp.storage.claim import ClaimHeld, holder_of
+from qp.storage.sqlite import Database
 from qp.timestamps import epoch_seconds
 
 CHAT_KEY = re.compile(rf"chats/({CHAT_ID_PATTERN.pattern})\.json")
@@ -43,7 +52,8 @@ async def find_problems(db: Database, blobs: BlobStore, min_age: float) -> list[
     now = time.time()
     cutoff = now - min_age
     findings: list[Finding] = []
-    pending_rows = await db.pending_chats()
+    rows_of = ChatRows(db)
+    pending_rows = await rows_of.pending()
     pending = {row.chat_id for row, _ in pending_rows}
     for row, note in pending_rows:
         write = PendingWrite.read(row, note)
@@ -60,7 +70,7 @@ async def find_problems(db: Database, blobs: BlobStore, min_age: float) -> list[
         match = CHAT_KEY.fullmatch(blob.key)
         if match:
             stored[match.group(1)] = blob
-    rows = dict(await db.all_chat_ids())
+    rows = dict(await rows_of.all_ids())
     for chat_id, updated_at in sorted(rows.items()):
         if chat_id in pending or epoch_seconds(updated_at) > cutoff:
             continue
@@ -130,7 +140,7 @@ async def _remove_chat(db: Database, blobs: BlobStore, finding: Finding) -> bool
             await blobs.delete(key)
             return True
 
-    return await db.delete_settled_chat(finding.chat_id, finding.updated_at, blob_still_broken)
+    return await ChatRows(db).delete_settled(finding.chat_id, finding.updated_at, blob_still_broken)
 
 
 async def _remove_orphan_blob(db: Database, blobs: BlobStore, chat_id: str) -> bool:
@@ -141,4 +151,83 @@ async def _remove_orphan_blob(db: Database, blobs: BlobStore, chat_id: str) -> b
             await blobs.delete(chat_key(chat_id))
         return True
 
-    return await db.without_row(chat_id, delete)
+    return await ChatRows(db).without_row(chat_id, delete)
+
+
+# Beside a live server, a write is only taken for abandoned this long after the server's
+# own deadline for acknowledging it (clocks, scheduling).
+LIVE_MARGIN_SECONDS = 5.0
+
+
+async def check(args: argparse.Namespace, config: Config) -> int:
+    async with AsyncExitStack() as stack:
+        live_min_age = _live_min_age(config, stack, args)
+        min_age = args.min_age if live_min_age is None else live_min_age
+        db, blobs, store = await open_in(config, stack)
+        findings = await find_problems(db, blobs, min_age)
+        for finding in findings:
+            print(finding)
+        if not findings:
+            print("nothing to repair")
+            return 0
+        if not args.repair:
+            print(f"{len(findings)} problems; run with --repair to fix them", file=sys.stderr)
+            return 1
+        for line in await repair(findings, db, blobs, store, live_min_age):
+            print(line)
+    return 0
+
+
+def _live_min_age(config: Config, stack: AsyncExitStack, args: argparse.Namespace) -> float | None:
+    """None when nobody serves the database (with --repair, it is claimed for this run, so
+    no server can start meanwhile); beside a live server, the age below which its writes
+    may still be in flight."""
+    holder: dict[str, Any] | None
+    if args.repair:
+        try:
+            take_claims(config, stack)
+            return None
+        except ClaimHeld as held:
+            holder = held.holder
+    else:
+        holder = holder_of(lock_files(config)[0][0])
+        if holder is None:
+            return None
+    pid = holder.get("pid", "unknown")
+    storage = holder.get("storage")
+    if storage is not None and storage != storage_identity(config.storage_url):
+        raise CommandFailed(
+            f"a qp-server (pid {pid}) serves this database with QP_STORAGE={storage},"
+            f" not {config.storage_url}: run with the server's environment"
+        )
+    deadline = holder.get("write_deadline")
+    if not isinstance(deadline, int | float):
+        deadline = config.write_deadline
+    min_age = max(args.min_age, deadline + LIVE_MARGIN_SECONDS)
+    print(
+        f"a qp-server (pid {pid}) is serving this database: writes younger than"
+        f" {min_age:g} s may be in flight and are left alone",
+        file=sys.stderr,
+    )
+    return min_age
+
+
+def register(commands: Subcommands) -> None:
+    help = (
+        "find rows without messages, messages without rows, unreadable messages and"
+        " interrupted writes; exit 1 if there are any"
+    )
+    command = commands.add_parser("check", help=help, description=help)
+    command.set_defaults(run=check)
+    command.add_argument(
+        "--repair",
+        action="store_true",
+        help="finish or undo interrupted writes and remove what cannot be served",
+    )
+    command.add_argument(
+        "--min-age",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="leave alone anything younger (writes in progress on a running server)",
+    )

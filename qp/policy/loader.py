@@ -13,10 +13,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from qp.client_address import parse_networks
 from qp.errors import ConfigError
-from qp.policy import Policy, is_app_name
-from qp.rate_limits import RateLimit
+from qp.policy.policy import Policy, is_app_name
+from qp.protection.client_address import parse_networks
+from qp.protection.rate_limits import RateLimit
 
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9*.-]+(:\d{1,5})?")
 

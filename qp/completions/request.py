@@ -10,7 +10,7 @@ import orjson
 
 from qp.config import APP_KEY_PREFIX
 from qp.errors import ApiError
-from qp.policy import Policy
+from qp.policy.policy import Policy
 
 Payer = Literal["server", "app", "user"]
 

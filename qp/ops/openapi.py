@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from qp.chat_model import CHAT_ID_PATTERN, COST_MAX, INT64_MAX
-from qp.policy import MAX_APP_CHARS
+from qp.chats.model import CHAT_ID_PATTERN, COST_MAX, INT64_MAX
+from qp.policy.policy import MAX_APP_CHARS
 
 # Printable text: no control characters (C0, DEL, C1).
 APP_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"

@@ -12,10 +12,10 @@ from functools import cached_property
 
 from yarl import URL
 
-from qp.client_address import TrustedProxies, parse_networks
-from qp.cors import OriginMatcher
 from qp.errors import ApiError
-from qp.rate_limits import RateLimit
+from qp.protection.client_address import TrustedProxies, parse_networks
+from qp.protection.cors import OriginMatcher
+from qp.protection.rate_limits import RateLimit
 
 KIB = 1024
 MIB = 1024 * KIB

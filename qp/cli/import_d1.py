@@ -10,12 +10,17 @@ replaced by a newer one (later updated_at).
 
 from __future__ import annotations
 
+import argparse
 import re
 import sqlite3
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qp.chat_model import ChatRow, is_valid_chat_id
+from qp.chats.model import ChatRow, is_valid_chat_id
+from qp.chats.sql import ChatRows
+from qp.cli.common import CommandFailed, Subcommands, opened
+from qp.config import Config
 from qp.timestamps import parse_iso
 
 _RECOGNISED = (
@@ -106,3 +111,27 @@ def _row(values: tuple) -> ChatRow:
     return ChatRow(
         chat_id, app, model, prompt, completion, cost, parse_iso(created), parse_iso(updated)
     )
+
+
+async def import_d1(args: argparse.Namespace, config: Config) -> int:
+    try:
+        dump = parse_dump(args.file)
+    except OSError as err:
+        raise CommandFailed(f"cannot read {args.file}: {err.strerror}") from None
+    for chat_id, why in dump.refused:
+        print(f"not imported: {chat_id!r}: {why}", file=sys.stderr)
+    async with opened(config) as (db, _, _):
+        added, replaced, unchanged = await ChatRows(db).import_rows(dump.rows)
+    print(
+        f"{added} chats added, {replaced} replaced by newer, {unchanged} unchanged,"
+        f" {len(dump.refused)} refused"
+    )
+    print("now copy their messages: python -m qp copy-blobs --from ... --to ...", file=sys.stderr)
+    return 0
+
+
+def register(commands: Subcommands) -> None:
+    help = "load the chats rows of a `wrangler d1 export` dump"
+    command = commands.add_parser("import-d1", help=help, description=help)
+    command.set_defaults(run=import_d1)
+    command.add_argument("file", type=Path, metavar="FILE")

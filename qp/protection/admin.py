@@ -14,7 +14,7 @@ from aiohttp import web
 from qp.errors import ApiError, too_many_requests
 from qp.logs import CLIENT_HASH
 
-log = logging.getLogger("qp.auth")
+log = logging.getLogger("qp.protection.admin")
 
 WRONG_KEYS_BEFORE_BLOCK = 10
 WRONG_KEY_WINDOW_SECONDS = 60.0

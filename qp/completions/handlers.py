@@ -17,18 +17,19 @@ from qp.appkeys import (
     SHUTTING_DOWN,
     UPSTREAM,
 )
-from qp.auth import require_admin
 from qp.bodies import body_allowance, read_json
-from qp.completion_request import (
+from qp.completions.ledger import usage_totals
+from qp.completions.relay import Payload, relay_completion
+from qp.completions.request import (
     check_system_message,
     choose_key,
     parse_completion,
     upstream_body,
 )
+from qp.completions.usage import CompletionRecord
 from qp.errors import ApiError, json_response
-from qp.relay import Payload, relay_completion
+from qp.protection.admin import require_admin
 from qp.timestamps import parse_iso, utc_now_iso
-from qp.usage import CompletionRecord
 
 USAGE_FLUSH_SECONDS = 5.0
 
@@ -89,7 +90,7 @@ async def usage_report(request: web.Request) -> web.Response:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(USAGE_FLUSH_SECONDS):
             await request.app[LEDGER].flush()
-    totals = await request.app[DATABASE].usage_totals(since, app)
+    totals = await usage_totals(request.app[DATABASE], since, app)
     rows = [
         {
             "app": total.app,

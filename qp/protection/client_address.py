@@ -11,9 +11,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+import secrets
 from collections.abc import Iterable
 
 from aiohttp import web
+
+from qp.storage.sqlite import Database
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -118,3 +121,18 @@ def peer_address(request: web.BaseRequest, trusted: TrustedProxies) -> str:
 def hash_client(address: str, salt: str) -> str:
     """Addresses are kept only as salted SHA-256 hashes."""
     return hashlib.sha256(f"{salt}\x00{address}".encode()).hexdigest()
+
+
+SALT = "SELECT value FROM settings WHERE name = 'ip_salt'"
+MAKE_SALT = "INSERT OR IGNORE INTO settings (name, value) VALUES ('ip_salt', ?)"
+
+
+async def installation_salt(db: Database) -> str:
+    """The random salt for client-address hashes, made on first use and kept. Read before
+    it is written: a restart on a full disk needs no room."""
+    row = await db.fetchone(SALT)
+    if row is None:
+        await db.execute_write(MAKE_SALT, (secrets.token_hex(32),))
+        row = await db.fetchone(SALT)
+    assert row is not None
+    return str(row[0])

@@ -19,11 +19,11 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from qp.completions.usage import CompletionRecord, UsageScanner
 from qp.errors import ApiError
-from qp.policy import Policy
-from qp.usage import CompletionRecord, UsageScanner
+from qp.policy.policy import Policy
 
-log = logging.getLogger("qp.relay")
+log = logging.getLogger("qp.completions.relay")
 
 STREAM_HEADERS = {
     "Content-Type": "text/plain; charset=utf-8",

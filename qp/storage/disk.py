@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qp.errors import FULL, StorageUnavailable, insufficient_storage
 
-log = logging.getLogger("qp.disk")
+log = logging.getLogger("qp.storage.disk")
 
 MIB = 1024 * 1024
 RESERVE_BYTES = 4 * MIB

@@ -7,7 +7,6 @@ import contextlib
 import hmac
 import ipaddress
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -15,28 +14,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from qp.appkeys import CHAT_STORE, CONFIG, DATABASE, DISK_SPACE, METRICS
 from qp.errors import FULL, UNAVAILABLE, ApiError, StorageUnavailable, json_response
-from qp.logs import method_name, route_name
-from qp.metrics import CLIENT_LEFT
 
-log = logging.getLogger("qp.ops")
+log = logging.getLogger("qp.ops.health")
 HEALTH_CHECK_SECONDS = 5.0
-
-
-@web.middleware
-async def observe_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Counts and times every request by route pattern, method and final status."""
-    started = time.monotonic()
-    status = CLIENT_LEFT
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    finally:
-        count, duration = request.app[METRICS].request_series(
-            route_name(request), method_name(request), status
-        )
-        count.inc()
-        duration.observe(time.monotonic() - started)
 
 
 async def healthz(request: web.Request) -> web.Response:

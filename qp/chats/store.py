@@ -27,10 +27,9 @@ from typing import Any
 
 import orjson
 
-from qp.batches import BatchWriter
-from qp.blobs import BlobReader, BlobStore, chat_key
-from qp.chat_cache import ChatCache
-from qp.chat_model import (
+from qp.chats.cache import ChatCache
+from qp.chats.locks import ChatLocks
+from qp.chats.model import (
     ChatInput,
     ChatNotFound,
     ChatRow,
@@ -39,13 +38,15 @@ from qp.chat_model import (
     render_chat,
     starts_like_an_array,
 )
-from qp.db import Database
-from qp.disk import DiskSpace
+from qp.chats.sql import ChatRows
 from qp.errors import FULL, READ_ONLY, StorageUnavailable, insufficient_storage
-from qp.locks import ChatLocks
+from qp.storage.batches import BatchWriter
+from qp.storage.blobs import BlobReader, BlobStore, chat_key
+from qp.storage.disk import DiskSpace
+from qp.storage.sqlite import Database
 from qp.timestamps import epoch_seconds, utc_now_iso
 
-log = logging.getLogger("qp.chat_store")
+log = logging.getLogger("qp.chats.store")
 
 LIST_LIMIT = 100
 # Chats up to this size are read whole (and cached); larger ones are sent in pieces of it.
@@ -148,6 +149,7 @@ class ChatStore:
         on_drop: Callable[[int], None] | None = None,
     ):
         self._db = db
+        self._rows = ChatRows(db)
         self._blobs = blobs
         self._cache = cache
         self._locks = ChatLocks()
@@ -155,7 +157,7 @@ class ChatStore:
         self.write_deadline = write_deadline
         # Writes whose blob is stored: their rows' `pending` is cleared in batches.
         self._settled: BatchWriter[tuple[str, str]] = BatchWriter(
-            db.settle_chats, "settled chat writes", on_drop
+            self._rows.settle, "settled chat writes", on_drop
         )
         # Failed writes whose undo failed too (the database was down or full): their chats
         # answer 503 until a retry finishes or undoes them.
@@ -188,7 +190,7 @@ class ChatStore:
         note, digest, at = _note("create", chat.messages_json)
 
         async def insert(now: str) -> PendingWrite:
-            await self._db.insert_chat(chat_id, chat, now, max_chats_per_app, note)
+            await self._rows.insert(chat_id, chat, now, max_chats_per_app, note)
             return PendingWrite(chat_id, note, "create", digest, at, now, None)
 
         await self._write(chat_id, chat.messages_json, insert, max_total_bytes)
@@ -205,7 +207,7 @@ class ChatStore:
                 made.append(PendingWrite(chat_id, note, "update", digest, at, now, previous))
                 return note
 
-            if await self._db.update_chat(chat_id, chat, now, note_for) is None:
+            if await self._rows.update(chat_id, chat, now, note_for) is None:
                 raise ChatNotFound
             return made[-1]
 
@@ -260,11 +262,11 @@ class ChatStore:
 
     async def _undo_sql(self, write: PendingWrite) -> bool:
         if write.op == "create":
-            return await self._db.undo_create(write.chat_id, write.note, write.updated_at)
+            return await self._rows.undo_create(write.chat_id, write.note, write.updated_at)
         if write.previous is None:
             log.error("an interrupted update has no earlier row to go back to; left as it is")
             return False
-        return await self._db.undo_update(write.previous, write.note, write.updated_at)
+        return await self._rows.undo_update(write.previous, write.note, write.updated_at)
 
     async def _resolve_earlier(self, chat_id: str) -> None:
         """A new write of a chat whose failed write is still unresolved resolves it first."""
@@ -280,7 +282,7 @@ class ChatStore:
     async def _delete(self, chat_id: str) -> None:
         async with self._locks.writing(chat_id):
             try:
-                self.stored_bytes -= await self._db.delete_chat(chat_id)
+                self.stored_bytes -= await self._rows.delete(chat_id)
                 self._unresolved.pop(chat_id, None)
                 await self._blobs.delete(chat_key(chat_id))
             finally:
@@ -297,7 +299,7 @@ class ChatStore:
         async with self._locks.reading(chat_id):
             if chat_id in self._unresolved:
                 raise StorageUnavailable("Storage", "a failed write of this chat is not undone yet")
-            row = await self._db.chat_row(chat_id)
+            row = await self._rows.one(chat_id)
             if row is None:
                 return None
             # Opened under the lock, read after it: the open blob keeps what it held.
@@ -313,14 +315,14 @@ class ChatStore:
     ) -> AsyncIterator[bytes | ChatStream]:
         """The app's newest chats by updated_at, one at a time (skipping any whose messages
         are missing), each as `open_chat` gives it."""
-        for row in await self._db.recent_chat_rows(app, limit):
+        for row in await self._rows.newest(app, limit):
             chat = self._cache.get(row.chat_id)
             if chat is None:
                 async with self._locks.reading(row.chat_id):
                     if row.chat_id in self._unresolved:
                         continue
                     # Read again under the lock, so the row matches the blob opened beside it.
-                    fresh = await self._db.chat_row(row.chat_id)
+                    fresh = await self._rows.one(row.chat_id)
                     chat = await self._open(fresh) if fresh is not None else None
             if chat is not None:
                 yield chat
@@ -368,7 +370,7 @@ class ChatStore:
         """
         counts = {FINISHED: 0, UNDONE: 0, UNCHANGED: 0, "unresolved": 0}
         now = time.time()
-        for row, note in await self._db.pending_chats():
+        for row, note in await self._rows.pending():
             write = PendingWrite.read(row, note)
             if write is None:
                 counts["unresolved"] += 1
@@ -404,7 +406,7 @@ class ChatStore:
         """Finish the write if its blob holds its messages, else undo it; both only while
         the row still carries its note. Call with the chat's write lock held."""
         if await blob_matches(self._blobs, write.chat_id, write.sha256):
-            changed = await self._db.finish_write(write.chat_id, write.note, write.updated_at)
+            changed = await self._rows.finish_write(write.chat_id, write.note, write.updated_at)
             return FINISHED if changed else UNCHANGED
         return UNDONE if await self._undo_sql(write) else UNCHANGED
 
@@ -415,13 +417,13 @@ class ChatStore:
     async def count_stored(self) -> int:
         """Take the stored total from the rows again (at start, after outside changes);
         answers how many rows do not know their size."""
-        self.stored_bytes, unknown = await self._db.stored_bytes()
+        self.stored_bytes, unknown = await self._rows.stored_bytes()
         return unknown
 
     async def learn_sizes(self) -> int:
         """Fill in the sizes rows do not know (imported ones) from the blob store's listing;
         answers how many were filled in."""
-        unknown = set(await self._db.chats_of_unknown_size(limit=1_000_000))
+        unknown = set(await self._rows.of_unknown_size(limit=1_000_000))
         if not unknown:
             return 0
         sizes = []
@@ -430,7 +432,7 @@ class ChatStore:
             if chat_id in unknown:
                 sizes.append((blob.size, chat_id))
         for start in range(0, len(sizes), 1000):
-            await self._db.note_sizes(sizes[start : start + 1000])
+            await self._rows.note_sizes(sizes[start : start + 1000])
         await self.count_stored()
         return len(sizes)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-log = logging.getLogger("qp.usage")
+log = logging.getLogger("qp.completions.usage")
 
 # A partial SSE line longer than this is not usage accounting; it is dropped, not kept.
 MAX_PARTIAL_LINE = 256 * 1024

@@ -16,9 +16,8 @@ from contextlib import contextmanager
 from aiohttp import web
 
 from qp.appkeys import BYTE_BUDGET, CHAT_STORE, CONFIG, DAILY_QUOTA, POLICY
-from qp.auth import require_admin
 from qp.bodies import body_allowance, read_json
-from qp.chat_model import (
+from qp.chats.model import (
     ChatExists,
     ChatInput,
     ChatLimitExceeded,
@@ -26,12 +25,13 @@ from qp.chat_model import (
     is_valid_chat_id,
     parse_chat,
 )
-from qp.chat_store import CHUNK_BYTES, ChatStream
+from qp.chats.store import CHUNK_BYTES, ChatStream
 from qp.errors import ApiError, StorageUnavailable, json_bytes_response, json_response
 from qp.logs import CLIENT_HASH
-from qp.policy import Policy
+from qp.policy.policy import Policy
+from qp.protection.admin import require_admin
 
-log = logging.getLogger("qp.chat_handlers")
+log = logging.getLogger("qp.chats.handlers")
 
 CHAT_NOT_FOUND = "Chat not found"
 SUCCESS = {"success": True}

@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 
 from qp.errors import StorageUnavailable
 
-log = logging.getLogger("qp.batches")
+log = logging.getLogger("qp.storage.batches")
 T = TypeVar("T")
 
 

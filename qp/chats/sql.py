@@ -1,0 +1,226 @@
+"""The chats table: every statement about chats' rows, plain and parameterised.
+
+A chat write changes the row (with `pending` describing the write) before the blob, and
+clears `pending` after it. Finishing or undoing a write is conditional on the row still
+carrying that write's note and `updated_at`: whoever resolves a write (the writer itself
+after a failed blob, a start-up, `check --repair` beside a live server) can never clobber
+a write that came after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+
+import aiosqlite
+
+from qp.chats.model import ChatExists, ChatInput, ChatLimitExceeded, ChatRow
+from qp.storage.sqlite import Database, Unchanged
+
+# The chats table's columns, in ChatRow's order (all but `pending`).
+COLUMNS = (
+    "chat_id, app, model, prompt_tokens, completion_tokens, estimated_cost, created_at,"
+    " updated_at, messages_bytes"
+)
+SELECT = f"SELECT {COLUMNS} FROM chats"
+
+ONE = SELECT + " WHERE chat_id = ?"
+NEWEST_OF_APP = SELECT + " WHERE app = ? ORDER BY updated_at DESC LIMIT ?"
+COUNT_OF_APP = "SELECT COUNT(*) FROM chats WHERE app = ?"
+EXISTS = "SELECT 1 FROM chats WHERE chat_id = ?"
+INSERT = f"INSERT INTO chats ({COLUMNS}, pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+UPDATE = """
+    UPDATE chats SET model = ?, prompt_tokens = ?, completion_tokens = ?, estimated_cost = ?,
+                     updated_at = ?, messages_bytes = ?, pending = ?
+    WHERE chat_id = ?
+"""
+FINISH = "UPDATE chats SET pending = NULL WHERE chat_id = ? AND pending = ? AND updated_at = ?"
+UNDO_CREATE = "DELETE FROM chats WHERE chat_id = ? AND pending = ? AND updated_at = ?"
+UNDO_UPDATE = UPDATE + " AND pending = ? AND updated_at = ?"
+SETTLE = "UPDATE chats SET pending = NULL WHERE chat_id = ? AND pending = ?"
+PENDING = f"SELECT {COLUMNS}, pending FROM chats WHERE pending IS NOT NULL"
+DELETE = "DELETE FROM chats WHERE chat_id = ? RETURNING messages_bytes"
+DELETE_SETTLED = "DELETE FROM chats WHERE chat_id = ? AND pending IS NULL AND updated_at = ?"
+IMPORTED = "SELECT updated_at, pending FROM chats WHERE chat_id = ?"
+IMPORT = f"INSERT OR REPLACE INTO chats ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+STORED_BYTES = """
+    SELECT COALESCE(SUM(messages_bytes), 0), COUNT(*) - COUNT(messages_bytes) FROM chats
+"""
+OF_UNKNOWN_SIZE = "SELECT chat_id FROM chats WHERE messages_bytes IS NULL LIMIT ?"
+NOTE_SIZE = "UPDATE chats SET messages_bytes = ? WHERE chat_id = ? AND messages_bytes IS NULL"
+ALL_IDS = "SELECT chat_id, updated_at FROM chats"
+
+
+class ChatRows:
+    """The chats table of one database."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def one(self, chat_id: str) -> ChatRow | None:
+        row = await self.db.fetchone(ONE, (chat_id,))
+        return ChatRow(*row) if row else None
+
+    async def newest(self, app: str, limit: int) -> list[ChatRow]:
+        """The app's chats, newest `updated_at` first."""
+        return [ChatRow(*row) for row in await self.db.fetchall(NEWEST_OF_APP, (app, limit))]
+
+    async def insert(
+        self, chat_id: str, chat: ChatInput, now: str, max_chats_per_app: int, pending: str
+    ) -> None:
+        """Insert a new row; the app's count check and the insert are one transaction."""
+
+        async def insert(conn: aiosqlite.Connection) -> None:
+            ((count,),) = await conn.execute_fetchall(COUNT_OF_APP, (chat.app,))
+            if count >= max_chats_per_app:
+                raise ChatLimitExceeded
+            if await conn.execute_fetchall(EXISTS, (chat_id,)):
+                raise ChatExists
+            await conn.execute(
+                INSERT,
+                (
+                    chat_id,
+                    chat.app,
+                    chat.model,
+                    chat.prompt_tokens,
+                    chat.completion_tokens,
+                    chat.estimated_cost,
+                    now,
+                    now,
+                    len(chat.messages_json),
+                    pending,
+                ),
+            )
+
+        await self.db.write(insert)
+
+    async def update(
+        self, chat_id: str, chat: ChatInput, now: str, pending: Callable[[ChatRow], str]
+    ) -> ChatRow | None:
+        """Replace model, usage and updated_at, recording `pending(row as it was)`; answers
+        the row as it was, or None if there is none."""
+
+        async def update(conn: aiosqlite.Connection) -> ChatRow | None:
+            rows = await conn.execute_fetchall(ONE, (chat_id,))
+            if not rows:
+                return None
+            previous = ChatRow(*rows[0])
+            values = (chat.model, chat.prompt_tokens, chat.completion_tokens, chat.estimated_cost)
+            size = len(chat.messages_json)
+            await conn.execute(UPDATE, (*values, now, size, pending(previous), chat_id))
+            return previous
+
+        return await self.db.write(update)
+
+    async def finish_write(self, chat_id: str, pending: str, updated_at: str) -> bool:
+        """The write's blob is stored: clear its note."""
+        changed = await self.db.execute_write(
+            FINISH, (chat_id, pending, updated_at), maintenance=True
+        )
+        return changed > 0
+
+    async def undo_create(self, chat_id: str, pending: str, updated_at: str) -> bool:
+        """A create whose blob was not stored: remove its row."""
+        changed = await self.db.execute_write(
+            UNDO_CREATE, (chat_id, pending, updated_at), maintenance=True
+        )
+        return changed > 0
+
+    async def undo_update(self, previous: ChatRow, pending: str, updated_at: str) -> bool:
+        """An update whose blob was not stored: put the row back exactly as it was."""
+        values = (
+            previous.model,
+            previous.prompt_tokens,
+            previous.completion_tokens,
+            previous.estimated_cost,
+            previous.updated_at,
+            previous.messages_bytes,
+            None,
+            previous.chat_id,
+        )
+        changed = await self.db.execute_write(
+            UNDO_UPDATE, (*values, pending, updated_at), maintenance=True
+        )
+        return changed > 0
+
+    async def settle(self, writes: list[tuple[str, str]]) -> None:
+        """Mark (chat id, pending) writes as done; a later write's note is left alone."""
+        if writes:
+            await self.db.execute_write_many(SETTLE, writes, maintenance=True)
+
+    async def pending(self) -> list[tuple[ChatRow, str]]:
+        """Rows whose last write may not have reached the blob store, with its note."""
+        return [(ChatRow(*row[:-1]), row[-1]) for row in await self.db.fetchall(PENDING)]
+
+    async def delete(self, chat_id: str) -> int:
+        """Remove the row; answers the size of the messages it said were stored. Deletes
+        are how an operator makes room on a full disk: they may use the disk reserve."""
+
+        async def delete(conn: aiosqlite.Connection) -> int:
+            rows = await conn.execute_fetchall(DELETE, (chat_id,))
+            return (rows[0][0] or 0) if rows else 0
+
+        return await self.db.write(delete, maintenance=True)
+
+    async def delete_settled(
+        self, chat_id: str, updated_at: str, and_then: Callable[[], Awaitable[bool]]
+    ) -> bool:
+        """Delete a row no write is pending on and unchanged since it was read (same
+        `updated_at`), with `and_then` (checking and deleting its blob) run inside the same
+        transaction, which commits only if it answers True. No write of that chat, from any
+        process, can start until both are done."""
+
+        async def delete(conn: aiosqlite.Connection) -> bool:
+            cursor = await conn.execute(DELETE_SETTLED, (chat_id, updated_at))
+            if cursor.rowcount == 0 or not await and_then():
+                raise Unchanged
+            return True
+
+        try:
+            return await self.db.write(delete, maintenance=True)
+        except Unchanged:
+            return False
+
+    async def without_row(self, chat_id: str, and_then: Callable[[], Awaitable[bool]]) -> bool:
+        """Run `and_then` (deleting an orphan blob) only while the chat has no row, inside a
+        write transaction: no create, from any process, can insert its row meanwhile."""
+
+        async def check(conn: aiosqlite.Connection) -> bool:
+            if await conn.execute_fetchall(EXISTS, (chat_id,)):
+                return False
+            return await and_then()
+
+        return await self.db.write(check, maintenance=True)
+
+    async def import_rows(self, rows: list[ChatRow]) -> tuple[int, int, int]:
+        """Store imported rows in one transaction: new ones added, stored ones replaced only
+        by a newer one. Answers (added, replaced, unchanged)."""
+
+        async def store(conn: aiosqlite.Connection) -> tuple[int, int, int]:
+            added = replaced = 0
+            for row in rows:
+                found = await conn.execute_fetchall(IMPORTED, (row.chat_id,))
+                # A row a server is writing right now (pending) is the server's to finish.
+                if found and (found[0][0] >= row.updated_at or found[0][1] is not None):
+                    continue
+                await conn.execute(IMPORT, dataclasses.astuple(row))
+                added, replaced = (added, replaced + 1) if found else (added + 1, replaced)
+            return added, replaced, len(rows) - added - replaced
+
+        return await self.db.write(store)
+
+    async def stored_bytes(self) -> tuple[int, int]:
+        """Bytes of messages the rows say are stored, and how many rows do not say."""
+        total, unknown = await self.db.fetchone(STORED_BYTES) or (0, 0)
+        return int(total), int(unknown)
+
+    async def of_unknown_size(self, limit: int) -> list[str]:
+        return [row[0] for row in await self.db.fetchall(OF_UNKNOWN_SIZE, (limit,))]
+
+    async def note_sizes(self, sizes: list[tuple[int, str]]) -> None:
+        """Record (size, chat id) of messages found in the blob store (rows imported)."""
+        await self.db.execute_write_many(NOTE_SIZE, sizes)
+
+    async def all_ids(self) -> list[tuple[str, str]]:
+        """(chat id, updated_at) of every row."""
+        return [(row[0], row[1]) for row in await self.db.fetchall(ALL_IDS)]

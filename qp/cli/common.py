@@ -1,0 +1,50 @@
+"""What every command shares: the server's storage opened, one-line failures, tables."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+from qp.chats.cache import ChatCache
+from qp.chats.store import ChatStore
+from qp.config import Config
+from qp.startup import disk_space, open_storage
+from qp.storage.blobs import BlobStore
+from qp.storage.sqlite import Database
+
+PROGRAM = "python -m qp"
+
+
+# What a command family adds its commands to (argparse's sub-parsers action).
+Subcommands = argparse._SubParsersAction  # type: ignore[type-arg]
+
+
+class CommandFailed(Exception):
+    """The command cannot do what was asked; the message is one line saying why."""
+
+
+@asynccontextmanager
+async def opened(config: Config) -> AsyncIterator[tuple[Database, BlobStore, ChatStore]]:
+    async with AsyncExitStack() as stack:
+        yield await open_in(config, stack)
+
+
+async def open_in(config: Config, stack: AsyncExitStack) -> tuple[Database, BlobStore, ChatStore]:
+    """The server's storage, closed by `stack`. On a full disk, a delete may take the
+    server's disk reserve."""
+    space = disk_space(config)
+    db, blobs = await open_storage(config, stack, reader_count=1, space=space)
+    store = ChatStore(db, blobs, ChatCache(0), write_deadline=config.write_deadline, space=space)
+    stack.push_async_callback(store.close)
+    return db, blobs, store
+
+
+def table(rows: Sequence[Sequence[Any]], header: tuple[str, ...]) -> str:
+    cells = [header, *[tuple("" if v is None else str(v) for v in row) for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )

@@ -1,0 +1,107 @@
+"""Every middleware, in the order requests pass through them (app.py installs this list):
+
+1. `observe`: counts and times every request, whatever became of it;
+2. `errors`: turns every failure into the contract's JSON answer;
+3. `rate_limits`: names the client and applies its route's rate limit, so a refusal is
+   counted and timed like any answer and rendered by the error middleware.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from qp.appkeys import IP_SALT, METRICS, POLICY, RATE_CLASSES, RATE_LIMITER
+from qp.errors import (
+    NOT_FOUND,
+    STORAGE_UNAVAILABLE,
+    ApiError,
+    StorageUnavailable,
+    json_response,
+    too_many_requests,
+)
+from qp.logs import CLIENT_HASH, method_name, route_name
+from qp.metrics import CLIENT_LEFT
+from qp.protection.client_address import client_address, hash_client
+
+log = logging.getLogger("qp.middlewares")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts and times every request by route pattern, method and final status."""
+    started = time.monotonic()
+    status = CLIENT_LEFT
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        count, duration = request.app[METRICS].request_series(
+            route_name(request), method_name(request), status
+        )
+        count.inc()
+        duration.observe(time.monotonic() - started)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into a JSON answer; nothing ever leaves as a traceback or HTML."""
+    try:
+        return await handler(request)
+    except ApiError as err:
+        response = json_response(err.body, err.status, err.headers)
+        if err.status == 408:
+            response.force_close()  # the rest of a slow body is not worth waiting for
+        return response
+    except StorageUnavailable as err:
+        # One answer whichever part failed: the client can only wait and retry.
+        log.error("%s %s: %s", method_name(request), route_name(request), err)
+        return json_response(STORAGE_UNAVAILABLE, 503, {"Retry-After": "5"})
+    except web.HTTPNotFound:
+        return json_response({"error": NOT_FOUND}, 404)
+    except web.HTTPMethodNotAllowed as err:
+        return json_response(
+            {"error": "Method not allowed"}, 405, {"Allow": ", ".join(sorted(err.allowed_methods))}
+        )
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        return json_response({"error": err.reason}, err.status)
+    except Exception:
+        log.exception("unhandled error in %s %s", method_name(request), route_name(request))
+        return json_response({"error": "Internal server error"}, 500)
+
+
+UNROUTED_RATE_CLASS = "chats"
+
+
+@web.middleware
+async def rate_limits(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Names the client (as a salted hash) and applies its route's rate-limit class."""
+    policy = request.app[POLICY].current
+    client = hash_client(client_address(request, policy.trusted), request.app[IP_SALT])
+    request[CLIENT_HASH] = client
+    rate_class = request.app[RATE_CLASSES].get(request.match_info.route)
+    if rate_class is None and request.match_info.http_exception is not None:
+        # No such route (404, 405): counted like the chats routes, so probing costs too.
+        rate_class = UNROUTED_RATE_CLASS
+    if rate_class is not None:
+        limiter, limit = request.app[RATE_LIMITER], policy.rate_limit(rate_class)
+        # A class whose limits are off still refuses blocked clients; no need to count.
+        if limit.is_limited:
+            refusal = await limiter.check(client, rate_class, limit)
+        else:
+            refusal = limiter.blocked(client)
+        if refusal is not None:
+            request.app[METRICS].rate_limit_refusals.labels(rate_class, refusal.reason).inc()
+            raise too_many_requests(refusal.retry_after, refusal.message)
+    return await handler(request)
+
+
+MIDDLEWARES = [observe, errors, rate_limits]

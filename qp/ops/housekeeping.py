@@ -1,0 +1,85 @@
+"""What the server checks every second, in a task that must never die."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from qp.chats.store import ChatStore
+from qp.protection.blocks import load_blocks
+from qp.protection.rate_limits import RateLimiter
+from qp.storage.claim import Claim
+from qp.storage.disk import DiskSpace
+from qp.storage.sqlite import Database
+
+log = logging.getLogger("qp.housekeeping")
+
+
+class Housekeeping:
+    """What the server checks every second, in a task that must never die: each chore's
+    failure is logged (once a minute at most) and the next round runs anyway."""
+
+    ROUND_SECONDS = 1.0
+    RESERVE_EVERY_ROUNDS = 10
+    LOG_EVERY_SECONDS = 60.0
+
+    def __init__(
+        self,
+        db: Database,
+        store: ChatStore,
+        limiter: RateLimiter,
+        space: DiskSpace,
+        claims: list[Claim],
+        record: dict[str, Any],
+    ):
+        self._db = db
+        self._store = store
+        self._limiter = limiter
+        self._space = space
+        self._claims = claims
+        self._record = record
+        self._logged: dict[str, float] = {}
+
+    async def run(self) -> None:
+        rounds = 0
+        while True:
+            await asyncio.sleep(self.ROUND_SECONDS)
+            rounds += 1
+            await self._chore("follow outside changes", self._follow_changes_made_elsewhere)
+            await self._chore("check the database file", self._check_files)
+            await self._chore("retry failed writes", self._store.retry_unresolved)
+            if rounds % self.RESERVE_EVERY_ROUNDS == 0:
+                await self._chore(
+                    "keep the disk reserve", lambda: asyncio.to_thread(self._space.keep_reserve)
+                )
+
+    async def _chore(self, name: str, chore: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await chore()
+        except Exception as err:
+            now = time.monotonic()
+            if now - self._logged.get(name, -self.LOG_EVERY_SECONDS) >= self.LOG_EVERY_SECONDS:
+                self._logged[name] = now
+                log.error("housekeeping: cannot %s: %s: %s", name, type(err).__name__, err)
+
+    async def _follow_changes_made_elsewhere(self) -> None:
+        """The operators' tools (python -m qp) write to the database directly: when they
+        have, drop the cached chats and take the blocks in force from the database again."""
+        if await self._db.changed_elsewhere():
+            self._store.forget_all()
+            self._limiter.replace_blocks(await load_blocks(self._db))
+            await self._store.count_stored()
+
+    async def _check_files(self) -> None:
+        """The database file still ours and whole; the lock files still ours."""
+        self._db.check_file()
+        for claim in self._claims:
+            if claim.still_held():
+                continue
+            if claim.renew(self._record):
+                log.warning("lock file %s was removed or replaced; claimed again", claim.lock_path)
+            else:
+                self._db.refuse_writes(f"{claim.lock_path} was taken by another process")

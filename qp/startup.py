@@ -1,0 +1,105 @@
+"""Opening the storage a server (or the operators' tools) works on: claiming the database
+and blob folder for this process, the disk's free space and reserve, the database and the
+blob store. Each failure is a StartupError, one line naming what cannot be opened.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from qp.config import Config
+from qp.storage.blobs import BlobStore, StoreNotReady, file_store_root, open_blob_store
+from qp.storage.claim import Claim, ClaimHeld
+from qp.storage.disk import DiskSpace
+from qp.storage.migrations import SchemaTooNew
+from qp.storage.sqlite import READER_COUNT, Database
+
+
+class StartupError(Exception):
+    """A resource cannot be opened; the message is one line naming it."""
+
+
+def lock_files(config: Config) -> list[tuple[Path, Path, str]]:
+    """(lock file, what it guards, its setting): the database, and a file store's folder."""
+    database = config.database_path
+    locks = [(database.with_name(database.name + ".lock"), database, "QP_DATABASE")]
+    if config.storage_url.startswith("file://"):
+        root = file_store_root(config.storage_url)
+        locks.append((root / ".qp-server.lock", root, "QP_STORAGE"))
+    return locks
+
+
+def claim_record(config: Config) -> dict[str, Any]:
+    """What the lock files say of their holder: who it is, and what a repair beside it
+    needs to know (its blob store, and how long its writes may take)."""
+    return {
+        "pid": os.getpid(),
+        "database": str(config.database_path.resolve()),
+        "storage": storage_identity(config.storage_url),
+        "write_deadline": config.write_deadline,
+    }
+
+
+def storage_identity(url: str) -> str:
+    """The blob store a URL names, comparable between processes (a folder made absolute)."""
+    if url.startswith("file://"):
+        return "file://" + str(file_store_root(url).resolve())
+    return url
+
+
+def take_claims(config: Config, stack: AsyncExitStack) -> list[Claim]:
+    """Claim the database (and file blob folder) for this process, released by `stack`.
+    Raises ClaimHeld (naming what is held in `guarded`), or StartupError when a lock file
+    cannot be made."""
+    claims = []
+    for lock, guarded, setting in lock_files(config):
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            claim = Claim.take(lock, claim_record(config))
+        except ClaimHeld as held:
+            held.guarded = guarded
+            raise
+        except OSError as err:
+            raise StartupError(f"{setting} {guarded}: cannot claim it: {err}") from None
+        stack.callback(claim.release)
+        claims.append(claim)
+    return claims
+
+
+def disk_space(config: Config) -> DiskSpace:
+    folders = [config.database_path.parent]
+    if config.storage_url.startswith("file://"):
+        folders.append(file_store_root(config.storage_url))
+    reserve = config.database_path.with_name(config.database_path.name + ".reserve")
+    return DiskSpace(folders, config.min_free_bytes, reserve)
+
+
+async def open_storage(
+    config: Config,
+    stack: AsyncExitStack,
+    reader_count: int = READER_COUNT,
+    space: DiskSpace | None = None,
+) -> tuple[Database, BlobStore]:
+    """Open the database, then the blob store, both closed by `stack`; StartupError names
+    the one that cannot be opened."""
+    make_room = space.release_reserve if space is not None else None
+    try:
+        db = await Database.open(config.database_path, reader_count, make_room)
+    except (sqlite3.Error, OSError, SchemaTooNew) as err:
+        raise StartupError(f"QP_DATABASE {config.database_path}: {err}") from None
+    stack.push_async_callback(db.close)
+    try:
+        blobs = await open_blob_store(
+            config.storage_url,
+            config.s3_endpoint_url,
+            config.aws_region,
+            stack,
+            s3_timeout=config.s3_timeout,
+        )
+    except StoreNotReady as err:
+        raise StartupError(f"QP_STORAGE {config.storage_url}: {err}") from None
+    return db, blobs

@@ -1,0 +1,392 @@
+"""SQLite through aiosqlite: one writer connection and a pool of read-only readers. Plumbing
+only: the features keep their own SQL (chats/sql.py, completions/ledger.py,
+protection/blocks.py) and call the helpers here.
+
+Every write is a function run inside `BEGIN IMMEDIATE` on the single writer connection; the
+function *is* the transaction (`execute_write` for a single statement). Reads use their own
+connections (WAL mode), so a slow write never blocks a read.
+
+A database file deleted, replaced, truncated or overwritten under a running server goes on
+taking SQLite's writes into a file no restart will find, so every commit is checked
+against the file at the path before it counts, and a file found wrong refuses every write
+after it until a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable
+from qp.storage.migrations import migrate
+
+log = logging.getLogger("qp.storage.sqlite")
+
+READER_COUNT = 4
+BUSY_TIMEOUT_MS = 5000
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+T = TypeVar("T")
+WriteFn = Callable[[aiosqlite.Connection], Awaitable[T]]
+# Called when a maintenance write (a delete, an undo, start-up) fails for lack of space:
+# frees some room and answers whether it did, so the write is tried once more.
+MakeRoom = Callable[[], bool]
+# A statement's parameters: positional (?) or named (:name).
+Parameters = Sequence[Any] | Mapping[str, Any]
+
+# What a damaged file looks like to /healthz: the path is gone, holds another file, or the
+# file's header or length changed under us.
+DELETED = "deleted"
+REPLACED = "replaced"
+DAMAGED = "damaged"
+# Its lock file was taken by another process: another server may be writing.
+TAKEN_OVER = "taken-over"
+
+
+def failure_reason(err: sqlite3.Error) -> str:
+    """FULL, READ_ONLY or UNAVAILABLE for an error from SQLite."""
+    code = getattr(err, "sqlite_errorcode", 0)
+    if code & 0xFF == sqlite3.SQLITE_FULL or code == sqlite3.SQLITE_IOERR_SHMSIZE:
+        return FULL
+    if code & 0xFF in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM):
+        return READ_ONLY
+    return UNAVAILABLE
+
+
+def _is_corruption(err: sqlite3.Error) -> bool:
+    return getattr(err, "sqlite_errorcode", 0) & 0xFF in (
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_NOTADB,
+    )
+
+
+async def connect(target: str, *, uri: bool = False) -> aiosqlite.Connection:
+    """An aiosqlite connection whose sqlite3 connection was opened before its worker thread
+    started: a file that cannot be opened fails here, with no thread left behind to report
+    to an event loop that may be gone by then."""
+    raw = await asyncio.to_thread(
+        sqlite3.connect, target, uri=uri, isolation_level=None, check_same_thread=False
+    )
+    try:
+        return await aiosqlite.Connection(lambda: raw, 64)
+    except BaseException:
+        raw.close()
+        raise
+
+
+class DatabaseFile:
+    """Notices the database file being deleted, replaced, truncated or overwritten.
+
+    Holds a read-only descriptor on the file it opened, for the life of the database:
+    closing any descriptor of the file would drop SQLite's POSIX locks on it, so it is
+    closed only after every connection.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.wal_path = path.with_name(path.name + "-wal")
+        self._fd = os.open(path, os.O_RDONLY)
+        stat = os.fstat(self._fd)
+        self._identity = (stat.st_dev, stat.st_ino)
+        self._size = stat.st_size
+        self._wal_identity = _identity(self.wal_path)
+
+    def problem(self) -> str | None:
+        """DELETED, REPLACED or DAMAGED, or None while the file is the one we opened, whole."""
+        at_path = _identity(self.path)
+        if at_path is None:
+            return DELETED
+        if at_path != self._identity:
+            return REPLACED
+        if self._wal_identity is not None and _identity(self.wal_path) != self._wal_identity:
+            return DAMAGED  # the write-ahead log holding the latest commits was removed
+        try:
+            size = os.fstat(self._fd).st_size
+            header = os.pread(self._fd, len(SQLITE_MAGIC), 0)
+        except OSError:
+            return DAMAGED
+        # SQLite never shrinks the file here (no VACUUM, no auto-vacuum).
+        if size < self._size or header != SQLITE_MAGIC:
+            return DAMAGED
+        self._size = size
+        return None
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _every_commit_in_main_file(path: Path) -> bool:
+    """True when the database exists with no write-ahead log holding commits beside it."""
+    wal = path.with_name(path.name + "-wal")
+    return path.exists() and (not wal.exists() or wal.stat().st_size == 0)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+class Database:
+    """The SQLite database: `write(fn)` for transactions, `reader()` for queries."""
+
+    def __init__(
+        self,
+        writer: aiosqlite.Connection | None,
+        readers: list[aiosqlite.Connection],
+        file: DatabaseFile,
+        make_room: MakeRoom | None = None,
+    ):
+        # None: opened read-only because the disk was full (see `open`).
+        self._writer = writer
+        self._write_lock = asyncio.Lock()
+        self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self._all_readers = readers
+        self._file = file
+        self._make_room = make_room
+        self._data_version: int | None = None
+        # Set once the file is found deleted, replaced or damaged: writes refused until restart.
+        self.damage: str | None = None
+        for conn in readers:
+            self._readers.put_nowait(conn)
+
+    @classmethod
+    async def open(
+        cls, path: Path, reader_count: int = READER_COUNT, make_room: MakeRoom | None = None
+    ) -> Database:
+        """Open (creating if needed) the database, bring its schema up to date, open the
+        readers.
+
+        On a full disk, `make_room` is asked for room once; failing that, a database whose
+        every commit is in its main file (no write-ahead log left) opens read-only: reads
+        are served, writes refused (FULL) until a restart with room.
+        """
+        try:
+            return await cls._open(path, reader_count, make_room)
+        except sqlite3.Error as err:
+            if failure_reason(err) != FULL:
+                raise
+            full = err
+        if make_room is not None and make_room():
+            try:
+                return await cls._open(path, reader_count, make_room)
+            except sqlite3.Error as err:
+                if failure_reason(err) != FULL:
+                    raise
+        if not _every_commit_in_main_file(path):
+            raise full
+        log.error("the disk is full: the database is open read-only; restart with room to write")
+        readers = []
+        async with AsyncExitStack() as opened:
+            for _ in range(reader_count):
+                reader = await connect(f"{_read_only_uri(path)}&immutable=1", uri=True)
+                opened.push_async_callback(reader.close)
+                readers.append(reader)
+            file = DatabaseFile(path)
+            opened.pop_all()
+        return cls(None, readers, file, make_room)
+
+    @classmethod
+    async def _open(cls, path: Path, reader_count: int, make_room: MakeRoom | None) -> Database:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        async with AsyncExitStack() as opened:
+            writer = await connect(str(path))
+            opened.push_async_callback(writer.close)
+            await writer.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # No memory-mapped I/O: a file truncated under a mapping kills the process (SIGBUS).
+            await writer.execute("PRAGMA mmap_size = 0")
+            ((mode,),) = await writer.execute_fetchall("PRAGMA journal_mode")
+            if mode != "wal":
+                await writer.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit is on disk before the client is told its chat is saved.
+            await writer.execute("PRAGMA synchronous = FULL")
+            await migrate(writer)
+            readers = []
+            for _ in range(reader_count):
+                reader = await connect(_read_only_uri(path), uri=True)
+                opened.push_async_callback(reader.close)
+                await reader.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                await reader.execute("PRAGMA mmap_size = 0")
+                readers.append(reader)
+            file = DatabaseFile(path)
+            opened.pop_all()
+        return cls(writer, readers, file, make_room)
+
+    async def close(self) -> None:
+        try:
+            for conn in self._all_readers:
+                await conn.close()
+            if self._writer is not None:
+                await self._writer.close()
+        finally:
+            self._file.close()
+
+    async def write(self, fn: WriteFn[T], *, maintenance: bool = False) -> T:
+        """Run `fn(conn)` as one transaction on the writer: committed if it returns, else undone.
+
+        A `maintenance` write (a delete, an undo) that fails for lack of space is tried once
+        more after the reserve's room is given back; client writes never take that room.
+        """
+        async with self._write_lock:
+            self._refuse_if_damaged()
+            if self._writer is None:
+                raise StorageUnavailable(
+                    "Database", "opened read-only: the disk was full at start-up", FULL
+                )
+            try:
+                try:
+                    result = await self._transaction(fn)
+                except sqlite3.Error as err:
+                    if not (maintenance and failure_reason(err) == FULL and self._room()):
+                        raise
+                    result = await self._transaction(fn)
+            except sqlite3.Error as err:
+                self._note_corruption(err)
+                raise StorageUnavailable("Database", str(err), failure_reason(err)) from err
+            # Only now does the commit count: it must be in the file a restart opens.
+            self.verify_file()
+            return result
+
+    async def _transaction(self, fn: WriteFn[T]) -> T:
+        writer = self._writer
+        assert writer is not None
+        await writer.execute("BEGIN IMMEDIATE")
+        try:
+            result = await fn(writer)
+            await writer.execute("COMMIT")
+        except BaseException:
+            # SQLite may have rolled back already (a full disk does that to a commit).
+            if writer.in_transaction:
+                with suppress(sqlite3.Error):
+                    await writer.execute("ROLLBACK")
+            raise
+        return result
+
+    def _room(self) -> bool:
+        return self._make_room is not None and self._make_room()
+
+    def check_file(self) -> str | None:
+        """DELETED, REPLACED or DAMAGED once the file at the path is found not to be the
+        database this process opened, whole (writes are refused from then on); else None."""
+        if self.damage is None:
+            problem = self._file.problem()
+            if problem is not None:
+                self._damaged(problem)
+        return self.damage
+
+    def verify_file(self) -> None:
+        """StorageUnavailable unless the file at the path is still this database, whole."""
+        self.check_file()
+        self._refuse_if_damaged()
+
+    def refuse_writes(self, why: str) -> None:
+        """From now on every write is refused: another process took the database over."""
+        if self.damage is None:
+            self.damage = TAKEN_OVER
+            log.error("%s: writes are refused until the server is restarted", why)
+
+    def _refuse_if_damaged(self) -> None:
+        if self.damage is not None:
+            raise StorageUnavailable(
+                "Database", f"the database file was {self.damage}; writes wait for a restart"
+            )
+
+    def _damaged(self, problem: str) -> None:
+        if self.damage is None:
+            self.damage = problem
+            log.error(
+                "the database file %s was %s while the server ran: writes are refused"
+                " until it is restored and the server restarted",
+                self._file.path,
+                problem,
+            )
+
+    def _note_corruption(self, err: sqlite3.Error) -> None:
+        if _is_corruption(err):
+            self._damaged(DAMAGED)
+
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[aiosqlite.Connection]:
+        conn = await self._readers.get()
+        try:
+            yield conn
+        except sqlite3.Error as err:
+            self._note_corruption(err)
+            raise StorageUnavailable("Database", str(err), failure_reason(err)) from err
+        finally:
+            self._readers.put_nowait(conn)
+
+    async def changed_elsewhere(self) -> bool:
+        """True when another process committed to the database since the last call."""
+        if self._writer is None:
+            return False
+        async with self._write_lock:
+            # data_version on the writer moves only with other connections' commits.
+            try:
+                ((version,),) = await self._writer.execute_fetchall("PRAGMA data_version")
+            except sqlite3.Error as err:
+                raise StorageUnavailable("Database", str(err), failure_reason(err)) from err
+        changed = self._data_version is not None and version != self._data_version
+        self._data_version = version
+        return changed
+
+    async def ping(self) -> None:
+        await self.fetchall("SELECT 1")
+
+    # --- helpers: one statement, written or read -----------------------------------------
+
+    async def execute_write(
+        self, sql: str, params: Parameters = (), *, maintenance: bool = False
+    ) -> int:
+        """Run one statement as its own transaction; answers the rows it changed."""
+
+        async def execute(conn: aiosqlite.Connection) -> int:
+            cursor = await conn.execute(sql, params)
+            return cursor.rowcount
+
+        return await self.write(execute, maintenance=maintenance)
+
+    async def execute_write_many(
+        self, sql: str, params: Iterable[Sequence[Any]], *, maintenance: bool = False
+    ) -> None:
+        """Run one statement for each set of parameters, all in one transaction."""
+
+        async def execute(conn: aiosqlite.Connection) -> None:
+            await conn.executemany(sql, params)
+
+        await self.write(execute, maintenance=maintenance)
+
+    async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
+        async with self.reader() as conn:
+            rows = await conn.execute_fetchall(sql, params)
+        return [tuple(row) for row in rows]
+
+    async def fetchone(self, sql: str, params: Parameters = ()) -> tuple[Any, ...] | None:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def probe_write(self) -> None:
+        """One small real commit: does the database take writes (again)?"""
+
+        await self.execute_write(
+            "INSERT OR REPLACE INTO settings (name, value) VALUES ('write_probe', ?)",
+            (str(os.getpid()),),
+        )
+
+
+def _read_only_uri(path: Path) -> str:
+    return f"{path.resolve().as_uri()}?mode=ro"
+
+
+class Unchanged(Exception):
+    """Raised inside a write function to roll back a change whose condition no longer holds."""
