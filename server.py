@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import resource
 import sys
 
@@ -14,6 +15,7 @@ from qp.app import StartupError, create_app
 from qp.config import ConfigError, describe, load_config
 from qp.http_server import run
 from qp.logs import configure_logging
+from qp.policy.loader import load_policy
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,16 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(host=args.host, port=args.port, unix_socket=args.unix_socket)
+        policy = load_policy(os.environ, config.config_path)
     except ConfigError as err:
         print(f"qp-server: {err}", file=sys.stderr)
         return 1 if args.check_config else 2
     if args.check_config:
-        print(describe(config), end="")
+        print(describe(config, policy), end="")
         return 0
     configure_logging(config.log_format)
     _raise_open_file_limit()
     try:
-        run(create_app(config), config)
+        run(create_app(config, policy), config)
     except StartupError as err:
         print(f"qp-server: {err}", file=sys.stderr)
         return 1

@@ -38,7 +38,7 @@ from qp.metrics import Metrics
 from qp.middlewares import MIDDLEWARES
 from qp.ops.housekeeping import Housekeeping
 from qp.policy.loader import load_policy
-from qp.policy.policy import PolicyHolder
+from qp.policy.policy import Policy, PolicyHolder
 from qp.protection.admin import ADMIN_GUARD, AdminGuard
 from qp.protection.blocks import open_rate_limiter
 from qp.protection.byte_budget import ByteBudget
@@ -55,11 +55,12 @@ log = logging.getLogger("qp.app")
 LAG_PROBE_SECONDS = 0.1
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, policy: Policy) -> web.Application:
+    """The app for `config`, starting with `policy` in force."""
     app = web.Application(middlewares=MIDDLEWARES)
     app[CONFIG] = config
     app[METRICS] = Metrics()
-    app[POLICY] = PolicyHolder(config.policy)
+    app[POLICY] = PolicyHolder(policy)
     app[SHUTTING_DOWN] = asyncio.Event()
     app[ADMIN_GUARD] = AdminGuard()
     app[DAILY_QUOTA] = DailyQuota()

@@ -1,5 +1,5 @@
-"""Configuration: one frozen dataclass, built once at start-up from the environment (and,
-for the policy, the QP_CONFIG file)."""
+"""Configuration: one frozen dataclass, built once at start-up from the environment. The
+policy (what a SIGHUP reloads) is not in it: see qp/policy/."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from qp.errors import ConfigError
 from qp.logs import LOG_FORMATS
-from qp.policy.loader import load_policy, policy_as_toml
+from qp.policy.loader import policy_as_toml
 from qp.policy.policy import Policy
 
 __all__ = ["Config", "ConfigError", "describe", "load_config"]
@@ -46,9 +46,9 @@ class Config:
     openrouter_api_key: str | None = field(default=None, repr=False)
     app_openrouter_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
     cache_bytes: int = DEFAULT_CACHE_MB * 1024 * 1024
-    # The policy file (QP_CONFIG), re-read on SIGHUP; the policy as first loaded.
+    # The policy file (QP_CONFIG), read at start-up and on SIGHUP. The policy in force has
+    # one home, the app's PolicyHolder.
     config_path: Path | None = None
-    policy: Policy = field(default_factory=Policy)
     # Salt for client-address hashes; None: the installation's own, kept in the database.
     ip_salt: str | None = field(default=None, repr=False)
     # SIGTERM/SIGINT: seconds requests and streams in flight get to finish.
@@ -173,7 +173,6 @@ def load_config(
         },
         cache_bytes=_int(environ, "QP_CACHE_MB", DEFAULT_CACHE_MB) * 1024 * 1024,
         config_path=config_path,
-        policy=load_policy(environ, config_path),
         ip_salt=environ.get("QP_IP_SALT") or None,
         shutdown_timeout=_seconds(environ, "QP_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT),
         log_format=_log_format(environ),
@@ -190,7 +189,7 @@ def load_config(
 SECRET = "******** (set)"
 
 
-def describe(config: Config, environ: Mapping[str, str] | None = None) -> str:
+def describe(config: Config, policy: Policy, environ: Mapping[str, str] | None = None) -> str:
     """The effective settings: the process's, then the policy as a QP_CONFIG file would
     hold it. Every secret is masked."""
     environ = os.environ if environ is None else environ
@@ -229,4 +228,4 @@ def describe(config: Config, environ: Mapping[str, str] | None = None) -> str:
         "# The policy in force (defaults, then the file, then QP_* variables):",
         "",
     ]
-    return "\n".join(lines) + policy_as_toml(config.policy)
+    return "\n".join(lines) + policy_as_toml(policy)

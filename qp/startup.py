@@ -12,11 +12,26 @@ from pathlib import Path
 from typing import Any
 
 from qp.config import Config
-from qp.storage.blobs import BlobStore, StoreNotReady, file_store_root, open_blob_store
+from qp.storage.blobs import BlobStore, FileBlobStore, StoreNotReady, file_store_root
 from qp.storage.claim import Claim, ClaimHeld
 from qp.storage.disk import DiskSpace
 from qp.storage.migrations import SchemaTooNew
+from qp.storage.s3 import DEFAULT_S3_TIMEOUT, S3BlobStore
 from qp.storage.sqlite import READER_COUNT, Database
+
+
+async def open_blob_store(
+    url: str,
+    endpoint_url: str | None,
+    region: str | None,
+    exit_stack: AsyncExitStack,
+    profile: str | None = None,
+    s3_timeout: float = DEFAULT_S3_TIMEOUT,
+) -> BlobStore:
+    """The store a `QP_STORAGE` URL names: `file://PATH` or `s3://BUCKET[/PREFIX]`."""
+    if url.startswith("file://"):
+        return FileBlobStore.open(file_store_root(url))
+    return await S3BlobStore.open(url, endpoint_url, region, exit_stack, profile, s3_timeout)
 
 
 class StartupError(Exception):

@@ -25,7 +25,7 @@ from qp.chats.model import (
     is_valid_chat_id,
     parse_chat,
 )
-from qp.chats.store import CHUNK_BYTES, ChatStream
+from qp.chats.stream import CHUNK_BYTES, ChatStream
 from qp.errors import ApiError, StorageUnavailable, json_bytes_response, json_response
 from qp.logs import CLIENT_HASH
 from qp.policy.policy import Policy

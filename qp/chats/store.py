@@ -17,15 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
-
-import orjson
 
 from qp.chats.cache import ChatCache
 from qp.chats.locks import ChatLocks
@@ -38,19 +32,19 @@ from qp.chats.model import (
     render_chat,
     starts_like_an_array,
 )
+from qp.chats.pending import PendingWrite, blob_matches, make_note
 from qp.chats.sql import ChatRows
+from qp.chats.stream import CHUNK_BYTES, ChatStream, read_to_end
 from qp.errors import FULL, READ_ONLY, StorageUnavailable, insufficient_storage
 from qp.storage.batches import BatchWriter
-from qp.storage.blobs import BlobReader, BlobStore, chat_key
+from qp.storage.blobs import BlobStore, chat_key
 from qp.storage.disk import DiskSpace
 from qp.storage.sqlite import Database
-from qp.timestamps import epoch_seconds, utc_now_iso
+from qp.timestamps import utc_now_iso
 
 log = logging.getLogger("qp.chats.store")
 
 LIST_LIMIT = 100
-# Chats up to this size are read whole (and cached); larger ones are sent in pieces of it.
-CHUNK_BYTES = 256 * 1024
 # Seconds a write may take from its SQL step to its answer; past it, it is undone and
 # answered 503. The server sets it from QP_S3_TIMEOUT.
 DEFAULT_WRITE_DEADLINE = 40.0
@@ -60,81 +54,7 @@ PROBE_SECONDS = 5.0
 FINISHED, UNDONE, UNCHANGED = "finished", "undone", "unchanged"
 
 
-@dataclass(frozen=True, slots=True)
-class PendingWrite:
-    """A chat write between its SQL step and its blob: what finishing or undoing it takes."""
-
-    chat_id: str
-    note: str  # the row's `pending` while the write is unfinished
-    op: str  # create or update
-    sha256: str  # of the messages the write stores
-    at: float  # epoch seconds of its SQL step
-    updated_at: str  # the row's updated_at as the write left it
-    previous: ChatRow | None  # an update's row as it was
-
-    @classmethod
-    def read(cls, row: ChatRow, note: str) -> PendingWrite | None:
-        """The write a row's note describes; None (logged) for a note that is not one of
-        ours, which is left for the operator rather than guessed at."""
-        try:
-            intent = orjson.loads(note)
-            previous = intent.get("previous")
-            write = cls(
-                chat_id=row.chat_id,
-                note=note,
-                op=intent["op"],
-                sha256=intent["sha256"],
-                # Notes written before `at` existed: the row's own time is the SQL step's.
-                at=float(intent.get("at", epoch_seconds(row.updated_at))),
-                updated_at=row.updated_at,
-                previous=ChatRow(**previous) if previous else None,
-            )
-        except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
-            log.error("a chat row's pending note cannot be read; `check` lists it")
-            return None
-        if write.op not in ("create", "update"):
-            log.error("a chat row's pending note cannot be read; `check` lists it")
-            return None
-        return write
-
-
 SqlStep = Callable[[str], Awaitable[PendingWrite]]
-
-
-@dataclass
-class ChatStream:
-    """A chat too large to hold whole: its JSON is `head`, then `first` and the rest of the
-    open blob, then `tail`. Whoever gets one sends it and closes it."""
-
-    head: bytes
-    first: bytes
-    blob: BlobReader
-    tail: bytes
-
-    @property
-    def size(self) -> int:
-        return len(self.head) + self.blob.size + len(self.tail)
-
-    async def pieces(self) -> AsyncIterator[bytes]:
-        """The JSON in pieces of at most CHUNK_BYTES; the blob is closed at the end."""
-        try:
-            yield self.head
-            yield self.first
-            while piece := await self.blob.read(CHUNK_BYTES):
-                yield piece
-            yield self.tail
-        finally:
-            await self.blob.close()
-
-    async def read_all(self) -> bytes:
-        return b"".join([piece async for piece in self.pieces()])
-
-
-async def _read_to_end(reader: BlobReader) -> bytes:
-    pieces = []
-    while piece := await reader.read(CHUNK_BYTES):
-        pieces.append(piece)
-    return b"".join(pieces)
 
 
 class ChatStore:
@@ -187,7 +107,7 @@ class ChatStore:
         """Store a new chat; raises ChatLimitExceeded or ChatExists, leaving stored chats
         alone. `max_total_bytes` (0: none) caps all chats' messages together (507)."""
         chat_id = chat.chat_id or new_chat_id()
-        note, digest, at = _note("create", chat.messages_json)
+        note, digest, at = make_note("create", chat.messages_json)
 
         async def insert(now: str) -> PendingWrite:
             await self._rows.insert(chat_id, chat, now, max_chats_per_app, note)
@@ -203,7 +123,7 @@ class ChatStore:
             made: list[PendingWrite] = []
 
             def note_for(previous: ChatRow) -> str:
-                note, digest, at = _note("update", chat.messages_json, previous)
+                note, digest, at = make_note("update", chat.messages_json, previous)
                 made.append(PendingWrite(chat_id, note, "update", digest, at, now, previous))
                 return note
 
@@ -345,7 +265,7 @@ class ChatStore:
                 await reader.close()
                 return None
             if reader.size <= CHUNK_BYTES:
-                rest = await _read_to_end(reader)
+                rest = await read_to_end(reader)
                 await reader.close()
                 rendered = render_chat(row, first + rest)
                 self._cache.put(row.chat_id, rendered)
@@ -452,22 +372,5 @@ def _size(row: ChatRow | None) -> int:
     return (row.messages_bytes or 0) if row is not None else 0
 
 
-def messages_digest(messages_json: bytes) -> str:
-    """SHA-256 of a messages array as stored: how a pending write knows its blob."""
-    return hashlib.sha256(messages_json).hexdigest()
-
-
-async def blob_matches(blobs: BlobStore, chat_id: str, digest: str) -> bool:
-    """Whether the chat's blob holds the messages with this SHA-256 (a pending write's)."""
-    stored = await blobs.get(chat_key(chat_id))
-    return stored is not None and messages_digest(stored) == digest
-
-
-def _note(op: str, messages_json: bytes, previous: ChatRow | None = None) -> tuple[str, str, float]:
-    """The `pending` note a write leaves on its row until its blob is stored, with the
-    digest and time it records."""
-    digest, at = messages_digest(messages_json), time.time()
-    intent: dict[str, Any] = {"op": op, "sha256": digest, "at": at}
-    if previous is not None:
-        intent["previous"] = dataclasses.asdict(previous)
-    return orjson.dumps(intent).decode(), digest, at
+def _size(row: ChatRow | None) -> int:
+    return (row.messages_bytes or 0) if row is not None else 0

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qp.chats.model import CHAT_ID_PATTERN, is_messages_array
+from qp.chats.pending import PendingWrite, blob_matches
 from qp.chats.sql import ChatRows
-from qp.chats.store import ChatStore, PendingWrite, blob_matches
+from qp.chats.store import ChatStore
 from qp.cli.common import CommandFailed, Subcommands, open_in
 from qp.config import Config
 from qp.startup import lock_files, storage_identity, take_claims

@@ -16,7 +16,8 @@ from tqdm import tqdm
 from qp.cli.check import CHAT_KEY
 from qp.cli.common import CommandFailed, Subcommands
 from qp.config import Config, ConfigError, validate_storage_url
-from qp.storage.blobs import BlobStore, StoreNotReady, open_blob_store
+from qp.startup import open_blob_store
+from qp.storage.blobs import BlobStore, StoreNotReady
 
 COPY_CONCURRENCY = 16
 

@@ -26,13 +26,13 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable
+from qp.storage.file_watch import DAMAGED, DatabaseFile
 from qp.storage.migrations import migrate
 
 log = logging.getLogger("qp.storage.sqlite")
 
 READER_COUNT = 4
 BUSY_TIMEOUT_MS = 5000
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 T = TypeVar("T")
 WriteFn = Callable[[aiosqlite.Connection], Awaitable[T]]
@@ -42,12 +42,6 @@ MakeRoom = Callable[[], bool]
 # A statement's parameters: positional (?) or named (:name).
 Parameters = Sequence[Any] | Mapping[str, Any]
 
-# What a damaged file looks like to /healthz: the path is gone, holds another file, or the
-# file's header or length changed under us.
-DELETED = "deleted"
-REPLACED = "replaced"
-DAMAGED = "damaged"
-# Its lock file was taken by another process: another server may be writing.
 TAKEN_OVER = "taken-over"
 
 
@@ -82,59 +76,10 @@ async def connect(target: str, *, uri: bool = False) -> aiosqlite.Connection:
         raise
 
 
-class DatabaseFile:
-    """Notices the database file being deleted, replaced, truncated or overwritten.
-
-    Holds a read-only descriptor on the file it opened, for the life of the database:
-    closing any descriptor of the file would drop SQLite's POSIX locks on it, so it is
-    closed only after every connection.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.wal_path = path.with_name(path.name + "-wal")
-        self._fd = os.open(path, os.O_RDONLY)
-        stat = os.fstat(self._fd)
-        self._identity = (stat.st_dev, stat.st_ino)
-        self._size = stat.st_size
-        self._wal_identity = _identity(self.wal_path)
-
-    def problem(self) -> str | None:
-        """DELETED, REPLACED or DAMAGED, or None while the file is the one we opened, whole."""
-        at_path = _identity(self.path)
-        if at_path is None:
-            return DELETED
-        if at_path != self._identity:
-            return REPLACED
-        if self._wal_identity is not None and _identity(self.wal_path) != self._wal_identity:
-            return DAMAGED  # the write-ahead log holding the latest commits was removed
-        try:
-            size = os.fstat(self._fd).st_size
-            header = os.pread(self._fd, len(SQLITE_MAGIC), 0)
-        except OSError:
-            return DAMAGED
-        # SQLite never shrinks the file here (no VACUUM, no auto-vacuum).
-        if size < self._size or header != SQLITE_MAGIC:
-            return DAMAGED
-        self._size = size
-        return None
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
 def _every_commit_in_main_file(path: Path) -> bool:
     """True when the database exists with no write-ahead log holding commits beside it."""
     wal = path.with_name(path.name + "-wal")
     return path.exists() and (not wal.exists() or wal.stat().st_size == 0)
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_dev, stat.st_ino
 
 
 class Database:
