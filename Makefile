@@ -1,5 +1,5 @@
 # make run   - install into .venv if needed, then serve on 127.0.0.1:8787 (data in ./data)
-# make test  - install dev tools if needed, lint, then the whole test suite
+# make test  - install dev tools if needed, lint and type-check, then the whole test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,8 +15,9 @@ $(VENV)/.created:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@touch $@
 
-$(VENV)/.installed: $(VENV)/.created requirements.txt
+$(VENV)/.installed: $(VENV)/.created requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
@@ -29,6 +30,7 @@ run: install
 lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: install-dev
 	$(BIN)/ruff check --fix .

@@ -11,11 +11,12 @@ import os
 import resource
 import sys
 
-from qp.app import StartupError, create_app
+from qp.app import create_app
 from qp.config import ConfigError, describe, load_config
 from qp.http_server import run
 from qp.logs import configure_logging
 from qp.policy.loader import load_policy
+from qp.startup import StartupError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -23,8 +23,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from tests.support import QPServer, SeaweedFS, free_ports, make_chat, wait_for_port
 
 ADMIN_KEY = "bench-admin-key"

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from tests.support import QPServer, RssSampler, big_chat
 
 ADMIN_KEY = "bench-admin-key"

@@ -22,12 +22,10 @@ from pathlib import Path
 
 import aiohttp
 
+from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
+from tests.support import QPServer, free_ports, wait_for_port
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS  # noqa: E402
-from tests.support import QPServer, free_ports, wait_for_port  # noqa: E402
-
 MODEL = "bench/model"
 SYSTEM = " ".join(group[0] for group in DEFAULT_REQUIRED_PHRASE_GROUPS)
 

@@ -33,12 +33,10 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
+from tests.support import QPServer, free_ports, make_chat, rss_of, wait_for_port
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS  # noqa: E402
-from tests.support import QPServer, free_ports, make_chat, rss_of, wait_for_port  # noqa: E402
-
 ADMIN_KEY = "soak-admin-key"
 SYSTEM = " ".join(group[0] for group in DEFAULT_REQUIRED_PHRASE_GROUPS)
 MESSAGES = [{"role": "user", "content": "lorem ipsum " * 300}] * 12  # about 45 KB

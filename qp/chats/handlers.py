@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import contextmanager
 
 from aiohttp import web
@@ -163,8 +163,8 @@ def _streamed_json(size: int | None) -> web.StreamResponse:
 
 
 async def _json_array(
-    first: bytes | ChatStream | None, rest: AsyncIterator[bytes | ChatStream]
-) -> AsyncIterator[bytes]:
+    first: bytes | ChatStream | None, rest: AsyncGenerator[bytes | ChatStream, None]
+) -> AsyncGenerator[bytes, None]:
     yield b"["
     chat = first
     separator = b""
@@ -181,7 +181,7 @@ async def _json_array(
 
 
 async def _send(
-    request: web.Request, response: web.StreamResponse, pieces: AsyncIterator[bytes]
+    request: web.Request, response: web.StreamResponse, pieces: AsyncGenerator[bytes, None]
 ) -> None:
     """Write the pieces, each within the policy's body idle timeout (a client that stops
     reading does not hold the chat's blob open for ever). Once the answer has begun, a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import aiorwlock
 
@@ -16,7 +17,7 @@ import aiorwlock
 class ChatLocks:
     def __init__(self) -> None:
         # chat id -> [lock, holders and waiters]; an entry lives only while someone uses it.
-        self._entries: dict[str, list] = {}
+        self._entries: dict[str, list[Any]] = {}
 
     @asynccontextmanager
     async def reading(self, chat_id: str) -> AsyncIterator[None]:

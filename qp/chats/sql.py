@@ -101,7 +101,7 @@ class ChatRows:
         the row as it was, or None if there is none."""
 
         async def update(conn: aiosqlite.Connection) -> ChatRow | None:
-            rows = await conn.execute_fetchall(ONE, (chat_id,))
+            rows = list(await conn.execute_fetchall(ONE, (chat_id,)))
             if not rows:
                 return None
             previous = ChatRow(*rows[0])
@@ -157,7 +157,7 @@ class ChatRows:
         are how an operator makes room on a full disk: they may use the disk reserve."""
 
         async def delete(conn: aiosqlite.Connection) -> int:
-            rows = await conn.execute_fetchall(DELETE, (chat_id,))
+            rows = list(await conn.execute_fetchall(DELETE, (chat_id,)))
             return (rows[0][0] or 0) if rows else 0
 
         return await self.db.write(delete, maintenance=True)
@@ -199,7 +199,7 @@ class ChatRows:
         async def store(conn: aiosqlite.Connection) -> tuple[int, int, int]:
             added = replaced = 0
             for row in rows:
-                found = await conn.execute_fetchall(IMPORTED, (row.chat_id,))
+                found = list(await conn.execute_fetchall(IMPORTED, (row.chat_id,)))
                 # A row a server is writing right now (pending) is the server's to finish.
                 if found and (found[0][0] >= row.updated_at or found[0][1] is not None):
                     continue

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from qp.chats.cache import ChatCache
 from qp.chats.locks import ChatLocks
@@ -232,11 +232,11 @@ class ChatStore:
 
     async def newest_chats(
         self, app: str, limit: int = LIST_LIMIT
-    ) -> AsyncIterator[bytes | ChatStream]:
+    ) -> AsyncGenerator[bytes | ChatStream, None]:
         """The app's newest chats by updated_at, one at a time (skipping any whose messages
         are missing), each as `open_chat` gives it."""
         for row in await self._rows.newest(app, limit):
-            chat = self._cache.get(row.chat_id)
+            chat: bytes | ChatStream | None = self._cache.get(row.chat_id)
             if chat is None:
                 async with self._locks.reading(row.chat_id):
                     if row.chat_id in self._unresolved:
@@ -366,10 +366,6 @@ class ChatStore:
                 await self._blobs.probe_write()
                 self.write_problem = None
         return self.write_problem
-
-
-def _size(row: ChatRow | None) -> int:
-    return (row.messages_bytes or 0) if row is not None else 0
 
 
 def _size(row: ChatRow | None) -> int:

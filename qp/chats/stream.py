@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from qp.storage.blobs import BlobReader
@@ -25,7 +25,7 @@ class ChatStream:
     def size(self) -> int:
         return len(self.head) + self.blob.size + len(self.tail)
 
-    async def pieces(self) -> AsyncIterator[bytes]:
+    async def pieces(self) -> AsyncGenerator[bytes, None]:
         """The JSON in pieces of at most CHUNK_BYTES; the blob is closed at the end."""
         try:
             yield self.head

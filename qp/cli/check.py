@@ -204,7 +204,7 @@ def _live_min_age(config: Config, stack: AsyncExitStack, args: argparse.Namespac
     deadline = holder.get("write_deadline")
     if not isinstance(deadline, int | float):
         deadline = config.write_deadline
-    min_age = max(args.min_age, deadline + LIVE_MARGIN_SECONDS)
+    min_age = max(float(args.min_age), deadline + LIVE_MARGIN_SECONDS)
     print(
         f"a qp-server (pid {pid}) is serving this database: writes younger than"
         f" {min_age:g} s may be in flight and are left alone",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qp.chats.cache import ChatCache
 from qp.chats.store import ChatStore
@@ -18,7 +18,10 @@ PROGRAM = "python -m qp"
 
 
 # What a command family adds its commands to (argparse's sub-parsers action).
-Subcommands = argparse._SubParsersAction  # type: ignore[type-arg]
+if TYPE_CHECKING:
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]
+else:  # not subscriptable at run time
+    Subcommands = argparse._SubParsersAction
 
 
 class CommandFailed(Exception):

@@ -67,7 +67,8 @@ async def copy_blobs(args: argparse.Namespace, config: Config) -> int:
                 )
             except (ConfigError, StoreNotReady) as err:
                 raise CommandFailed(f"{name} {url}: {err}") from None
-        report = await copy_chat_blobs(*stores, overwrite=args.overwrite)
+        source, target = stores
+        report = await copy_chat_blobs(source, target, overwrite=args.overwrite)
     print(
         f"{report.copied} copied, {report.skipped} already there"
         + (f", {report.vanished} gone before they were read" if report.vanished else "")

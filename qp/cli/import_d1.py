@@ -16,6 +16,7 @@ import sqlite3
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qp.chats.model import ChatRow, is_valid_chat_id
 from qp.chats.sql import ChatRows
@@ -93,7 +94,7 @@ def _load_statement(scratch: sqlite3.Connection, statement: str, line: int) -> N
     raise DumpRefused(f"line {line}: not a statement of a chats export: {shown}")
 
 
-def _invalid(values: tuple) -> str | None:
+def _invalid(values: tuple[Any, ...]) -> str | None:
     chat_id, app, model, prompt, completion, cost, created, updated = values
     if not isinstance(chat_id, str) or not is_valid_chat_id(chat_id):
         return "invalid chat id"
@@ -106,11 +107,12 @@ def _invalid(values: tuple) -> str | None:
     return None
 
 
-def _row(values: tuple) -> ChatRow:
+def _row(values: tuple[Any, ...]) -> ChatRow:
+    """A row `_invalid` passed: its timestamps parse."""
     chat_id, app, model, prompt, completion, cost, created, updated = values
-    return ChatRow(
-        chat_id, app, model, prompt, completion, cost, parse_iso(created), parse_iso(updated)
-    )
+    created_at, updated_at = parse_iso(created), parse_iso(updated)
+    assert created_at is not None and updated_at is not None
+    return ChatRow(chat_id, app, model, prompt, completion, cost, created_at, updated_at)
 
 
 async def import_d1(args: argparse.Namespace, config: Config) -> int:

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config()
-        return asyncio.run(args.run(args, config))
+        return int(asyncio.run(args.run(args, config)))
     except (
         CommandFailed,
         ConfigError,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from aiohttp import web
 
@@ -91,7 +92,7 @@ async def usage_report(request: web.Request) -> web.Response:
         async with asyncio.timeout(USAGE_FLUSH_SECONDS):
             await request.app[LEDGER].flush()
     totals = await usage_totals(request.app[DATABASE], since, app)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "app": total.app,
             "model": total.model,

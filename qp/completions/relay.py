@@ -154,7 +154,9 @@ async def _upstream_error(upstream: aiohttp.ClientResponse, record: CompletionRe
     except (aiohttp.ClientError, TimeoutError):
         body = b""
     message = _error_message(body)
-    return ApiError(upstream.status, reason, **({"message": message} if message else {}))
+    if message is None:
+        return ApiError(upstream.status, reason)
+    return ApiError(upstream.status, reason, message=message)
 
 
 def _phrase(status: int) -> str:
@@ -174,7 +176,7 @@ def _error_message(body: bytes) -> str | None:
         return None
     error = parsed.get("error")
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"]
+        return str(error["message"])
     for candidate in (error, parsed.get("message")):
         if isinstance(candidate, str):
             return candidate

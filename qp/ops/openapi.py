@@ -48,7 +48,7 @@ BODY_ERRORS = {
     "408": _error("The request body came too slowly"),
     "413": _error("Request validation failed: the body or the chat is too large"),
 }
-ADMIN = [{"adminKey": []}]
+ADMIN: list[dict[str, list[str]]] = [{"adminKey": []}]
 
 TOKENS = {"type": "number", "minimum": -INT64_MAX - 1, "maximum": INT64_MAX}
 COST = {"type": "number", "minimum": -COST_MAX - 1, "maximum": COST_MAX}

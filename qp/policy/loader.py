@@ -221,6 +221,7 @@ def _from_file(path: Path) -> dict[str, Any]:
     known = {(s.section, s.key): s for s in SETTINGS}
     values: dict[str, Any] = {}
     for name, value in document.items():
+        entries: list[tuple[str | None, str, Any]]
         if isinstance(value, dict):
             entries = [(name, key, item) for key, item in value.items()]
         else:

@@ -8,6 +8,7 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -68,7 +69,7 @@ class AdminGuard:
         _forget_oldest(self._wrong, self._max_clients)
 
 
-def _forget_oldest(table: OrderedDict[str, object], keep: int) -> None:
+def _forget_oldest(table: OrderedDict[str, Any], keep: int) -> None:
     while len(table) > keep:
         table.popitem(last=False)
 

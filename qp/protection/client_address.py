@@ -95,10 +95,11 @@ def client_address(request: web.BaseRequest, trusted: TrustedProxies) -> str:
         return peer
     # The peer is a trusted proxy, or a unix-socket peer (no address): believe its headers.
     forwarded = [
-        classified
+        (address, is_trusted)
         for header in request.headers.getall("X-Forwarded-For", [])
         for part in header.split(",")
-        if (classified := trusted.classify(part))[0] is not None
+        for address, is_trusted in (trusted.classify(part),)
+        if address is not None
     ]
     for address, is_trusted in reversed(forwarded):
         if not is_trusted:

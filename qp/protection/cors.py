@@ -18,7 +18,7 @@ ALLOW_METHODS = ("GET", "POST", "PUT", "DELETE", "OPTIONS")
 ALLOW_HEADERS = ("Content-Type", "x-openrouter-key", "x-admin-key")
 MAX_AGE = 86400
 
-_OPTIONS = aiohttp_cors.ResourceOptions(
+_OPTIONS = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
     allow_credentials=False,
     allow_headers=ALLOW_HEADERS,
     allow_methods=ALLOW_METHODS,

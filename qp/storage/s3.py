@@ -150,7 +150,7 @@ class S3BlobStore:
     async def open_reader(self, key: str) -> BlobReader | None:
         """The object, downloaded at the store's pace into a temporary file first: a client
         reading slowly then holds a file, not one of the store's connections."""
-        spool = await asyncio.to_thread(tempfile.TemporaryFile, dir=self.spool_dir)
+        spool = await asyncio.to_thread(tempfile.TemporaryFile, mode="w+b", dir=self.spool_dir)
         try:
 
             async def spill(piece: bytes) -> None:

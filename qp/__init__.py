@@ -1,0 +1,1 @@
+"""qp-server: the QP chat backend (see README.md)."""
