@@ -23,7 +23,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import QPServer, SeaweedFS, free_ports, make_chat, wait_for_port
+from tests.helpers import make_chat
+from tests.processes import QPServer, SeaweedFS, free_ports, wait_for_port
 
 ADMIN_KEY = "bench-admin-key"
 BARE_APP = textwrap.dedent(

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.support import QPServer, RssSampler, big_chat
+from tests.helpers import big_chat
+from tests.processes import QPServer, RssSampler
 
 ADMIN_KEY = "bench-admin-key"
 

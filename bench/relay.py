@@ -23,7 +23,7 @@ from pathlib import Path
 import aiohttp
 
 from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
-from tests.support import QPServer, free_ports, wait_for_port
+from tests.processes import QPServer, free_ports, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench/model"

@@ -34,7 +34,8 @@ import aiohttp
 import orjson
 
 from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
-from tests.support import QPServer, free_ports, make_chat, rss_of, wait_for_port
+from tests.helpers import make_chat
+from tests.processes import QPServer, free_ports, rss_of, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_KEY = "soak-admin-key"

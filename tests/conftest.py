@@ -1,82 +1,100 @@
-"""Fixtures: qp-server as a real process on each storage backend, and a real SeaweedFS."""
+"""Fixtures. Handler behaviour is tested in-process: `create_app(config, policy)` served by
+pytest-aiohttp's `aiohttp_client` on a loopback port (`start_server`, `server`, `http`).
+What needs a real `server.py` process (start-up and its refusals, signals, crashes, nginx)
+uses `qp_server`. S3 runs on a real SeaweedFS (`seaweed`)."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
-import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient
 
-from tests.support import QPServer, SeaweedFS
+from qp.app import create_app
+from qp.config import load_config
+from qp.policy.loader import load_policy
+from tests.app_server import AppServer, Backend, StartServer
+from tests.helpers import ADMIN_KEY
+from tests.processes import TEST_DEFAULTS, QPServer, SeaweedFS
 
-ADMIN_KEY = "test-admin-key"
 BACKENDS = ["file", "s3"]
+# What a test run's own environment must not pass on to the server under test.
+SERVER_VARIABLES = ("QP_", "OPENROUTER_", "AWS_", "ADMIN_KEY")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Modules marked `on_both_backends` run each test on the file store and on S3."""
+    if "backend_name" in metafunc.fixturenames:
+        both = metafunc.definition.get_closest_marker("on_both_backends") is not None
+        metafunc.parametrize("backend_name", BACKENDS if both else ["file"], scope="module")
 
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory) -> Iterator[SeaweedFS]:
-    """One SeaweedFS for the session; each server gets its own bucket on it."""
+    """One SeaweedFS for the session; process tests make buckets of their own on it."""
     weed = SeaweedFS(tmp_path_factory.mktemp("seaweed")).start()
     yield weed
     weed.stop()
 
 
-class Backend:
-    """Storage settings for one server: a fresh folder or a fresh bucket."""
-
-    def __init__(self, name: str, request: pytest.FixtureRequest):
-        self.name = name
-        self._request = request
-        self.bucket: str | None = None
-
-    def env(self) -> dict[str, str]:
-        if self.name == "file":
-            return {}
-        weed: SeaweedFS = self._request.getfixturevalue("seaweed")
-        self.bucket = weed.create_bucket()
-        return weed.server_env(self.bucket)
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def backend_name(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def server(backend_name, request, tmp_path_factory) -> Iterator[QPServer]:
-    """A server shared by a module's tests on one backend; tests use their own ids and apps."""
-    backend = Backend(backend_name, request)
-    env = {"ADMIN_KEY": ADMIN_KEY, **backend.env()}
-    qp = QPServer(tmp_path_factory.mktemp(f"qp-{backend_name}"), env).start()
-    qp.backend = backend
-    yield qp
-    qp.stop()
+@pytest.fixture(scope="session")
+def shared_bucket(seaweed: SeaweedFS) -> str:
+    """The bucket in-process servers share, each under a prefix of its own (making a
+    bucket takes SeaweedFS up to two seconds)."""
+    return seaweed.create_bucket()
 
 
 @pytest.fixture
-def start_server(backend_name, request, tmp_path_factory) -> Iterator[Callable[..., QPServer]]:
-    """Start a server of the test's own, with extra environment; stopped after the test."""
-    started: list[QPServer] = []
+async def start_server(
+    backend_name: str, request: pytest.FixtureRequest, tmp_path_factory, aiohttp_client
+) -> StartServer:
+    """Start the app on a fresh data folder (and bucket), with extra environment."""
 
-    def start(**env: str) -> QPServer:
-        backend = Backend(backend_name, request)
-        qp = QPServer(
-            tmp_path_factory.mktemp(f"qp-{backend_name}"),
-            {"ADMIN_KEY": ADMIN_KEY, **backend.env(), **env},
-        ).start()
-        qp.backend = backend
-        started.append(qp)
-        return qp
+    async def start(**env: str) -> AppServer:
+        data_dir = tmp_path_factory.mktemp(f"qp-{backend_name}")
+        on_s3 = backend_name == "s3"
+        weed = request.getfixturevalue("seaweed") if on_s3 else None
+        bucket = request.getfixturevalue("shared_bucket") if on_s3 else None
+        backend = Backend(backend_name, data_dir, weed, bucket)
+        environ = {
+            **{
+                k: v
+                for k, v in os.environ.items()
+                if not k.startswith(("QP_", "OPENROUTER_", "AWS_")) and k != "ADMIN_KEY"
+            },
+            "QP_DATA_DIR": str(data_dir),
+            "ADMIN_KEY": ADMIN_KEY,
+            **TEST_DEFAULTS,
+            **backend.env(),
+            **env,
+        }
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        for name, value in backend.env().items():
+            if name.startswith("AWS_"):  # botocore reads its credentials from the process
+                monkeypatch.setenv(name, value)
+        config = load_config(environ)
+        app = create_app(config, load_policy(environ, config.config_path))
+        return AppServer(await aiohttp_client(app), data_dir, backend)
 
-    yield start
-    for qp in started:
-        qp.stop()
+    return start
+
+
+@pytest.fixture
+async def server(start_server: StartServer) -> AppServer:
+    return await start_server()
+
+
+@pytest.fixture
+async def http(server: AppServer) -> AsyncIterator[TestClient]:
+    yield server.client
 
 
 @pytest.fixture
 def qp_server(tmp_path) -> Iterator[Callable[..., QPServer]]:
-    """Start a server on the file store with the given environment; stopped after the test."""
+    """Start `server.py` as a real process on the file store with the given environment;
+    stopped after the test."""
     started: list[QPServer] = []
 
     def start(name: str = "qp", **env: str) -> QPServer:
@@ -87,12 +105,6 @@ def qp_server(tmp_path) -> Iterator[Callable[..., QPServer]]:
     yield start
     for qp in started:
         qp.stop()
-
-
-@pytest.fixture
-async def http(server) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(server.url) as session:
-        yield session
 
 
 @pytest.fixture

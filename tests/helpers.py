@@ -1,16 +1,87 @@
-"""Small HTTP helpers shared by the tests."""
+"""What the tests share: chats and bodies to send, HTTP calls, the CLI runner, a write load."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 
-from tests.support import make_chat
+from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
+from tests.processes import ROOT
 
+ADMIN_KEY = "test-admin-key"
 ISO_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
+# A system prompt the default policy accepts: it holds one phrase of each required group.
+SYSTEM = "You help with NWB files. " + " ".join(
+    group[0] for group in DEFAULT_REQUIRED_PHRASE_GROUPS
+)
+
+
+def unique_id() -> str:
+    return uuid.uuid4().hex
+
+
+def make_chat(
+    chat_id: str | None = None,
+    app: str = "test-app",
+    model: str = "openai/gpt-4.1-mini",
+    messages: list | None = None,
+    usage: tuple[float, float, float] = (12, 40, 0.0001),
+) -> dict:
+    """A valid Chat as clients send it."""
+    chat: dict = {
+        "app": app,
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}] if messages is None else messages,
+        "totalUsage": {
+            "promptTokens": usage[0],
+            "completionTokens": usage[1],
+            "estimatedCost": usage[2],
+        },
+    }
+    if chat_id is not None:
+        chat["chatId"] = chat_id
+    return chat
+
+
+def run_qp(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -m qp ARGS` on a data folder, with the server's environment stripped."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("QP_", "AWS_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "qp", *args],
+        cwd=ROOT,
+        env={**clean, "QP_DATA_DIR": str(data_dir), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def body_of_size(total: int, app: str) -> bytes:
+    """A create body of exactly `total` bytes."""
+    base = orjson.dumps({"chat": make_chat(unique_id(), app=app, messages=[""])})
+    padding = total - len(base)
+    return base.replace(b'"messages":[""]', b'"messages":["' + b"a" * padding + b'"]')
+
+
+def big_chat(chat_id: str, app: str, mebibytes: float) -> bytes:
+    """A create body `{"chat": ...}` just under `mebibytes` MiB, of many small messages
+    (the shape that costs most memory once parsed)."""
+    target = int(mebibytes * 1024 * 1024) - 4096
+    one = len(orjson.dumps({"role": "assistant", "content": "turn 1000000"})) + 1
+    messages = [
+        {"role": "user" if n % 2 else "assistant", "content": f"turn {n}"}
+        for n in range(target // one)
+    ]
+    return orjson.dumps({"chat": make_chat(chat_id, app=app, messages=messages)})
 
 
 async def call(

@@ -13,9 +13,7 @@ from qp.errors import ApiError
 from qp.protection.admin import AdminGuard
 from qp.protection.client_address import hash_client
 from qp.protection.rate_limits import RateLimit, RateLimiter
-from tests.conftest import ADMIN_KEY
-from tests.helpers import call, create
-from tests.support import make_chat
+from tests.helpers import ADMIN_KEY, call, create, make_chat
 
 INVALID_APP = (400, {"error": "Invalid app"})
 UNKNOWN_APP = (400, {"error": "Unknown app"})

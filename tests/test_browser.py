@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.support import QPServer
-from tests.test_completion import SYSTEM
+from tests.helpers import SYSTEM
+from tests.processes import QPServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 PAGE = Path(__file__).parent / "browser" / "stream.html"

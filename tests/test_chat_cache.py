@@ -6,8 +6,11 @@ import asyncio
 import sqlite3
 import uuid
 
-from tests.helpers import call, create
-from tests.support import make_chat
+import pytest
+
+from tests.helpers import call, create, make_chat
+
+pytestmark = pytest.mark.on_both_backends
 
 
 async def test_get_after_put_serves_the_new_chat(http, app_name):

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import aiohttp
 import pytest
 
-from tests.helpers import call, create
-from tests.support import make_chat
-from tests.test_chats_create import read_blob
-from tests.test_chats_read_update import remove_blob
+from tests.helpers import call, create, make_chat, unique_id
 
-
-def unique_id() -> str:
-    return uuid.uuid4().hex
+pytestmark = pytest.mark.on_both_backends
 
 
 @pytest.mark.parametrize("headers", [{}, {"x-admin-key": "wrong"}, {"x-admin-key": ""}])
@@ -71,7 +65,7 @@ async def test_list_gives_at_most_100_chats(http, admin, app_name):
 async def test_list_skips_chats_whose_messages_are_missing(http, server, admin, app_name):
     kept = await create(http, make_chat(app=app_name))
     lost = await create(http, make_chat(app=app_name))
-    remove_blob(server, f"chats/{lost}.json")
+    server.backend.remove_blob(f"chats/{lost}.json")
     status, chats = await call(http, "GET", f"/api/chats?app={app_name}", headers=admin)
     assert status == 200
     assert [chat["chatId"] for chat in chats] == [kept]
@@ -94,7 +88,7 @@ async def test_delete_removes_row_and_blob(http, server, admin, app_name):
         {"success": True},
     )
     assert await call(http, "GET", f"/api/chats/{chat_id}") == (404, {"error": "Chat not found"})
-    assert read_blob(server, f"chats/{chat_id}.json") is None
+    assert server.backend.read_blob(f"chats/{chat_id}.json") is None
     assert (await call(http, "GET", f"/api/chats?app={app_name}", headers=admin))[1] == []
 
 
@@ -119,7 +113,7 @@ async def test_a_deleted_id_can_be_created_again(http, admin, app_name):
 
 
 async def test_without_a_configured_admin_key_every_admin_request_is_401(start_server):
-    server = start_server(ADMIN_KEY="")
+    server = await start_server(ADMIN_KEY="")
     async with aiohttp.ClientSession(server.url) as http:
         for headers in ({}, {"x-admin-key": ""}, {"x-admin-key": "anything"}):
             assert await call(http, "GET", "/api/chats?app=a", headers=headers) == (

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 
-from tests.helpers import ISO_MS, call, create
-from tests.support import make_chat
-from tests.test_chats_create import body_of_size, read_blob
+from tests.helpers import ISO_MS, body_of_size, call, create, make_chat, unique_id
 
-
-def unique_id() -> str:
-    return uuid.uuid4().hex
+pytestmark = pytest.mark.on_both_backends
 
 
 async def test_get_unknown_chat_is_404(http):
@@ -31,16 +26,8 @@ async def test_get_with_invalid_id_is_404(http, path_id):
 async def test_get_of_a_row_whose_blob_is_missing_is_404(http, server, app_name):
     chat_id = unique_id()
     await create(http, make_chat(chat_id, app=app_name))
-    remove_blob(server, f"chats/{chat_id}.json")
+    server.backend.remove_blob(f"chats/{chat_id}.json")
     assert await call(http, "GET", f"/api/chats/{chat_id}") == (404, {"error": "Chat not found"})
-
-
-def remove_blob(server, key: str) -> None:
-    if server.backend.name == "file":
-        (server.data_dir / "blobs" / key).unlink()
-    else:
-        weed = server.backend._request.getfixturevalue("seaweed")
-        weed.client().delete_object(Bucket=server.backend.bucket, Key=key)
 
 
 async def test_put_replaces_messages_model_usage_and_updated_at(http, app_name):
@@ -81,7 +68,7 @@ async def test_put_of_unknown_chat_is_404_and_stores_nothing(http, server):
         http, "PUT", f"/api/chats/{chat_id}", json={"chat": make_chat(chat_id)}
     )
     assert (status, body) == (404, {"error": "Chat not found"})
-    assert read_blob(server, f"chats/{chat_id}.json") is None
+    assert server.backend.read_blob(f"chats/{chat_id}.json") is None
     assert await call(http, "GET", f"/api/chats/{chat_id}") == (404, {"error": "Chat not found"})
 
 

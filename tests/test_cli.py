@@ -12,9 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_KEY
-from tests.helpers import call, create
-from tests.support import ROOT, make_chat, run_qp
+from tests.helpers import ADMIN_KEY, call, create, make_chat, run_qp
+from tests.processes import ROOT
 
 FIXTURE = ROOT / "tests" / "fixtures" / "worker-export"
 

@@ -1,4 +1,5 @@
-"""POST /api/completion against the real server and a fake OpenRouter on a real port."""
+"""POST /api/completion, the app in-process (a process where its exit or log matters), against
+a fake OpenRouter on a real port."""
 
 from __future__ import annotations
 
@@ -10,16 +11,14 @@ from collections.abc import Iterator
 import aiohttp
 import orjson
 import pytest
+from aiohttp.test_utils import TestClient
 
 from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
-from tests.conftest import ADMIN_KEY
+from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import STANDARD_STREAM, FakeOpenRouter, Script
-from tests.helpers import call
-from tests.support import QPServer
+from tests.helpers import ADMIN_KEY, SYSTEM, call
+from tests.processes import QPServer
 
-SYSTEM = "You help with NWB files. " + " ".join(
-    group[0] for group in DEFAULT_REQUIRED_PHRASE_GROUPS
-)
 CHEAP = "openai/gpt-4.1-mini"
 EXPENSIVE = "anthropic/claude-sonnet-4"
 KEYS = {
@@ -35,24 +34,27 @@ def fake() -> Iterator[FakeOpenRouter]:
     fake.stop()
 
 
-def start_qp(tmp_path_factory, fake: FakeOpenRouter, **env: str) -> QPServer:
+async def start_relay(start_server: StartServer, fake: FakeOpenRouter, **env: str) -> AppServer:
+    """The app in-process, relaying to `fake` with the server's and an app's keys."""
+    return await start_server(QP_OPENROUTER_URL=fake.url, **KEYS, **env)
+
+
+def start_process(tmp_path_factory, fake: FakeOpenRouter, **env: str) -> QPServer:
+    """`server.py` as a process, for what only a process shows: its exit and its log."""
     return QPServer(
         tmp_path_factory.mktemp("qp-completion"),
         {"ADMIN_KEY": ADMIN_KEY, "QP_OPENROUTER_URL": fake.url, **KEYS, **env},
     ).start()
 
 
-@pytest.fixture(scope="module")
-def relay_server(fake, tmp_path_factory) -> Iterator[QPServer]:
-    server = start_qp(tmp_path_factory, fake)
-    yield server
-    server.stop()
+@pytest.fixture
+async def relay_server(fake, start_server) -> AppServer:
+    return await start_relay(start_server, fake)
 
 
 @pytest.fixture
-async def http(relay_server) -> aiohttp.ClientSession:
-    async with aiohttp.ClientSession(relay_server.url) as session:
-        yield session
+async def http(relay_server) -> TestClient:
+    return relay_server.client
 
 
 def completion(content: str = "hello", **changes) -> dict:
@@ -161,20 +163,16 @@ async def test_an_expensive_model_without_a_key_is_400_and_never_sent(http, fake
     assert len(fake.received) == before
 
 
-async def test_no_key_configured_is_500(fake, tmp_path_factory):
-    server = QPServer(tmp_path_factory.mktemp("qp-nokey"), {"QP_OPENROUTER_URL": fake.url}).start()
-    try:
-        async with aiohttp.ClientSession(server.url) as http:
-            assert await call(http, "POST", "/api/completion", json=completion()) == (
-                500,
-                {"error": "API key not configured"},
-            )
-    finally:
-        server.stop()
+async def test_no_key_configured_is_500(fake, start_server):
+    server = await start_server(QP_OPENROUTER_URL=fake.url)
+    assert await call(server.client, "POST", "/api/completion", json=completion()) == (
+        500,
+        {"error": "API key not configured"},
+    )
 
 
-async def test_cheap_models_come_from_qp_cheap_models(fake, tmp_path_factory):
-    server = start_qp(tmp_path_factory, fake, QP_CHEAP_MODELS="vendor/tiny, vendor/small")
+async def test_cheap_models_come_from_qp_cheap_models(fake, start_server):
+    server = await start_relay(start_server, fake, QP_CHEAP_MODELS="vendor/tiny, vendor/small")
     try:
         async with aiohttp.ClientSession(server.url) as http:
             assert (await stream(http, completion(model="vendor/small")))[0] == 200
@@ -184,7 +182,7 @@ async def test_cheap_models_come_from_qp_cheap_models(fake, tmp_path_factory):
                 {"error": f"OpenRouter key required for model: {CHEAP}"},
             )
     finally:
-        server.stop()
+        await server.stop()
 
 
 # --- validation, in the contract's order -------------------------------------------------
@@ -417,58 +415,64 @@ async def test_a_completion_for_an_invalid_app_is_400(http, fake, app):
     )
 
 
-async def test_unreachable_upstream_is_502(tmp_path_factory):
+async def test_unreachable_upstream_is_502(start_server, caplog):
     fake = FakeOpenRouter()
     fake.port = 1  # nothing listens there
-    server = start_qp(tmp_path_factory, fake)
-    try:
-        async with aiohttp.ClientSession(server.url) as http:
-            assert await call(http, "POST", "/api/completion", json=completion()) == (
-                502,
-                {"error": "Bad Gateway", "message": "Could not connect to the completion service"},
-            )
-    finally:
-        server.stop()
-    assert "cannot reach upstream" in server.log()
-    assert "Traceback" not in server.log()
+    server = await start_relay(start_server, fake)
+    assert await call(server.client, "POST", "/api/completion", json=completion()) == (
+        502,
+        {"error": "Bad Gateway", "message": "Could not connect to the completion service"},
+    )
+    await server.stop()
+    assert "cannot reach upstream" in caplog.text
+    assert "Traceback" not in caplog.text
 
 
-@pytest.fixture(scope="module")
-def impatient_server(fake, tmp_path_factory) -> Iterator[QPServer]:
-    server = start_qp(tmp_path_factory, fake, QP_UPSTREAM_TIMEOUT="1", QP_UPSTREAM_IDLE_TIMEOUT="1")
-    yield server
-    server.stop()
+# The wait for the first byte and the silence allowed mid-stream are two settings: each test
+# sets the other one long, so that a relay using one for both fails one of them.
 
 
-async def test_no_first_byte_in_time_is_504(impatient_server, fake):
+async def test_no_first_byte_in_time_is_504(start_server, fake):
+    server = await start_relay(
+        start_server, fake, QP_UPSTREAM_TIMEOUT="1", QP_UPSTREAM_IDLE_TIMEOUT="30"
+    )
     fake.scripts["late"] = Script(headers_delay=5.0)
     started = time.monotonic()
-    async with aiohttp.ClientSession(impatient_server.url) as http:
-        assert await call(http, "POST", "/api/completion", json=completion("script:late")) == (
-            504,
-            {
-                "error": "Gateway Timeout",
-                "message": "The completion service did not answer within 1 s",
-            },
-        )
+    assert await call(server.client, "POST", "/api/completion", json=completion("script:late")) == (
+        504,
+        {
+            "error": "Gateway Timeout",
+            "message": "The completion service did not answer within 1 s",
+        },
+    )
     assert time.monotonic() - started < 3
 
 
-async def test_silence_mid_stream_ends_the_clients_stream(impatient_server, fake):
+async def test_the_first_byte_timeout_does_not_cut_a_long_stream(start_server, fake):
+    server = await start_relay(
+        start_server, fake, QP_UPSTREAM_TIMEOUT="1", QP_UPSTREAM_IDLE_TIMEOUT="30"
+    )
+    chunks = [(0.0 if n == 0 else 0.5, f"data: {n}\n\n".encode()) for n in range(5)]
+    fake.scripts["slow-but-steady"] = Script(chunks=chunks)
+    status, body = await stream(server.client, completion("script:slow-but-steady"))
+    assert (status, body) == (200, b"".join(chunk for _, chunk in chunks))
+
+
+async def test_silence_mid_stream_ends_the_clients_stream(start_server, fake, caplog):
+    server = await start_relay(
+        start_server, fake, QP_UPSTREAM_TIMEOUT="30", QP_UPSTREAM_IDLE_TIMEOUT="1"
+    )
     fake.scripts["stall"] = Script(chunks=[(0.0, b"data: one\n\n"), (10.0, b"data: two\n\n")])
     started = time.monotonic()
-    async with (
-        aiohttp.ClientSession(impatient_server.url) as http,
-        http.post("/api/completion", json=completion("script:stall")) as response,
-    ):
+    async with server.client.post("/api/completion", json=completion("script:stall")) as response:
         assert await response.content.readany() == b"data: one\n\n"
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     assert time.monotonic() - started < 4
-    assert "upstream silent mid-stream" in impatient_server.log()
+    assert "upstream silent mid-stream" in caplog.text
 
 
-async def test_upstream_dying_mid_stream_ends_the_clients_stream(http, relay_server, fake):
+async def test_upstream_dying_mid_stream_ends_the_clients_stream(http, fake, caplog):
     fake.scripts["die"] = Script(chunks=[(0.0, b"data: one\n\n")], die=True)
     started = time.monotonic()
     async with http.post("/api/completion", json=completion("script:die")) as response:
@@ -476,21 +480,21 @@ async def test_upstream_dying_mid_stream_ends_the_clients_stream(http, relay_ser
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     assert time.monotonic() - started < 3
-    assert "upstream failed mid-stream" in relay_server.log()
-    assert "Traceback" not in relay_server.log()
+    assert "upstream failed mid-stream" in caplog.text
+    assert "Traceback" not in caplog.text
 
 
 # --- the spend ledger ----------------------------------------------------------------------
 
 
-def ledger(server: QPServer) -> list[dict]:
+def ledger(server: AppServer | QPServer) -> list[dict]:
     with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
         db.row_factory = sqlite3.Row
         return [dict(row) for row in db.execute("SELECT * FROM completions ORDER BY id")]
 
 
-async def test_each_completion_is_one_ledger_row_with_usage_and_payer(fake, tmp_path_factory):
-    server = start_qp(tmp_path_factory, fake)
+async def test_each_completion_is_one_ledger_row_with_usage_and_payer(fake, start_server):
+    server = await start_relay(start_server, fake)
     try:
         async with aiohttp.ClientSession(server.url) as http:
             await stream(http, completion("SECRET-QUESTION", app="bids-assistant"))
@@ -500,7 +504,7 @@ async def test_each_completion_is_one_ledger_row_with_usage_and_payer(fake, tmp_
             await stream(http, completion("script:401b"))
             await call(http, "POST", "/api/completion", json=completion(model=EXPENSIVE))
     finally:
-        server.stop()
+        await server.stop()
     # Rows are written in the background; a clean stop writes what is queued.
     rows = ledger(server)
     assert [(r["app"], r["model"], r["payer"], r["status"], r["outcome"]) for r in rows] == [
@@ -519,8 +523,8 @@ async def test_each_completion_is_one_ledger_row_with_usage_and_payer(fake, tmp_
     assert b"bids-key" not in database and b"user-key" not in database
 
 
-async def test_a_client_that_leaves_is_in_the_ledger(fake, tmp_path_factory):
-    server = start_qp(tmp_path_factory, fake)
+async def test_a_client_that_leaves_is_in_the_ledger(fake, start_server):
+    server = await start_relay(start_server, fake)
     fake.scripts["long2"] = Script(chunks=[(0.0, b"data: one\n\n"), (30.0, b"data: two\n\n")])
     try:
         async with aiohttp.ClientSession(server.url) as http:
@@ -530,12 +534,12 @@ async def test_a_client_that_leaves_is_in_the_ledger(fake, tmp_path_factory):
         assert await asyncio.to_thread(fake.wait_for, lambda: bool(ledger(server)), 3.0)
         (row,) = ledger(server)
     finally:
-        server.stop()
+        await server.stop()
     assert (row["status"], row["outcome"], row["client_left"]) == (200, "client_left", 1)
 
 
-async def test_usage_report_totals_by_app_model_and_payer(fake, tmp_path_factory):
-    server = start_qp(tmp_path_factory, fake)
+async def test_usage_report_totals_by_app_model_and_payer(fake, start_server):
+    server = await start_relay(start_server, fake)
     admin = {"x-admin-key": ADMIN_KEY}
     try:
         async with aiohttp.ClientSession(server.url) as http:
@@ -581,7 +585,7 @@ async def test_usage_report_totals_by_app_model_and_payer(fake, tmp_path_factory
                 {"error": "Invalid since parameter"},
             )
     finally:
-        server.stop()
+        await server.stop()
 
 
 def usage_line(prompt: object, completion_tokens: object, cost: object) -> bytes:
@@ -590,7 +594,7 @@ def usage_line(prompt: object, completion_tokens: object, cost: object) -> bytes
 
 
 async def test_usage_the_ledger_cannot_store_is_null_and_the_ledger_goes_on(fake, tmp_path_factory):
-    server = start_qp(tmp_path_factory, fake, QP_SHUTDOWN_TIMEOUT="2")
+    server = start_process(tmp_path_factory, fake, QP_SHUTDOWN_TIMEOUT="2")
     fake.scripts["huge"] = Script(chunks=[(0.0, usage_line(2**64 - 1, 2**64 - 1, 1.0))])
     fake.scripts["negative"] = Script(chunks=[(0.0, usage_line(-5, "7", -0.5))])
     admin = {"x-admin-key": ADMIN_KEY}
@@ -622,7 +626,7 @@ async def test_usage_the_ledger_cannot_store_is_null_and_the_ledger_goes_on(fake
 
 
 async def test_a_stream_cut_by_shutdown_is_recorded_as_shutdown(fake, tmp_path_factory):
-    server = start_qp(tmp_path_factory, fake, QP_SHUTDOWN_TIMEOUT="1")
+    server = start_process(tmp_path_factory, fake, QP_SHUTDOWN_TIMEOUT="1")
     fake.scripts["forever"] = Script(chunks=[(0.0, b"data: one\n\n")], hold=60.0)
     async with aiohttp.ClientSession(server.url) as http:
         response = await http.post("/api/completion", json=completion("script:forever"))

@@ -12,9 +12,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_KEY
-from tests.helpers import call, create
-from tests.support import make_chat
+from tests.helpers import ADMIN_KEY, call, create, make_chat
 
 
 async def connect(server) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -1,13 +1,10 @@
-"""CORS with exact origins and patterns, on every answer, against the real server."""
+"""CORS with exact origins and patterns, on every answer, served in-process on a loopback port."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import aiohttp
 import pytest
 
-from tests.support import QPServer, make_chat
+from tests.helpers import make_chat
 
 ALLOWED = [
     "http://localhost:5173",
@@ -34,19 +31,6 @@ REFUSED = [
     "https://magland.github.io.evil.example",
     "null",
 ]
-
-
-@pytest.fixture(scope="module")
-def cors_server(tmp_path_factory) -> Iterator[QPServer]:
-    server = QPServer(tmp_path_factory.mktemp("qp-cors"), {"ADMIN_KEY": "k"}).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def http(cors_server) -> aiohttp.ClientSession:
-    async with aiohttp.ClientSession(cors_server.url) as session:
-        yield session
 
 
 @pytest.mark.parametrize("origin", ALLOWED)
@@ -90,18 +74,16 @@ async def test_errors_carry_the_cors_headers(http, method, path, kwargs, status)
         assert response.content_type == "application/json"
 
 
-async def test_a_429_carries_the_cors_headers(tmp_path):
+async def test_a_429_carries_the_cors_headers(start_server):
     origin = "http://localhost:5173"
-    server = QPServer(tmp_path / "qp", {"QP_RATE_LIMIT_CHATS": "2/minute"}).start()
-    async with aiohttp.ClientSession(server.url) as http:
-        statuses = []
-        for _ in range(3):
-            async with http.post(
-                "/api/chats", json={"chat": make_chat()}, headers={"Origin": origin}
-            ) as response:
-                statuses.append(response.status)
-                last = response
-    server.stop()
+    server = await start_server(QP_RATE_LIMIT_CHATS="2/minute")
+    statuses = []
+    for _ in range(3):
+        async with server.client.post(
+            "/api/chats", json={"chat": make_chat()}, headers={"Origin": origin}
+        ) as response:
+            statuses.append(response.status)
+            last = response
     assert statuses == [200, 200, 429]
     assert last.headers["Access-Control-Allow-Origin"] == origin
 

@@ -7,9 +7,8 @@ from collections import defaultdict
 
 import aiohttp
 
-from tests.helpers import call
-from tests.support import make_chat
-from tests.support import run_qp as qp
+from tests.helpers import call, make_chat
+from tests.helpers import run_qp as qp
 
 WORKERS = 12
 

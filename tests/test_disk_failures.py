@@ -13,9 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_KEY
-from tests.helpers import call, create
-from tests.support import QPServer, SmallDisk, make_chat, run_qp
+from tests.helpers import ADMIN_KEY, call, create, make_chat, run_qp
+from tests.processes import QPServer, SmallDisk
 
 STORAGE_UNAVAILABLE = (503, {"error": "Storage unavailable"})
 INSUFFICIENT_STORAGE = (507, {"error": "Insufficient storage"})

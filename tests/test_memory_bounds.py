@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_KEY
-from tests.support import QPServer, RssSampler, big_chat
+from tests.helpers import ADMIN_KEY, big_chat
+from tests.processes import QPServer, RssSampler
 
 MB = 2**20
 CHATS = 100

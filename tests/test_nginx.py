@@ -22,10 +22,9 @@ import orjson
 import pytest
 
 from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
-from tests.conftest import ADMIN_KEY
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import call
-from tests.support import ROOT, QPServer, free_ports, make_chat, wait_for_port
+from tests.helpers import ADMIN_KEY, call, make_chat
+from tests.processes import ROOT, QPServer, free_ports, wait_for_port
 
 NGINX = shutil.which("nginx") or (
     "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None

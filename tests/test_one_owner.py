@@ -11,9 +11,8 @@ import time
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_KEY
-from tests.helpers import WriteLoad, call, create
-from tests.support import make_chat, run_qp, run_server_once
+from tests.helpers import ADMIN_KEY, WriteLoad, call, create, make_chat, run_qp
+from tests.processes import run_server_once
 
 ROUNDS = 3
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_KEY
 from tests.fake_openrouter import FakeOpenRouter
-from tests.helpers import call
+from tests.helpers import ADMIN_KEY, call
 
 SCHEMATHESIS = Path(sys.executable).parent / "st"
 CHECKS = (

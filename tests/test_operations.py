@@ -14,11 +14,9 @@ import pytest
 
 from qp.completions.usage import CompletionRecord
 from qp.metrics import Metrics
-from tests.conftest import ADMIN_KEY
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import call
-from tests.support import SeaweedFS, make_chat
-from tests.test_completion import SYSTEM
+from tests.helpers import ADMIN_KEY, SYSTEM, call, make_chat
+from tests.processes import SeaweedFS
 
 
 @pytest.fixture

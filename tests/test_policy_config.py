@@ -16,9 +16,8 @@ import pytest
 from qp.policy.loader import load_policy
 from qp.policy.policy import Policy
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import call
-from tests.support import ROOT, QPServer
-from tests.test_completion import SYSTEM
+from tests.helpers import SYSTEM, call
+from tests.processes import ROOT, QPServer
 
 EXAMPLE = ROOT / "qp.example.toml"
 

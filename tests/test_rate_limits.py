@@ -10,9 +10,8 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_KEY
-from tests.helpers import call
-from tests.support import QPServer, make_chat
+from tests.helpers import ADMIN_KEY, call, make_chat
+from tests.processes import QPServer
 
 ADMIN = {"x-admin-key": ADMIN_KEY}
 
@@ -146,9 +145,14 @@ async def test_each_installation_has_its_own_salt(qp_server):
             for _ in range(12):
                 await create(http)
         with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
-            hashes.append(db.execute("SELECT client_hash FROM blocks").fetchone()[0])
+            ((client_hash,),) = db.execute("SELECT client_hash FROM blocks")
+            ((salt,),) = db.execute("SELECT value FROM settings WHERE name = 'ip_salt'")
+        assert len(salt) >= 32
+        assert client_hash == hashlib.sha256(f"{salt}\x00127.0.0.1".encode()).hexdigest()
+        hashes.append(client_hash)
     assert hashes[0] != hashes[1]
-    assert hashlib.sha256(b"127.0.0.1").hexdigest() not in hashes
+    # What an installation without a salt of its own would store.
+    assert hashlib.sha256(b"\x00127.0.0.1").hexdigest() not in hashes
 
 
 # --- whose address counts ---------------------------------------------------------------

@@ -1,13 +1,13 @@
-"""Routing, CORS basics and logging, against the real server."""
+"""Routing, CORS basics and logging, in-process; the log of a real process."""
 
 from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 
-from tests.helpers import call, create
-from tests.support import make_chat
+from tests.helpers import call, create, make_chat
 
 
 async def wait_for_log(server, text: str, seconds: float = 3.0) -> str:
@@ -76,7 +76,13 @@ async def test_preflight_from_allowed_origin_allows_the_contract_methods_and_hea
         assert response.headers["Access-Control-Max-Age"] == "86400"
 
 
-async def test_log_has_one_line_per_request_without_contents_or_ids(http, server, app_name):
+async def test_log_has_one_line_per_request_without_contents_or_ids(qp_server, app_name):
+    server = qp_server()  # what the process writes to its log, so a real process
+    async with aiohttp.ClientSession(server.url) as http:
+        await _log_two_requests(http, server, app_name)
+
+
+async def _log_two_requests(http, server, app_name):
     secret_text = "SECRET-MESSAGE-CONTENT-4711"
     chat_id = await create(
         http, make_chat(app=app_name, messages=[{"role": "user", "content": secret_text}])

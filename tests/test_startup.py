@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from tests.support import (
+from tests.processes import (
     ROOT,
     S3_ACCESS_KEY,
     S3_SECRET_KEY,

@@ -12,9 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import ADMIN_KEY
-from tests.helpers import call, create
-from tests.support import QPServer, SeaweedFS, make_chat
+from tests.helpers import ADMIN_KEY, call, create, make_chat
+from tests.processes import QPServer, SeaweedFS
 
 STORAGE_UNAVAILABLE = (503, {"error": "Storage unavailable"})
 

@@ -51,3 +51,8 @@ class ChatLocks:
             entry[1] -= 1
             if entry[1] == 0:
                 del self._entries[chat_id]
+
+    @property
+    def in_use(self) -> int:
+        """Chats whose lock someone holds or waits for now; the registry keeps no others."""
+        return len(self._entries)

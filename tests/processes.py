@@ -1,4 +1,5 @@
-"""Real processes for tests and benchmarks: qp-server itself and a SeaweedFS S3 server."""
+"""Real processes for tests and benchmarks: qp-server itself, a SeaweedFS S3 server, a
+small disk to fill, and the RSS of a process."""
 
 from __future__ import annotations
 
@@ -17,13 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import botocore.session
-import orjson
 import pytest
 from botocore.config import Config as BotocoreConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 S3_ACCESS_KEY = "qp-test-access"
 S3_SECRET_KEY = "qp-test-secret-key"
+# Every server a test starts, in-process or not: the suite's many requests come from one
+# address, so the limits per client are off; the rate-limit and quota tests set their own.
+TEST_DEFAULTS = {
+    "QP_RATE_LIMIT_CHATS": "off",
+    "QP_RATE_LIMIT_COMPLETION": "off",
+    "QP_MAX_CHAT_BYTES_PER_CLIENT_DAILY": "0",
+}
 
 
 def free_ports(count: int = 1) -> list[int]:
@@ -108,11 +115,7 @@ class QPServer:
             {
                 "QP_DATA_DIR": str(self.data_dir),
                 "PYTHONUNBUFFERED": "1",
-                # The suite's many requests come from one address; the rate-limit and
-                # quota tests set their own limits.
-                "QP_RATE_LIMIT_CHATS": "off",
-                "QP_RATE_LIMIT_COMPLETION": "off",
-                "QP_MAX_CHAT_BYTES_PER_CLIENT_DAILY": "0",
+                **TEST_DEFAULTS,
             }
         )
         env.update(self.env)
@@ -252,10 +255,10 @@ class SeaweedFS:
         except client.exceptions.NoSuchKey:
             return None
 
-    def server_env(self, bucket: str) -> dict[str, str]:
-        """What qp-server needs to use `bucket` on this SeaweedFS."""
+    def server_env(self, bucket: str, prefix: str = "") -> dict[str, str]:
+        """What qp-server needs to keep its blobs in `bucket` (under `prefix`) here."""
         return {
-            "QP_STORAGE": f"s3://{bucket}",
+            "QP_STORAGE": f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}",
             "QP_S3_ENDPOINT_URL": self.endpoint_url,
             "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
             "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
@@ -269,42 +272,6 @@ class SeaweedFS:
     def log(self) -> str:
         path = self.data_dir / "weed.log"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
-
-
-def make_chat(
-    chat_id: str | None = None,
-    app: str = "test-app",
-    model: str = "openai/gpt-4.1-mini",
-    messages: list | None = None,
-    usage: tuple[float, float, float] = (12, 40, 0.0001),
-) -> dict:
-    """A valid Chat as clients send it."""
-    chat: dict = {
-        "app": app,
-        "model": model,
-        "messages": [{"role": "user", "content": "hello"}] if messages is None else messages,
-        "totalUsage": {
-            "promptTokens": usage[0],
-            "completionTokens": usage[1],
-            "estimatedCost": usage[2],
-        },
-    }
-    if chat_id is not None:
-        chat["chatId"] = chat_id
-    return chat
-
-
-def run_qp(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """`python -m qp ARGS` on a data folder, with the server's environment stripped."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("QP_", "AWS_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "qp", *args],
-        cwd=ROOT,
-        env={**clean, "QP_DATA_DIR": str(data_dir), **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def run_server_once(
@@ -409,15 +376,3 @@ class RssSampler:
         finally:
             stop.set()
             thread.join()
-
-
-def big_chat(chat_id: str, app: str, mebibytes: float) -> bytes:
-    """A create body `{"chat": ...}` just under `mebibytes` MiB, of many small messages
-    (the shape that costs most memory once parsed)."""
-    target = int(mebibytes * 1024 * 1024) - 4096
-    one = len(orjson.dumps({"role": "assistant", "content": "turn 1000000"})) + 1
-    messages = [
-        {"role": "user" if n % 2 else "assistant", "content": f"turn {n}"}
-        for n in range(target // one)
-    ]
-    return orjson.dumps({"chat": make_chat(chat_id, app=app, messages=messages)})
