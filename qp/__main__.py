@@ -1,4 +1,4 @@
-"""`python -m qp`: the operators' command line (see qp/cli.py)."""
+"""`python -m qp`: the operators' command line (see qp/cli/)."""
 
 import sys
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from aiohttp import web
 
@@ -43,11 +43,7 @@ READ_HOLD_BYTES = 2 * CHUNK_BYTES
 
 async def create_chat(request: web.Request) -> web.Response:
     policy = request.app[POLICY].current
-    async with request.app[BYTE_BUDGET].hold(
-        body_allowance(request, policy.max_chat_body_bytes)
-    ) as held:
-        chat = await _read_chat(request, policy, id_required=False)
-        held.shrink_to(2 * len(chat.messages_json))
+    async with _received_chat(request, policy, id_required=False) as chat:
         if chat.chat_id is not None and not is_valid_chat_id(chat.chat_id):
             raise ApiError(400, "Invalid chat id")
         try:
@@ -83,11 +79,7 @@ async def get_chat(request: web.Request) -> web.StreamResponse:
 async def update_chat(request: web.Request) -> web.Response:
     chat_id = request.match_info["chat_id"]
     policy = request.app[POLICY].current
-    async with request.app[BYTE_BUDGET].hold(
-        body_allowance(request, policy.max_chat_body_bytes)
-    ) as held:
-        chat = await _read_chat(request, policy, id_required=True)
-        held.shrink_to(2 * len(chat.messages_json))
+    async with _received_chat(request, policy, id_required=True) as chat:
         if not is_valid_chat_id(chat_id):
             raise ApiError(400, "Invalid chat id")
         if chat.chat_id != chat_id:
@@ -128,14 +120,23 @@ async def delete_chat(request: web.Request) -> web.Response:
     return json_response(SUCCESS)
 
 
-async def _read_chat(request: web.Request, policy: Policy, *, id_required: bool) -> ChatInput:
-    """The body's chat, validated; the parsed body is let go before returning."""
-    return parse_chat(
-        await read_json(request, policy.max_chat_body_bytes, policy),
-        id_required=id_required,
-        max_bytes=policy.max_chat_body_bytes,
-        check_app=policy.check_app,
-    )
+@asynccontextmanager
+async def _received_chat(
+    request: web.Request, policy: Policy, *, id_required: bool
+) -> AsyncIterator[ChatInput]:
+    """The body's chat, validated, while the byte budget holds what it takes: the body's
+    size while it is read and parsed, then twice its messages (kept, and written)."""
+    async with request.app[BYTE_BUDGET].hold(
+        body_allowance(request, policy.max_chat_body_bytes)
+    ) as held:
+        chat = parse_chat(
+            await read_json(request, policy.max_chat_body_bytes, policy),
+            id_required=id_required,
+            max_bytes=policy.max_chat_body_bytes,
+            check_app=policy.check_app,
+        )
+        held.shrink_to(2 * len(chat.messages_json))
+        yield chat
 
 
 @contextmanager

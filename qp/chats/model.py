@@ -1,4 +1,5 @@
-"""The Chat as the contract defines it: validation, ids, timestamps, rendering."""
+"""The Chat as the contract defines it: validation, ids, rendering (timestamps come from
+qp/timestamps.py)."""
 
 from __future__ import annotations
 

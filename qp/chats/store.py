@@ -11,6 +11,10 @@ A write is acknowledged only within `write_deadline` seconds of its SQL step. Th
 lets `check --repair` beside a live server tell an abandoned write (older than that) from
 one in flight, and finish or undo it with statements conditional on the note, so that it
 can never clobber a write that came after.
+
+Over 300 lines because writes, reads and recovery share the locks, the cache and the
+unresolved writes, and each must be read beside the others to see that a chat is never
+served half written; the pieces that stand alone are in pending.py and stream.py.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ A database file deleted, replaced, truncated or overwritten under a running serv
 taking SQLite's writes into a file no restart will find, so every commit is checked
 against the file at the path before it counts, and a file found wrong refuses every write
 after it until a restart.
+
+Over 300 lines because the writer's life is one piece: opening (with the read-only fallback
+on a full disk), the transaction, the file check and the change counter all guard the same
+connection; split apart, each half would need the other's internals.
 """
 
 from __future__ import annotations
