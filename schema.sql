@@ -29,7 +29,10 @@ CREATE INDEX idx_chats_app_updated_at ON chats(app, updated_at DESC);
 -- payer: who paid (server: OPENROUTER_API_KEY, app: OPENROUTER_API_KEY_{APP}, user: the
 -- client's own x-openrouter-key). status: the HTTP status the client got. outcome:
 -- completed, client_left, upstream_error, upstream_idle, upstream_died, unreachable, timeout,
--- shutdown (still streaming when the server's shutdown timeout ended).
+-- shutdown (still streaming when the server's shutdown timeout ended). client_hash: the
+-- client's salted address hash (never the address). generation_id: upstream's `gen-...` id.
+-- cost_source: stream (usage seen in the stream), generation (looked up afterwards) or
+-- estimate (the reservation: no better figure could be had); NULL when nothing was billed.
 CREATE TABLE completions (
   id INTEGER PRIMARY KEY,
   started_at TEXT NOT NULL,
@@ -42,11 +45,16 @@ CREATE TABLE completions (
   status INTEGER NOT NULL,
   outcome TEXT NOT NULL,
   duration_ms INTEGER NOT NULL,
-  client_left INTEGER NOT NULL DEFAULT 0
+  client_left INTEGER NOT NULL DEFAULT 0,
+  client_hash TEXT,
+  generation_id TEXT,
+  cost_source TEXT
 );
 
 CREATE INDEX idx_completions_started_at ON completions(started_at);
 CREATE INDEX idx_completions_app_started_at ON completions(app, started_at);
+-- What each client spent today (its daily allowance), read at start-up.
+CREATE INDEX idx_completions_client_started_at ON completions(client_hash, started_at);
 
 -- Installation settings, e.g. the random salt for client-address hashes.
 CREATE TABLE settings (
@@ -63,4 +71,4 @@ CREATE TABLE blocks (
 );
 
 -- The schema version this file describes (SCHEMA_VERSION in qp/storage/migrations.py).
-PRAGMA user_version = 5;
+PRAGMA user_version = 6;

@@ -1,12 +1,13 @@
 """Benchmark the completion relay: the same streamed completion fetched straight from a fake
-OpenRouter and through qp-server, interleaved in one run.
+OpenRouter, through qp-server, and through a second qp-server with every budget on (large
+caps, so none refuses), interleaved in one run.
 
     .venv/bin/python bench/relay.py [--rounds 200]
 
 The fake upstream runs as its own process (tests/fake_openrouter.py). Prints, at
 concurrency 1 and 100: median and p99 time to first chunk both ways and the difference,
-and stream throughput both ways; then the server's resident memory idle and while it
-holds 1,000 open streams.
+and stream throughput both ways; the added time to first chunk with budgets on; then the
+server's resident memory idle and while it holds 1,000 open streams.
 """
 
 from __future__ import annotations
@@ -71,13 +72,16 @@ async def interleaved(
     script: str,
     rounds: int,
     concurrency: int,
+    budgets_url: str | None = None,
 ) -> dict[str, list[tuple[float, float, int]]]:
-    """`rounds` rounds; each runs `concurrency` fetches one way, then the other, alternating
-    which goes first, so both see the same machine."""
-    results: dict[str, list] = {"direct": [], "relay": []}
+    """`rounds` rounds; each runs `concurrency` fetches one way, then the other(s), rotating
+    which goes first, so all see the same machine."""
+    results: dict[str, list] = {"direct": [], "relay": [], "budgets": []}
     ways = [("direct", direct_url, upstream_body(script)), ("relay", relay_url, completion(script))]
+    if budgets_url:
+        ways.append(("budgets", budgets_url, completion(script)))
     for i in range(rounds):
-        for name, url, body in ways if i % 2 == 0 else ways[::-1]:
+        for name, url, body in ways[i % len(ways) :] + ways[: i % len(ways)]:
             results[name] += await asyncio.gather(
                 *(fetch(session, url, body) for _ in range(concurrency))
             )
@@ -121,19 +125,24 @@ def aggregate_mb_per_s(runs: list[tuple[float, float, int]], concurrency: int) -
     )
 
 
-async def run(args: argparse.Namespace, direct_url: str, relay_url: str, pid: int) -> None:
+async def run(
+    args: argparse.Namespace, direct_url: str, relay_url: str, budgets_url: str, pid: int
+) -> None:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         await interleaved(session, direct_url, relay_url, "first", 10, 4)  # warm-up
         print(f"\n{'':34}{'direct':>10}{'relay':>11}{'relay - direct':>16}")
         for concurrency, rounds in ((1, args.rounds), (100, max(3, args.rounds // 20))):
-            first = await interleaved(session, direct_url, relay_url, "first", rounds, concurrency)
+            first = await interleaved(
+                session, direct_url, relay_url, "first", rounds, concurrency, budgets_url
+            )
             for label, fraction in (("median", 0.5), ("p99", 0.99)):
                 d = percentile([r[0] for r in first["direct"]], fraction) * 1000
                 r = percentile([r[0] for r in first["relay"]], fraction) * 1000
+                b = percentile([r[0] for r in first["budgets"]], fraction) * 1000
                 print(
                     f"c={concurrency:<3} time to first chunk, {label:6}  {d:8.2f}ms {r:8.2f}ms"
-                    f" {r - d:+12.2f}ms"
+                    f" {r - d:+12.2f}ms   budgets on {b:.2f}ms ({b - r:+.2f}ms)"
                 )
             few = max(3, rounds // 20)
             paced = await interleaved(session, direct_url, relay_url, "paced", few, concurrency)
@@ -165,20 +174,39 @@ def main() -> int:
         [sys.executable, "-m", "tests.fake_openrouter", "--port", str(fake_port)], cwd=ROOT
     )
     direct_url = f"http://127.0.0.1:{fake_port}/api/v1/chat/completions"
-    server = QPServer(
-        Path(tempfile.mkdtemp(prefix="qp-relay-bench-")),
+    env = {
+        "QP_OPENROUTER_URL": direct_url,
+        "OPENROUTER_API_KEY": "bench-key",
+        "QP_CHEAP_MODELS": MODEL,
+    }
+    server = QPServer(Path(tempfile.mkdtemp(prefix="qp-relay-bench-")), env)
+    budgeted = QPServer(
+        Path(tempfile.mkdtemp(prefix="qp-relay-bench-budgets-")),
         {
-            "QP_OPENROUTER_URL": direct_url,
-            "OPENROUTER_API_KEY": "bench-key",
-            "QP_CHEAP_MODELS": MODEL,
+            **env,
+            "QP_BUDGET_SERVER_DAILY_USD": "1000000",
+            "QP_BUDGET_SERVER_MONTHLY_USD": "1000000",
+            "QP_BUDGET_APP_DAILY_USD": "*=1000000",
+            "QP_BUDGET_CLIENT_DAILY_USD": "1000000",
+            "QP_BUDGET_CLIENT_MAX_STREAMS": "100000",
         },
     )
     try:
         wait_for_port(fake_port, 20, fake)
         server.start()
-        asyncio.run(run(args, direct_url, f"{server.url}/api/completion", server.process.pid))
+        budgeted.start()
+        asyncio.run(
+            run(
+                args,
+                direct_url,
+                f"{server.url}/api/completion",
+                f"{budgeted.url}/api/completion",
+                server.process.pid,
+            )
+        )
     finally:
         server.stop()
+        budgeted.stop()
         fake.terminate()
         fake.wait()
     return 0

@@ -13,6 +13,7 @@ from functools import partial
 from aiohttp import web
 
 from qp.appkeys import (
+    BUDGETS,
     BYTE_BUDGET,
     CHAT_STORE,
     CONFIG,
@@ -22,6 +23,7 @@ from qp.appkeys import (
     IP_SALT,
     LEDGER,
     METRICS,
+    OPEN_STREAMS,
     POLICY,
     RATE_CLASSES,
     RATE_LIMITER,
@@ -46,6 +48,7 @@ from qp.protection.client_address import installation_salt
 from qp.protection.cors import setup_cors
 from qp.protection.quota import DailyQuota
 from qp.routes import add_routes
+from qp.spend.budgets import BudgetBook, OpenStreams, open_budget_book
 from qp.startup import StartupError, claim_record, disk_space, open_storage, take_claims
 from qp.storage.batches import BatchWriter
 from qp.storage.claim import ClaimHeld
@@ -65,6 +68,7 @@ def create_app(config: Config, policy: Policy) -> web.Application:
     app[ADMIN_GUARD] = AdminGuard()
     app[DAILY_QUOTA] = DailyQuota()
     app[BYTE_BUDGET] = ByteBudget(config.max_inflight_bytes)
+    app[OPEN_STREAMS] = OpenStreams()
     app.on_shutdown.append(_note_shutdown)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_upstream)
@@ -122,6 +126,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
             partial(insert_records, db), "ledger rows", metrics.counter_of_drops("ledger")
         )
         stack.push_async_callback(ledger.close)
+        app[BUDGETS] = await _open_budget_book(db)
         app[IP_SALT] = config.ip_salt or await _installation_salt(db)
         app[RATE_LIMITER] = limiter = await open_rate_limiter(db)
         metrics.watch_rate_limiter(limiter)
@@ -139,6 +144,13 @@ async def _learn_sizes(store: ChatStore) -> None:
         log.warning("cannot learn the sizes of imported chats yet: %s", err)
         return
     log.info("learned the size of %d imported chats from the blob store", learned)
+
+
+async def _open_budget_book(db: Database) -> BudgetBook:
+    try:
+        return await open_budget_book(db)
+    except StorageUnavailable as err:
+        raise StartupError(f"cannot read what the ledger spent today: {err}") from None
 
 
 async def _installation_salt(db: Database) -> str:

@@ -14,6 +14,7 @@ from qp.policy.policy import PolicyHolder
 from qp.protection.byte_budget import ByteBudget
 from qp.protection.quota import DailyQuota
 from qp.protection.rate_limits import RateLimiter
+from qp.spend.budgets import BudgetBook, OpenStreams
 from qp.storage.batches import BatchWriter
 from qp.storage.disk import DiskSpace
 from qp.storage.sqlite import Database
@@ -37,3 +38,7 @@ SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 DAILY_QUOTA = web.AppKey("daily_quota", DailyQuota)
 # Bytes of chats and request bodies held in memory at once (QP_MAX_INFLIGHT_MB).
 BYTE_BUDGET = web.AppKey("byte_budget", ByteBudget)
+# What the server's and the apps' keys spent and have reserved, per budget.
+BUDGETS = web.AppKey("budgets", BudgetBook)
+# Server- or app-paid streams open per client (client_max_streams).
+OPEN_STREAMS = web.AppKey("open_streams", OpenStreams)

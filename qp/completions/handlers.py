@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import web
 
 from qp.appkeys import (
+    BUDGETS,
     BYTE_BUDGET,
     CONFIG,
     DATABASE,
     LEDGER,
     METRICS,
+    OPEN_STREAMS,
     POLICY,
     SHUTTING_DOWN,
     UPSTREAM,
@@ -29,9 +34,13 @@ from qp.completions.request import (
 )
 from qp.completions.usage import CompletionRecord
 from qp.errors import ApiError, json_response
+from qp.logs import CLIENT_HASH
+from qp.policy.policy import Policy
 from qp.protection.admin import require_admin
+from qp.spend.budgets import Refusal, budget_scopes, estimate_cost
 from qp.timestamps import parse_iso, utc_now_iso
 
+log = logging.getLogger("qp.completions")
 USAGE_FLUSH_SECONDS = 5.0
 
 
@@ -54,28 +63,82 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
             config.app_openrouter_keys,
         )
         check_system_message(completion, policy)
+        client = request[CLIENT_HASH]
         record = CompletionRecord(
-            started_at=utc_now_iso(), app=completion.app, model=completion.model, payer=payer
+            started_at=utc_now_iso(),
+            app=completion.app,
+            model=completion.model,
+            payer=payer,
+            client_hash=client,
         )
-        payload = Payload(upstream_body(completion))
-        del completion
+        body = upstream_body(completion)
+        estimate = estimate_cost(policy, completion.model, len(body))
+        payload = Payload(body)
+        del completion, body
     metrics = request.app[METRICS]
+    with _spending(request, policy, record, estimate) as settle:
 
-    def finished(record: CompletionRecord) -> None:
-        request.app[LEDGER].add(record)
-        metrics.completion_finished(record)
+        def finished(record: CompletionRecord) -> None:
+            _cost(record, estimate)
+            settle(record.cost or 0.0)
+            request.app[LEDGER].add(record)
+            metrics.completion_finished(record)
 
-    with metrics.open_streams.track_inprogress():
-        return await relay_completion(
-            request,
-            request.app[UPSTREAM],
-            policy,
-            payload,
-            key,
-            record,
-            finished,
-            request.app[SHUTTING_DOWN],
-        )
+        with metrics.open_streams.track_inprogress():
+            return await relay_completion(
+                request,
+                request.app[UPSTREAM],
+                policy,
+                payload,
+                key,
+                record,
+                finished,
+                request.app[SHUTTING_DOWN],
+            )
+
+
+@contextmanager
+def _spending(
+    request: web.Request, policy: Policy, record: CompletionRecord, estimate: float
+) -> Iterator[Callable[[float], None]]:
+    """Check 9: the client's open streams, then a reservation in every budget the
+    completion falls in (402 naming the first without room). Yields what settles the
+    reservation with the real cost; the stream slot and any unsettled reservation are let
+    go on the way out."""
+    if record.payer == "user" or record.client_hash is None:
+        yield lambda cost: None
+        return
+    client = record.client_hash
+    streams = request.app[OPEN_STREAMS]
+    if not streams.try_open(client, policy.budget_client_max_streams):
+        raise ApiError(429, "Too many open completions")
+    try:
+        book = request.app[BUDGETS]
+        held = book.reserve(budget_scopes(policy, record.payer, record.app, client), estimate)
+        if isinstance(held, Refusal):
+            log.warning("completion refused: the %s budget is used up", held.scope.label)
+            raise ApiError(
+                402,
+                "Budget exhausted",
+                headers={"Retry-After": str(held.retry_after)},
+                message=held.message,
+            )
+        reservation = held
+        try:
+            yield lambda cost: book.settle(reservation, cost)
+        finally:
+            book.settle(reservation, estimate)  # only if nothing settled it (no record saved)
+    finally:
+        streams.close(client)
+
+
+def _cost(record: CompletionRecord, estimate: float) -> None:
+    """The record's cost and its source: the stream's usage; else, for a stream that began
+    (upstream may bill it), the estimate; else nothing was billed."""
+    if record.cost is not None:
+        record.cost_source = "stream"
+    elif record.status == 200:
+        record.cost, record.cost_source = estimate, "estimate"
 
 
 async def usage_report(request: web.Request) -> web.Response:

@@ -9,8 +9,24 @@ from qp.storage.sqlite import Database
 
 INSERT = """
     INSERT INTO completions (started_at, app, model, payer, prompt_tokens, completion_tokens,
-                             cost, status, outcome, duration_ms, client_left)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                             cost, status, outcome, duration_ms, client_left, client_hash,
+                             generation_id, cost_source)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+# What the server's and the apps' keys spent from a moment on: the budgets' starting point.
+SERVER_SPENT_SINCE = """
+    SELECT COALESCE(SUM(cost), 0) FROM completions WHERE payer = 'server' AND started_at >= ?
+"""
+APPS_SPENT_SINCE = """
+    SELECT app, SUM(cost) FROM completions
+    WHERE payer IN ('server', 'app') AND started_at >= ? AND cost > 0
+    GROUP BY app
+"""
+CLIENTS_SPENT_SINCE = """
+    SELECT client_hash, SUM(cost) FROM completions
+    WHERE payer IN ('server', 'app') AND started_at >= ? AND cost > 0
+          AND client_hash IS NOT NULL
+    GROUP BY client_hash
 """
 TOTALS = """
     SELECT app, model, payer, COUNT(*), COALESCE(SUM(prompt_tokens), 0),
@@ -50,6 +66,9 @@ async def insert_records(db: Database, records: list[CompletionRecord]) -> None:
                 record.outcome,
                 record.duration_ms,
                 int(record.client_left),
+                record.client_hash,
+                record.generation_id,
+                record.cost_source,
             )
             for record in records
         ],
@@ -60,3 +79,21 @@ async def usage_totals(db: Database, since: str | None, app: str | None) -> list
     """Completions, tokens and cost by app, model and payer."""
     rows = await db.fetchall(TOTALS, {"since": since, "app": app})
     return [UsageTotal(*row) for row in rows]
+
+
+@dataclass(frozen=True)
+class SpentSince:
+    """What was spent from `day` (and the server also from `month`) on."""
+
+    server_day: float
+    server_month: float
+    apps_day: dict[str | None, float]
+    clients_day: dict[str, float]
+
+
+async def spent_since(db: Database, day: str, month: str) -> SpentSince:
+    ((server_day,),) = await db.fetchall(SERVER_SPENT_SINCE, (day,))
+    ((server_month,),) = await db.fetchall(SERVER_SPENT_SINCE, (month,))
+    apps = {app: spent for app, spent in await db.fetchall(APPS_SPENT_SINCE, (day,))}
+    clients = {client: spent for client, spent in await db.fetchall(CLIENTS_SPENT_SINCE, (day,))}
+    return SpentSince(server_day, server_month, apps, clients)

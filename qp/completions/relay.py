@@ -218,6 +218,7 @@ async def _stream(
         record.prompt_tokens = usage.prompt_tokens
         record.completion_tokens = usage.completion_tokens
         record.cost = usage.cost
+        record.generation_id = usage.generation_id
     return response
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,14 @@ class CompletionRecord:
     cost: float | None = None
     duration_ms: int = 0
     client_left: bool = False
+    client_hash: str | None = None
+    generation_id: str | None = None
+    cost_source: str | None = None  # stream, generation, estimate; None: nothing billed
+
+
+# Upstream's generation id, in the first chunk already: what its cost is looked up by.
+_GENERATION_ID = re.compile(rb'"id"\s*:\s*"(gen-[A-Za-z0-9_-]{1,100})"')
+GENERATION_ID_SEAM = 128
 
 
 class UsageScanner:
@@ -47,8 +56,13 @@ class UsageScanner:
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.cost: float | None = None
+        self.generation_id: str | None = None
 
     def feed(self, chunk: bytes) -> None:
+        if self.generation_id is None:
+            found = _GENERATION_ID.search(self._partial[-GENERATION_ID_SEAM:] + chunk)
+            if found:
+                self.generation_id = found.group(1).decode()
         end = chunk.rfind(b"\n")
         if end < 0:
             self._keep(self._partial + chunk)

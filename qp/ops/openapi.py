@@ -303,7 +303,10 @@ PATHS: dict[str, Any] = {
                     "content": {"text/plain": {"schema": {"type": "string"}}},
                 },
                 **BODY_ERRORS,
-                "402": _error("Budget exhausted"),
+                "402": _error(
+                    "Budget exhausted: a budget of the server's keys is used up (Retry-After:"
+                    " seconds to its reset), or upstream's own 402"
+                ),
                 **COMMON,
                 "502": _error("Bad Gateway: upstream unreachable or answering oddly"),
                 "504": _error("Gateway Timeout"),

@@ -89,6 +89,42 @@ def _url(value: Any) -> str:
     return value
 
 
+def _usd(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
+        raise ValueError(f"must be an amount in USD, at least 0 (0: off), got {value!r}")
+    return float(value)
+
+
+def _app_caps(value: Any) -> tuple[tuple[str, float], ...]:
+    if not isinstance(value, dict):
+        raise ValueError('must be a table of app = USD ("*" for every other app)')
+    for app in value:
+        if app != "*" and not is_app_name(app):
+            raise ValueError(f"{app!r} is not an app name (at most 100 printable characters)")
+    return tuple(sorted((app, _usd(cap)) for app, cap in value.items()))
+
+
+def _app_caps_from_env(text: str) -> dict[str, float]:
+    caps: dict[str, float] = {}
+    for item in _comma_list(text):
+        app, equals, cap = item.rpartition("=")
+        if not equals or not app.strip():
+            raise ValueError(f"{item!r} is not app=USD")
+        caps[app.strip()] = _number(cap.strip())
+    return caps
+
+
+def _prices(value: Any) -> tuple[tuple[str, float, float], ...]:
+    if not isinstance(value, dict):
+        raise ValueError('must be a table of "model" = { prompt = USD, completion = USD }')
+    prices = []
+    for model, price in value.items():
+        if not isinstance(price, dict) or set(price) != {"prompt", "completion"}:
+            raise ValueError(f"{model!r} must be {{ prompt = USD, completion = USD }} per token")
+        prices.append((model, _usd(price["prompt"]), _usd(price["completion"])))
+    return tuple(sorted(prices))
+
+
 def _rate_limit(value: Any) -> RateLimit:
     if not isinstance(value, str):
         raise ValueError(f"must be a string like '100/minute,1000/hour' or 'off', got {value!r}")
@@ -126,6 +162,8 @@ class Setting:
     env: str | None
     check: Callable[[Any], Any]
     from_env: Callable[[str], Any] = str
+    # The value as the file holds it (for --check-config), when not the Policy's own.
+    to_file: Callable[[Any], Any] = lambda value: value
 
 
 SETTINGS = (
@@ -189,8 +227,75 @@ SETTINGS = (
         _seconds,
         _number,
     ),
+    Setting(
+        "budget_server_daily_usd",
+        "budgets",
+        "server_daily_usd",
+        "QP_BUDGET_SERVER_DAILY_USD",
+        _usd,
+        _number,
+    ),
+    Setting(
+        "budget_server_monthly_usd",
+        "budgets",
+        "server_monthly_usd",
+        "QP_BUDGET_SERVER_MONTHLY_USD",
+        _usd,
+        _number,
+    ),
+    Setting(
+        "budget_app_daily_usd",
+        "budgets",
+        "app_daily_usd",
+        "QP_BUDGET_APP_DAILY_USD",
+        _app_caps,
+        _app_caps_from_env,
+        dict,
+    ),
+    Setting(
+        "budget_client_daily_usd",
+        "budgets",
+        "client_daily_usd",
+        "QP_BUDGET_CLIENT_DAILY_USD",
+        _usd,
+        _number,
+    ),
+    Setting(
+        "budget_client_max_streams",
+        "budgets",
+        "client_max_streams",
+        "QP_BUDGET_CLIENT_MAX_STREAMS",
+        _quantity,
+        _number,
+    ),
+    Setting(
+        "reserve_completion_tokens",
+        "budgets",
+        "reserve_completion_tokens",
+        "QP_BUDGET_RESERVE_COMPLETION_TOKENS",
+        _quantity,
+        _number,
+    ),
+    Setting(
+        "default_reserve_usd",
+        "budgets",
+        "default_reserve_usd",
+        "QP_BUDGET_DEFAULT_RESERVE_USD",
+        _usd,
+        _number,
+    ),
+    Setting(
+        "prices",
+        "prices",
+        "*",
+        None,
+        _prices,
+        to_file=lambda prices: {m: {"prompt": p, "completion": c} for m, p, c in prices},
+    ),
 )
 assert {s.field for s in SETTINGS} == {f.name for f in fields(Policy)}
+# Sections that are one setting whole, their keys free (model names).
+WHOLE_SECTIONS = {s.section for s in SETTINGS if s.key == "*"}
 
 
 def load_policy(environ: Mapping[str, str], config_path: Path | None) -> Policy:
@@ -222,13 +327,15 @@ def _from_file(path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, value in document.items():
         entries: list[tuple[str | None, str, Any]]
-        if isinstance(value, dict):
+        if name in WHOLE_SECTIONS:
+            entries = [(name, "*", value)]
+        elif isinstance(value, dict):
             entries = [(name, key, item) for key, item in value.items()]
         else:
             entries = [(None, name, value)]
         for section, key, item in entries:
             setting = known.get((section, key))
-            where = f"{section}.{key}" if section else key
+            where = (section if key == "*" else f"{section}.{key}") if section else key
             if setting is None:
                 raise ConfigError(f"QP_CONFIG {path}: unknown setting {where!r}")
             try:
@@ -241,16 +348,26 @@ def _from_file(path: Path) -> dict[str, Any]:
 def policy_as_toml(policy: Policy) -> str:
     """The policy in the file's own shape: a valid QP_CONFIG file."""
     lines: list[str] = []
-    for section in (None, "chats", "completion"):
+    for section in (None, "chats", "completion", "budgets", "prices"):
         if section is not None:
             lines += ["", f"[{section}]"]
         for setting in SETTINGS:
-            if setting.section == section:
-                lines.append(f"{setting.key} = {_toml_value(getattr(policy, setting.field))}")
+            if setting.section != section:
+                continue
+            value = setting.to_file(getattr(policy, setting.field))
+            if setting.key == "*":
+                lines += [
+                    f"{_toml_value(key)} = {_toml_value(item)}" for key, item in value.items()
+                ]
+            else:
+                lines.append(f"{setting.key} = {_toml_value(value)}")
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        items = [f"{_toml_value(str(key))} = {_toml_value(item)}" for key, item in value.items()]
+        return "{ " + ", ".join(items) + " }" if items else "{}"
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool | int | float):

@@ -112,6 +112,20 @@ class Policy:
     body_idle_timeout: float = 30.0
     body_timeout: float = 120.0
     keepalive_timeout: float = 75.0
+    # Budgets in USD for what the server's and the apps' keys spend (0: off); see
+    # qp/spend/budgets.py. App caps are (app, cap) pairs; the app "*" is every app not named.
+    budget_server_daily_usd: float = 0.0
+    budget_server_monthly_usd: float = 0.0
+    budget_app_daily_usd: tuple[tuple[str, float], ...] = ()
+    budget_client_daily_usd: float = 0.0
+    # Server- or app-paid streams one client may hold open at once (0: no limit).
+    budget_client_max_streams: int = 0
+    # What a request reserves for its answer, in tokens at the model's completion price;
+    # and what it reserves in all when the model's price is not known.
+    reserve_completion_tokens: int = 1024
+    default_reserve_usd: float = 0.01
+    # (model, USD per prompt token, USD per completion token).
+    prices: tuple[tuple[str, float, float], ...] = ()
 
     @cached_property
     def origin_matcher(self) -> OriginMatcher:
@@ -124,6 +138,28 @@ class Policy:
     @cached_property
     def trusted(self) -> TrustedProxies:
         return TrustedProxies(parse_networks(self.trusted_proxies), self.ipv6_prefix)
+
+    @cached_property
+    def app_budgets(self) -> dict[str, float]:
+        return dict(self.budget_app_daily_usd)
+
+    def app_budget(self, app: str | None) -> float:
+        """The daily cap of `app` (its own, else the "*" one); 0: none."""
+        caps = self.app_budgets
+        return caps.get(app or "", caps.get("*", 0.0))
+
+    @cached_property
+    def price_table(self) -> dict[str, tuple[float, float]]:
+        return {model: (prompt, completion) for model, prompt, completion in self.prices}
+
+    @property
+    def budgets_on(self) -> bool:
+        return bool(
+            self.budget_server_daily_usd
+            or self.budget_server_monthly_usd
+            or any(cap for _, cap in self.budget_app_daily_usd)
+            or self.budget_client_daily_usd
+        )
 
     def rate_limit(self, rate_class: str) -> RateLimit:
         return self.chats_rate_limit if rate_class == "chats" else self.completion_rate_limit

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import aiosqlite
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # MIGRATIONS[n]: the statements that take a database from version n - 1 to version n.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -62,6 +62,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     4: ("ALTER TABLE chats ADD COLUMN pending TEXT",),
     5: ("ALTER TABLE chats ADD COLUMN messages_bytes INTEGER",),
+    6: (
+        "ALTER TABLE completions ADD COLUMN client_hash TEXT",
+        "ALTER TABLE completions ADD COLUMN generation_id TEXT",
+        "ALTER TABLE completions ADD COLUMN cost_source TEXT",
+        "CREATE INDEX idx_completions_client_started_at ON completions(client_hash, started_at)",
+    ),
 }
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
 

@@ -1,0 +1,245 @@
+"""Budgets: caps on what the server's keys spend, held under concurrency by reservations.
+
+Before a server- or app-paid completion goes upstream, its estimated cost is reserved in
+every scope it falls in (the server's day and month, its app's day, its client's day) in
+one step with no await inside: either every scope has room for it, or nothing is
+reserved and the request is refused. When the completion ends, its reservation is
+replaced by what it cost. So concurrent requests can pass a cap only by what the requests
+in flight cost beyond their reservations.
+
+Spent totals start from the ledger at start-up (what this day and month already cost) and
+are kept in memory from then on; a scope's period rolls over by the clock.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from qp.completions.ledger import spent_since
+from qp.storage.sqlite import Database
+from qp.timestamps import format_iso
+
+if TYPE_CHECKING:
+    from qp.policy.policy import Policy
+
+DAY = "day"
+MONTH = "month"
+# Sums of float costs drift by ulps; a cap is passed only beyond this much.
+CAP_TOLERANCE_USD = 1e-9
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One budget: whose spending (`kind`: server, app, client), which one (`name`: the
+    app, the client hash), and over which period."""
+
+    kind: str
+    name: str
+    period: str
+
+    def describe(self) -> str:
+        """The budget as the 402 message names it (API.md, Budgets)."""
+        if self.kind == "server":
+            return f"The server's {'daily' if self.period == DAY else 'monthly'} budget"
+        if self.kind == "app":
+            return f"The daily budget of app {self.name}"
+        return "Your daily allowance"
+
+    @property
+    def label(self) -> str:
+        """A short name for logs and metrics: never the client hash."""
+        if self.kind == "server":
+            return f"server_{'daily' if self.period == DAY else 'monthly'}"
+        return "app_daily" if self.kind == "app" else "client_daily"
+
+
+@dataclass
+class _Account:
+    period_start: float
+    spent: float = 0.0
+    reserved: float = 0.0
+
+
+@dataclass(frozen=True)
+class Refusal:
+    scope: Scope
+    resets_at: float
+    retry_after: int
+
+    @property
+    def message(self) -> str:
+        when = format_iso(datetime.fromtimestamp(self.resets_at, UTC))
+        return f"{self.scope.describe()} is used up; it resets at {when}"
+
+
+@dataclass
+class Reservation:
+    """What one request holds in each of its scopes, and for which period."""
+
+    amount: float
+    held: list[tuple[Scope, float]] = field(default_factory=list)
+    settled: bool = False
+
+
+def period_bounds(period: str, now: float) -> tuple[float, float]:
+    """The start and end (epoch seconds) of the UTC day or calendar month holding `now`."""
+    moment = datetime.fromtimestamp(now, UTC)
+    if period == DAY:
+        start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+        end_day = datetime.fromordinal(start.toordinal() + 1).replace(tzinfo=UTC)
+        return start.timestamp(), end_day.timestamp()
+    start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    if start.month == 12:
+        end = start.replace(year=start.year + 1, month=1)
+    else:
+        end = start.replace(month=start.month + 1)
+    return start.timestamp(), end.timestamp()
+
+
+class BudgetBook:
+    """Spent and reserved per scope and period; reserve, then settle."""
+
+    MAX_SCOPES = 200_000  # clients and apps are many: the oldest idle accounts go first
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self._clock = clock
+        self._accounts: dict[Scope, _Account] = {}
+        # period -> (start, end) of the current one: a comparison per request, not a date.
+        self._bounds: dict[str, tuple[float, float]] = {}
+
+    def _period(self, period: str, now: float) -> tuple[float, float]:
+        bounds = self._bounds.get(period)
+        if bounds is None or not bounds[0] <= now < bounds[1]:
+            bounds = self._bounds[period] = period_bounds(period, now)
+        return bounds
+
+    def _account(self, scope: Scope, now: float) -> _Account:
+        start, _ = self._period(scope.period, now)
+        account = self._accounts.get(scope)
+        if account is None or account.period_start != start:
+            if account is None and len(self._accounts) >= self.MAX_SCOPES:
+                self._forget_idle()
+            account = self._accounts[scope] = _Account(start)
+        return account
+
+    def _forget_idle(self) -> None:
+        idle = [s for s, a in self._accounts.items() if a.reserved == 0 and s.kind != "server"]
+        for scope in idle[: max(1, len(idle) // 2)]:
+            del self._accounts[scope]
+
+    def load_spent(self, scope: Scope, spent: float) -> None:
+        """What the ledger says this period already cost (at start-up)."""
+        self._account(scope, self._clock()).spent = spent
+
+    def reserve(
+        self, scopes: Iterable[tuple[Scope, float]], amount: float
+    ) -> Reservation | Refusal:
+        """Reserve `amount` in every (scope, cap) at once, or refuse naming the first scope
+        without room. No await inside: concurrent requests see each other's reservations."""
+        now = self._clock()
+        capped = list(scopes)
+        for scope, cap in capped:
+            account = self._account(scope, now)
+            if account.spent + account.reserved + amount > cap + CAP_TOLERANCE_USD:
+                _, end = self._period(scope.period, now)
+                return Refusal(scope, end, max(1, math.ceil(end - now)))
+        reservation = Reservation(amount)
+        for scope, _ in capped:
+            account = self._accounts[scope]  # made current by the loop above
+            account.reserved += amount
+            reservation.held.append((scope, account.period_start))
+        return reservation
+
+    def settle(self, reservation: Reservation, cost: float) -> None:
+        """Replace the reservation by what the completion cost (once)."""
+        if reservation.settled:
+            return
+        reservation.settled = True
+        for scope, period_start in reservation.held:
+            account = self._accounts.get(scope)
+            if account is None or account.period_start != period_start:
+                continue  # the period rolled over meanwhile: its cost belongs to the old one
+            account.reserved = max(0.0, account.reserved - reservation.amount)
+            account.spent += cost
+
+    def standing(self, scope: Scope) -> tuple[float, float]:
+        """Spent and reserved in the scope's current period."""
+        account = self._account(scope, self._clock())
+        return account.spent, account.reserved
+
+
+def budget_scopes(
+    policy: Policy, payer: str, app: str | None, client: str
+) -> list[tuple[Scope, float]]:
+    """The (scope, cap) of every budget a completion paid by `payer` falls in; none for the
+    user's own key."""
+    if payer == "user":
+        return []
+    scopes: list[tuple[Scope, float]] = []
+    if payer == "server":
+        if policy.budget_server_daily_usd:
+            scopes.append((Scope("server", "", DAY), policy.budget_server_daily_usd))
+        if policy.budget_server_monthly_usd:
+            scopes.append((Scope("server", "", MONTH), policy.budget_server_monthly_usd))
+    if app_cap := policy.app_budget(app):
+        scopes.append((Scope("app", app or "", DAY), app_cap))
+    if policy.budget_client_daily_usd:
+        scopes.append((Scope("client", client, DAY), policy.budget_client_daily_usd))
+    return scopes
+
+
+def estimate_cost(policy: Policy, model: str, prompt_bytes: int) -> float:
+    """What a request reserves: its prompt (bytes / 3 as tokens) at the model's prompt
+    price plus `reserve_completion_tokens` at its completion price; the policy's
+    `default_reserve_usd` for a model without a known price."""
+    price = policy.price_table.get(model)
+    if price is None:
+        return policy.default_reserve_usd
+    prompt, completion = price
+    return prompt_bytes / 3 * prompt + policy.reserve_completion_tokens * completion
+
+
+class OpenStreams:
+    """Server- or app-paid streams each client holds open now."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def try_open(self, client: str, limit: int) -> bool:
+        count = self._counts.get(client, 0)
+        if limit and count >= limit:
+            return False
+        self._counts[client] = count + 1
+        return True
+
+    def close(self, client: str) -> None:
+        count = self._counts.get(client, 0) - 1
+        if count > 0:
+            self._counts[client] = count
+        else:
+            self._counts.pop(client, None)
+
+
+async def open_budget_book(db: Database, clock: Callable[[], float] = time.time) -> BudgetBook:
+    """A book that starts from what the ledger says this day and month already cost."""
+    now = clock()
+    day_start, _ = period_bounds(DAY, now)
+    month_start, _ = period_bounds(MONTH, now)
+    spent = await spent_since(
+        db,
+        format_iso(datetime.fromtimestamp(day_start, UTC)),
+        format_iso(datetime.fromtimestamp(month_start, UTC)),
+    )
+    book = BudgetBook(clock)
+    book.load_spent(Scope("server", "", DAY), spent.server_day)
+    book.load_spent(Scope("server", "", MONTH), spent.server_month)
+    for app, cost in spent.apps_day.items():
+        book.load_spent(Scope("app", app or "", DAY), cost)
+    for client, cost in spent.clients_day.items():
+        book.load_spent(Scope("client", client, DAY), cost)
+    return book

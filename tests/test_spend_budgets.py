@@ -1,0 +1,239 @@
+"""Budgets on what the server's and the apps' keys spend: reservations that hold under
+concurrency, the 402 and 429 of API.md check 9, and the ledger's cost for every stream."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import aiohttp
+import orjson
+import pytest
+
+from qp.app import reload_policy
+from qp.spend.budgets import DAY, MONTH, BudgetBook, Refusal, Reservation, Scope
+from tests.app_server import AppServer, StartServer
+from tests.fake_openrouter import FakeOpenRouter, Script
+from tests.helpers import SYSTEM, call
+
+CHEAP = "openai/gpt-4.1-mini"
+KEYS = {"OPENROUTER_API_KEY": "server-key", "OPENROUTER_API_KEY_BIDS_ASSISTANT": "bids-key"}
+# Each request reserves 0.01 USD (no price known for the model); each costs 0.00042.
+RESERVE = {"QP_BUDGET_DEFAULT_RESERVE_USD": "0.01"}
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeOpenRouter]:
+    fake = FakeOpenRouter().start()
+    # A completion that takes a second before answering: its reservation is held meanwhile.
+    fake.scripts["slow"] = Script(headers_delay=1.0)
+    yield fake
+    fake.stop()
+
+
+async def start(start_server: StartServer, fake: FakeOpenRouter, **env: str) -> AppServer:
+    return await start_server(QP_OPENROUTER_URL=fake.url, **KEYS, **RESERVE, **env)
+
+
+def completion(app: str = "nwb-assistant", content: str = "script:slow") -> dict:
+    return {
+        "model": CHEAP,
+        "systemMessage": SYSTEM,
+        "messages": [{"role": "user", "content": content}],
+        "app": app,
+    }
+
+
+async def ask(server: AppServer, request: dict, headers: dict | None = None) -> tuple:
+    """Status, Retry-After and body (what arrived of it: a stream may be cut)."""
+    async with server.client.post("/api/completion", json=request, headers=headers) as response:
+        try:
+            body = await response.read()
+        except aiohttp.ClientPayloadError:
+            body = b""
+        return response.status, response.headers.get("Retry-After"), body
+
+
+def tomorrow() -> str:
+    return (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT00:00:00.000Z")
+
+
+def exhausted(budget: str) -> dict:
+    return {
+        "error": "Budget exhausted",
+        "message": f"{budget} is used up; it resets at {tomorrow()}",
+    }
+
+
+async def test_a_daily_cap_worth_ten_reservations_lets_exactly_ten_of_a_hundred_through(
+    start_server, fake
+):
+    server = await start(start_server, fake, QP_BUDGET_SERVER_DAILY_USD="0.1")
+    before = len(fake.received)
+    answers = await asyncio.gather(*(ask(server, completion()) for _ in range(100)))
+    statuses = [status for status, _, _ in answers]
+    assert (statuses.count(200), statuses.count(402)) == (10, 90)
+    assert len(fake.received) - before == 10
+    refused = next(answer for answer in answers if answer[0] == 402)
+    seconds_to_midnight = (datetime.fromisoformat(tomorrow()) - datetime.now(UTC)).total_seconds()
+    assert abs(int(refused[1]) - seconds_to_midnight) < 5
+    assert orjson.loads(refused[2]) == exhausted("The server's daily budget")
+    # The ten cost 0.0042 together: the room freed holds nine more reservations, not ten.
+    answers = await asyncio.gather(*(ask(server, completion()) for _ in range(10)))
+    assert sorted(status for status, _, _ in answers) == [200] * 9 + [402]
+
+
+async def test_a_user_key_passes_while_the_servers_budget_is_used_up(start_server, fake):
+    server = await start(start_server, fake, QP_BUDGET_SERVER_DAILY_USD="0.005")
+    assert (await ask(server, completion(content="hi")))[0] == 402
+    status, _, _ = await ask(server, completion(content="hi"), {"x-openrouter-key": "user-key"})
+    assert status == 200
+    assert fake.last().headers["Authorization"] == "Bearer user-key"
+
+
+async def test_an_apps_daily_cap_stops_that_app_only(start_server, fake):
+    server = await start(start_server, fake, QP_BUDGET_APP_DAILY_USD="nwb-assistant=0.03")
+    answers = await asyncio.gather(*(ask(server, completion()) for _ in range(6)))
+    assert sorted(status for status, _, _ in answers) == [200] * 3 + [402] * 3
+    refused = next(answer for answer in answers if answer[0] == 402)
+    assert orjson.loads(refused[2]) == exhausted("The daily budget of app nwb-assistant")
+    # Another app, and the same app paid by its own key's budget scope, are not this one.
+    assert (await ask(server, completion(app="bids-assistant", content="hi")))[0] == 200
+
+
+async def test_the_star_cap_applies_to_every_app_not_named(start_server, fake):
+    server = await start(start_server, fake, QP_BUDGET_APP_DAILY_USD="*=0.005,bids-assistant=1")
+    assert (await ask(server, completion(app="some-app", content="hi")))[0] == 402
+    assert (await ask(server, completion(app="bids-assistant", content="hi")))[0] == 200
+
+
+async def test_a_clients_allowance_stops_that_client_only(start_server, fake):
+    server = await start(start_server, fake, QP_BUDGET_CLIENT_DAILY_USD="0.02")
+    first = {"X-Forwarded-For": "203.0.113.1"}  # the in-process peer is a trusted proxy
+    answers = await asyncio.gather(*(ask(server, completion(), first) for _ in range(3)))
+    assert sorted(status for status, _, _ in answers) == [200, 200, 402]
+    refused = next(answer for answer in answers if answer[0] == 402)
+    assert orjson.loads(refused[2]) == exhausted("Your daily allowance")
+    other = {"X-Forwarded-For": "203.0.113.2"}
+    assert (await ask(server, completion(content="hi"), other))[0] == 200
+
+
+async def test_a_client_may_hold_only_so_many_streams_open(start_server, fake):
+    server = await start(start_server, fake, QP_BUDGET_CLIENT_MAX_STREAMS="2")
+    answers = await asyncio.gather(*(ask(server, completion()) for _ in range(3)))
+    assert sorted(status for status, _, _ in answers) == [200, 200, 429]
+    # Once they are done, the client may open streams again.
+    assert (await ask(server, completion(content="hi")))[0] == 200
+
+
+async def test_too_many_open_streams_is_the_contracts_429(start_server, fake):
+    server = await start(start_server, fake, QP_BUDGET_CLIENT_MAX_STREAMS="1")
+    held = asyncio.create_task(ask(server, completion()))
+    await asyncio.sleep(0.3)
+    assert await call(server.client, "POST", "/api/completion", json=completion()) == (
+        429,
+        {"error": "Too many open completions"},
+    )
+    assert (await held)[0] == 200
+
+
+async def test_a_lowered_cap_applies_to_the_next_request(start_server, fake, tmp_path):
+    config = tmp_path / "qp.toml"
+    config.write_text("[budgets]\nserver_daily_usd = 1.0\n")
+    server = await start(start_server, fake, QP_CONFIG=str(config))
+    assert (await ask(server, completion(content="hi")))[0] == 200
+    config.write_text("[budgets]\nserver_daily_usd = 0.005\n")
+    assert reload_policy(server.app)
+    assert (await ask(server, completion(content="hi")))[0] == 402
+
+
+async def test_what_was_spent_today_survives_a_restart(start_server, fake):
+    server = await start(start_server, fake, QP_BUDGET_SERVER_DAILY_USD="0.0102")
+    assert (await ask(server, completion(content="hi")))[0] == 200  # spent 0.00042
+    await server.stop()
+    again = await start(
+        start_server, fake, QP_BUDGET_SERVER_DAILY_USD="0.0102", QP_DATA_DIR=str(server.data_dir)
+    )
+    # 0.00042 spent + 0.01 reserved passes 0.0102 only if the spend was remembered.
+    assert (await ask(again, completion(content="hi")))[0] == 402
+
+
+async def test_every_stream_is_costed_in_the_ledger(start_server, fake):
+    server = await start(start_server, fake)
+    fake.scripts["cut"] = Script(
+        chunks=[(0.0, b'data: {"id":"gen-cut-1","choices":[]}\n\n')], die=True
+    )
+    fake.scripts["401c"] = Script(status=401, body=b"{}")
+    for content in ("hi", "script:cut", "script:401c"):
+        await ask(server, completion(content=content))
+    await server.stop()
+    with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
+        rows = db.execute(
+            "SELECT outcome, cost, cost_source, generation_id, client_hash FROM completions"
+            " ORDER BY id"
+        ).fetchall()
+    assert [row[:4] for row in rows] == [
+        ("completed", 0.00042, "stream", "gen-1"),
+        ("upstream_died", 0.01, "estimate", "gen-cut-1"),
+        ("upstream_error", None, None, None),
+    ]
+    assert all(len(row[4]) == 64 for row in rows)  # the salted hash, never the address
+
+
+# --- the book on its own clock ----------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, moment: datetime):
+        self.now = moment.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_day_rolls_over_at_utc_midnight_and_a_month_on_the_first():
+    clock = Clock(datetime(2026, 1, 31, 23, 59, 0, tzinfo=UTC))
+    book = BudgetBook(clock)
+    day, month = Scope("server", "", DAY), Scope("server", "", MONTH)
+    held = book.reserve([(day, 1.0), (month, 1.5)], 0.6)
+    assert isinstance(held, Reservation)
+    book.settle(held, 0.5)
+    refusal = book.reserve([(day, 1.0), (month, 1.5)], 0.6)
+    assert refusal == Refusal(day, datetime(2026, 2, 1, tzinfo=UTC).timestamp(), 60)
+    assert refusal.message == (
+        "The server's daily budget is used up; it resets at 2026-02-01T00:00:00.000Z"
+    )
+    clock.now += 60  # February: a new day and a new month
+    assert book.standing(day) == (0.0, 0.0) and book.standing(month) == (0.0, 0.0)
+    assert isinstance(book.reserve([(day, 1.0), (month, 1.5)], 0.6), Reservation)
+
+
+def test_a_month_keeps_its_spend_across_days():
+    clock = Clock(datetime(2026, 12, 30, 12, tzinfo=UTC))
+    book = BudgetBook(clock)
+    day, month = Scope("server", "", DAY), Scope("server", "", MONTH)
+    book.settle(book.reserve([(day, 1.0), (month, 1.0)], 0.1), 0.7)
+    clock.now += 86400  # the 31st
+    refusal = book.reserve([(day, 1.0), (month, 1.0)], 0.4)
+    assert isinstance(refusal, Refusal) and refusal.scope == month
+    assert refusal.message.endswith("it resets at 2027-01-01T00:00:00.000Z")
+    assert refusal.message.startswith("The server's monthly budget is used up")
+
+
+def test_a_reservation_settled_after_its_period_ended_leaves_the_new_period_alone():
+    clock = Clock(datetime(2026, 5, 1, 23, 59, 59, tzinfo=UTC))
+    book = BudgetBook(clock)
+    day = Scope("app", "nwb", DAY)
+    held = book.reserve([(day, 1.0)], 0.3)
+    clock.now += 2
+    book.settle(held, 0.9)
+    assert book.standing(day) == (0.0, 0.0)
+
+
+def test_a_refused_reservation_reserves_nothing_anywhere():
+    book = BudgetBook(Clock(datetime(2026, 5, 1, tzinfo=UTC)))
+    roomy, tight = Scope("server", "", DAY), Scope("client", "c", DAY)
+    assert isinstance(book.reserve([(roomy, 10.0), (tight, 0.1)], 0.2), Refusal)
+    assert book.standing(roomy) == (0.0, 0.0)
