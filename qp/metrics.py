@@ -64,6 +64,13 @@ class Metrics:
             ["app", "payer"],
             registry=r,
         )
+        self.budget_refusals = Counter(
+            "qp_budget_refusals",
+            "Completions refused before going upstream, by budget (server_daily,"
+            " server_monthly, app_daily, client_daily, client_max_streams)",
+            ["scope"],
+            registry=r,
+        )
         self.batch_drops = Counter(
             "qp_batch_items_dropped",
             "Background writes given up (ledger rows, settled chat writes), by batch",

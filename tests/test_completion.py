@@ -559,6 +559,7 @@ async def test_usage_report_totals_by_app_model_and_payer(fake, start_server):
                     "completionTokens": 6,
                     "cost": pytest.approx(0.00084),
                     "clientLeft": 0,
+                    "costSource": {"stream": 2, "generation": 0, "estimate": 0},
                 },
                 {
                     "app": "nwb-assistant",
@@ -569,9 +570,11 @@ async def test_usage_report_totals_by_app_model_and_payer(fake, start_server):
                     "completionTokens": 3,
                     "cost": pytest.approx(0.00042),
                     "clientLeft": 0,
+                    "costSource": {"stream": 1, "generation": 0, "estimate": 0},
                 },
             ]
             assert report["overall"]["completions"] == 3
+            assert report["budgets"] == []  # none configured
             _, one_app = await call(http, "GET", "/api/usage?app=nwb-assistant", headers=admin)
             assert [row["app"] for row in one_app["totals"]] == ["nwb-assistant"]
             _, future = await call(http, "GET", "/api/usage?since=2999-01-01", headers=admin)

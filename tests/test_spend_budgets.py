@@ -16,7 +16,7 @@ from qp.app import reload_policy
 from qp.spend.budgets import DAY, MONTH, BudgetBook, Refusal, Reservation, Scope
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import SYSTEM, call
+from tests.helpers import SYSTEM, call, run_qp
 
 CHEAP = "openai/gpt-4.1-mini"
 KEYS = {"OPENROUTER_API_KEY": "server-key", "OPENROUTER_API_KEY_BIDS_ASSISTANT": "bids-key"}
@@ -103,6 +103,50 @@ async def test_an_apps_daily_cap_stops_that_app_only(start_server, fake):
     assert (await ask(server, completion(app="bids-assistant", content="hi")))[0] == 200
 
 
+async def test_the_usage_report_shows_each_budget_in_force(start_server, fake, admin):
+    server = await start(
+        start_server,
+        fake,
+        QP_BUDGET_SERVER_DAILY_USD="1",
+        QP_BUDGET_SERVER_MONTHLY_USD="30",
+        QP_BUDGET_APP_DAILY_USD="*=0.5,bids-assistant=2",
+    )
+    await ask(server, completion(content="hi"))  # nwb-assistant, server-paid, 0.00042
+    held = asyncio.create_task(ask(server, completion()))  # 0.01 reserved for a second
+    await asyncio.sleep(0.3)
+    status, report = await call(server.client, "GET", "/api/usage", headers=admin)
+    await held
+    month_end = datetime.fromisoformat(tomorrow()).replace(day=1)
+    if month_end <= datetime.now(UTC):
+        month_end = (month_end + timedelta(days=32)).replace(day=1)
+
+    def budget(scope: str, period: str, cap: float, resets: str, **app: str) -> dict:
+        spent, reserved = 0.00042, 0.01
+        if app.get("app") == "bids-assistant":
+            spent = reserved = 0.0
+        return {
+            "scope": scope,
+            **app,
+            "period": period,
+            "cap": cap,
+            "spent": pytest.approx(spent),
+            "reserved": pytest.approx(reserved),
+            "remaining": pytest.approx(cap - spent - reserved),
+            "resetsAt": resets,
+        }
+
+    month = month_end.strftime("%Y-%m-%dT00:00:00.000Z")
+    assert status == 200
+    assert report["budgets"] == [
+        budget("server", "day", 1.0, tomorrow()),
+        budget("server", "month", 30.0, month),
+        budget("app", "day", 2.0, tomorrow(), app="bids-assistant"),
+        budget("app", "day", 0.5, tomorrow(), app="nwb-assistant"),
+    ]
+    (row,) = report["totals"]
+    assert row["costSource"] == {"stream": 1, "generation": 0, "estimate": 0}
+
+
 async def test_the_star_cap_applies_to_every_app_not_named(start_server, fake):
     server = await start(start_server, fake, QP_BUDGET_APP_DAILY_USD="*=0.005,bids-assistant=1")
     assert (await ask(server, completion(app="some-app", content="hi")))[0] == 402
@@ -116,6 +160,8 @@ async def test_a_clients_allowance_stops_that_client_only(start_server, fake):
     assert sorted(status for status, _, _ in answers) == [200, 200, 402]
     refused = next(answer for answer in answers if answer[0] == 402)
     assert orjson.loads(refused[2]) == exhausted("Your daily allowance")
+    async with server.client.get("/metrics") as response:
+        assert 'qp_budget_refusals_total{scope="client_daily"} 1.0' in await response.text()
     other = {"X-Forwarded-For": "203.0.113.2"}
     assert (await ask(server, completion(content="hi"), other))[0] == 200
 
@@ -124,6 +170,8 @@ async def test_a_client_may_hold_only_so_many_streams_open(start_server, fake):
     server = await start(start_server, fake, QP_BUDGET_CLIENT_MAX_STREAMS="2")
     answers = await asyncio.gather(*(ask(server, completion()) for _ in range(3)))
     assert sorted(status for status, _, _ in answers) == [200, 200, 429]
+    async with server.client.get("/metrics") as response:
+        assert 'qp_budget_refusals_total{scope="client_max_streams"} 1.0' in await response.text()
     # Once they are done, the client may open streams again.
     assert (await ask(server, completion(content="hi")))[0] == 200
 
@@ -237,3 +285,22 @@ def test_a_refused_reservation_reserves_nothing_anywhere():
     roomy, tight = Scope("server", "", DAY), Scope("client", "c", DAY)
     assert isinstance(book.reserve([(roomy, 10.0), (tight, 0.1)], 0.2), Refusal)
     assert book.standing(roomy) == (0.0, 0.0)
+
+
+async def test_the_budgets_command_prints_each_budget_from_the_ledger(start_server, fake):
+    server = await start(start_server, fake)
+    await ask(server, completion(content="hi"))  # nwb-assistant, server-paid, 0.00042
+    await server.stop()
+    caps = {"QP_BUDGET_SERVER_DAILY_USD": "1", "QP_BUDGET_APP_DAILY_USD": "nwb-assistant=0.5"}
+    done = await asyncio.to_thread(run_qp, server.data_dir, "budgets", **caps)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "SCOPE   APP            PERIOD  CAP USD  SPENT USD  REMAINING USD  RESETS AT",
+        f"server                 day     1.0000   0.0004     0.9996         {tomorrow()}",
+        f"app     nwb-assistant  day     0.5000   0.0004     0.4996         {tomorrow()}",
+    ]
+    done = await asyncio.to_thread(run_qp, server.data_dir, "budgets")
+    assert (done.returncode, done.stdout) == (
+        0,
+        "no budgets configured (see [budgets] in qp.example.toml)\n",
+    )

@@ -37,7 +37,7 @@ from qp.errors import ApiError, json_response
 from qp.logs import CLIENT_HASH
 from qp.policy.policy import Policy
 from qp.protection.admin import require_admin
-from qp.spend.budgets import Refusal, budget_scopes, estimate_cost
+from qp.spend.budgets import Refusal, budget_report, budget_scopes, estimate_cost
 from qp.timestamps import parse_iso, utc_now_iso
 
 log = logging.getLogger("qp.completions")
@@ -111,12 +111,14 @@ def _spending(
     client = record.client_hash
     streams = request.app[OPEN_STREAMS]
     if not streams.try_open(client, policy.budget_client_max_streams):
+        request.app[METRICS].budget_refusals.labels("client_max_streams").inc()
         raise ApiError(429, "Too many open completions")
     try:
         book = request.app[BUDGETS]
         held = book.reserve(budget_scopes(policy, record.payer, record.app, client), estimate)
         if isinstance(held, Refusal):
             log.warning("completion refused: the %s budget is used up", held.scope.label)
+            request.app[METRICS].budget_refusals.labels(held.scope.label).inc()
             raise ApiError(
                 402,
                 "Budget exhausted",
@@ -165,6 +167,11 @@ async def usage_report(request: web.Request) -> web.Response:
             "completionTokens": total.completion_tokens,
             "cost": total.cost,
             "clientLeft": total.client_left,
+            "costSource": {
+                "stream": total.from_stream,
+                "generation": total.from_generation,
+                "estimate": total.from_estimate,
+            },
         }
         for total in totals
     ]
@@ -172,4 +179,7 @@ async def usage_report(request: web.Request) -> web.Response:
         name: sum(row[name] for row in rows)
         for name in ("completions", "promptTokens", "completionTokens", "cost", "clientLeft")
     }
-    return json_response({"since": since, "app": app, "totals": rows, "overall": overall})
+    budgets = budget_report(request.app[BUDGETS], request.app[POLICY].current)
+    return json_response(
+        {"since": since, "app": app, "totals": rows, "overall": overall, "budgets": budgets}
+    )

@@ -30,7 +30,9 @@ CLIENTS_SPENT_SINCE = """
 """
 TOTALS = """
     SELECT app, model, payer, COUNT(*), COALESCE(SUM(prompt_tokens), 0),
-           COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cost), 0), SUM(client_left)
+           COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cost), 0), SUM(client_left),
+           SUM(cost_source = 'stream'), SUM(cost_source = 'generation'),
+           SUM(cost_source = 'estimate')
     FROM completions
     WHERE (:since IS NULL OR started_at >= :since) AND (:app IS NULL OR app = :app)
     GROUP BY app, model, payer
@@ -48,6 +50,10 @@ class UsageTotal:
     completion_tokens: int
     cost: float
     client_left: int
+    # Rows costed by each source: the stream's usage, a lookup afterwards, the estimate.
+    from_stream: int
+    from_generation: int
+    from_estimate: int
 
 
 async def insert_records(db: Database, records: list[CompletionRecord]) -> None:
@@ -78,7 +84,7 @@ async def insert_records(db: Database, records: list[CompletionRecord]) -> None:
 async def usage_totals(db: Database, since: str | None, app: str | None) -> list[UsageTotal]:
     """Completions, tokens and cost by app, model and payer."""
     rows = await db.fetchall(TOTALS, {"since": since, "app": app})
-    return [UsageTotal(*row) for row in rows]
+    return [UsageTotal(*row[:8], *(count or 0 for count in row[8:])) for row in rows]
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "UsageReport": {
         "type": "object",
-        "required": ["since", "app", "totals", "overall"],
+        "required": ["since", "app", "totals", "overall", "budgets"],
         "properties": {
             "since": {"type": ["string", "null"]},
             "app": {"type": ["string", "null"]},
@@ -156,17 +156,37 @@ SCHEMAS: dict[str, Any] = {
                         _ref("UsageTotals"),
                         {
                             "type": "object",
-                            "required": ["app", "model", "payer"],
+                            "required": ["app", "model", "payer", "costSource"],
                             "properties": {
                                 "app": {"type": ["string", "null"]},
                                 "model": {"type": "string"},
                                 "payer": {"enum": ["server", "app", "user"]},
+                                "costSource": {
+                                    "type": "object",
+                                    "required": ["stream", "generation", "estimate"],
+                                    "additionalProperties": {"type": "integer"},
+                                },
                             },
                         },
                     ]
                 },
             },
             "overall": _ref("UsageTotals"),
+            "budgets": {"type": "array", "items": _ref("Budget")},
+        },
+    },
+    "Budget": {
+        "type": "object",
+        "required": ["scope", "period", "cap", "spent", "reserved", "remaining", "resetsAt"],
+        "properties": {
+            "scope": {"enum": ["server", "app"]},
+            "app": {"type": "string"},
+            "period": {"enum": ["day", "month"]},
+            "cap": {"type": "number"},
+            "spent": {"type": "number"},
+            "reserved": {"type": "number"},
+            "remaining": {"type": "number"},
+            "resetsAt": {"type": "string"},
         },
     },
     "Health": {

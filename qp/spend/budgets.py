@@ -167,6 +167,32 @@ class BudgetBook:
             account.reserved = max(0.0, account.reserved - reservation.amount)
             account.spent += cost
 
+    def scopes_of(self, kind: str) -> list[Scope]:
+        """The scopes of `kind` with an account in their current period."""
+        now = self._clock()
+        return [
+            scope
+            for scope, account in self._accounts.items()
+            if scope.kind == kind and account.period_start == self._period(scope.period, now)[0]
+        ]
+
+    def report(self, scope: Scope, cap: float) -> dict[str, object]:
+        """The budget as GET /api/usage shows it."""
+        spent, reserved = self.standing(scope)
+        _, end = self._period(scope.period, self._clock())
+        shown: dict[str, object] = {"scope": scope.kind}
+        if scope.kind == "app":
+            shown["app"] = scope.name
+        shown.update(
+            period=scope.period,
+            cap=cap,
+            spent=spent,
+            reserved=reserved,
+            remaining=max(0.0, cap - spent - reserved),
+            resetsAt=format_iso(datetime.fromtimestamp(end, UTC)),
+        )
+        return shown
+
     def standing(self, scope: Scope) -> tuple[float, float]:
         """Spent and reserved in the scope's current period."""
         account = self._account(scope, self._clock())
@@ -243,3 +269,20 @@ async def open_budget_book(db: Database, clock: Callable[[], float] = time.time)
     for client, cost in spent.clients_day.items():
         book.load_spent(Scope("client", client, DAY), cost)
     return book
+
+
+def budget_report(book: BudgetBook, policy: Policy) -> list[dict[str, object]]:
+    """Every budget in force: the server's, each named app's, and each other app that
+    spent under the "*" cap today. Clients' allowances are many and stay out."""
+    shown = []
+    if policy.budget_server_daily_usd:
+        shown.append(book.report(Scope("server", "", DAY), policy.budget_server_daily_usd))
+    if policy.budget_server_monthly_usd:
+        shown.append(book.report(Scope("server", "", MONTH), policy.budget_server_monthly_usd))
+    apps = {app for app in policy.app_budgets if app != "*"}
+    if "*" in policy.app_budgets:
+        apps |= {scope.name for scope in book.scopes_of("app")}
+    for app in sorted(apps):
+        if cap := policy.app_budget(app):
+            shown.append(book.report(Scope("app", app, DAY), cap))
+    return shown
