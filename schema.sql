@@ -33,6 +33,9 @@ CREATE INDEX idx_chats_app_updated_at ON chats(app, updated_at DESC);
 -- client's salted address hash (never the address). generation_id: upstream's `gen-...` id.
 -- cost_source: stream (usage seen in the stream), generation (looked up afterwards) or
 -- estimate (the reservation: no better figure could be had); NULL when nothing was billed.
+-- cost_owed_until / cost_next_lookup: set while the cost of a server- or app-paid stream
+-- that ended without usage is still to be looked up by its generation id (until then, and
+-- when to try next); cleared once it is found or given up.
 CREATE TABLE completions (
   id INTEGER PRIMARY KEY,
   started_at TEXT NOT NULL,
@@ -48,13 +51,18 @@ CREATE TABLE completions (
   client_left INTEGER NOT NULL DEFAULT 0,
   client_hash TEXT,
   generation_id TEXT,
-  cost_source TEXT
+  cost_source TEXT,
+  cost_owed_until TEXT,
+  cost_next_lookup TEXT
 );
 
 CREATE INDEX idx_completions_started_at ON completions(started_at);
 CREATE INDEX idx_completions_app_started_at ON completions(app, started_at);
 -- What each client spent today (its daily allowance), read at start-up.
 CREATE INDEX idx_completions_client_started_at ON completions(client_hash, started_at);
+-- The cost lookups still owed, soonest first.
+CREATE INDEX idx_completions_cost_next_lookup ON completions(cost_next_lookup)
+  WHERE cost_next_lookup IS NOT NULL;
 
 -- Installation settings, e.g. the random salt for client-address hashes.
 CREATE TABLE settings (

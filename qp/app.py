@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -49,6 +50,7 @@ from qp.protection.cors import setup_cors
 from qp.protection.quota import DailyQuota
 from qp.routes import add_routes
 from qp.spend.budgets import BudgetBook, OpenStreams, open_budget_book
+from qp.spend.lookups import CostLookups
 from qp.startup import StartupError, claim_record, disk_space, open_storage, take_claims
 from qp.storage.batches import BatchWriter
 from qp.storage.claim import ClaimHeld
@@ -72,6 +74,7 @@ def create_app(config: Config, policy: Policy) -> web.Application:
     app.on_shutdown.append(_note_shutdown)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_upstream)
+    app.cleanup_ctx.append(_cost_lookups)
     app.cleanup_ctx.append(_reload_on_sighup)
     app.cleanup_ctx.append(_watch_loop_lag)
     app[RATE_CLASSES] = add_routes(app.router)
@@ -196,6 +199,24 @@ def reload_policy(app: web.Application) -> bool:
     app[POLICY].current = policy
     log.info("policy reloaded from %s", config.config_path or "the environment")
     return True
+
+
+async def _cost_lookups(app: web.Application) -> AsyncIterator[None]:
+    """Settle the costs still owed (this process's, and those a stop left behind)."""
+    config = app[CONFIG]
+    lookups = CostLookups(
+        app[DATABASE],
+        app[UPSTREAM],
+        lambda: app[POLICY].current,
+        app[BUDGETS],
+        config.openrouter_api_key,
+        config.app_openrouter_keys,
+    )
+    task = asyncio.create_task(lookups.run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:

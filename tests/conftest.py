@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -53,7 +54,9 @@ async def start_server(
     """Start the app on a fresh data folder (and bucket), with extra environment."""
 
     async def start(**env: str) -> AppServer:
-        data_dir = tmp_path_factory.mktemp(f"qp-{backend_name}")
+        # A test may start the app again on an earlier one's data folder.
+        data_dir = Path(env["QP_DATA_DIR"]) if "QP_DATA_DIR" in env else None
+        data_dir = data_dir or tmp_path_factory.mktemp(f"qp-{backend_name}")
         on_s3 = backend_name == "s3"
         weed = request.getfixturevalue("seaweed") if on_s3 else None
         bucket = request.getfixturevalue("shared_bucket") if on_s3 else None

@@ -48,6 +48,17 @@ class Script:
 
 
 @dataclass
+class Generation:
+    """What the fake billed for one generation, and how many lookups it answers 404 first
+    (OpenRouter needs a moment before a generation can be looked up)."""
+
+    total_cost: float
+    tokens_prompt: int
+    tokens_completion: int
+    not_ready: int = 0
+
+
+@dataclass
 class Received:
     """One request as the fake saw it; times are time.monotonic()."""
 
@@ -63,6 +74,9 @@ class FakeOpenRouter:
     def __init__(self) -> None:
         self.scripts: dict[str, Script] = {}
         self.received: list[Received] = []
+        # Generation id -> what was billed for it; and each lookup: (id, key, status).
+        self.generations: dict[str, Generation] = {}
+        self.lookups: list[tuple[str, str, int]] = []
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -75,7 +89,26 @@ class FakeOpenRouter:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/api/v1/chat/completions", self._complete)
+        app.router.add_get("/api/v1/generation", self._generation)
         return app
+
+    async def _generation(self, request: web.Request) -> web.Response:
+        generation_id = request.query.get("id", "")
+        key = request.headers.get("Authorization", "")
+        billed = self.generations.get(generation_id)
+        if billed is None or billed.not_ready > 0:
+            if billed is not None:
+                billed.not_ready -= 1
+            self.lookups.append((generation_id, key, 404))
+            return web.json_response({"error": {"message": "not found"}}, status=404)
+        self.lookups.append((generation_id, key, 200))
+        data = {
+            "id": generation_id,
+            "total_cost": billed.total_cost,
+            "tokens_prompt": billed.tokens_prompt,
+            "tokens_completion": billed.tokens_completion,
+        }
+        return web.json_response({"data": data})
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())

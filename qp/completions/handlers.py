@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,6 +39,7 @@ from qp.logs import CLIENT_HASH
 from qp.policy.policy import Policy
 from qp.protection.admin import require_admin
 from qp.spend.budgets import Refusal, budget_report, budget_scopes, estimate_cost
+from qp.spend.lookups import owed_lookup_times
 from qp.timestamps import parse_iso, utc_now_iso
 
 log = logging.getLogger("qp.completions")
@@ -136,11 +138,14 @@ def _spending(
 
 def _cost(record: CompletionRecord, estimate: float) -> None:
     """The record's cost and its source: the stream's usage; else, for a stream that began
-    (upstream may bill it), the estimate; else nothing was billed."""
+    (upstream may bill it), the estimate, to be replaced by the real figure looked up by
+    its generation id when the server or an app paid; else nothing was billed."""
     if record.cost is not None:
         record.cost_source = "stream"
     elif record.status == 200:
         record.cost, record.cost_source = estimate, "estimate"
+        if record.generation_id is not None and record.payer != "user":
+            record.cost_owed_until, record.cost_next_lookup = owed_lookup_times(time.time())
 
 
 async def usage_report(request: web.Request) -> web.Response:

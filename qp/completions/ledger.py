@@ -10,9 +10,24 @@ from qp.storage.sqlite import Database
 INSERT = """
     INSERT INTO completions (started_at, app, model, payer, prompt_tokens, completion_tokens,
                              cost, status, outcome, duration_ms, client_left, client_hash,
-                             generation_id, cost_source)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                             generation_id, cost_source, cost_owed_until, cost_next_lookup)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
+# Cost lookups owed now (at most a batch), and what settles or postpones each.
+LOOKUPS_DUE = """
+    SELECT id, started_at, app, payer, client_hash, generation_id, cost, cost_owed_until
+    FROM completions WHERE cost_next_lookup <= ? ORDER BY cost_next_lookup LIMIT ?
+"""
+LOOKUP_FOUND = """
+    UPDATE completions SET cost = ?, prompt_tokens = ?, completion_tokens = ?,
+                           cost_source = 'generation', cost_owed_until = NULL,
+                           cost_next_lookup = NULL
+    WHERE id = ?
+"""
+LOOKUP_LATER = "UPDATE completions SET cost_next_lookup = ? WHERE id = ?"
+LOOKUP_GIVEN_UP = (
+    "UPDATE completions SET cost_owed_until = NULL, cost_next_lookup = NULL WHERE id = ?"
+)
 # What the server's and the apps' keys spent from a moment on: the budgets' starting point.
 SERVER_SPENT_SINCE = """
     SELECT COALESCE(SUM(cost), 0) FROM completions WHERE payer = 'server' AND started_at >= ?
@@ -75,6 +90,8 @@ async def insert_records(db: Database, records: list[CompletionRecord]) -> None:
                 record.client_hash,
                 record.generation_id,
                 record.cost_source,
+                record.cost_owed_until,
+                record.cost_next_lookup,
             )
             for record in records
         ],
@@ -103,3 +120,35 @@ async def spent_since(db: Database, day: str, month: str) -> SpentSince:
     apps = {app: spent for app, spent in await db.fetchall(APPS_SPENT_SINCE, (day,))}
     clients = {client: spent for client, spent in await db.fetchall(CLIENTS_SPENT_SINCE, (day,))}
     return SpentSince(server_day, server_month, apps, clients)
+
+
+@dataclass(frozen=True, slots=True)
+class OwedLookup:
+    """A ledger row whose cost is still to be looked up by its generation id."""
+
+    row_id: int
+    started_at: str
+    app: str | None
+    payer: str
+    client_hash: str | None
+    generation_id: str
+    estimate: float
+    owed_until: str
+
+
+async def lookups_due(db: Database, now: str, limit: int = 50) -> list[OwedLookup]:
+    return [OwedLookup(*row) for row in await db.fetchall(LOOKUPS_DUE, (now, limit))]
+
+
+async def lookup_found(
+    db: Database, row_id: int, cost: float, prompt_tokens: int | None, completion_tokens: int | None
+) -> None:
+    await db.execute_write(LOOKUP_FOUND, (cost, prompt_tokens, completion_tokens, row_id))
+
+
+async def lookup_later(db: Database, row_id: int, next_lookup: str) -> None:
+    await db.execute_write(LOOKUP_LATER, (next_lookup, row_id))
+
+
+async def lookup_given_up(db: Database, row_id: int) -> None:
+    await db.execute_write(LOOKUP_GIVEN_UP, (row_id,))

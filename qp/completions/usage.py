@@ -37,6 +37,9 @@ class CompletionRecord:
     client_hash: str | None = None
     generation_id: str | None = None
     cost_source: str | None = None  # stream, generation, estimate; None: nothing billed
+    # Set while the cost is to be looked up by the generation id: until when, and next.
+    cost_owed_until: str | None = None
+    cost_next_lookup: str | None = None
 
 
 # Upstream's generation id, in the first chunk already: what its cost is looked up by.

@@ -125,6 +125,10 @@ def _prices(value: Any) -> tuple[tuple[str, float, float], ...]:
     return tuple(sorted(prices))
 
 
+def _optional_url(value: Any) -> str:
+    return "" if value == "" else _url(value)
+
+
 def _rate_limit(value: Any) -> RateLimit:
     if not isinstance(value, str):
         raise ValueError(f"must be a string like '100/minute,1000/hour' or 'off', got {value!r}")
@@ -203,6 +207,13 @@ SETTINGS = (
     Setting("max_chat_body_bytes", "chats", "max_body_bytes", None, _count),
     Setting("chats_rate_limit", "chats", "rate_limit", "QP_RATE_LIMIT_CHATS", _rate_limit),
     Setting("openrouter_url", "completion", "openrouter_url", "QP_OPENROUTER_URL", _url),
+    Setting(
+        "openrouter_api_base",
+        "completion",
+        "openrouter_api_base",
+        "QP_OPENROUTER_API_BASE",
+        _optional_url,
+    ),
     Setting("cheap_models", "completion", "cheap_models", "QP_CHEAP_MODELS", _strings, _comma_list),
     Setting("required_phrase_groups", "completion", "required_phrase_groups", None, _phrase_groups),
     Setting(

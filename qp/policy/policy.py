@@ -92,6 +92,8 @@ class Policy:
     max_messages: int = 50
     max_message_chars: int = 100_000
     openrouter_url: str = DEFAULT_OPENROUTER_URL
+    # Where OpenRouter's other endpoints are (generation lookups); "": openrouter_url's origin.
+    openrouter_api_base: str = ""
     upstream_timeout: float = 120.0
     upstream_idle_timeout: float = 300.0
     chats_rate_limit: RateLimit = DEFAULT_CHATS_RATE_LIMIT
@@ -134,6 +136,14 @@ class Policy:
     @cached_property
     def openrouter_url_parsed(self) -> URL:
         return URL(self.openrouter_url)
+
+    @cached_property
+    def generation_url(self) -> URL:
+        """OpenRouter's generation endpoint: `{base}/api/v1/generation`."""
+        base = URL(self.openrouter_api_base) if self.openrouter_api_base else None
+        if base is None:
+            base = self.openrouter_url_parsed.origin()
+        return base.with_path(base.path.rstrip("/") + "/api/v1/generation")
 
     @cached_property
     def trusted(self) -> TrustedProxies:

@@ -167,6 +167,16 @@ class BudgetBook:
             account.reserved = max(0.0, account.reserved - reservation.amount)
             account.spent += cost
 
+    def adjust(self, scopes: Iterable[Scope], delta: float, at: float) -> None:
+        """A cost found later than it was settled: add the difference to each scope whose
+        current period holds `at` (when the completion started)."""
+        now = self._clock()
+        for scope in scopes:
+            start, end = self._period(scope.period, now)
+            if start <= at < end:
+                account = self._account(scope, now)
+                account.spent = max(0.0, account.spent + delta)
+
     def scopes_of(self, kind: str) -> list[Scope]:
         """The scopes of `kind` with an account in their current period."""
         now = self._clock()

@@ -66,7 +66,13 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE completions ADD COLUMN client_hash TEXT",
         "ALTER TABLE completions ADD COLUMN generation_id TEXT",
         "ALTER TABLE completions ADD COLUMN cost_source TEXT",
+        "ALTER TABLE completions ADD COLUMN cost_owed_until TEXT",
+        "ALTER TABLE completions ADD COLUMN cost_next_lookup TEXT",
         "CREATE INDEX idx_completions_client_started_at ON completions(client_hash, started_at)",
+        """
+        CREATE INDEX idx_completions_cost_next_lookup ON completions(cost_next_lookup)
+        WHERE cost_next_lookup IS NOT NULL
+        """,
     ),
 }
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
