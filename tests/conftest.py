@@ -17,6 +17,7 @@ from qp.app import create_app
 from qp.config import load_config
 from qp.policy.loader import load_policy
 from tests.app_server import AppServer, Backend, StartServer
+from tests.fake_openrouter import FakeOpenRouter
 from tests.helpers import ADMIN_KEY
 from tests.processes import TEST_DEFAULTS, QPServer, SeaweedFS
 
@@ -38,6 +39,14 @@ def seaweed(tmp_path_factory) -> Iterator[SeaweedFS]:
     weed = SeaweedFS(tmp_path_factory.mktemp("seaweed")).start()
     yield weed
     weed.stop()
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeOpenRouter]:
+    """A fake OpenRouter on a real port, shared by a module's tests."""
+    fake = FakeOpenRouter().start()
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture(scope="session")

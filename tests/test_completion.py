@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterator
 
 import aiohttp
 import orjson
@@ -25,13 +24,6 @@ KEYS = {
     "OPENROUTER_API_KEY": "server-key",
     "OPENROUTER_API_KEY_BIDS_ASSISTANT": "bids-key",
 }
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeOpenRouter]:
-    fake = FakeOpenRouter().start()
-    yield fake
-    fake.stop()
 
 
 async def start_relay(start_server: StartServer, fake: FakeOpenRouter, **env: str) -> AppServer:

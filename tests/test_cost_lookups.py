@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,13 +15,6 @@ from tests.helpers import SYSTEM, call
 
 CHEAP = "openai/gpt-4.1-mini"
 KEYS = {"OPENROUTER_API_KEY": "server-key", "OPENROUTER_API_KEY_BIDS_ASSISTANT": "bids-key"}
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeOpenRouter]:
-    fake = FakeOpenRouter().start()
-    yield fake
-    fake.stop()
 
 
 async def start(start_server: StartServer, fake: FakeOpenRouter, **env: str) -> AppServer:

@@ -160,13 +160,6 @@ class Nginx:
 # --- processes -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeOpenRouter]:
-    fake = FakeOpenRouter().start()
-    yield fake
-    fake.stop()
-
-
 def start_stack(mode: str, tmp: Path, fake: FakeOpenRouter, **env: str) -> tuple[QPServer, Nginx]:
     """qp-server (on a unix socket or a TCP port) and nginx in front of it."""
     env = {

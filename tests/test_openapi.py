@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.fake_openrouter import FakeOpenRouter
 from tests.helpers import ADMIN_KEY, call
 
 SCHEMATHESIS = Path(sys.executable).parent / "st"
@@ -20,13 +18,6 @@ CHECKS = (
     "not_a_server_error,status_code_conformance,content_type_conformance,"
     "response_headers_conformance,response_schema_conformance,negative_data_rejection"
 )
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeOpenRouter]:
-    fake = FakeOpenRouter().start()
-    yield fake
-    fake.stop()
 
 
 async def test_the_document_is_served_as_openapi_3_1(qp_server):
