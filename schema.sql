@@ -78,5 +78,14 @@ CREATE TABLE blocks (
   blocked_until TEXT NOT NULL
 );
 
+-- Model prices (USD per token) from OpenRouter's model list, fetched at start-up and daily,
+-- kept so a restart without network still has them. The policy's [prices] win over these.
+CREATE TABLE prices (
+  model TEXT PRIMARY KEY,
+  prompt REAL NOT NULL,
+  completion REAL NOT NULL,
+  fetched_at TEXT NOT NULL
+);
+
 -- The schema version this file describes (SCHEMA_VERSION in qp/storage/migrations.py).
 PRAGMA user_version = 6;

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from qp.appkeys import (
     METRICS,
     OPEN_STREAMS,
     POLICY,
+    PRICES,
     RATE_CLASSES,
     RATE_LIMITER,
     SHUTTING_DOWN,
@@ -51,6 +51,7 @@ from qp.protection.quota import DailyQuota
 from qp.routes import add_routes
 from qp.spend.budgets import BudgetBook, OpenStreams, open_budget_book
 from qp.spend.lookups import CostLookups
+from qp.spend.prices import PriceList
 from qp.startup import StartupError, claim_record, disk_space, open_storage, take_claims
 from qp.storage.batches import BatchWriter
 from qp.storage.claim import ClaimHeld
@@ -74,7 +75,7 @@ def create_app(config: Config, policy: Policy) -> web.Application:
     app.on_shutdown.append(_note_shutdown)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(_upstream)
-    app.cleanup_ctx.append(_cost_lookups)
+    app.cleanup_ctx.append(_spend_chores)
     app.cleanup_ctx.append(_reload_on_sighup)
     app.cleanup_ctx.append(_watch_loop_lag)
     app[RATE_CLASSES] = add_routes(app.router)
@@ -130,6 +131,8 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         )
         stack.push_async_callback(ledger.close)
         app[BUDGETS] = await _open_budget_book(db)
+        app[PRICES] = prices = PriceList(db)
+        await prices.load()
         app[IP_SALT] = config.ip_salt or await _installation_salt(db)
         app[RATE_LIMITER] = limiter = await open_rate_limiter(db)
         metrics.watch_rate_limiter(limiter)
@@ -201,22 +204,30 @@ def reload_policy(app: web.Application) -> bool:
     return True
 
 
-async def _cost_lookups(app: web.Application) -> AsyncIterator[None]:
-    """Settle the costs still owed (this process's, and those a stop left behind)."""
+async def _spend_chores(app: web.Application) -> AsyncIterator[None]:
+    """Settle the costs still owed (this process's, and those a stop left behind); keep
+    the model prices fresh."""
     config = app[CONFIG]
+
+    def policy() -> Policy:
+        return app[POLICY].current
+
     lookups = CostLookups(
         app[DATABASE],
         app[UPSTREAM],
-        lambda: app[POLICY].current,
+        policy,
         app[BUDGETS],
         config.openrouter_api_key,
         config.app_openrouter_keys,
     )
-    task = asyncio.create_task(lookups.run())
+    tasks = [
+        asyncio.create_task(lookups.run()),
+        asyncio.create_task(app[PRICES].run(app[UPSTREAM], policy)),
+    ]
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ from qp.protection.byte_budget import ByteBudget
 from qp.protection.quota import DailyQuota
 from qp.protection.rate_limits import RateLimiter
 from qp.spend.budgets import BudgetBook, OpenStreams
+from qp.spend.prices import PriceList
 from qp.storage.batches import BatchWriter
 from qp.storage.disk import DiskSpace
 from qp.storage.sqlite import Database
@@ -42,3 +43,5 @@ BYTE_BUDGET = web.AppKey("byte_budget", ByteBudget)
 BUDGETS = web.AppKey("budgets", BudgetBook)
 # Server- or app-paid streams open per client (client_max_streams).
 OPEN_STREAMS = web.AppKey("open_streams", OpenStreams)
+# Model prices fetched from OpenRouter's model list (the policy's [prices] win).
+PRICES = web.AppKey("prices", PriceList)

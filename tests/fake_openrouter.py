@@ -77,6 +77,10 @@ class FakeOpenRouter:
         # Generation id -> what was billed for it; and each lookup: (id, key, status).
         self.generations: dict[str, Generation] = {}
         self.lookups: list[tuple[str, str, int]] = []
+        # The model list: (model, prompt, completion) prices as strings; its status.
+        self.models: list[tuple[str, str, str]] = []
+        self.models_status = 200
+        self.model_list_requests = 0
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -90,7 +94,18 @@ class FakeOpenRouter:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/api/v1/chat/completions", self._complete)
         app.router.add_get("/api/v1/generation", self._generation)
+        app.router.add_get("/api/v1/models", self._models)
         return app
+
+    async def _models(self, request: web.Request) -> web.Response:
+        self.model_list_requests += 1
+        if self.models_status != 200:
+            return web.json_response({"error": {"message": "down"}}, status=self.models_status)
+        data = [
+            {"id": model, "pricing": {"prompt": prompt, "completion": completion}}
+            for model, prompt, completion in self.models
+        ]
+        return web.json_response({"data": data})
 
     async def _generation(self, request: web.Request) -> web.Response:
         generation_id = request.query.get("id", "")

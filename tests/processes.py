@@ -30,6 +30,9 @@ TEST_DEFAULTS = {
     "QP_RATE_LIMIT_CHATS": "off",
     "QP_RATE_LIMIT_COMPLETION": "off",
     "QP_MAX_CHAT_BYTES_PER_CLIENT_DAILY": "0",
+    # Nothing leaves the machine: where no test names its fake OpenRouter, the server's
+    # start-up fetch of the model list meets a closed port here.
+    "QP_OPENROUTER_URL": "http://127.0.0.1:9/api/v1/chat/completions",
 }
 
 

@@ -13,7 +13,9 @@ import orjson
 import pytest
 
 from qp.app import reload_policy
+from qp.appkeys import PRICES
 from qp.spend.budgets import DAY, MONTH, BudgetBook, Refusal, Reservation, Scope
+from qp.spend.prices import parse_model_list
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import FakeOpenRouter, Script
 from tests.helpers import SYSTEM, call, run_qp
@@ -304,3 +306,68 @@ async def test_the_budgets_command_prints_each_budget_from_the_ledger(start_serv
         0,
         "no budgets configured (see [budgets] in qp.example.toml)\n",
     )
+
+
+# --- prices ------------------------------------------------------------------------------
+
+
+async def prices_fetched(server: AppServer) -> None:
+    """The model list is fetched at start-up, in the background: wait for it."""
+    for _ in range(200):
+        if server.app[PRICES].fetched:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the model list was not fetched within 10 s")
+
+
+async def reserved_while_held(server: AppServer, admin: dict) -> float:
+    """What one held completion of CHEAP (nwb-assistant) reserves in the server's budget."""
+    held = asyncio.create_task(ask(server, completion()))
+    await asyncio.sleep(0.3)
+    _, report = await call(server.client, "GET", "/api/usage", headers=admin)
+    await held
+    return report["budgets"][0]["reserved"]
+
+
+async def test_reservations_use_the_model_lists_prices_kept_across_a_restart(
+    start_server, fake, admin
+):
+    # Prompt free, answers 0.002 a token: 10 reserved tokens reserve exactly 0.02.
+    fake.models = [(CHEAP, "0", "0.002"), ("vendor/odd", "-1", "x")]
+    fake.models_status = 200
+    caps = {"QP_BUDGET_SERVER_DAILY_USD": "5", "QP_BUDGET_RESERVE_COMPLETION_TOKENS": "10"}
+    server = await start(start_server, fake, **caps)
+    await prices_fetched(server)
+    assert await reserved_while_held(server, admin) == pytest.approx(0.02)
+    await server.stop()
+    fake.models_status = 503  # the next start cannot fetch it: the kept prices serve
+    again = await start(start_server, fake, QP_DATA_DIR=str(server.data_dir), **caps)
+    assert await reserved_while_held(again, admin) == pytest.approx(0.02)
+
+
+async def test_the_policys_prices_win_over_the_model_list(start_server, fake, admin, tmp_path):
+    fake.models = [(CHEAP, "0", "0.002")]
+    fake.models_status = 200
+    config = tmp_path / "qp.toml"
+    config.write_text(
+        "[budgets]\nserver_daily_usd = 5.0\nreserve_completion_tokens = 10\n\n"
+        f'[prices]\n"{CHEAP}" = {{ prompt = 0.0, completion = 0.003 }}\n'
+    )
+    server = await start(start_server, fake, QP_CONFIG=str(config))
+    await prices_fetched(server)
+    assert await reserved_while_held(server, admin) == pytest.approx(0.03)
+
+
+def test_only_well_formed_prices_are_taken_from_the_model_list():
+    listing = {
+        "data": [
+            {"id": "a", "pricing": {"prompt": "0.000001", "completion": "0.000002"}},
+            {"id": "router", "pricing": {"prompt": "-1", "completion": "-1"}},
+            {"id": "no-pricing"},
+            "not a model",
+            {"id": "nan", "pricing": {"prompt": "nan", "completion": "0.000001"}},
+            {"id": 7, "pricing": {"prompt": "0", "completion": "0"}},
+        ]
+    }
+    assert parse_model_list(listing) == {"a": (1e-6, 2e-6)}
+    assert parse_model_list({"data": "nothing"}) == {} == parse_model_list([1, 2])

@@ -21,6 +21,7 @@ from qp.appkeys import (
     METRICS,
     OPEN_STREAMS,
     POLICY,
+    PRICES,
     SHUTTING_DOWN,
     UPSTREAM,
 )
@@ -74,7 +75,8 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
             client_hash=client,
         )
         body = upstream_body(completion)
-        estimate = estimate_cost(policy, completion.model, len(body))
+        price = request.app[PRICES].price(policy, completion.model)
+        estimate = estimate_cost(policy, price, len(body))
         payload = Payload(body)
         del completion, body
     metrics = request.app[METRICS]

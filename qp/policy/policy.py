@@ -137,13 +137,16 @@ class Policy:
     def openrouter_url_parsed(self) -> URL:
         return URL(self.openrouter_url)
 
-    @cached_property
-    def generation_url(self) -> URL:
-        """OpenRouter's generation endpoint: `{base}/api/v1/generation`."""
+    def api_url(self, endpoint: str) -> URL:
+        """One of OpenRouter's other endpoints: `{base}/api/v1/{endpoint}`."""
         base = URL(self.openrouter_api_base) if self.openrouter_api_base else None
         if base is None:
             base = self.openrouter_url_parsed.origin()
-        return base.with_path(base.path.rstrip("/") + "/api/v1/generation")
+        return base.with_path(base.path.rstrip("/") + f"/api/v1/{endpoint}")
+
+    @cached_property
+    def generation_url(self) -> URL:
+        return self.api_url("generation")
 
     @cached_property
     def trusted(self) -> TrustedProxies:

@@ -229,11 +229,10 @@ def budget_scopes(
     return scopes
 
 
-def estimate_cost(policy: Policy, model: str, prompt_bytes: int) -> float:
+def estimate_cost(policy: Policy, price: tuple[float, float] | None, prompt_bytes: int) -> float:
     """What a request reserves: its prompt (bytes / 3 as tokens) at the model's prompt
     price plus `reserve_completion_tokens` at its completion price; the policy's
     `default_reserve_usd` for a model without a known price."""
-    price = policy.price_table.get(model)
     if price is None:
         return policy.default_reserve_usd
     prompt, completion = price

@@ -73,6 +73,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         CREATE INDEX idx_completions_cost_next_lookup ON completions(cost_next_lookup)
         WHERE cost_next_lookup IS NOT NULL
         """,
+        """
+        CREATE TABLE prices (
+          model TEXT PRIMARY KEY,
+          prompt REAL NOT NULL,
+          completion REAL NOT NULL,
+          fetched_at TEXT NOT NULL
+        )
+        """,
     ),
 }
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
