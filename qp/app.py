@@ -13,6 +13,7 @@ from functools import partial
 from aiohttp import web
 
 from qp.appkeys import (
+    ALERTS,
     BUDGETS,
     BYTE_BUDGET,
     CHAT_STORE,
@@ -49,6 +50,7 @@ from qp.protection.client_address import installation_salt
 from qp.protection.cors import setup_cors
 from qp.protection.quota import DailyQuota
 from qp.routes import add_routes
+from qp.spend.alerts import Alerts
 from qp.spend.budgets import BudgetBook, OpenStreams, open_budget_book
 from qp.spend.lookups import CostLookups
 from qp.spend.prices import PriceList
@@ -130,7 +132,8 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
             partial(insert_records, db), "ledger rows", metrics.counter_of_drops("ledger")
         )
         stack.push_async_callback(ledger.close)
-        app[BUDGETS] = await _open_budget_book(db)
+        app[ALERTS] = alerts = Alerts(config.alert_webhook_url)
+        app[BUDGETS] = await _open_budget_book(db, alerts)
         app[PRICES] = prices = PriceList(db)
         await prices.load()
         app[IP_SALT] = config.ip_salt or await _installation_salt(db)
@@ -152,9 +155,9 @@ async def _learn_sizes(store: ChatStore) -> None:
     log.info("learned the size of %d imported chats from the blob store", learned)
 
 
-async def _open_budget_book(db: Database) -> BudgetBook:
+async def _open_budget_book(db: Database, alerts: Alerts) -> BudgetBook:
     try:
-        return await open_budget_book(db)
+        return await open_budget_book(db, on_passed=alerts.budget_passed)
     except StorageUnavailable as err:
         raise StartupError(f"cannot read what the ledger spent today: {err}") from None
 
@@ -206,7 +209,7 @@ def reload_policy(app: web.Application) -> bool:
 
 async def _spend_chores(app: web.Application) -> AsyncIterator[None]:
     """Settle the costs still owed (this process's, and those a stop left behind); keep
-    the model prices fresh."""
+    the model prices fresh; send the spend alerts."""
     config = app[CONFIG]
 
     def policy() -> Policy:
@@ -223,6 +226,7 @@ async def _spend_chores(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(lookups.run()),
         asyncio.create_task(app[PRICES].run(app[UPSTREAM], policy)),
+        asyncio.create_task(app[ALERTS].run(app[UPSTREAM])),
     ]
     yield
     for task in tasks:

@@ -14,6 +14,7 @@ from qp.policy.policy import PolicyHolder
 from qp.protection.byte_budget import ByteBudget
 from qp.protection.quota import DailyQuota
 from qp.protection.rate_limits import RateLimiter
+from qp.spend.alerts import Alerts
 from qp.spend.budgets import BudgetBook, OpenStreams
 from qp.spend.prices import PriceList
 from qp.storage.batches import BatchWriter
@@ -45,3 +46,5 @@ BUDGETS = web.AppKey("budgets", BudgetBook)
 OPEN_STREAMS = web.AppKey("open_streams", OpenStreams)
 # Model prices fetched from OpenRouter's model list (the policy's [prices] win).
 PRICES = web.AppKey("prices", PriceList)
+# Spend alerts waiting to be POSTed to QP_ALERT_WEBHOOK_URL.
+ALERTS = web.AppKey("alerts", Alerts)

@@ -64,6 +64,8 @@ class Config:
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_MB * 1024 * 1024
     # Bearer token /metrics asks for (QP_METRICS_TOKEN); None: loopback peers only.
     metrics_token: str | None = field(default=None, repr=False)
+    # Where spend alerts are POSTed (QP_ALERT_WEBHOOK_URL); it may hold a secret token.
+    alert_webhook_url: str | None = field(default=None, repr=False)
 
     @property
     def write_deadline(self) -> float:
@@ -114,6 +116,13 @@ def _port(name: str, raw: str) -> int:
     if not 0 <= port <= 65535:
         raise ConfigError(f"{name} must be a port number from 0 to 65535, got {port}")
     return port
+
+
+def _webhook(environ: Mapping[str, str]) -> str | None:
+    url = _nonempty(environ, "QP_ALERT_WEBHOOK_URL")
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ConfigError("QP_ALERT_WEBHOOK_URL: must be an http:// or https:// URL")
+    return url
 
 
 def _nonempty(environ: Mapping[str, str], name: str) -> str | None:
@@ -183,6 +192,7 @@ def load_config(
         * 1024
         * 1024,
         metrics_token=environ.get("QP_METRICS_TOKEN") or None,
+        alert_webhook_url=_webhook(environ),
     )
 
 
@@ -224,6 +234,7 @@ def describe(config: Config, policy: Policy, environ: Mapping[str, str] | None =
         f"# max_connections = {config.max_connections}",
         f"# max_inflight_mb = {config.max_inflight_bytes // (1024 * 1024)}",
         f"# metrics_token = {secret(config.metrics_token)}",
+        f"# alert_webhook_url = {secret(config.alert_webhook_url)}",
         f"# log_format = {show(config.log_format)}",
         "# The policy in force (defaults, then the file, then QP_* variables):",
         "",

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from qp.app import reload_policy
 from qp.appkeys import PRICES
@@ -33,6 +34,13 @@ def fake() -> Iterator[FakeOpenRouter]:
     fake.scripts["slow"] = Script(headers_delay=1.0)
     yield fake
     fake.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_model_prices(fake: FakeOpenRouter) -> None:
+    """Each test starts with a model list without prices; the price tests set their own."""
+    fake.models = []
+    fake.models_status = 200
 
 
 async def start(start_server: StartServer, fake: FakeOpenRouter, **env: str) -> AppServer:
@@ -371,3 +379,57 @@ def test_only_well_formed_prices_are_taken_from_the_model_list():
     }
     assert parse_model_list(listing) == {"a": (1e-6, 2e-6)}
     assert parse_model_list({"data": "nothing"}) == {} == parse_model_list([1, 2])
+
+
+# --- alerts ------------------------------------------------------------------------------
+
+ALERTING = {"QP_BUDGET_SERVER_DAILY_USD": "0.001", "QP_BUDGET_DEFAULT_RESERVE_USD": "0.0001"}
+
+
+async def test_alerts_reach_the_webhook_once_per_threshold(start_server, fake, aiohttp_server):
+    received: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(status=204)
+
+    receiver_app = web.Application()
+    receiver_app.router.add_post("/hook", hook)
+    receiver = await aiohttp_server(receiver_app)
+    server = await start_server(
+        QP_OPENROUTER_URL=fake.url,
+        QP_ALERT_WEBHOOK_URL=str(receiver.make_url("/hook")),
+        **KEYS,
+        **ALERTING,
+    )
+    # Each costs 0.00042 of the 0.001 cap: 42 %, 84 % (past 50 and 80), 126 % (past 100).
+    statuses = [(await ask(server, completion(content="hi")))[0] for _ in range(4)]
+    assert statuses == [200, 200, 200, 402]
+    for _ in range(100):
+        if len(received) >= 3:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # and nothing more comes
+    assert [(a["scope"], a["period"], a["cap"], a["percent"]) for a in received] == [
+        ("server_daily", "day", 0.001, 50),
+        ("server_daily", "day", 0.001, 80),
+        ("server_daily", "day", 0.001, 100),
+    ]
+    assert received[1]["spent"] == pytest.approx(0.00084)
+    assert received[0]["text"].startswith(
+        "qp-server: The server's daily budget has passed 50 % of its cap:"
+        " $0.0008 of $0.0010 spent in the day from "
+    )
+
+
+async def test_a_webhook_that_is_down_delays_no_completion(start_server, fake):
+    server = await start_server(
+        QP_OPENROUTER_URL=fake.url,
+        QP_ALERT_WEBHOOK_URL="http://127.0.0.1:9/hook",
+        **KEYS,
+        **ALERTING,
+    )
+    started = asyncio.get_running_loop().time()
+    statuses = [(await ask(server, completion(content="hi")))[0] for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    assert asyncio.get_running_loop().time() - started < 1.5

@@ -79,11 +79,23 @@ class Refusal:
 
 @dataclass
 class Reservation:
-    """What one request holds in each of its scopes, and for which period."""
+    """What one request holds in each of its scopes: (scope, period start, cap)."""
 
     amount: float
-    held: list[tuple[Scope, float]] = field(default_factory=list)
+    held: list[tuple[Scope, float, float]] = field(default_factory=list)
     settled: bool = False
+
+
+# Told when a scope's spending passes a threshold: scope, period start, percent, spent, cap.
+OnPassed = Callable[[Scope, float, int, float, float], None]
+THRESHOLDS = (50, 80, 100)
+
+
+def crossed(before: float, after: float, cap: float) -> list[int]:
+    """The thresholds (percent of `cap`) that spending from `before` to `after` passed."""
+    if cap <= 0:
+        return []
+    return [t for t in THRESHOLDS if before < cap * t / 100 <= after]
 
 
 def period_bounds(period: str, now: float) -> tuple[float, float]:
@@ -106,8 +118,9 @@ class BudgetBook:
 
     MAX_SCOPES = 200_000  # clients and apps are many: the oldest idle accounts go first
 
-    def __init__(self, clock: Callable[[], float] = time.time):
+    def __init__(self, clock: Callable[[], float] = time.time, on_passed: OnPassed | None = None):
         self._clock = clock
+        self._on_passed = on_passed
         self._accounts: dict[Scope, _Account] = {}
         # period -> (start, end) of the current one: a comparison per request, not a date.
         self._bounds: dict[str, tuple[float, float]] = {}
@@ -149,10 +162,10 @@ class BudgetBook:
                 _, end = self._period(scope.period, now)
                 return Refusal(scope, end, max(1, math.ceil(end - now)))
         reservation = Reservation(amount)
-        for scope, _ in capped:
+        for scope, cap in capped:
             account = self._accounts[scope]  # made current by the loop above
             account.reserved += amount
-            reservation.held.append((scope, account.period_start))
+            reservation.held.append((scope, account.period_start, cap))
         return reservation
 
     def settle(self, reservation: Reservation, cost: float) -> None:
@@ -160,22 +173,28 @@ class BudgetBook:
         if reservation.settled:
             return
         reservation.settled = True
-        for scope, period_start in reservation.held:
+        for scope, period_start, cap in reservation.held:
             account = self._accounts.get(scope)
             if account is None or account.period_start != period_start:
                 continue  # the period rolled over meanwhile: its cost belongs to the old one
             account.reserved = max(0.0, account.reserved - reservation.amount)
-            account.spent += cost
+            self._spend(scope, account, cost, cap)
 
-    def adjust(self, scopes: Iterable[Scope], delta: float, at: float) -> None:
-        """A cost found later than it was settled: add the difference to each scope whose
-        current period holds `at` (when the completion started)."""
+    def _spend(self, scope: Scope, account: _Account, cost: float, cap: float) -> None:
+        before = account.spent
+        account.spent = max(0.0, before + cost)
+        if self._on_passed is not None and scope.kind != "client":
+            for threshold in crossed(before, account.spent, cap):
+                self._on_passed(scope, account.period_start, threshold, account.spent, cap)
+
+    def adjust(self, scopes: Iterable[tuple[Scope, float]], delta: float, at: float) -> None:
+        """A cost found later than it was settled: add the difference to each (scope, cap)
+        whose current period holds `at` (when the completion started)."""
         now = self._clock()
-        for scope in scopes:
+        for scope, cap in scopes:
             start, end = self._period(scope.period, now)
             if start <= at < end:
-                account = self._account(scope, now)
-                account.spent = max(0.0, account.spent + delta)
+                self._spend(scope, self._account(scope, now), delta, cap)
 
     def scopes_of(self, kind: str) -> list[Scope]:
         """The scopes of `kind` with an account in their current period."""
@@ -260,7 +279,9 @@ class OpenStreams:
             self._counts.pop(client, None)
 
 
-async def open_budget_book(db: Database, clock: Callable[[], float] = time.time) -> BudgetBook:
+async def open_budget_book(
+    db: Database, clock: Callable[[], float] = time.time, on_passed: OnPassed | None = None
+) -> BudgetBook:
     """A book that starts from what the ledger says this day and month already cost."""
     now = clock()
     day_start, _ = period_bounds(DAY, now)
@@ -270,7 +291,7 @@ async def open_budget_book(db: Database, clock: Callable[[], float] = time.time)
         format_iso(datetime.fromtimestamp(day_start, UTC)),
         format_iso(datetime.fromtimestamp(month_start, UTC)),
     )
-    book = BudgetBook(clock)
+    book = BudgetBook(clock, on_passed)
     book.load_spent(Scope("server", "", DAY), spent.server_day)
     book.load_spent(Scope("server", "", MONTH), spent.server_month)
     for app, cost in spent.apps_day.items():

@@ -95,12 +95,7 @@ class CostLookups:
         if found is not None:
             cost, prompt_tokens, completion_tokens = found
             await lookup_found(self._db, owed.row_id, cost, prompt_tokens, completion_tokens)
-            scopes = [
-                scope
-                for scope, _ in budget_scopes(
-                    self._policy(), owed.payer, owed.app, owed.client_hash or ""
-                )
-            ]
+            scopes = budget_scopes(self._policy(), owed.payer, owed.app, owed.client_hash or "")
             self._book.adjust(scopes, cost - owed.estimate, epoch_seconds(owed.started_at))
             return
         if key is None or now >= epoch_seconds(owed.owed_until):
