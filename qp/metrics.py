@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -15,6 +16,7 @@ from qp.protection.rate_limits import RateLimiter
 # Label values that come from clients (app names, methods) are capped, so nobody can grow
 # the metrics without bound; past the cap they count as "other".
 MAX_APPS = 100
+MAX_MODELS = 100
 # A client that left before its answer was sent (nginx's code for it).
 CLIENT_LEFT = 499
 UPSTREAM_FAILURES = frozenset(
@@ -64,6 +66,13 @@ class Metrics:
             ["app", "payer"],
             registry=r,
         )
+        self.spend = Counter(
+            "qp_spend_usd",
+            "What completions cost as the ledger first records it (the stream's usage, else"
+            " the estimate), by app, model and payer",
+            ["app", "model", "payer"],
+            registry=r,
+        )
         self.budget_refusals = Counter(
             "qp_budget_refusals",
             "Completions refused before going upstream, by budget (server_daily,"
@@ -91,6 +100,7 @@ class Metrics:
             registry=r,
         )
         self._apps: set[str] = set()
+        self._models: set[str] = set()
         self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def request_series(self, route: str, method: str, status: int) -> tuple[Counter, Histogram]:
@@ -123,6 +133,18 @@ class Metrics:
             self.tokens.labels(app, record.payer, "completion").inc(record.completion_tokens)
         if record.cost:
             self.cost.labels(app, record.payer).inc(record.cost)
+            self.spend.labels(app, self.model_label(record.model), record.payer).inc(record.cost)
+
+    def model_label(self, model: str) -> str:
+        """Models are the client's to name (with its own key): capped like apps."""
+        if model in self._models or len(self._models) < MAX_MODELS:
+            self._models.add(model)
+            return model
+        return "other"
+
+    def watch_budgets(self, report: Callable[[], list[dict[str, object]]]) -> None:
+        """Expose what remains of each budget in force (the server's and named apps')."""
+        self.registry.register(_BudgetCollector(report))
 
     def watch_rate_limiter(self, limiter: RateLimiter) -> None:
         """Expose the limiter's table: clients tracked, and those forgotten past its cap."""
@@ -134,6 +156,27 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _BudgetCollector(Collector):
+    def __init__(self, report: Callable[[], list[dict[str, object]]]):
+        self._report = report
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "qp_budget_remaining_usd",
+            "What remains of each budget in force (cap - spent - reserved), by scope"
+            " (server_daily, server_monthly, app:{app})",
+            labels=["scope"],
+        )
+        for budget in self._report():
+            scope = budget["scope"]
+            if scope == "server":
+                label = "server_daily" if budget["period"] == "day" else "server_monthly"
+            else:
+                label = f"app:{budget['app']}"
+            family.add_metric([label], cast(float, budget["remaining"]))
+        yield family
 
 
 class _RateLimiterCollector(Collector):

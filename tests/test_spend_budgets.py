@@ -155,6 +155,21 @@ async def test_the_usage_report_shows_each_budget_in_force(start_server, fake, a
     ]
     (row,) = report["totals"]
     assert row["costSource"] == {"stream": 1, "generation": 0, "estimate": 0}
+    async with server.client.get("/metrics") as response:
+        metrics = await response.text()
+    spend = 'qp_spend_usd_total{app="nwb-assistant",model="openai/gpt-4.1-mini",payer="server"}'
+    assert f"{spend} 0.00084" in metrics
+    remaining = {
+        line.split("}")[0] + "}": float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("qp_budget_remaining_usd{")
+    }
+    assert remaining == {
+        'qp_budget_remaining_usd{scope="server_daily"}': pytest.approx(1 - 0.00084),
+        'qp_budget_remaining_usd{scope="server_monthly"}': pytest.approx(30 - 0.00084),
+        'qp_budget_remaining_usd{scope="app:bids-assistant"}': 2.0,
+        'qp_budget_remaining_usd{scope="app:nwb-assistant"}': pytest.approx(0.5 - 0.00084),
+    }
 
 
 async def test_the_star_cap_applies_to_every_app_not_named(start_server, fake):
