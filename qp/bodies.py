@@ -1,4 +1,5 @@
-"""Reading request bodies under a size limit and deadlines, and parsing them as JSON."""
+"""Reading bodies under a size limit (a request's, with deadlines; an upstream answer's),
+and parsing them as JSON."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from qp.errors import ApiError, too_large
 from qp.policy.policy import Policy
@@ -16,6 +17,18 @@ from qp.policy.policy import Policy
 # a 64-byte dict for every 3 bytes). A body is charged that much of the byte budget until
 # it is parsed.
 PARSE_FACTOR = 25
+
+
+async def read_at_most(stream: StreamReader, limit: int) -> bytes:
+    """The body up to its end, or its first `limit` bytes if it is longer. (The stream's
+    own `read(n)` answers with what has arrived so far, which for a body of many packets is
+    only its beginning.)"""
+    pieces: list[bytes] = []
+    size = 0
+    while size < limit and (piece := await stream.read(limit - size)):
+        pieces.append(piece)
+        size += len(piece)
+    return b"".join(pieces)
 
 
 def body_allowance(request: web.Request, limit: int) -> int:

@@ -448,3 +448,13 @@ async def test_a_webhook_that_is_down_delays_no_completion(start_server, fake):
     statuses = [(await ask(server, completion(content="hi")))[0] for _ in range(3)]
     assert statuses == [200, 200, 200]
     assert asyncio.get_running_loop().time() - started < 1.5
+
+
+async def test_a_model_list_of_many_packets_is_read_whole(start_server, fake):
+    # OpenRouter's list is about a megabyte: it arrives in many pieces, all of which count.
+    fake.models = [(f"vendor/model-{n:05d}", "0.000001", "0.000002") for n in range(20_000)]
+    server = await start(start_server, fake)
+    await prices_fetched(server)
+    fetched = server.app[PRICES].fetched
+    assert len(fetched) == 20_000
+    assert fetched["vendor/model-19999"] == (1e-6, 2e-6)

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from qp.bodies import read_at_most
 from qp.completions.ledger import (
     OwedLookup,
     lookup_found,
@@ -40,6 +41,7 @@ FIRST_LOOKUP_DELAY = 1.0
 MAX_BACKOFF = 60.0
 POLL_SECONDS = 0.5
 REQUEST_TIMEOUT = 10.0
+MAX_ANSWER_BYTES = 64 * 1024  # a generation's record is under 2 KiB
 MAX_COST = 1e6  # a figure above this from upstream is not believed
 # What a lookup found: cost, prompt tokens, completion tokens.
 Found = tuple[float, int | None, int | None]
@@ -120,7 +122,7 @@ class CostLookups:
             ):
                 if response.status != 200:
                     return None
-                body = orjson.loads(await response.content.read(64 * 1024))
+                body = orjson.loads(await read_at_most(response.content, MAX_ANSWER_BYTES))
         except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError):
             return None
         data = body.get("data") if isinstance(body, dict) else None

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from qp.bodies import read_at_most
 from qp.errors import StorageUnavailable
 from qp.policy.policy import Policy
 from qp.storage.sqlite import Database
@@ -67,7 +68,7 @@ class PriceList:
         ):
             if response.status != 200:
                 raise ValueError(f"the model list answered {response.status}")
-            data = await response.content.read(MAX_LIST_BYTES + 1)
+            data = await read_at_most(response.content, MAX_LIST_BYTES + 1)
         if len(data) > MAX_LIST_BYTES:
             raise ValueError("the model list is too large")
         try:
