@@ -51,7 +51,7 @@ from qp.protection.cors import setup_cors
 from qp.protection.quota import DailyQuota
 from qp.routes import add_routes
 from qp.spend.alerts import Alerts
-from qp.spend.budgets import BudgetBook, OpenStreams, budget_report, open_budget_book
+from qp.spend.budgets import BudgetBook, OpenStreams, budgets_in_force, open_budget_book
 from qp.spend.lookups import CostLookups
 from qp.spend.prices import PriceList
 from qp.startup import StartupError, claim_record, disk_space, open_storage, take_claims
@@ -134,7 +134,12 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(ledger.close)
         app[ALERTS] = alerts = Alerts(config.alert_webhook_url)
         app[BUDGETS] = book = await _open_budget_book(db, alerts)
-        metrics.watch_budgets(lambda: budget_report(book, app[POLICY].current))
+        metrics.watch_budgets(
+            lambda: [
+                (scope.named, book.remaining(scope, cap))
+                for scope, cap in budgets_in_force(book, app[POLICY].current)
+            ]
+        )
         app[PRICES] = prices = PriceList(db)
         await prices.load()
         app[IP_SALT] = config.ip_salt or await _installation_salt(db)

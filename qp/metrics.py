@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import cast
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -142,9 +141,9 @@ class Metrics:
             return model
         return "other"
 
-    def watch_budgets(self, report: Callable[[], list[dict[str, object]]]) -> None:
-        """Expose what remains of each budget in force (the server's and named apps')."""
-        self.registry.register(_BudgetCollector(report))
+    def watch_budgets(self, remaining: Callable[[], list[tuple[str, float]]]) -> None:
+        """Expose what remains of each budget in force: (scope, USD) pairs."""
+        self.registry.register(_BudgetCollector(remaining))
 
     def watch_rate_limiter(self, limiter: RateLimiter) -> None:
         """Expose the limiter's table: clients tracked, and those forgotten past its cap."""
@@ -159,8 +158,8 @@ class Metrics:
 
 
 class _BudgetCollector(Collector):
-    def __init__(self, report: Callable[[], list[dict[str, object]]]):
-        self._report = report
+    def __init__(self, remaining: Callable[[], list[tuple[str, float]]]):
+        self._remaining = remaining
 
     def collect(self) -> Iterable[Metric]:
         family = GaugeMetricFamily(
@@ -169,13 +168,8 @@ class _BudgetCollector(Collector):
             " (server_daily, server_monthly, app:{app})",
             labels=["scope"],
         )
-        for budget in self._report():
-            scope = budget["scope"]
-            if scope == "server":
-                label = "server_daily" if budget["period"] == "day" else "server_monthly"
-            else:
-                label = f"app:{budget['app']}"
-            family.add_metric([label], cast(float, budget["remaining"]))
+        for scope, remaining in self._remaining():
+            family.add_metric([scope], remaining)
         yield family
 
 

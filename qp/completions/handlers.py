@@ -66,13 +66,12 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
             config.app_openrouter_keys,
         )
         check_system_message(completion, policy)
-        client = request[CLIENT_HASH]
         record = CompletionRecord(
             started_at=utc_now_iso(),
             app=completion.app,
             model=completion.model,
             payer=payer,
-            client_hash=client,
+            client_hash=request[CLIENT_HASH],
         )
         body = upstream_body(completion)
         price = request.app[PRICES].price(policy, completion.model)
@@ -109,10 +108,10 @@ def _spending(
     completion falls in (402 naming the first without room). Yields what settles the
     reservation with the real cost; the stream slot and any unsettled reservation are let
     go on the way out."""
-    if record.payer == "user" or record.client_hash is None:
+    if record.payer == "user":
         yield lambda cost: None
         return
-    client = record.client_hash
+    client = request[CLIENT_HASH]
     streams = request.app[OPEN_STREAMS]
     if not streams.try_open(client, policy.budget_client_max_streams):
         request.app[METRICS].budget_refusals.labels("client_max_streams").inc()

@@ -29,8 +29,6 @@ class Alerts:
     def __init__(self, webhook_url: str | None):
         self._url = webhook_url
         self._queue: asyncio.Queue[dict[str, object]] = asyncio.Queue(MAX_QUEUED)
-        self.sent = 0
-        self.failed = 0
 
     def budget_passed(
         self, scope: Scope, period_start: float, threshold: int, spent: float, cap: float
@@ -41,12 +39,12 @@ class Alerts:
             f"qp-server: {what} has passed {threshold} % of its cap: "
             f"${spent:.4f} of ${cap:.4f} spent in the {scope.period} from {day}"
         )
-        log.warning("%s", text if scope.kind != "client" else "a client's allowance: " + text)
+        log.warning("%s", text)
         if self._url is None:
             return
         alert: dict[str, object] = {
             "text": text,
-            "scope": scope.label if scope.kind != "app" else f"app:{scope.name}",
+            "scope": scope.named,
             "period": scope.period,
             "spent": round(spent, 6),
             "cap": cap,
@@ -55,7 +53,6 @@ class Alerts:
         try:
             self._queue.put_nowait(alert)
         except asyncio.QueueFull:
-            self.failed += 1
             log.error("spend alert dropped: %d alerts are already waiting", MAX_QUEUED)
 
     async def run(self, session: aiohttp.ClientSession) -> None:
@@ -73,7 +70,6 @@ class Alerts:
                     session.post(self._url, json=alert, allow_redirects=False) as response,
                 ):
                     if 200 <= response.status < 300:
-                        self.sent += 1
                         return
                     reason = f"status {response.status}"
             except (aiohttp.ClientError, TimeoutError) as err:
@@ -81,5 +77,4 @@ class Alerts:
             if attempt + 1 < ATTEMPTS:
                 await asyncio.sleep(wait)
                 wait *= 2
-        self.failed += 1
         log.error("spend alert not delivered after %d attempts (%s)", ATTEMPTS, reason)

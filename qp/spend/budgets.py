@@ -57,6 +57,11 @@ class Scope:
             return f"server_{'daily' if self.period == DAY else 'monthly'}"
         return "app_daily" if self.kind == "app" else "client_daily"
 
+    @property
+    def named(self) -> str:
+        """The label with the app named (alerts, and metrics of budgets the policy sets)."""
+        return f"app:{self.name}" if self.kind == "app" else self.label
+
 
 @dataclass
 class _Account:
@@ -205,6 +210,10 @@ class BudgetBook:
             if scope.kind == kind and account.period_start == self._period(scope.period, now)[0]
         ]
 
+    def remaining(self, scope: Scope, cap: float) -> float:
+        spent, reserved = self.standing(scope)
+        return max(0.0, cap - spent - reserved)
+
     def report(self, scope: Scope, cap: float) -> dict[str, object]:
         """The budget as GET /api/usage shows it."""
         spent, reserved = self.standing(scope)
@@ -217,7 +226,7 @@ class BudgetBook:
             cap=cap,
             spent=spent,
             reserved=reserved,
-            remaining=max(0.0, cap - spent - reserved),
+            remaining=self.remaining(scope, cap),
             resetsAt=format_iso(datetime.fromtimestamp(end, UTC)),
         )
         return shown
@@ -301,18 +310,23 @@ async def open_budget_book(
     return book
 
 
-def budget_report(book: BudgetBook, policy: Policy) -> list[dict[str, object]]:
-    """Every budget in force: the server's, each named app's, and each other app that
+def budgets_in_force(book: BudgetBook, policy: Policy) -> list[tuple[Scope, float]]:
+    """Every (scope, cap) in force: the server's, each named app's, and each other app that
     spent under the "*" cap today. Clients' allowances are many and stay out."""
     shown = []
     if policy.budget_server_daily_usd:
-        shown.append(book.report(Scope("server", "", DAY), policy.budget_server_daily_usd))
+        shown.append((Scope("server", "", DAY), policy.budget_server_daily_usd))
     if policy.budget_server_monthly_usd:
-        shown.append(book.report(Scope("server", "", MONTH), policy.budget_server_monthly_usd))
+        shown.append((Scope("server", "", MONTH), policy.budget_server_monthly_usd))
     apps = {app for app in policy.app_budgets if app != "*"}
     if "*" in policy.app_budgets:
         apps |= {scope.name for scope in book.scopes_of("app")}
     for app in sorted(apps):
         if cap := policy.app_budget(app):
-            shown.append(book.report(Scope("app", app, DAY), cap))
+            shown.append((Scope("app", app, DAY), cap))
     return shown
+
+
+def budget_report(book: BudgetBook, policy: Policy) -> list[dict[str, object]]:
+    """The budgets in force as GET /api/usage and `python -m qp budgets` show them."""
+    return [book.report(scope, cap) for scope, cap in budgets_in_force(book, policy)]
