@@ -231,9 +231,11 @@ async def _spend_chores(app: web.Application) -> AsyncIterator[None]:
     )
     tasks = [
         asyncio.create_task(lookups.run()),
-        asyncio.create_task(app[PRICES].run(app[UPSTREAM], policy)),
         asyncio.create_task(app[ALERTS].run(app[UPSTREAM])),
     ]
+    # Prices serve estimates of what the server's keys pay: with no key, nothing is fetched.
+    if config.openrouter_api_key or config.app_openrouter_keys:
+        tasks.append(asyncio.create_task(app[PRICES].run(app[UPSTREAM], policy)))
     yield
     for task in tasks:
         task.cancel()

@@ -458,3 +458,16 @@ async def test_a_model_list_of_many_packets_is_read_whole(start_server, fake):
     fetched = server.app[PRICES].fetched
     assert len(fetched) == 20_000
     assert fetched["vendor/model-19999"] == (1e-6, 2e-6)
+
+
+async def test_without_a_key_of_its_own_the_server_fetches_no_prices(start_server, fake):
+    fake.models = [(CHEAP, "0", "0.002")]
+    before = fake.model_list_requests
+    server = await start_server(QP_OPENROUTER_URL=fake.url)
+    assert await call(server.client, "GET", "/api/chats/none") == (
+        404,
+        {"error": "Chat not found"},
+    )
+    await asyncio.sleep(0.5)
+    assert fake.model_list_requests == before
+    assert server.app[PRICES].fetched == {}
