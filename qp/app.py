@@ -228,6 +228,7 @@ async def _spend_chores(app: web.Application) -> AsyncIterator[None]:
         app[BUDGETS],
         config.openrouter_api_key,
         config.app_openrouter_keys,
+        app[METRICS],
     )
     tasks = [
         asyncio.create_task(lookups.run()),

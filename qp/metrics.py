@@ -130,9 +130,14 @@ class Metrics:
             self.tokens.labels(app, record.payer, "prompt").inc(record.prompt_tokens)
         if record.completion_tokens:
             self.tokens.labels(app, record.payer, "completion").inc(record.completion_tokens)
-        if record.cost:
-            self.cost.labels(app, record.payer).inc(record.cost)
-            self.spend.labels(app, self.model_label(record.model), record.payer).inc(record.cost)
+        # A cost still to be looked up is counted once it is known (cost_settled).
+        if record.cost and record.cost_owed_until is None:
+            self.cost_settled(record.app, record.model, record.payer, record.cost)
+
+    def cost_settled(self, app: str | None, model: str, payer: str, cost: float) -> None:
+        label = self.app_label(app)
+        self.cost.labels(label, payer).inc(cost)
+        self.spend.labels(label, self.model_label(model), payer).inc(cost)
 
     def model_label(self, model: str) -> str:
         """Models are the client's to name (with its own key): capped like apps."""

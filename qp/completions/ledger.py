@@ -15,7 +15,8 @@ INSERT = """
 """
 # Cost lookups owed now (at most a batch), and what settles or postpones each.
 LOOKUPS_DUE = """
-    SELECT id, started_at, app, payer, client_hash, generation_id, cost, cost_owed_until
+    SELECT id, started_at, app, model, payer, client_hash, generation_id, cost,
+           cost_owed_until
     FROM completions WHERE cost_next_lookup <= ? ORDER BY cost_next_lookup LIMIT ?
 """
 LOOKUP_FOUND = """
@@ -129,6 +130,7 @@ class OwedLookup:
     row_id: int
     started_at: str
     app: str | None
+    model: str
     payer: str
     client_hash: str | None
     generation_id: str

@@ -29,6 +29,7 @@ from qp.completions.ledger import (
 )
 from qp.completions.request import app_key_variable
 from qp.errors import StorageUnavailable
+from qp.metrics import Metrics
 from qp.policy.policy import Policy
 from qp.spend.budgets import BudgetBook, budget_scopes
 from qp.storage.sqlite import Database
@@ -67,6 +68,7 @@ class CostLookups:
         book: BudgetBook,
         server_key: str | None,
         app_keys: Mapping[str, str],
+        metrics: Metrics,
     ):
         self._db = db
         self._session = session
@@ -74,6 +76,7 @@ class CostLookups:
         self._book = book
         self._server_key = server_key
         self._app_keys = app_keys
+        self._metrics = metrics
 
     async def run(self) -> None:
         while True:
@@ -99,10 +102,12 @@ class CostLookups:
             await lookup_found(self._db, owed.row_id, cost, prompt_tokens, completion_tokens)
             scopes = budget_scopes(self._policy(), owed.payer, owed.app, owed.client_hash or "")
             self._book.adjust(scopes, cost - owed.estimate, epoch_seconds(owed.started_at))
+            self._metrics.cost_settled(owed.app, owed.model, owed.payer, cost)
             return
         if key is None or now >= epoch_seconds(owed.owed_until):
             log.warning("a completion's cost could not be looked up; its estimate stays")
             await lookup_given_up(self._db, owed.row_id)
+            self._metrics.cost_settled(owed.app, owed.model, owed.payer, owed.estimate)
             return
         waited = now - (epoch_seconds(owed.owed_until) - LOOKUP_WINDOW)
         backoff = min(MAX_BACKOFF, max(FIRST_LOOKUP_DELAY, waited / 2))
