@@ -45,6 +45,9 @@ class Script:
     hold: float = 0.0
     # After the chunks: drop the connection without ending the response.
     die: bool = False
+    # Bill the stream per token as OpenRouter does (see FakeOpenRouter.bill); in its
+    # chunks GEN_ID is the generation id and a chunk USAGE the usage of what was sent.
+    billed: bool = False
 
 
 @dataclass
@@ -68,6 +71,24 @@ class Received:
     sent: list[tuple[float, bytes]] = field(default_factory=list)
     finished: float | None = None
     disconnected: float | None = None
+    # A billed stream's generation id, and the content chunks (tokens) it sent.
+    generation_id: str | None = None
+    tokens_sent: int = 0
+
+
+# What the fake bills per token for a billed stream, in USD.
+PROMPT_PRICE = 0.000001
+COMPLETION_PRICE = 0.000004
+
+
+def billed_stream(tokens: int, then: float = 0.0, die: bool = False) -> Script:
+    """A billed stream of `tokens` content chunks at once; then, after `then` seconds, its
+    usage and the end, or with `die`, a dropped connection."""
+    token = b'data: {"id":"GEN_ID","choices":[{"delta":{"content":"tok "}}]}\n\n'
+    chunks = [(0.0, token)] * tokens
+    if not die:
+        chunks += [(then, b"USAGE"), (0.0, b"data: [DONE]\n\n")]
+    return Script(chunks=chunks, die=die, billed=True)
 
 
 class FakeOpenRouter:
@@ -81,6 +102,8 @@ class FakeOpenRouter:
         self.models: list[tuple[str, str, str]] = []
         self.models_status = 200
         self.model_list_requests = 0
+        # While set, every generation lookup answers 404 (not yet known).
+        self.lookups_paused = False
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -111,8 +134,8 @@ class FakeOpenRouter:
         generation_id = request.query.get("id", "")
         key = request.headers.get("Authorization", "")
         billed = self.generations.get(generation_id)
-        if billed is None or billed.not_ready > 0:
-            if billed is not None:
+        if billed is None or billed.not_ready > 0 or self.lookups_paused:
+            if billed is not None and not self.lookups_paused:
                 billed.not_ready -= 1
             self.lookups.append((generation_id, key, 404))
             return web.json_response({"error": {"message": "not found"}}, status=404)
@@ -130,6 +153,8 @@ class FakeOpenRouter:
         seen = Received(dict(request.headers), body, time.monotonic())
         self.received.append(seen)
         script = self.scripts.get(_script_name(body), Script())
+        if script.billed:
+            seen.generation_id = f"gen-fake-{len(self.received)}"
         try:
             await asyncio.sleep(script.headers_delay)
             if script.status != 200:
@@ -138,6 +163,8 @@ class FakeOpenRouter:
             await response.prepare(request)
             for delay, chunk in script.chunks:
                 await asyncio.sleep(delay)
+                if seen.generation_id is not None:
+                    chunk = self._billed_chunk(seen, chunk)
                 await response.write(chunk)
                 seen.sent.append((time.monotonic(), chunk))
             if script.die:
@@ -153,6 +180,35 @@ class FakeOpenRouter:
         except ConnectionError:
             seen.disconnected = time.monotonic()
             return web.Response(status=499)
+        finally:
+            if seen.generation_id is not None:
+                self.generations[seen.generation_id] = self.bill(seen)
+
+    def bill(self, seen: Received) -> Generation:
+        """What a billed stream costs: its prompt at a token per 4 characters of the
+        messages, and each content chunk it sent as a completion token."""
+        characters = sum(len(str(message.get("content", ""))) for message in seen.body["messages"])
+        prompt_tokens = characters // 4
+        cost = prompt_tokens * PROMPT_PRICE + seen.tokens_sent * COMPLETION_PRICE
+        return Generation(cost, prompt_tokens, seen.tokens_sent)
+
+    def _billed_chunk(self, seen: Received, chunk: bytes) -> bytes:
+        assert seen.generation_id is not None
+        if chunk == b"USAGE":
+            billed = self.bill(seen)
+            usage = {
+                "id": seen.generation_id,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": billed.tokens_prompt,
+                    "completion_tokens": billed.tokens_completion,
+                    "cost": billed.total_cost,
+                },
+            }
+            return b"data: " + orjson.dumps(usage) + b"\n\n"
+        if b'"content"' in chunk:
+            seen.tokens_sent += 1
+        return chunk.replace(b"GEN_ID", seen.generation_id.encode())
 
     def start(self) -> FakeOpenRouter:
         """Serve from a thread of its own, on a free port of 127.0.0.1."""

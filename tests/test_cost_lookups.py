@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 
+import aiohttp
 import pytest
 
 from tests.app_server import AppServer, StartServer
-from tests.fake_openrouter import FakeOpenRouter, Generation, Script
-from tests.helpers import SYSTEM, call
+from tests.fake_openrouter import FakeOpenRouter, Generation, Script, billed_stream
+from tests.helpers import ADMIN_KEY, SYSTEM, call
+from tests.processes import QPServer
 
 CHEAP = "openai/gpt-4.1-mini"
 KEYS = {"OPENROUTER_API_KEY": "server-key", "OPENROUTER_API_KEY_BIDS_ASSISTANT": "bids-key"}
@@ -45,13 +47,13 @@ async def leave_after_first_chunk(server: AppServer, request: dict, headers=None
     response.close()
 
 
-def ledger(server: AppServer) -> list[dict]:
+def ledger(server: AppServer | QPServer) -> list[dict]:
     with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
         db.row_factory = sqlite3.Row
         return [dict(row) for row in db.execute("SELECT * FROM completions ORDER BY id")]
 
 
-async def ledger_when(server: AppServer, done, seconds: float = 15.0) -> list[dict]:
+async def ledger_when(server: AppServer | QPServer, done, seconds: float = 15.0) -> list[dict]:
     """The ledger once `done(rows)` holds (checked every 0.1 s)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
@@ -89,6 +91,11 @@ async def test_a_client_that_left_is_costed_at_what_was_billed(start_server, fak
     _, report = await call(server.client, "GET", "/api/usage", headers=admin)
     assert report["budgets"][0]["spent"] == pytest.approx(0.0031)
     assert report["totals"][0]["costSource"] == {"stream": 0, "generation": 1, "estimate": 0}
+    # So does the spend counter: the figure found, never the estimate as well.
+    async with server.client.get("/metrics") as response:
+        metrics = await response.text()
+    spend = f'qp_spend_usd_total{{app="nwb-assistant",model="{CHEAP}",payer="server"}}'
+    assert f"{spend} 0.0031\n" in metrics
 
 
 async def test_an_app_paid_stream_is_looked_up_with_the_apps_key(start_server, fake):
@@ -139,3 +146,114 @@ async def test_nothing_is_owed_for_a_users_key_or_a_stream_without_an_id(start_s
         ("user", "gen-left-5", "estimate", None),
         ("server", None, "estimate", None),
     ]
+
+
+# --- a mixed run of real processes ------------------------------------------------------
+
+
+async def read_tokens(response: aiohttp.ClientResponse, tokens: int) -> None:
+    """Read the stream until `tokens` content chunks have come."""
+    seen = b""
+    while seen.count(b'"content"') < tokens:
+        chunk = await response.content.readany()
+        assert chunk, f"the stream ended after {seen!r}"
+        seen += chunk
+
+
+async def test_a_mixed_run_across_a_restart_costs_every_generation_at_what_was_billed(
+    qp_server, fake
+):
+    """Completed streams, clients leaving mid-stream and before the first byte, upstream
+    dying mid-stream, and a restart while lookups are owed: every generation the server saw
+    is in the ledger at what the fake billed for it, and the budget counts the ledger."""
+    fake.scripts.update(
+        {
+            "mixed-complete": billed_stream(5),
+            "mixed-long": billed_stream(2, then=30.0),
+            "mixed-dies": billed_stream(3, die=True),
+            "mixed-silent": Script(headers_delay=30.0, billed=True),
+        }
+    )
+    fake.lookups_paused = True  # nothing can be looked up before the restart
+    before = len(fake.received)
+    qp = qp_server(QP_OPENROUTER_URL=fake.url, QP_BUDGET_SERVER_DAILY_USD="5", **KEYS)
+
+    async with aiohttp.ClientSession(qp.url) as http:
+
+        async def complete(n: int) -> None:
+            request = completion("script:mixed-complete")
+            request["messages"].insert(0, {"role": "user", "content": "x" * (40 * n)})
+            async with http.post("/api/completion", json=request) as response:
+                assert response.status == 200
+                assert (await response.read()).endswith(b"data: [DONE]\n\n")
+
+        async def leave_mid_stream(app: str) -> None:
+            response = await http.post("/api/completion", json=completion("script:mixed-long", app))
+            assert response.status == 200
+            await read_tokens(response, 2)
+            response.close()
+
+        async def upstream_dies() -> None:
+            async with http.post("/api/completion", json=completion("script:mixed-dies")) as got:
+                assert got.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):  # cut, not ended
+                    await got.read()
+
+        async def leave_before_the_first_byte() -> None:
+            seen = len(fake.received)
+            request = asyncio.ensure_future(
+                http.post("/api/completion", json=completion("script:mixed-silent"))
+            )
+            assert await asyncio.to_thread(fake.wait_for, lambda: len(fake.received) > seen)
+            request.cancel()
+
+        await asyncio.gather(
+            *(complete(n) for n in range(1, 4)),
+            leave_mid_stream("nwb-assistant"),
+            leave_mid_stream("bids-assistant"),
+            upstream_dies(),
+        )
+        await leave_before_the_first_byte()
+
+    def owed(rows: list[dict]) -> list[dict]:
+        return [row for row in rows if row["cost_owed_until"] is not None]
+
+    rows = await ledger_when(qp, lambda rows: len(rows) == 7 and len(owed(rows)) == 3)
+    qp.stop()
+    assert len(owed(ledger(qp))) == 3  # still owed, and still estimates, across the stop
+    fake.lookups_paused = False
+    qp.start()
+    rows = await ledger_when(qp, lambda rows: len(rows) == 7 and settled(rows), 30.0)
+
+    ours = fake.received[before:]
+    sent = {seen.generation_id for seen in ours if seen.sent}
+    assert {row["generation_id"] for row in rows} - {None} == sent
+    billed = {gen: fake.generations[gen] for gen in sent}
+    for row in rows:
+        if row["generation_id"] is not None:
+            bill = billed[row["generation_id"]]
+            assert (row["cost"], row["prompt_tokens"], row["completion_tokens"]) == (
+                pytest.approx(bill.total_cost),
+                bill.tokens_prompt,
+                bill.tokens_completion,
+            )
+    with_id = sum(row["cost"] for row in rows if row["generation_id"] is not None)
+    assert with_id == pytest.approx(sum(bill.total_cost for bill in billed.values()))
+    assert sorted((row["outcome"], row["payer"], row["cost_source"]) for row in rows) == [
+        ("client_left", "app", "generation"),
+        ("client_left", "server", "estimate"),  # left before the first byte: no id
+        ("client_left", "server", "generation"),
+        ("completed", "server", "stream"),
+        ("completed", "server", "stream"),
+        ("completed", "server", "stream"),
+        ("upstream_died", "server", "generation"),
+    ]
+    (unanswered,) = [row for row in rows if row["generation_id"] is None]
+    assert (unanswered["cost"], unanswered["status"]) == (0.01, 0)
+
+    async with aiohttp.ClientSession(qp.url) as http:
+        _, report = await call(http, "GET", "/api/usage", headers={"x-admin-key": ADMIN_KEY})
+    server_paid = sum(row["cost"] for row in rows if row["payer"] == "server")
+    (budget,) = report["budgets"]
+    assert (budget["spent"], budget["reserved"]) == (pytest.approx(server_paid), 0)
+    assert report["overall"]["cost"] == pytest.approx(with_id + 0.01)

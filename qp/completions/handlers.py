@@ -137,13 +137,19 @@ def _spending(
         streams.close(client)
 
 
+# How a request that went upstream ended before any answer came back, when upstream may
+# still bill it: it cannot be looked up (no generation id), so its estimate is its cost.
+UNANSWERED = frozenset({"client_left", "shutdown", "timeout"})
+
+
 def _cost(record: CompletionRecord, estimate: float) -> None:
     """The record's cost and its source: the stream's usage; else, for a stream that began
-    (upstream may bill it), the estimate, to be replaced by the real figure looked up by
-    its generation id when the server or an app paid; else nothing was billed."""
+    or a request left unanswered (upstream may bill either), the estimate, to be replaced
+    by the real figure looked up by its generation id when the server or an app paid;
+    else (refused or unreachable) nothing was billed."""
     if record.cost is not None:
         record.cost_source = "stream"
-    elif record.status == 200:
+    elif record.status == 200 or record.outcome in UNANSWERED:
         record.cost, record.cost_source = estimate, "estimate"
         if record.generation_id is not None and record.payer != "user":
             record.cost_owed_until, record.cost_next_lookup = owed_lookup_times(time.time())
