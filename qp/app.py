@@ -6,7 +6,8 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from functools import partial
 
@@ -17,6 +18,7 @@ from qp.appkeys import (
     BUDGETS,
     BYTE_BUDGET,
     CHAT_STORE,
+    CLOCK,
     CONFIG,
     DAILY_QUOTA,
     DATABASE,
@@ -63,10 +65,14 @@ log = logging.getLogger("qp.app")
 LAG_PROBE_SECONDS = 0.1
 
 
-def create_app(config: Config, policy: Policy) -> web.Application:
-    """The app for `config`, starting with `policy` in force."""
+def create_app(
+    config: Config, policy: Policy, clock: Callable[[], float] = time.time
+) -> web.Application:
+    """The app for `config`, starting with `policy` in force; budget periods roll over by
+    `clock` (tests set the day)."""
     app = web.Application(middlewares=MIDDLEWARES)
     app[CONFIG] = config
+    app[CLOCK] = clock
     app[METRICS] = Metrics()
     app[POLICY] = PolicyHolder(policy)
     app[SHUTTING_DOWN] = asyncio.Event()
@@ -133,7 +139,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         )
         stack.push_async_callback(ledger.close)
         app[ALERTS] = alerts = Alerts(config.alert_webhook_url)
-        app[BUDGETS] = book = await _open_budget_book(db, alerts)
+        app[BUDGETS] = book = await _open_budget_book(db, alerts, app[CLOCK])
         metrics.watch_budgets(
             lambda: [
                 (scope.named, book.remaining(scope, cap))
@@ -161,9 +167,9 @@ async def _learn_sizes(store: ChatStore) -> None:
     log.info("learned the size of %d imported chats from the blob store", learned)
 
 
-async def _open_budget_book(db: Database, alerts: Alerts) -> BudgetBook:
+async def _open_budget_book(db: Database, alerts: Alerts, clock: Callable[[], float]) -> BudgetBook:
     try:
-        return await open_budget_book(db, on_passed=alerts.budget_passed)
+        return await open_budget_book(db, clock, alerts.budget_passed)
     except StorageUnavailable as err:
         raise StartupError(f"cannot read what the ledger spent today: {err}") from None
 

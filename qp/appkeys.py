@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -40,6 +41,8 @@ SHUTTING_DOWN = web.AppKey("shutting_down", asyncio.Event)
 DAILY_QUOTA = web.AppKey("daily_quota", DailyQuota)
 # Bytes of chats and request bodies held in memory at once (QP_MAX_INFLIGHT_MB).
 BYTE_BUDGET = web.AppKey("byte_budget", ByteBudget)
+# The wall clock budget periods roll over by (time.time; tests set the day).
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 # What the server's and the apps' keys spent and have reserved, per budget.
 BUDGETS = web.AppKey("budgets", BudgetBook)
 # Server- or app-paid streams open per client (client_max_streams).

@@ -6,6 +6,7 @@ uses `qp_server`. S3 runs on a real SeaweedFS (`seaweed`)."""
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -62,7 +63,7 @@ async def start_server(
 ) -> StartServer:
     """Start the app on a fresh data folder (and bucket), with extra environment."""
 
-    async def start(**env: str) -> AppServer:
+    async def start(clock: Callable[[], float] = time.time, **env: str) -> AppServer:
         # A test may start the app again on an earlier one's data folder.
         data_dir = Path(env["QP_DATA_DIR"]) if "QP_DATA_DIR" in env else None
         data_dir = data_dir or tmp_path_factory.mktemp(f"qp-{backend_name}")
@@ -87,7 +88,7 @@ async def start_server(
             if name.startswith("AWS_"):  # botocore reads its credentials from the process
                 monkeypatch.setenv(name, value)
         config = load_config(environ)
-        app = create_app(config, load_policy(environ, config.config_path))
+        app = create_app(config, load_policy(environ, config.config_path), clock)
         return AppServer(await aiohttp_client(app), data_dir, backend)
 
     return start

@@ -43,8 +43,13 @@ def no_model_prices(fake: FakeOpenRouter) -> None:
     fake.models_status = 200
 
 
-async def start(start_server: StartServer, fake: FakeOpenRouter, **env: str) -> AppServer:
-    return await start_server(QP_OPENROUTER_URL=fake.url, **KEYS, **RESERVE, **env)
+async def start(
+    start_server: StartServer, fake: FakeOpenRouter, clock: Clock | None = None, **env: str
+) -> AppServer:
+    clocked = {"clock": clock} if clock else {}
+    return await start_server(
+        **clocked, **{"QP_OPENROUTER_URL": fake.url, **KEYS, **RESERVE, **env}
+    )
 
 
 def completion(app: str = "nwb-assistant", content: str = "script:slow") -> dict:
@@ -264,6 +269,57 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+async def test_the_server_rolls_its_day_over_at_utc_midnight_and_its_month_on_the_first(
+    start_server, fake, admin
+):
+    """On the server's own clock: a day's spend stops at its cap until midnight, and a
+    month's across its days until the first of the next."""
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":9,"cost":0.4}}\n\n'
+    fake.scripts["costly"] = Script(chunks=[(0.0, usage), (0.0, b"data: [DONE]\n\n")])
+    clock = Clock(datetime(2026, 1, 31, 23, 59, 0, tzinfo=UTC))
+    server = await start(
+        start_server,
+        fake,
+        clock=clock,
+        QP_BUDGET_SERVER_DAILY_USD="1.0",
+        QP_BUDGET_SERVER_MONTHLY_USD="1.5",
+        QP_BUDGET_DEFAULT_RESERVE_USD="0.4",
+    )
+    costly = completion(content="script:costly")
+
+    async def spend_on(*days: datetime) -> None:
+        for day in days:
+            clock.now = day.timestamp()
+            assert (await ask(server, costly))[0] == 200
+
+    def refused(budget: str, resets: str, retry_after: int) -> tuple:
+        body = {
+            "error": "Budget exhausted",
+            "message": f"{budget} is used up; it resets at {resets}",
+        }
+        return 402, str(retry_after), orjson.dumps(body)
+
+    await spend_on(datetime(2026, 1, 31, 23, 59, 0, tzinfo=UTC))
+    await spend_on(datetime(2026, 1, 31, 23, 59, 0, tzinfo=UTC))
+    # 0.8 spent today: a third 0.4 would pass the day's 1.0.
+    assert await ask(server, costly) == refused(
+        "The server's daily budget", "2026-02-01T00:00:00.000Z", 60
+    )
+    # February 1st: a new day and a new month.
+    await spend_on(datetime(2026, 2, 1, 0, 0, 30, tzinfo=UTC), datetime(2026, 2, 1, 12, tzinfo=UTC))
+    await spend_on(datetime(2026, 2, 2, 9, tzinfo=UTC))  # the month has 1.2 of its 1.5
+    clock.now = datetime(2026, 2, 3, 9, tzinfo=UTC).timestamp()  # a new day, the same month
+    assert await ask(server, costly) == refused(
+        "The server's monthly budget", "2026-03-01T00:00:00.000Z", 25 * 86400 + 15 * 3600
+    )
+    _, report = await call(server.client, "GET", "/api/usage", headers=admin)
+    assert [(b["period"], b["spent"], b["resetsAt"]) for b in report["budgets"]] == [
+        ("day", 0.0, "2026-02-04T00:00:00.000Z"),
+        ("month", pytest.approx(1.2), "2026-03-01T00:00:00.000Z"),
+    ]
+    await spend_on(datetime(2026, 3, 1, 0, 0, 5, tzinfo=UTC))  # March
 
 
 def test_a_day_rolls_over_at_utc_midnight_and_a_month_on_the_first():
