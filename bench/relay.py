@@ -1,19 +1,22 @@
 """Benchmark the completion relay: the same streamed completion fetched straight from a fake
-OpenRouter, through qp-server, and through a second qp-server with every budget on (large
-caps, so none refuses), interleaved in one run.
+OpenRouter, through qp-server, through a second qp-server with every budget on (large
+caps, so none refuses), and through a third like the first (the control: how far two
+identical servers differ on this machine), interleaved in one run.
 
     .venv/bin/python bench/relay.py [--rounds 200]
 
 The fake upstream runs as its own process (tests/fake_openrouter.py). Prints, at
 concurrency 1 and 100: median and p99 time to first chunk both ways and the difference,
-and stream throughput both ways; the added time to first chunk with budgets on; then the
-server's resident memory idle and while it holds 1,000 open streams.
+and stream throughput both ways; the added time to first chunk with budgets on beside the
+control's, and each server's CPU time per completion; then the server's resident memory
+idle and while it holds 1,000 open streams.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -72,14 +75,15 @@ async def interleaved(
     script: str,
     rounds: int,
     concurrency: int,
-    budgets_url: str | None = None,
+    more: dict[str, str] | None = None,
 ) -> dict[str, list[tuple[float, float, int]]]:
     """`rounds` rounds; each runs `concurrency` fetches one way, then the other(s), rotating
-    which goes first, so all see the same machine."""
-    results: dict[str, list] = {"direct": [], "relay": [], "budgets": []}
+    which goes first, so all see the same machine. `more`: other servers, by name."""
+    results: dict[str, list] = {"direct": [], "relay": []}
     ways = [("direct", direct_url, upstream_body(script)), ("relay", relay_url, completion(script))]
-    if budgets_url:
-        ways.append(("budgets", budgets_url, completion(script)))
+    for name, url in (more or {}).items():
+        results[name] = []
+        ways.append((name, url, completion(script)))
     for i in range(rounds):
         for name, url, body in ways[i % len(ways) :] + ways[: i % len(ways)]:
             results[name] += await asyncio.gather(
@@ -91,6 +95,12 @@ async def interleaved(
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
@@ -126,24 +136,39 @@ def aggregate_mb_per_s(runs: list[tuple[float, float, int]], concurrency: int) -
 
 
 async def run(
-    args: argparse.Namespace, direct_url: str, relay_url: str, budgets_url: str, pid: int
+    args: argparse.Namespace,
+    direct_url: str,
+    relay_url: str,
+    more: dict[str, str],
+    pids: dict[str, int],
 ) -> None:
     connector = aiohttp.TCPConnector(limit=0)
+    pid = pids["relay"]
     async with aiohttp.ClientSession(connector=connector) as session:
-        await interleaved(session, direct_url, relay_url, "first", 10, 4)  # warm-up
+        await interleaved(session, direct_url, relay_url, "first", 10, 4, more)  # warm-up
         print(f"\n{'':34}{'direct':>10}{'relay':>11}{'relay - direct':>16}")
-        for concurrency, rounds in ((1, args.rounds), (100, max(3, args.rounds // 20))):
+        for concurrency, rounds in ((1, args.rounds), (100, max(3, args.rounds // 10))):
+            cpu_before = {name: cpu_seconds(p) for name, p in pids.items()}
             first = await interleaved(
-                session, direct_url, relay_url, "first", rounds, concurrency, budgets_url
+                session, direct_url, relay_url, "first", rounds, concurrency, more
             )
+            cpu = {
+                name: (cpu_seconds(p) - cpu_before[name]) / (rounds * concurrency) * 1e6
+                for name, p in pids.items()
+            }
             for label, fraction in (("median", 0.5), ("p99", 0.99)):
-                d = percentile([r[0] for r in first["direct"]], fraction) * 1000
-                r = percentile([r[0] for r in first["relay"]], fraction) * 1000
-                b = percentile([r[0] for r in first["budgets"]], fraction) * 1000
+                d, r, b, c = (
+                    percentile([run[0] for run in first[way]], fraction) * 1000
+                    for way in ("direct", "relay", "budgets", "control")
+                )
                 print(
                     f"c={concurrency:<3} time to first chunk, {label:6}  {d:8.2f}ms {r:8.2f}ms"
-                    f" {r - d:+12.2f}ms   budgets on {b:.2f}ms ({b - r:+.2f}ms)"
+                    f" {r - d:+12.2f}ms   budgets on {b - r:+.2f}ms, control {c - r:+.2f}ms"
                 )
+            print(
+                f"c={concurrency:<3} CPU per completion: relay {cpu['relay']:.0f} us,"
+                f" budgets on {cpu['budgets']:.0f} us, control {cpu['control']:.0f} us"
+            )
             few = max(3, rounds // 20)
             paced = await interleaved(session, direct_url, relay_url, "paced", few, concurrency)
             d, r = (statistics.median(run[1] for run in paced[way]) for way in ("direct", "relay"))
@@ -191,22 +216,27 @@ def main() -> int:
             "QP_BUDGET_CLIENT_MAX_STREAMS": "100000",
         },
     )
+    control = QPServer(Path(tempfile.mkdtemp(prefix="qp-relay-bench-control-")), env)
+    servers = {"relay": server, "budgets": budgeted, "control": control}
     try:
         wait_for_port(fake_port, 20, fake)
-        server.start()
-        budgeted.start()
+        for started in servers.values():
+            started.start()
         asyncio.run(
             run(
                 args,
                 direct_url,
                 f"{server.url}/api/completion",
-                f"{budgeted.url}/api/completion",
-                server.process.pid,
+                {
+                    "budgets": f"{budgeted.url}/api/completion",
+                    "control": f"{control.url}/api/completion",
+                },
+                {name: started.process.pid for name, started in servers.items()},
             )
         )
     finally:
-        server.stop()
-        budgeted.stop()
+        for started in servers.values():
+            started.stop()
         fake.terminate()
         fake.wait()
     return 0
