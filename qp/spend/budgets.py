@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from qp.completions.ledger import spent_since
 from qp.storage.sqlite import Database
@@ -33,10 +33,10 @@ MONTH = "month"
 CAP_TOLERANCE_USD = 1e-9
 
 
-@dataclass(frozen=True)
-class Scope:
+class Scope(NamedTuple):
     """One budget: whose spending (`kind`: server, app, client), which one (`name`: the
-    app, the client hash), and over which period."""
+    app, the client hash), and over which period. A tuple: it is hashed several times
+    per request."""
 
     kind: str
     name: str
