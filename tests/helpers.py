@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import aiohttp
 import orjson
 
 from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
-from tests.processes import ROOT
+from tests.processes import ROOT, QPServer
 
 ADMIN_KEY = "test-admin-key"
 ISO_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
@@ -169,3 +170,11 @@ class WriteLoad:
                 expected["messages"],
                 expected["totalUsage"],
             ), f"{chat_id}: acknowledged v{version}, now {chat['model']}"
+
+
+async def wait_for_log(server: QPServer, text: str, count: int = 1) -> None:
+    """Until the server's log holds `text` `count` times (5 s at most)."""
+    deadline = time.monotonic() + 5
+    while server.log().count(text) < count:
+        assert time.monotonic() < deadline, f"{text!r} not logged:\n{server.log()}"
+        await asyncio.sleep(0.05)

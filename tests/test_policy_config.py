@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +14,7 @@ import pytest
 from qp.policy.loader import load_policy
 from qp.policy.policy import Policy
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import SYSTEM, call
+from tests.helpers import SYSTEM, call, wait_for_log
 from tests.processes import ROOT, QPServer
 
 EXAMPLE = ROOT / "qp.example.toml"
@@ -117,13 +115,6 @@ def write_policy(path: Path, origins: list[str], models: list[str]) -> None:
     quoted = ", ".join(f'"{o}"' for o in origins)
     cheap = ", ".join(f'"{m}"' for m in models)
     path.write_text(f"allowed_origins = [{quoted}]\n[completion]\ncheap_models = [{cheap}]\n")
-
-
-async def wait_for_log(server: QPServer, text: str, count: int = 1) -> None:
-    deadline = time.monotonic() + 5
-    while server.log().count(text) < count:
-        assert time.monotonic() < deadline, f"{text!r} not logged:\n{server.log()}"
-        await asyncio.sleep(0.05)
 
 
 async def origin_allowed(http, origin: str) -> bool:

@@ -4,6 +4,7 @@ concurrency, the 402 and 429 of API.md check 9, and the ledger's cost for every 
 from __future__ import annotations
 
 import asyncio
+import signal
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -13,13 +14,12 @@ import orjson
 import pytest
 from aiohttp import web
 
-from qp.app import reload_policy
 from qp.appkeys import PRICES
 from qp.spend.budgets import DAY, MONTH, BudgetBook, Refusal, Reservation, Scope
 from qp.spend.prices import parse_model_list
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import SYSTEM, call, run_qp
+from tests.helpers import SYSTEM, call, run_qp, wait_for_log
 
 CHEAP = "openai/gpt-4.1-mini"
 KEYS = {"OPENROUTER_API_KEY": "server-key", "OPENROUTER_API_KEY_BIDS_ASSISTANT": "bids-key"}
@@ -217,14 +217,20 @@ async def test_too_many_open_streams_is_the_contracts_429(start_server, fake):
     assert (await held)[0] == 200
 
 
-async def test_a_lowered_cap_applies_to_the_next_request(start_server, fake, tmp_path):
+async def test_a_sighup_that_lowers_a_cap_applies_to_the_next_request(qp_server, fake, tmp_path):
     config = tmp_path / "qp.toml"
     config.write_text("[budgets]\nserver_daily_usd = 1.0\n")
-    server = await start(start_server, fake, QP_CONFIG=str(config))
-    assert (await ask(server, completion(content="hi")))[0] == 200
-    config.write_text("[budgets]\nserver_daily_usd = 0.005\n")
-    assert reload_policy(server.app)
-    assert (await ask(server, completion(content="hi")))[0] == 402
+    server = qp_server(QP_CONFIG=str(config), QP_OPENROUTER_URL=fake.url, **KEYS, **RESERVE)
+    async with aiohttp.ClientSession(server.url) as http:
+        request = completion(content="hi")
+        async with http.post("/api/completion", json=request) as response:
+            assert response.status == 200
+            await response.read()
+        config.write_text("[budgets]\nserver_daily_usd = 0.005\n")
+        server.signal(signal.SIGHUP)
+        await wait_for_log(server, "policy reloaded")
+        status, body = await call(http, "POST", "/api/completion", json=request)
+    assert (status, body["error"]) == (402, "Budget exhausted")
 
 
 async def test_what_was_spent_today_survives_a_restart(start_server, fake):
