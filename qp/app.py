@@ -32,6 +32,7 @@ from qp.appkeys import (
     RATE_CLASSES,
     RATE_LIMITER,
     SHUTTING_DOWN,
+    STARTED_AT,
     UPSTREAM,
 )
 from qp.chats.cache import ChatCache
@@ -73,6 +74,7 @@ def create_app(
     app = web.Application(middlewares=MIDDLEWARES)
     app[CONFIG] = config
     app[CLOCK] = clock
+    app[STARTED_AT] = clock()
     app[METRICS] = Metrics()
     app[POLICY] = PolicyHolder(policy)
     app[SHUTTING_DOWN] = asyncio.Event()

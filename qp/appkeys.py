@@ -43,6 +43,8 @@ DAILY_QUOTA = web.AppKey("daily_quota", DailyQuota)
 BYTE_BUDGET = web.AppKey("byte_budget", ByteBudget)
 # The wall clock budget periods roll over by (time.time; tests set the day).
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+# When the app was made, by that clock (epoch seconds).
+STARTED_AT = web.AppKey("started_at", float)
 # What the server's and the apps' keys spent and have reserved, per budget.
 BUDGETS = web.AppKey("budgets", BudgetBook)
 # Server- or app-paid streams open per client (client_max_streams).

@@ -100,6 +100,7 @@ async def rate_limits(request: web.Request, handler: Handler) -> web.StreamRespo
             refusal = limiter.blocked(client)
         if refusal is not None:
             request.app[METRICS].rate_limit_refusals.labels(rate_class, refusal.reason).inc()
+            limiter.refusals_per_hour.add()
             raise too_many_requests(refusal.retry_after, refusal.message)
     return await handler(request)
 

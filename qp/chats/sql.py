@@ -49,6 +49,7 @@ STORED_BYTES = """
 OF_UNKNOWN_SIZE = "SELECT chat_id FROM chats WHERE messages_bytes IS NULL LIMIT ?"
 NOTE_SIZE = "UPDATE chats SET messages_bytes = ? WHERE chat_id = ? AND messages_bytes IS NULL"
 ALL_IDS = "SELECT chat_id, updated_at FROM chats"
+APPS = "SELECT app, COUNT(*), MAX(updated_at) FROM chats GROUP BY app ORDER BY app"
 
 
 class ChatRows:
@@ -220,6 +221,10 @@ class ChatRows:
     async def note_sizes(self, sizes: list[tuple[int, str]]) -> None:
         """Record (size, chat id) of messages found in the blob store (rows imported)."""
         await self.db.execute_write_many(NOTE_SIZE, sizes)
+
+    async def apps(self) -> list[tuple[str, int, str]]:
+        """(app, chats, latest updated_at) of every app with chats, by name."""
+        return [(row[0], row[1], row[2]) for row in await self.db.fetchall(APPS)]
 
     async def all_ids(self) -> list[tuple[str, str]]:
         """(chat id, updated_at) of every row."""

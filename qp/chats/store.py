@@ -251,6 +251,10 @@ class ChatStore:
             if chat is not None:
                 yield chat
 
+    async def apps(self) -> list[tuple[str, int, str]]:
+        """(app, chats, latest updated_at) of every app with chats."""
+        return await self._rows.apps()
+
     def forget_all(self) -> None:
         """Drop every cached chat (another process changed the database)."""
         self._cache.clear()

@@ -13,7 +13,7 @@ from qp.timestamps import utc_now_iso
 async def blocks_list(args: argparse.Namespace, config: Config) -> int:
     async with opened(config) as (db, _, _):
         blocks = await active_blocks(db, utc_now_iso())
-    print(table(blocks, ("CLIENT HASH", "BLOCKED UNTIL")))
+    print(table(blocks, ("CLIENT HASH", "BLOCKED AT", "BLOCKED UNTIL")))
     return 0
 
 

@@ -155,6 +155,14 @@ def _cost(record: CompletionRecord, estimate: float) -> None:
             record.cost_owed_until, record.cost_next_lookup = owed_lookup_times(time.time())
 
 
+async def flush_ledger(app: web.Application) -> None:
+    """Write the ledger rows still queued, so a report includes every completion so far
+    (unless the database keeps refusing them)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(USAGE_FLUSH_SECONDS):
+            await app[LEDGER].flush()
+
+
 async def usage_report(request: web.Request) -> web.Response:
     """Totals by app, model and payer, optionally for one app and from a date on."""
     require_admin(request, request.app[CONFIG].admin_key)
@@ -164,10 +172,7 @@ async def usage_report(request: web.Request) -> web.Response:
         since = parse_iso(request.query["since"])
         if since is None:
             raise ApiError(400, "Invalid since parameter")
-    # The report includes every completion so far, unless the database keeps refusing them.
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(USAGE_FLUSH_SECONDS):
-            await request.app[LEDGER].flush()
+    await flush_ledger(request.app)
     totals = await usage_totals(request.app[DATABASE], since, app)
     rows: list[dict[str, Any]] = [
         {

@@ -23,16 +23,18 @@ async def healthz(request: web.Request) -> web.Response:
     """200 when the database and the blob store answer and take writes; 503 naming what
     does not, and why: `unavailable`, `full`, `read-only`, or for the database file
     `deleted`, `replaced` or `damaged`."""
-    db = request.app[DATABASE]
-    checks = {
-        "database": db.damage or await _check(db.ping),
-        "storage": await _storage_check(request.app),
-    }
+    checks = await health_checks(request.app)
     if all(state == "ok" for state in checks.values()):
         return json_response({"status": "ok"})
     return json_response(
         {"error": "Service unavailable", "status": "unavailable", "checks": checks}, 503
     )
+
+
+async def health_checks(app: web.Application) -> dict[str, str]:
+    """The state of the database and of the blob store: `ok` or what is wrong."""
+    db = app[DATABASE]
+    return {"database": db.damage or await _check(db.ping), "storage": await _storage_check(app)}
 
 
 async def _storage_check(app: web.Application) -> str:

@@ -10,15 +10,16 @@ from qp.storage.sqlite import Database
 from qp.timestamps import format_iso, utc_now_iso
 
 ACTIVE = """
-    SELECT client_hash, blocked_until FROM blocks WHERE blocked_until > ? ORDER BY blocked_until
+    SELECT client_hash, blocked_at, blocked_until FROM blocks WHERE blocked_until > ?
+    ORDER BY blocked_until
 """
 SAVE = "INSERT OR REPLACE INTO blocks (client_hash, blocked_at, blocked_until) VALUES (?, ?, ?)"
 DELETE = "DELETE FROM blocks WHERE client_hash = ?"
 
 
-async def active_blocks(db: Database, now: str) -> list[tuple[str, str]]:
-    """(client hash, blocked until) of the blocks not yet over."""
-    return [(row[0], row[1]) for row in await db.fetchall(ACTIVE, (now,))]
+async def active_blocks(db: Database, now: str) -> list[tuple[str, str, str]]:
+    """(client hash, blocked at, blocked until) of the blocks not yet over."""
+    return [(row[0], row[1], row[2]) for row in await db.fetchall(ACTIVE, (now,))]
 
 
 async def save_block(db: Database, client_hash: str, blocked_at: str, blocked_until: str) -> None:
@@ -33,7 +34,7 @@ async def load_blocks(db: Database) -> dict[str, float]:
     """Client hash -> blocked until (epoch seconds), for the blocks in force."""
     return {
         client: datetime.fromisoformat(until).timestamp()
-        for client, until in await active_blocks(db, utc_now_iso())
+        for client, _, until in await active_blocks(db, utc_now_iso())
     }
 
 

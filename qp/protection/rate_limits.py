@@ -88,6 +88,7 @@ class RateLimiter:
         # client hash -> times of its latest refusals, least recently refused first
         self._refusals: OrderedDict[str, deque[float]] = OrderedDict()
         self.forgotten = 0
+        self.refusals_per_hour = RefusalsPerHour(clock)
 
     def blocked(self, client: str) -> Refusal | None:
         """The refusal of a blocked client (whatever the limits of the route)."""
@@ -161,6 +162,13 @@ class RateLimiter:
             if not refusals or refusals[-1] < self._clock() - REFUSAL_MEMORY_SECONDS:
                 del self._refusals[key]
 
+    def lift(self, client: str) -> None:
+        """Forget a client's block, its refusals and its counts: an operator lifted it."""
+        self._blocks.pop(client, None)
+        self._refusals.pop(client, None)
+        for key in [key for key in self._counters if key[0] == client]:
+            del self._counters[key]
+
     def replace_blocks(self, blocks: dict[str, float]) -> None:
         """Take the blocks in force as the database has them (an operator lifted one)."""
         self._blocks = blocks
@@ -169,3 +177,26 @@ class RateLimiter:
     def tracked(self) -> int:
         """Counters held now (one per client and class)."""
         return len(self._counters)
+
+
+class RefusalsPerHour:
+    """How many requests were refused in each hour of the last HOURS_KEPT (in memory: a
+    restart starts from nothing)."""
+
+    HOURS_KEPT = 48
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self._clock = clock
+        self._counts: OrderedDict[int, int] = OrderedDict()  # hour since the epoch -> count
+
+    def add(self) -> None:
+        hour = int(self._clock() // 3600)
+        self._counts[hour] = self._counts.get(hour, 0) + 1
+        while next(iter(self._counts)) <= hour - self.HOURS_KEPT:
+            self._counts.popitem(last=False)
+
+    def last(self, hours: int = HOURS_KEPT) -> list[tuple[int, int]]:
+        """(hour start in epoch seconds, refusals) for the last `hours` hours, this one last."""
+        now = int(self._clock() // 3600)
+        hours_shown = range(now - hours + 1, now + 1)
+        return [(hour * 3600, self._counts.get(hour, 0)) for hour in hours_shown]
