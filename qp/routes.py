@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from qp.admin import handlers as admin
+from qp.admin import page as admin_page
 from qp.chats import handlers as chat_handlers
 from qp.completions import handlers as completion_handlers
 from qp.ops import health as ops
@@ -19,6 +21,14 @@ ROUTES = (
     ("POST", "/api/completion", completion_handlers.create_completion, "completion"),
     ("GET", "/api/usage", completion_handlers.usage_report, None),
     ("GET", "/api/openapi.json", openapi.openapi_document, None),
+    # The operator's page and what it reads (admin key required for the JSON).
+    ("GET", "/admin", admin_page.admin_page, None),
+    ("GET", "/admin/static/{name}", admin_page.admin_static, None),
+    ("GET", "/api/admin/overview", admin.overview, None),
+    ("GET", "/api/admin/spend", admin.spend, None),
+    ("GET", "/api/admin/apps", admin.apps, None),
+    ("GET", "/api/admin/blocks", admin.blocks, None),
+    ("DELETE", "/api/admin/blocks/{client_hash}", admin.lift_block, None),
     # For operators and monitoring; nginx passes only /api/ on.
     ("GET", "/healthz", ops.healthz, None),
     ("GET", "/metrics", ops.metrics, None),

@@ -20,7 +20,7 @@ from qp.policy.loader import load_policy
 from tests.app_server import AppServer, Backend, StartServer
 from tests.fake_openrouter import FakeOpenRouter
 from tests.helpers import ADMIN_KEY
-from tests.processes import TEST_DEFAULTS, QPServer, SeaweedFS
+from tests.processes import CHROMIUM, TEST_DEFAULTS, QPServer, SeaweedFS
 
 BACKENDS = ["file", "s3"]
 # What a test run's own environment must not pass on to the server under test.
@@ -129,3 +129,30 @@ def app_name() -> str:
 @pytest.fixture
 def admin() -> dict[str, str]:
     return {"x-admin-key": ADMIN_KEY}
+
+
+@pytest.fixture
+async def browser(tmp_path) -> AsyncIterator:
+    """Debian's headless Chromium (never a downloaded one), driven by Playwright, with a
+    fresh profile. Modules that use it skip themselves where it is not installed."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        context = await playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            viewport={"width": 1280, "height": 900},
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            yield context
+        finally:
+            await context.close()

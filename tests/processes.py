@@ -22,6 +22,12 @@ import pytest
 from botocore.config import Config as BotocoreConfig
 
 ROOT = Path(__file__).resolve().parent.parent
+# Debian's Chromium, which the browser tests drive (.ci/run installs it).
+CHROMIUM = Path("/usr/bin/chromium")
+NEEDS_CHROMIUM = pytest.mark.skipif(
+    not CHROMIUM.exists() or shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed (.ci/run installs it)",
+)
 S3_ACCESS_KEY = "qp-test-access"
 S3_SECRET_KEY = "qp-test-secret-key"
 # Every server a test starts, in-process or not: the suite's many requests come from one

@@ -4,7 +4,6 @@ completion cross-origin from the server, and is refused from an origin not allow
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,18 +12,14 @@ from aiohttp import web
 
 from tests.fake_openrouter import FakeOpenRouter, Script
 from tests.helpers import SYSTEM
-from tests.processes import QPServer
+from tests.processes import NEEDS_CHROMIUM, QPServer
 
-CHROMIUM = Path("/usr/bin/chromium")
 PAGE = Path(__file__).parent / "browser" / "stream.html"
 ARTIFACTS = Path(__file__).parent / "artifacts"
 PAGE_PORT = 5173
 CHUNKS = [b"data: one\n\n", b"data: two\n\n", b"data: [DONE]\n\n"]
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists() or shutil.which("chromium") is None,
-    reason="Debian's chromium is not installed (.ci/run installs it)",
-)
+pytestmark = NEEDS_CHROMIUM
 
 
 @pytest.fixture(scope="module")
@@ -74,30 +69,6 @@ async def page_server() -> AsyncIterator[None]:
         yield
     finally:
         await runner.cleanup()
-
-
-@pytest.fixture
-async def browser(tmp_path) -> AsyncIterator:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        context = await playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),  # a fresh profile
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        try:
-            yield context
-        finally:
-            await context.close()
 
 
 async def open_page(browser, url: str, name: str):

@@ -1,0 +1,182 @@
+"""The admin JSON routes the operator's page reads: spend, apps, blocks, and an overview.
+Every one needs `x-admin-key`; none is rate limited."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from datetime import UTC, datetime, timedelta
+
+from aiohttp import web
+
+from qp.appkeys import (
+    BUDGETS,
+    CHAT_STORE,
+    CLOCK,
+    CONFIG,
+    DATABASE,
+    METRICS,
+    POLICY,
+    RATE_LIMITER,
+    STARTED_AT,
+)
+from qp.completions.handlers import flush_ledger
+from qp.completions.reports import cost_by_source, cost_per_day, cost_since, outcomes_per_hour
+from qp.config import describe
+from qp.errors import ApiError, json_response
+from qp.ops.health import health_checks
+from qp.protection.admin import require_admin
+from qp.protection.blocks import active_blocks, delete_block
+from qp.spend.budgets import budget_report
+from qp.timestamps import format_iso
+
+MAX_DAYS = 366
+HOURS_SHOWN = 48
+# How the page groups the ledger's outcomes.
+OUTCOME_GROUPS = {
+    "completed": "completed",
+    "client_left": "clientLeft",
+    "upstream_error": "upstreamError",
+    "upstream_died": "upstreamError",
+    "upstream_idle": "upstreamError",
+    "unreachable": "upstreamError",
+    "timeout": "timeout",
+}
+OUTCOME_NAMES = ("completed", "clientLeft", "upstreamError", "timeout", "other")
+_CLIENT_HASH = re.compile(r"[0-9a-f]{64}")
+_DAYS = re.compile(r"[0-9]{1,3}")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("qp-server")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+async def overview(request: web.Request) -> web.Response:
+    """Health, version, uptime, open streams, storage, and the settings (secrets masked)."""
+    app = request.app
+    config = app[CONFIG]
+    require_admin(request, config.admin_key)
+    checks = await health_checks(app)
+    now = app[CLOCK]()
+    started = app[STARTED_AT]
+    open_streams = app[METRICS].registry.get_sample_value("qp_open_streams") or 0
+    return json_response(
+        {
+            "status": "ok" if all(state == "ok" for state in checks.values()) else "unavailable",
+            "checks": checks,
+            "version": _version(),
+            "startedAt": _iso(started),
+            "uptimeSeconds": max(0, round(now - started)),
+            "openStreams": int(open_streams),
+            "database": "sqlite",
+            "storage": "s3" if config.storage_url.startswith("s3://") else "file",
+            "settings": describe(config, app[POLICY].current),
+        }
+    )
+
+
+async def spend(request: web.Request) -> web.Response:
+    """Cost per UTC day for the last `days` days (today included) by app or by model, the
+    totals of today and this month, cost by source, completions per hour for the last 48
+    hours by how they ended, and the budgets in force."""
+    app = request.app
+    require_admin(request, app[CONFIG].admin_key)
+    days = _days(request.query.get("days", "30"))
+    by = request.query.get("by", "app")
+    if by not in ("app", "model"):
+        raise ApiError(400, "Invalid by parameter")
+    now = datetime.fromtimestamp(app[CLOCK](), UTC)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    first = today - timedelta(days=days - 1)
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    first_hour = hour - timedelta(hours=HOURS_SHOWN - 1)
+    await flush_ledger(app)
+    db = app[DATABASE]
+
+    per_day: dict[str, dict[str, float]] = {}
+    totals: dict[str, float] = {}
+    for row in await cost_per_day(db, format_iso(first), by):
+        per_day.setdefault(row.day, {})[row.name] = row.cost
+        totals[row.name] = totals.get(row.name, 0.0) + row.cost
+    names = sorted(totals, key=lambda name: (-totals[name], name))
+    series = []
+    for n in range(days):
+        day = (first + timedelta(days=n)).strftime("%Y-%m-%d")
+        costs = per_day.get(day, {})
+        series.append({"day": day, "costs": costs, "total": sum(costs.values(), 0.0)})
+
+    outcomes = await outcomes_per_hour(db, format_iso(first_hour))
+    hourly = []
+    for n in range(HOURS_SHOWN):
+        start = first_hour + timedelta(hours=n)
+        counts = dict.fromkeys(OUTCOME_NAMES, 0)
+        for outcome, count in outcomes.get(start.strftime("%Y-%m-%dT%H"), {}).items():
+            counts[OUTCOME_GROUPS.get(outcome, "other")] += count
+        hourly.append({"hour": format_iso(start), **counts})
+
+    return json_response(
+        {
+            "days": days,
+            "by": by,
+            "from": series[0]["day"],
+            "to": series[-1]["day"],
+            "names": names,
+            "series": series,
+            "total": sum(totals.values(), 0.0),
+            "today": await cost_since(db, format_iso(today)),
+            "month": await cost_since(db, format_iso(today.replace(day=1))),
+            "costSource": await cost_by_source(db, format_iso(first)),
+            "hourly": hourly,
+            "budgets": budget_report(app[BUDGETS], app[POLICY].current),
+        }
+    )
+
+
+def _days(text: str) -> int:
+    if not _DAYS.fullmatch(text) or not 1 <= int(text) <= MAX_DAYS:
+        raise ApiError(400, "Invalid days parameter")
+    return int(text)
+
+
+async def apps(request: web.Request) -> web.Response:
+    """Every app with chats: how many, and when the latest was updated."""
+    require_admin(request, request.app[CONFIG].admin_key)
+    found = await request.app[CHAT_STORE].apps()
+    return json_response(
+        {"apps": [{"app": app, "chats": count, "updatedAt": at} for app, count, at in found]}
+    )
+
+
+async def blocks(request: web.Request) -> web.Response:
+    """The blocks in force, and rate-limit refusals per hour for the last 48 hours."""
+    app = request.app
+    require_admin(request, app[CONFIG].admin_key)
+    now = datetime.fromtimestamp(app[CLOCK](), UTC)
+    found = await active_blocks(app[DATABASE], format_iso(now))
+    refusals = app[RATE_LIMITER].refusals_per_hour.last(HOURS_SHOWN)
+    return json_response(
+        {
+            "blocks": [
+                {"client": client, "since": since, "until": until} for client, since, until in found
+            ],
+            "refusals": [{"hour": _iso(hour), "refusals": count} for hour, count in refusals],
+        }
+    )
+
+
+async def lift_block(request: web.Request) -> web.Response:
+    """Lift one client's block: it is served again at once, with fresh counts."""
+    app = request.app
+    require_admin(request, app[CONFIG].admin_key)
+    client = request.match_info["client_hash"]
+    if not _CLIENT_HASH.fullmatch(client) or not await delete_block(app[DATABASE], client):
+        raise ApiError(404, "Block not found")
+    app[RATE_LIMITER].lift(client)
+    return json_response({"success": True})
+
+
+def _iso(epoch_seconds: float) -> str:
+    return format_iso(datetime.fromtimestamp(epoch_seconds, UTC))

@@ -1,0 +1,270 @@
+"""The operator's page in a real browser: headless Debian Chromium, driven by Playwright,
+against a server.py process whose ledger was filled by real completions on the fake
+OpenRouter and whose chats were made through the API. Each view is photographed into
+tests/artifacts/ (`make screenshots` runs this module alone)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.helpers import ADMIN_KEY, SYSTEM, call, create, make_chat
+from tests.processes import NEEDS_CHROMIUM, QPServer
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+XSS = "<img src=x onerror=alert(1)>"
+BLOCKED = {"X-Forwarded-For": "198.51.100.9"}  # the server trusts its loopback peer
+
+pytestmark = NEEDS_CHROMIUM
+
+
+def completion(app: str) -> dict:
+    return {
+        "model": "openai/gpt-4.1-mini",
+        "systemMessage": SYSTEM,
+        "messages": [{"role": "user", "content": "hi"}],
+        "app": app,
+    }
+
+
+@pytest.fixture(scope="module")
+def api(fake, tmp_path_factory) -> Iterator[QPServer]:
+    server = QPServer(
+        tmp_path_factory.mktemp("qp-admin-page"),
+        {
+            "ADMIN_KEY": ADMIN_KEY,
+            "QP_OPENROUTER_URL": fake.url,
+            "OPENROUTER_API_KEY": "server-key",
+            "QP_BUDGET_SERVER_DAILY_USD": "0.01",
+            "QP_BUDGET_APP_DAILY_USD": "*=0.004",
+            "QP_BUDGET_DEFAULT_RESERVE_USD": "0.0001",
+            "QP_RATE_LIMIT_CHATS": "20/minute",
+        },
+    ).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def seeded(api) -> dict[str, str]:
+    """Completions from a few clients, chats in two apps (one of them hostile), and a
+    client blocked for hammering a chat route. Answers the chats' ids by name."""
+    return asyncio.run(seed(api))
+
+
+async def seed(api: QPServer) -> dict[str, str]:
+    chats: dict[str, str] = {}
+    async with aiohttp.ClientSession(api.url) as http:
+        for n, app in enumerate(["nwb-assistant", "nwb-assistant", "bids-assistant"]):
+            headers = {"X-Forwarded-For": f"203.0.113.{n + 1}"}
+            async with http.post("/api/completion", json=completion(app), headers=headers) as got:
+                assert got.status == 200
+                await got.read()
+        chats["plain"] = await create(
+            http,
+            make_chat(
+                app="nwb-assistant",
+                messages=[
+                    {"role": "user", "content": "How do I open an NWB file\nin Python?"},
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [{"id": "t1", "function": {"name": "search"}}],
+                    },
+                    {"role": "assistant", "content": "Use pynwb's NWBHDF5IO."},
+                ],
+            ),
+        )
+        chats["xss"] = await create(
+            http,
+            make_chat(app="nwb-assistant", messages=[{"role": "user", "content": XSS}]),
+        )
+        chats["doomed"] = await create(
+            http,
+            make_chat(app="nwb-assistant", messages=[{"role": "user", "content": "delete me"}]),
+        )
+        chats["bids"] = await create(
+            http, make_chat(app="bids-assistant", messages=[{"role": "user", "content": "BIDS?"}])
+        )
+        for _ in range(20 + 10):  # 20 allowed in the minute, then 10 refusals: blocked
+            async with http.get("/api/chats/nothing", headers=BLOCKED):
+                pass
+        status, body = await call(http, "GET", "/api/chats/nothing", headers=BLOCKED)
+        assert (status, body.get("message")) == (429, "IP blocked due to excessive violations")
+    return chats
+
+
+class Page:
+    """One tab on the admin page, recording dialogs and page errors."""
+
+    def __init__(self, page, api: QPServer):
+        self.page = page
+        self.api = api
+        self.dialogs: list[str] = []
+        self.errors: list[str] = []
+        page.on("dialog", self._dialog)
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.on("console", self._console)
+
+    async def _dialog(self, dialog) -> None:
+        self.dialogs.append(dialog.message)
+        await dialog.dismiss()
+
+    def _console(self, message) -> None:
+        if message.type == "error":
+            self.errors.append(message.text)
+
+    async def sign_in(self, key: str = ADMIN_KEY) -> None:
+        await self.page.goto(f"{self.api.url}/admin")
+        await self.page.fill("#admin-key", key)
+        await self.page.click("#sign-in-form button[type=submit]")
+
+    async def show(self, view: str) -> None:
+        await self.page.click(f"#tab-{view}")
+        if view != "chats":
+            await self.page.wait_for_selector(f"#view-{view}[data-loaded=true]", timeout=10_000)
+
+    async def screenshot(self, name: str) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        await self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+@pytest.fixture
+async def admin_page(browser, api, seeded) -> AsyncIterator[Page]:
+    page = Page(await browser.new_page(), api)
+    try:
+        yield page
+    except BaseException:
+        await page.screenshot("failed")
+        raise
+    assert page.dialogs == []
+
+
+async def test_a_wrong_key_is_refused_and_the_right_one_shows_what_was_spent(admin_page, api):
+    page = admin_page.page
+    await admin_page.sign_in("not-the-key")
+    await page.locator("#sign-in-error", has_text="Wrong admin key").wait_for()
+    assert await page.is_hidden("#tabs") and await page.is_hidden("#view-spend")
+    assert await page.evaluate("sessionStorage.length") == 0
+    await admin_page.screenshot("admin-sign-in-refused")
+    admin_page.errors.clear()  # the browser logs the 401 it was refused with
+
+    await admin_page.sign_in()
+    await page.wait_for_selector("#view-spend[data-loaded=true]", timeout=10_000)
+    await admin_page.screenshot("admin-spend")
+    async with aiohttp.ClientSession(api.url) as http:
+        _, usage = await call(http, "GET", "/api/usage", headers={"x-admin-key": ADMIN_KEY})
+    shown = float(await page.get_attribute("#spend-total", "data-usd"))
+    assert shown == pytest.approx(usage["overall"]["cost"]) == pytest.approx(3 * 0.00042)
+    assert "0.0013" in await page.text_content("#spend-total")
+    # The chart has a bar for each app's day, and both apps in its legend.
+    assert await page.locator("#chart-daily svg rect").count() == 2
+    assert await page.locator("#legend-daily li").all_text_contents() == [
+        "nwb-assistant",
+        "bids-assistant",
+    ]
+    assert await page.locator("#chart-hourly svg rect").count() >= 1
+    assert await page.locator("#budgets .budget").count() == 3  # server daily, two apps
+    # The key is never in the address and never in a cookie.
+    assert ADMIN_KEY not in page.url
+    assert await page.context.cookies() == []
+    assert admin_page.errors == []
+
+    await page.select_option("#spend-by", "model")
+    await page.locator("#legend-daily li", has_text="openai/gpt-4.1-mini").wait_for()
+    assert await page.locator("#legend-daily li").count() == 1
+    await page.click("#sign-out")
+    assert await page.is_visible("#sign-in")
+    assert await page.evaluate("sessionStorage.length") == 0
+
+
+async def test_chats_are_browsed_read_and_deleted(admin_page, api, seeded):
+    page = admin_page.page
+    await admin_page.sign_in()
+    await admin_page.show("chats")
+    await page.click("#apps button:has-text('nwb-assistant')")
+    rows = page.locator("#chat-table tbody tr")
+    await rows.first.wait_for()
+    assert await rows.count() == 3
+    await page.click(f"tr[data-chat-id='{seeded['plain']}'] button")
+    assert await page.text_content("#chat-title") == "How do I open an NWB file in Python?"
+    messages = page.locator("#messages > li")
+    assert await messages.count() == 3
+    assert await page.locator("#messages details.tool-calls summary").text_content() == (
+        "Tool calls (1)"
+    )
+    await admin_page.screenshot("admin-chats")
+
+    await page.click(f"tr[data-chat-id='{seeded['doomed']}'] button")
+    await page.click("#chat-delete")
+    await page.click("#chat-delete-yes")
+    await page.locator(f"tr[data-chat-id='{seeded['doomed']}']").wait_for(state="detached")
+    assert await rows.count() == 2
+    async with aiohttp.ClientSession(api.url) as http:
+        assert (await call(http, "GET", f"/api/chats/{seeded['doomed']}"))[0] == 404
+    assert admin_page.errors == []
+
+
+async def test_a_hostile_chat_is_shown_as_text_and_runs_nothing(admin_page, seeded):
+    page = admin_page.page
+    await admin_page.sign_in()
+    await admin_page.show("chats")
+    await page.click("#apps button:has-text('nwb-assistant')")
+    hostile = page.locator(f"tr[data-chat-id='{seeded['xss']}'] button")
+    await hostile.wait_for()
+    assert await hostile.text_content() == XSS
+    await hostile.click()
+    assert await page.text_content("#messages .text") == XSS
+    assert await page.locator("#messages img, #chat-table img").count() == 0
+    await page.wait_for_timeout(300)  # an onerror would have fired by now
+    await admin_page.screenshot("admin-chat-hostile")
+    assert admin_page.dialogs == []
+
+
+async def test_a_blocked_client_is_lifted_and_served_again(admin_page, api, seeded):
+    page = admin_page.page
+    await admin_page.sign_in()
+    await admin_page.show("clients")
+    rows = page.locator("#blocks-table tbody tr")
+    assert await rows.count() == 1
+    assert await page.locator("#chart-refusals svg rect").count() >= 1
+    await admin_page.screenshot("admin-clients")
+    await rows.first.locator("button").click()
+    await page.wait_for_selector("#no-blocks:not([hidden])")
+    async with aiohttp.ClientSession(api.url) as http:
+        status, _ = await call(http, "GET", "/api/chats/nothing", headers=BLOCKED)
+    assert status == 404  # served again: a chat that is not there, not a 429
+    assert admin_page.errors == []
+
+
+async def test_health_shows_the_checks_and_the_masked_settings(admin_page):
+    page = admin_page.page
+    await admin_page.sign_in()
+    await admin_page.show("health")
+    facts = await page.locator("#health-facts dd").all_text_contents()
+    assert facts[:3] == ["ok", "ok", "ok"]  # status, database, storage
+    settings = await page.text_content("#settings")
+    assert "admin_key = ******** (set)" in settings and ADMIN_KEY not in settings
+    await admin_page.screenshot("admin-health")
+
+
+async def test_a_phone_gets_one_column_and_dark_mode_reads(admin_page):
+    page = admin_page.page
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.emulate_media(color_scheme="dark")
+    await admin_page.sign_in()
+    await page.wait_for_selector("#view-spend[data-loaded=true]", timeout=10_000)
+    await admin_page.screenshot("admin-spend-phone-dark")
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    background = await page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(20, 23, 28)"
+    # Keyboard: the tabs are reachable with Tab and open with Enter.
+    await page.focus("#tab-spend")
+    await page.keyboard.press("Tab")
+    await page.keyboard.press("Enter")
+    await page.locator("#view-chats").wait_for()
+    assert page.url.endswith("/admin#chats")
