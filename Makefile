@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev run test lint format bench clean
+.PHONY: install install-dev run test lint format bench clean screenshots
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
@@ -38,6 +38,11 @@ format: install-dev
 
 test: install-dev lint
 	$(BIN)/python -m pytest
+
+# The operator's page in Debian's Chromium, each view photographed into tests/artifacts/.
+screenshots: install-dev
+	$(BIN)/python -m pytest -q tests/test_admin_page.py
+	@ls tests/artifacts/admin-*.png
 
 bench: install-dev
 	$(BIN)/python bench/chats.py

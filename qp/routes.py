@@ -28,7 +28,7 @@ ROUTES = (
     ("GET", "/api/admin/spend", admin.spend, None),
     ("GET", "/api/admin/apps", admin.apps, None),
     ("GET", "/api/admin/blocks", admin.blocks, None),
-    ("DELETE", "/api/admin/blocks/{client_hash}", admin.lift_block, None),
+    ("DELETE", "/api/admin/blocks/{client}", admin.lift_block, None),
     # For operators and monitoring; nginx passes only /api/ on.
     ("GET", "/healthz", ops.healthz, None),
     ("GET", "/metrics", ops.metrics, None),

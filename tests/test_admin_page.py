@@ -6,12 +6,15 @@ tests/artifacts/ (`make screenshots` runs this module alone)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from qp.timestamps import format_iso
 from tests.helpers import ADMIN_KEY, SYSTEM, call, create, make_chat
 from tests.processes import NEEDS_CHROMIUM, QPServer
 
@@ -59,8 +62,13 @@ def seeded(api) -> dict[str, str]:
 async def seed(api: QPServer) -> dict[str, str]:
     chats: dict[str, str] = {}
     async with aiohttp.ClientSession(api.url) as http:
-        for n, app in enumerate(["nwb-assistant", "nwb-assistant", "bids-assistant"]):
+        paid_by = ["server", "server", "server", "user"]
+        for n, app in enumerate(
+            ["nwb-assistant", "nwb-assistant", "bids-assistant", "nwb-assistant"]
+        ):
             headers = {"X-Forwarded-For": f"203.0.113.{n + 1}"}
+            if paid_by[n] == "user":
+                headers["x-openrouter-key"] = "the-users-own-key"
             async with http.post("/api/completion", json=completion(app), headers=headers) as got:
                 assert got.status == 200
                 await got.read()
@@ -158,8 +166,10 @@ async def test_a_wrong_key_is_refused_and_the_right_one_shows_what_was_spent(adm
     await admin_page.screenshot("admin-spend")
     async with aiohttp.ClientSession(api.url) as http:
         _, usage = await call(http, "GET", "/api/usage", headers={"x-admin-key": ADMIN_KEY})
+    # What the server's and the apps' keys paid, then what everyone paid.
+    operator = sum(row["cost"] for row in usage["totals"] if row["payer"] != "user")
     shown = float(await page.get_attribute("#spend-total", "data-usd"))
-    assert shown == pytest.approx(usage["overall"]["cost"]) == pytest.approx(3 * 0.00042)
+    assert shown == pytest.approx(operator) == pytest.approx(3 * 0.00042)
     assert "0.0013" in await page.text_content("#spend-total")
     # The chart has a bar for each app's day, and both apps in its legend.
     assert await page.locator("#chart-daily svg rect").count() == 2
@@ -174,6 +184,10 @@ async def test_a_wrong_key_is_refused_and_the_right_one_shows_what_was_spent(adm
     assert await page.context.cookies() == []
     assert admin_page.errors == []
 
+    await page.select_option("#spend-payer", "all")
+    await page.locator("#spend-total", has_text="0.0017").wait_for()
+    shown = float(await page.get_attribute("#spend-total", "data-usd"))
+    assert shown == pytest.approx(usage["overall"]["cost"]) == pytest.approx(4 * 0.00042)
     await page.select_option("#spend-by", "model")
     await page.locator("#legend-daily li", has_text="openai/gpt-4.1-mini").wait_for()
     assert await page.locator("#legend-daily li").count() == 1
@@ -268,3 +282,42 @@ async def test_a_phone_gets_one_column_and_dark_mode_reads(admin_page):
     await page.keyboard.press("Enter")
     await page.locator("#view-chats").wait_for()
     assert page.url.endswith("/admin#chats")
+
+
+async def test_a_month_of_spend_draws_a_bar_for_each_app_and_day(browser, tmp_path):
+    """A ledger of 30 days in three apps (written beside the running server): one bar
+    segment per app and day that cost anything, and the range total is their sum."""
+    server = QPServer(tmp_path / "qp", {"ADMIN_KEY": ADMIN_KEY}).start()
+    try:
+        today = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+        rows = []
+        for n in range(30):
+            day = today - timedelta(days=n)
+            for k, (app, model) in enumerate(APPS_AND_MODELS):
+                if (n + k) % 4 != 3:  # some days an app spent nothing
+                    cost = round(0.05 + 0.01 * ((n * 7 + k * 3) % 11), 4)
+                    rows.append((format_iso(day), app, model, cost))
+        with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
+            db.executemany(
+                "INSERT INTO completions (started_at, app, model, payer, outcome, cost,"
+                " cost_source, status, duration_ms, client_left)"
+                " VALUES (?, ?, ?, 'server', 'completed', ?, 'stream', 200, 900, 0)",
+                rows,
+            )
+        page = Page(await browser.new_page(), server)
+        await page.sign_in()
+        await page.page.wait_for_selector("#view-spend[data-loaded=true]", timeout=10_000)
+        await page.screenshot("admin-spend-month")
+        assert await page.page.locator("#chart-daily svg rect").count() == len(rows)
+        shown = float(await page.page.get_attribute("#spend-total", "data-usd"))
+        assert shown == pytest.approx(sum(row[3] for row in rows))
+        assert page.errors == [] and page.dialogs == []
+    finally:
+        server.stop()
+
+
+APPS_AND_MODELS = [
+    ("nwb-assistant", "openai/gpt-4.1-mini"),
+    ("bids-assistant", "google/gemini-2.5-flash"),
+    ("dandi-assistant", "openai/gpt-5-mini"),
+]

@@ -116,15 +116,16 @@ async def test_the_overview_shows_health_version_and_masked_settings(
 
 # --- spend ------------------------------------------------------------------------------
 
-# (started_at, app, model, outcome, cost, cost_source): around the day boundaries before
-# the clock's now, 2026-11-26T01:15Z, and one in the month before.
+# (started_at, app, model, payer, outcome, cost, cost_source): around the day boundaries
+# before the clock's now, 2026-11-26T01:15Z, one in the month before, and one a user paid.
 LEDGER = [
-    ("2026-10-31T23:00:00.000Z", "a", "m1", "completed", 1.0, "stream"),
-    ("2026-11-24T23:59:59.999Z", "a", "m1", "completed", 0.1, "stream"),
-    ("2026-11-25T00:00:00.000Z", "a", "m2", "client_left", 0.25, "generation"),
-    ("2026-11-25T13:00:00.000Z", "b", "m1", "upstream_died", 0.3, "estimate"),
-    ("2026-11-26T00:30:00.000Z", None, "m1", "timeout", 0.4, "estimate"),
-    ("2026-11-26T01:00:00.000Z", "b", "m2", "upstream_error", None, None),
+    ("2026-10-31T23:00:00.000Z", "a", "m1", "server", "completed", 1.0, "stream"),
+    ("2026-11-24T23:59:59.999Z", "a", "m1", "server", "completed", 0.1, "stream"),
+    ("2026-11-25T00:00:00.000Z", "a", "m2", "app", "client_left", 0.25, "generation"),
+    ("2026-11-25T10:00:00.000Z", "a", "m1", "user", "completed", 5.0, "stream"),
+    ("2026-11-25T13:00:00.000Z", "b", "m1", "server", "upstream_died", 0.3, "estimate"),
+    ("2026-11-26T00:30:00.000Z", None, "m1", "server", "timeout", 0.4, "estimate"),
+    ("2026-11-26T01:00:00.000Z", "b", "m2", "server", "upstream_error", None, None),
 ]
 NOW = datetime(2026, 11, 26, 1, 15, tzinfo=UTC)
 
@@ -134,7 +135,7 @@ async def ledger_server(start_server: StartServer) -> AppServer:
     with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
         db.executemany(
             "INSERT INTO completions (started_at, app, model, payer, outcome, cost, cost_source,"
-            " status, duration_ms, client_left) VALUES (?, ?, ?, 'server', ?, ?, ?, 200, 5, 0)",
+            " status, duration_ms, client_left) VALUES (?, ?, ?, ?, ?, ?, ?, 200, 5, 0)",
             LEDGER,
         )
     return server
@@ -150,13 +151,14 @@ def days(first: int, last: int, costs: dict[int, dict[str, float]]) -> list[dict
     return series
 
 
-async def test_spend_is_cost_per_utc_day_by_app(start_server, admin):
+async def test_spend_is_what_the_servers_and_apps_keys_paid_per_utc_day_by_app(start_server, admin):
     server = await ledger_server(start_server)
     status, spend = await call(server.client, "GET", "/api/admin/spend?days=7", headers=admin)
     assert status == 200
-    assert {k: spend[k] for k in ("days", "by", "from", "to", "names")} == {
+    assert {k: spend[k] for k in ("days", "by", "payer", "from", "to", "names")} == {
         "days": 7,
         "by": "app",
+        "payer": "operator",
         "from": "2026-11-20",
         "to": "2026-11-26",
         "names": ["", "a", "b"],  # by their cost in the range: 0.4, 0.35, 0.3
@@ -193,6 +195,24 @@ async def test_spend_by_model_over_30_days_reaches_into_the_month_before(start_s
     assert spend["month"] == pytest.approx(1.05)  # November only
 
 
+async def test_spend_for_every_payer_counts_the_users_own_keys_too(start_server, admin):
+    server = await ledger_server(start_server)
+    _, spend = await call(server.client, "GET", "/api/admin/spend?days=7&payer=all", headers=admin)
+    assert spend["payer"] == "all"
+    assert spend["series"][5] == {
+        "day": "2026-11-25",
+        "costs": {"a": pytest.approx(5.25), "b": pytest.approx(0.3)},
+        "total": pytest.approx(5.55),
+    }
+    assert (spend["total"], spend["month"], spend["today"]) == (
+        pytest.approx(6.05),
+        pytest.approx(6.05),
+        pytest.approx(0.4),
+    )
+    assert spend["costSource"]["stream"] == {"completions": 2, "cost": pytest.approx(5.1)}
+    assert sum(hour["completed"] for hour in spend["hourly"]) == 2
+
+
 async def test_spend_counts_completions_per_hour_for_48_hours_by_outcome(start_server, admin):
     server = await ledger_server(start_server)
     _, spend = await call(server.client, "GET", "/api/admin/spend", headers=admin)
@@ -223,6 +243,7 @@ async def test_spend_counts_completions_per_hour_for_48_hours_by_outcome(start_s
         ("days=99999999999999999999999", "Invalid days parameter"),
         ("days=%C2%B2", "Invalid days parameter"),  # a superscript 2: a digit to str.isdigit
         ("by=payer", "Invalid by parameter"),
+        ("payer=user", "Invalid payer parameter"),
     ],
 )
 async def test_spend_refuses_a_bad_range_or_grouping(http, admin, query, error):

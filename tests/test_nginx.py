@@ -248,6 +248,22 @@ async def test_stream_chunks_pass_nginx_as_they_are_sent(http, fake):
     assert first_at < sent[1][0] - 0.5
 
 
+# --- the operator's page ---------------------------------------------------------------------
+
+
+async def test_the_operators_page_and_its_data_pass_nginx(http):
+    async with http.get("/admin") as response:
+        assert response.status == 200
+        assert response.content_type == "text/html"
+        assert response.headers["Content-Security-Policy"].startswith("default-src 'self'")
+    async with http.get("/admin/static/admin.js") as response:
+        assert response.status == 200
+        assert response.content_type == "text/javascript"
+    assert (await call(http, "GET", "/api/admin/apps"))[0] == 401
+    status, body = await call(http, "GET", "/api/admin/apps", headers={"x-admin-key": ADMIN_KEY})
+    assert (status, list(body)) == (200, ["apps"])
+
+
 # --- sizes ------------------------------------------------------------------------------------
 
 

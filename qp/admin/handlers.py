@@ -81,13 +81,18 @@ async def overview(request: web.Request) -> web.Response:
 async def spend(request: web.Request) -> web.Response:
     """Cost per UTC day for the last `days` days (today included) by app or by model, the
     totals of today and this month, cost by source, completions per hour for the last 48
-    hours by how they ended, and the budgets in force."""
+    hours by how they ended, and the budgets in force; of what the server's and the apps'
+    keys paid for, or with `payer=all` of every completion."""
     app = request.app
     require_admin(request, app[CONFIG].admin_key)
     days = _days(request.query.get("days", "30"))
     by = request.query.get("by", "app")
     if by not in ("app", "model"):
         raise ApiError(400, "Invalid by parameter")
+    paid_by = request.query.get("payer", "operator")
+    if paid_by not in ("operator", "all"):
+        raise ApiError(400, "Invalid payer parameter")
+    everyone = paid_by == "all"
     now = datetime.fromtimestamp(app[CLOCK](), UTC)
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     first = today - timedelta(days=days - 1)
@@ -98,7 +103,7 @@ async def spend(request: web.Request) -> web.Response:
 
     per_day: dict[str, dict[str, float]] = {}
     totals: dict[str, float] = {}
-    for row in await cost_per_day(db, format_iso(first), by):
+    for row in await cost_per_day(db, format_iso(first), by, everyone):
         per_day.setdefault(row.day, {})[row.name] = row.cost
         totals[row.name] = totals.get(row.name, 0.0) + row.cost
     names = sorted(totals, key=lambda name: (-totals[name], name))
@@ -108,7 +113,7 @@ async def spend(request: web.Request) -> web.Response:
         costs = per_day.get(day, {})
         series.append({"day": day, "costs": costs, "total": sum(costs.values(), 0.0)})
 
-    outcomes = await outcomes_per_hour(db, format_iso(first_hour))
+    outcomes = await outcomes_per_hour(db, format_iso(first_hour), everyone)
     hourly = []
     for n in range(HOURS_SHOWN):
         start = first_hour + timedelta(hours=n)
@@ -121,14 +126,15 @@ async def spend(request: web.Request) -> web.Response:
         {
             "days": days,
             "by": by,
+            "payer": paid_by,
             "from": series[0]["day"],
             "to": series[-1]["day"],
             "names": names,
             "series": series,
             "total": sum(totals.values(), 0.0),
-            "today": await cost_since(db, format_iso(today)),
-            "month": await cost_since(db, format_iso(today.replace(day=1))),
-            "costSource": await cost_by_source(db, format_iso(first)),
+            "today": await cost_since(db, format_iso(today), everyone),
+            "month": await cost_since(db, format_iso(today.replace(day=1)), everyone),
+            "costSource": await cost_by_source(db, format_iso(first), everyone),
             "hourly": hourly,
             "budgets": budget_report(app[BUDGETS], app[POLICY].current),
         }
@@ -171,7 +177,7 @@ async def lift_block(request: web.Request) -> web.Response:
     """Lift one client's block: it is served again at once, with fresh counts."""
     app = request.app
     require_admin(request, app[CONFIG].admin_key)
-    client = request.match_info["client_hash"]
+    client = request.match_info["client"]
     if not _CLIENT_HASH.fullmatch(client) or not await delete_block(app[DATABASE], client):
         raise ApiError(404, "Block not found")
     app[RATE_LIMITER].lift(client)

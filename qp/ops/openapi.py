@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from qp.admin import openapi as admin_openapi
 from qp.chats.model import CHAT_ID_PATTERN, COST_MAX, INT64_MAX
 from qp.policy.policy import MAX_APP_CHARS
 
@@ -393,6 +394,9 @@ PATHS: dict[str, Any] = {
         },
     },
 }
+
+SCHEMAS.update(admin_openapi.SCHEMAS)
+PATHS.update(admin_openapi.PATHS)
 
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",

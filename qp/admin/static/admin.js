@@ -154,7 +154,8 @@
   async function loadSpend() {
     const days = $("spend-days").value;
     const by = $("spend-by").value;
-    const spend = await api(`/api/admin/spend?days=${days}&by=${by}`);
+    const payer = $("spend-payer").value;
+    const spend = await api(`/api/admin/spend?days=${days}&by=${by}&payer=${payer}`);
     showUsd($("spend-today"), spend.today);
     showUsd($("spend-month"), spend.month);
     showUsd($("spend-total"), spend.total);
@@ -264,7 +265,7 @@
   async function loadApps() {
     const {apps} = await api("/api/admin/apps");
     $("apps").replaceChildren(...apps.map((app) => {
-      const button = el("button", {type: "button", class: "app", role: "listitem",
+      const button = el("button", {type: "button", class: "app",
         "aria-pressed": String(app.app === appShown)}, app.app, " ",
         el("span", {class: "badge"}, count.format(app.chats)));
       button.addEventListener("click", () => loadChats(app.app).catch(showProblem));
@@ -456,6 +457,7 @@
     $("sign-out").addEventListener("click", () => signOut(""));
     $("spend-days").addEventListener("change", () => loadSpend().catch(showProblem));
     $("spend-by").addEventListener("change", () => loadSpend().catch(showProblem));
+    $("spend-payer").addEventListener("change", () => loadSpend().catch(showProblem));
     $("health-refresh").addEventListener("click", () => loadHealth().catch(showProblem));
     $("chat-close").addEventListener("click", () => { $("chat-detail").hidden = true; });
     $("chat-delete").addEventListener("click", () => {
