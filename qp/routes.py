@@ -23,6 +23,7 @@ ROUTES = (
     ("GET", "/api/openapi.json", openapi.openapi_document, None),
     # The operator's page and what it reads (admin key required for the JSON).
     ("GET", "/admin", admin_page.admin_page, None),
+    ("GET", "/admin/", admin_page.admin_page, None),
     ("GET", "/admin/static/{name}", admin_page.admin_static, None),
     ("GET", "/api/admin/overview", admin.overview, None),
     ("GET", "/api/admin/spend", admin.spend, None),

@@ -35,6 +35,12 @@ class Clock:
 # --- the page ---------------------------------------------------------------------------
 
 
+async def test_the_page_is_also_at_admin_with_a_slash(http):
+    async with http.get("/admin/", allow_redirects=False) as response:
+        assert response.status == 200
+        assert response.content_type == "text/html"
+
+
 async def test_the_page_is_served_with_its_csp_and_revalidated_by_etag(http):
     async with http.get("/admin") as response:
         assert response.status == 200
@@ -292,6 +298,18 @@ async def test_apps_are_listed_with_their_chat_counts(http, admin, app_name):
         {"app": app_name, "chats": 2, "updatedAt": newest[0]["updatedAt"]},
         {"app": other, "chats": 1, "updatedAt": ours[1]["updatedAt"]},
     ]
+
+
+async def test_apps_are_the_ones_with_the_most_chats_when_there_are_too_many(
+    start_server, admin, monkeypatch
+):
+    monkeypatch.setattr("qp.admin.handlers.MAX_APPS", 2)
+    server = await start_server()
+    for app, chats in (("few", 1), ("many", 3), ("some", 2)):
+        for _ in range(chats):
+            await create(server.client, make_chat(app=app))
+    _, body = await call(server.client, "GET", "/api/admin/apps", headers=admin)
+    assert [(app["app"], app["chats"]) for app in body["apps"]] == [("many", 3), ("some", 2)]
 
 
 # --- blocks -----------------------------------------------------------------------------

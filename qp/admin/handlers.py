@@ -31,6 +31,8 @@ from qp.spend.budgets import budget_report
 from qp.timestamps import format_iso
 
 MAX_DAYS = 366
+# Apps listed at most: anyone may name a new app when no allow-list (QP_APPS) is set.
+MAX_APPS = 1000
 HOURS_SHOWN = 48
 # How the page groups the ledger's outcomes.
 OUTCOME_GROUPS = {
@@ -148,9 +150,10 @@ def _days(text: str) -> int:
 
 
 async def apps(request: web.Request) -> web.Response:
-    """Every app with chats: how many, and when the latest was updated."""
+    """The apps with chats (the MAX_APPS with the most): how many, and when the latest was
+    updated."""
     require_admin(request, request.app[CONFIG].admin_key)
-    found = await request.app[CHAT_STORE].apps()
+    found = await request.app[CHAT_STORE].apps(MAX_APPS)
     return json_response(
         {"apps": [{"app": app, "chats": count, "updatedAt": at} for app, count, at in found]}
     )

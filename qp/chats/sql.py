@@ -49,7 +49,13 @@ STORED_BYTES = """
 OF_UNKNOWN_SIZE = "SELECT chat_id FROM chats WHERE messages_bytes IS NULL LIMIT ?"
 NOTE_SIZE = "UPDATE chats SET messages_bytes = ? WHERE chat_id = ? AND messages_bytes IS NULL"
 ALL_IDS = "SELECT chat_id, updated_at FROM chats"
-APPS = "SELECT app, COUNT(*), MAX(updated_at) FROM chats GROUP BY app ORDER BY app"
+# The apps with the most chats (at most `?` of them), by name.
+APPS = """
+    SELECT app, chats, updated_at FROM (
+        SELECT app, COUNT(*) AS chats, MAX(updated_at) AS updated_at FROM chats
+        GROUP BY app ORDER BY chats DESC, app LIMIT ?
+    ) ORDER BY app
+"""
 
 
 class ChatRows:
@@ -222,9 +228,9 @@ class ChatRows:
         """Record (size, chat id) of messages found in the blob store (rows imported)."""
         await self.db.execute_write_many(NOTE_SIZE, sizes)
 
-    async def apps(self) -> list[tuple[str, int, str]]:
-        """(app, chats, latest updated_at) of every app with chats, by name."""
-        return [(row[0], row[1], row[2]) for row in await self.db.fetchall(APPS)]
+    async def apps(self, limit: int) -> list[tuple[str, int, str]]:
+        """(app, chats, latest updated_at) of the `limit` apps with the most chats, by name."""
+        return [(row[0], row[1], row[2]) for row in await self.db.fetchall(APPS, (limit,))]
 
     async def all_ids(self) -> list[tuple[str, str]]:
         """(chat id, updated_at) of every row."""

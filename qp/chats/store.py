@@ -251,9 +251,9 @@ class ChatStore:
             if chat is not None:
                 yield chat
 
-    async def apps(self) -> list[tuple[str, int, str]]:
-        """(app, chats, latest updated_at) of every app with chats."""
-        return await self._rows.apps()
+    async def apps(self, limit: int) -> list[tuple[str, int, str]]:
+        """(app, chats, latest updated_at) of the `limit` apps with the most chats."""
+        return await self._rows.apps(limit)
 
     def forget_all(self) -> None:
         """Drop every cached chat (another process changed the database)."""
