@@ -60,7 +60,7 @@ from qp.spend.prices import PriceList
 from qp.startup import StartupError, claim_record, disk_space, open_storage, take_claims
 from qp.storage.batches import BatchWriter
 from qp.storage.claim import ClaimHeld
-from qp.storage.sqlite import Database
+from qp.storage.database import Database
 
 log = logging.getLogger("qp.app")
 LAG_PROBE_SECONDS = 0.1

@@ -19,8 +19,8 @@ from qp.spend.alerts import Alerts
 from qp.spend.budgets import BudgetBook, OpenStreams
 from qp.spend.prices import PriceList
 from qp.storage.batches import BatchWriter
+from qp.storage.database import Database
 from qp.storage.disk import DiskSpace
-from qp.storage.sqlite import Database
 
 CONFIG = web.AppKey("config", Config)
 DATABASE = web.AppKey("database", Database)

@@ -14,10 +14,11 @@ from typing import Any
 from qp.config import Config
 from qp.storage.blobs import BlobStore, FileBlobStore, StoreNotReady, file_store_root
 from qp.storage.claim import Claim, ClaimHeld
+from qp.storage.database import Database
 from qp.storage.disk import DiskSpace
 from qp.storage.migrations import SchemaTooNew
 from qp.storage.s3 import DEFAULT_S3_TIMEOUT, S3BlobStore
-from qp.storage.sqlite import READER_COUNT, Database
+from qp.storage.sqlite import READER_COUNT, SqliteDatabase
 
 
 async def open_blob_store(
@@ -103,7 +104,7 @@ async def open_storage(
     the one that cannot be opened."""
     make_room = space.release_reserve if space is not None else None
     try:
-        db = await Database.open(config.database_path, reader_count, make_room)
+        db = await SqliteDatabase.open(config.database_path, reader_count, make_room)
     except (sqlite3.Error, OSError, SchemaTooNew) as err:
         raise StartupError(f"QP_DATABASE {config.database_path}: {err}") from None
     stack.push_async_callback(db.close)

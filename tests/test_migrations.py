@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qp.storage.migrations import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew
-from qp.storage.sqlite import Database
+from qp.storage.sqlite import SqliteDatabase
 from tests.processes import ROOT
 
 # Rows as each table first had them: table -> (the version that made it, columns, row).
@@ -104,7 +104,7 @@ def rows_of(path: Path, table: str, columns: tuple[str, ...]) -> list[tuple]:
 async def test_the_steps_build_what_schema_sql_describes(tmp_path):
     with sqlite3.connect(tmp_path / "from-file.sqlite3") as db:
         db.executescript((ROOT / "schema.sql").read_text())
-    db = await Database.open(tmp_path / "from-steps.sqlite3")
+    db = await SqliteDatabase.open(tmp_path / "from-steps.sqlite3")
     await db.close()
     from_file = structure(tmp_path / "from-file.sqlite3")
     assert from_file["version"] == SCHEMA_VERSION
@@ -121,7 +121,7 @@ async def test_a_database_of_each_earlier_version_migrates_with_its_rows(tmp_pat
         if made_in <= max(version, 1)
     }
     assert before["chats"] == [FIRST_ROWS["chats"][2]]
-    db = await Database.open(path)
+    db = await SqliteDatabase.open(path)
     await db.close()
     with sqlite3.connect(tmp_path / "current.sqlite3") as current:
         current.executescript((ROOT / "schema.sql").read_text())
@@ -139,7 +139,7 @@ async def test_a_database_of_a_newer_version_is_refused_and_left_as_it_is(tmp_pa
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     before = structure(path)
     with pytest.raises(SchemaTooNew, match=f"schema version {SCHEMA_VERSION + 1} is newer"):
-        await Database.open(path)
+        await SqliteDatabase.open(path)
     assert structure(path) == before
     assert rows_of(path, "chats", FIRST_ROWS["chats"][1]) == [FIRST_ROWS["chats"][2]]
 
@@ -150,7 +150,7 @@ async def test_a_step_that_fails_leaves_the_database_at_its_version(tmp_path):
     with sqlite3.connect(path) as db:  # the column step 5 adds is already there
         db.execute("ALTER TABLE chats ADD COLUMN messages_bytes INTEGER")
     with pytest.raises(sqlite3.OperationalError, match="duplicate column name"):
-        await Database.open(path)
+        await SqliteDatabase.open(path)
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 3
         columns = [row[1] for row in db.execute("PRAGMA table_info(chats)")]

@@ -12,10 +12,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Awaitable, Callable
 
-import aiosqlite
-
 from qp.chats.model import ChatExists, ChatInput, ChatLimitExceeded, ChatRow
-from qp.storage.sqlite import Database, Unchanged
+from qp.storage.database import Database, Transaction, Unchanged
 
 # The chats table's columns, in ChatRow's order (all but `pending`).
 COLUMNS = (
@@ -77,13 +75,13 @@ class ChatRows:
     ) -> None:
         """Insert a new row; the app's count check and the insert are one transaction."""
 
-        async def insert(conn: aiosqlite.Connection) -> None:
-            ((count,),) = await conn.execute_fetchall(COUNT_OF_APP, (chat.app,))
+        async def insert(tx: Transaction) -> None:
+            ((count,),) = await tx.fetchall(COUNT_OF_APP, (chat.app,))
             if count >= max_chats_per_app:
                 raise ChatLimitExceeded
-            if await conn.execute_fetchall(EXISTS, (chat_id,)):
+            if await tx.fetchall(EXISTS, (chat_id,)):
                 raise ChatExists
-            await conn.execute(
+            await tx.execute(
                 INSERT,
                 (
                     chat_id,
@@ -107,14 +105,14 @@ class ChatRows:
         """Replace model, usage and updated_at, recording `pending(row as it was)`; answers
         the row as it was, or None if there is none."""
 
-        async def update(conn: aiosqlite.Connection) -> ChatRow | None:
-            rows = list(await conn.execute_fetchall(ONE, (chat_id,)))
+        async def update(tx: Transaction) -> ChatRow | None:
+            rows = await tx.fetchall(ONE, (chat_id,))
             if not rows:
                 return None
             previous = ChatRow(*rows[0])
             values = (chat.model, chat.prompt_tokens, chat.completion_tokens, chat.estimated_cost)
             size = len(chat.messages_json)
-            await conn.execute(UPDATE, (*values, now, size, pending(previous), chat_id))
+            await tx.execute(UPDATE, (*values, now, size, pending(previous), chat_id))
             return previous
 
         return await self.db.write(update)
@@ -163,8 +161,8 @@ class ChatRows:
         """Remove the row; answers the size of the messages it said were stored. Deletes
         are how an operator makes room on a full disk: they may use the disk reserve."""
 
-        async def delete(conn: aiosqlite.Connection) -> int:
-            rows = list(await conn.execute_fetchall(DELETE, (chat_id,)))
+        async def delete(tx: Transaction) -> int:
+            rows = await tx.fetchall(DELETE, (chat_id,))
             return (rows[0][0] or 0) if rows else 0
 
         return await self.db.write(delete, maintenance=True)
@@ -177,9 +175,8 @@ class ChatRows:
         transaction, which commits only if it answers True. No write of that chat, from any
         process, can start until both are done."""
 
-        async def delete(conn: aiosqlite.Connection) -> bool:
-            cursor = await conn.execute(DELETE_SETTLED, (chat_id, updated_at))
-            if cursor.rowcount == 0 or not await and_then():
+        async def delete(tx: Transaction) -> bool:
+            if await tx.execute(DELETE_SETTLED, (chat_id, updated_at)) == 0 or not await and_then():
                 raise Unchanged
             return True
 
@@ -192,8 +189,8 @@ class ChatRows:
         """Run `and_then` (deleting an orphan blob) only while the chat has no row, inside a
         write transaction: no create, from any process, can insert its row meanwhile."""
 
-        async def check(conn: aiosqlite.Connection) -> bool:
-            if await conn.execute_fetchall(EXISTS, (chat_id,)):
+        async def check(tx: Transaction) -> bool:
+            if await tx.fetchall(EXISTS, (chat_id,)):
                 return False
             return await and_then()
 
@@ -203,14 +200,14 @@ class ChatRows:
         """Store imported rows in one transaction: new ones added, stored ones replaced only
         by a newer one. Answers (added, replaced, unchanged)."""
 
-        async def store(conn: aiosqlite.Connection) -> tuple[int, int, int]:
+        async def store(tx: Transaction) -> tuple[int, int, int]:
             added = replaced = 0
             for row in rows:
-                found = list(await conn.execute_fetchall(IMPORTED, (row.chat_id,)))
+                found = await tx.fetchall(IMPORTED, (row.chat_id,))
                 # A row a server is writing right now (pending) is the server's to finish.
                 if found and (found[0][0] >= row.updated_at or found[0][1] is not None):
                     continue
-                await conn.execute(IMPORT, dataclasses.astuple(row))
+                await tx.execute(IMPORT, dataclasses.astuple(row))
                 added, replaced = (added, replaced + 1) if found else (added + 1, replaced)
             return added, replaced, len(rows) - added - replaced
 

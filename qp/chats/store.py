@@ -42,8 +42,8 @@ from qp.chats.stream import CHUNK_BYTES, ChatStream, read_to_end
 from qp.errors import FULL, READ_ONLY, StorageUnavailable, insufficient_storage
 from qp.storage.batches import BatchWriter
 from qp.storage.blobs import BlobStore, chat_key
+from qp.storage.database import Database
 from qp.storage.disk import DiskSpace
-from qp.storage.sqlite import Database
 from qp.timestamps import utc_now_iso
 
 log = logging.getLogger("qp.chats.store")

@@ -27,7 +27,7 @@ from qp.config import Config
 from qp.startup import lock_files, storage_identity, take_claims
 from qp.storage.blobs import BlobStore, chat_key
 from qp.storage.claim import ClaimHeld, holder_of
-from qp.storage.sqlite import Database
+from qp.storage.database import Database
 from qp.timestamps import epoch_seconds
 
 CHAT_KEY = re.compile(rf"chats/({CHAT_ID_PATTERN.pattern})\.json")

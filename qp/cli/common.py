@@ -12,7 +12,7 @@ from qp.chats.store import ChatStore
 from qp.config import Config
 from qp.startup import disk_space, open_storage
 from qp.storage.blobs import BlobStore
-from qp.storage.sqlite import Database
+from qp.storage.database import Database
 
 PROGRAM = "python -m qp"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qp.completions.usage import CompletionRecord
-from qp.storage.sqlite import Database
+from qp.storage.database import Database
 
 INSERT = """
     INSERT INTO completions (started_at, app, model, payer, prompt_tokens, completion_tokens,

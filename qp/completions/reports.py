@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qp.storage.sqlite import Database
+from qp.storage.database import Database
 
 # Two statements, not one with the column spliced in: the grouping column is part of the SQL.
 COST_PER_DAY_BY_APP = """

@@ -12,8 +12,8 @@ from qp.chats.store import ChatStore
 from qp.protection.blocks import load_blocks
 from qp.protection.rate_limits import RateLimiter
 from qp.storage.claim import Claim
+from qp.storage.database import Database
 from qp.storage.disk import DiskSpace
-from qp.storage.sqlite import Database
 
 log = logging.getLogger("qp.housekeeping")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from qp.protection.rate_limits import RateLimiter
-from qp.storage.sqlite import Database
+from qp.storage.database import Database
 from qp.timestamps import format_iso, utc_now_iso
 
 ACTIVE = """

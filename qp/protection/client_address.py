@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from qp.storage.sqlite import Database
+from qp.storage.database import Database
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, NamedTuple
 
 from qp.completions.ledger import spent_since
-from qp.storage.sqlite import Database
+from qp.storage.database import Database
 from qp.timestamps import format_iso
 
 if TYPE_CHECKING:

@@ -32,7 +32,7 @@ from qp.errors import StorageUnavailable
 from qp.metrics import Metrics
 from qp.policy.policy import Policy
 from qp.spend.budgets import BudgetBook, budget_scopes
-from qp.storage.sqlite import Database
+from qp.storage.database import Database
 from qp.timestamps import epoch_seconds, format_iso
 
 log = logging.getLogger("qp.spend.lookups")

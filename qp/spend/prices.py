@@ -18,7 +18,7 @@ import orjson
 from qp.bodies import read_at_most
 from qp.errors import StorageUnavailable
 from qp.policy.policy import Policy
-from qp.storage.sqlite import Database
+from qp.storage.database import Database, Transaction
 from qp.timestamps import utc_now_iso
 
 log = logging.getLogger("qp.spend.prices")
@@ -84,9 +84,9 @@ class PriceList:
     async def _store(self, prices: Prices) -> None:
         now = utc_now_iso()
 
-        async def store(conn: Any) -> None:
-            await conn.execute(CLEAR)
-            await conn.executemany(INSERT, [(m, p, c, now) for m, (p, c) in prices.items()])
+        async def store(tx: Transaction) -> None:
+            await tx.execute(CLEAR)
+            await tx.executemany(INSERT, [(m, p, c, now) for m, (p, c) in prices.items()])
 
         await self._db.write(store)
 

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable
+from qp.storage.database import Parameters, Transaction, WriteFn
 from qp.storage.file_watch import DAMAGED, DatabaseFile
 from qp.storage.migrations import migrate
 
@@ -39,12 +40,9 @@ READER_COUNT = 4
 BUSY_TIMEOUT_MS = 5000
 
 T = TypeVar("T")
-WriteFn = Callable[[aiosqlite.Connection], Awaitable[T]]
 # Called when a maintenance write (a delete, an undo, start-up) fails for lack of space:
 # frees some room and answers whether it did, so the write is tried once more.
 MakeRoom = Callable[[], bool]
-# A statement's parameters: positional (?) or named (:name).
-Parameters = Sequence[Any] | Mapping[str, Any]
 
 TAKEN_OVER = "taken-over"
 
@@ -86,7 +84,27 @@ def _every_commit_in_main_file(path: Path) -> bool:
     return path.exists() and (not wal.exists() or wal.stat().st_size == 0)
 
 
-class Database:
+class SqliteTransaction:
+    """A write's statements on the writer connection (see qp.storage.database)."""
+
+    def __init__(self, conn: aiosqlite.Connection):
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Parameters = ()) -> int:
+        cursor = await self._conn.execute(sql, params)
+        return cursor.rowcount
+
+    async def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> None:
+        await self._conn.executemany(sql, params)
+
+    async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
+        return [tuple(row) for row in await self._conn.execute_fetchall(sql, params)]
+
+    async def lock(self, key: str) -> None:
+        """Nothing to do: BEGIN IMMEDIATE already holds the whole database."""
+
+
+class SqliteDatabase:
     """The SQLite database: `write(fn)` for transactions, `reader()` for queries."""
 
     def __init__(
@@ -112,7 +130,7 @@ class Database:
     @classmethod
     async def open(
         cls, path: Path, reader_count: int = READER_COUNT, make_room: MakeRoom | None = None
-    ) -> Database:
+    ) -> SqliteDatabase:
         """Open (creating if needed) the database, bring its schema up to date, open the
         readers.
 
@@ -146,7 +164,9 @@ class Database:
         return cls(None, readers, file, make_room)
 
     @classmethod
-    async def _open(cls, path: Path, reader_count: int, make_room: MakeRoom | None) -> Database:
+    async def _open(
+        cls, path: Path, reader_count: int, make_room: MakeRoom | None
+    ) -> SqliteDatabase:
         path.parent.mkdir(parents=True, exist_ok=True)
         async with AsyncExitStack() as opened:
             writer = await connect(str(path))
@@ -211,7 +231,7 @@ class Database:
         assert writer is not None
         await writer.execute("BEGIN IMMEDIATE")
         try:
-            result = await fn(writer)
+            result = await fn(SqliteTransaction(writer))
             await writer.execute("COMMIT")
         except BaseException:
             # SQLite may have rolled back already (a full disk does that to a commit).
@@ -299,9 +319,8 @@ class Database:
     ) -> int:
         """Run one statement as its own transaction; answers the rows it changed."""
 
-        async def execute(conn: aiosqlite.Connection) -> int:
-            cursor = await conn.execute(sql, params)
-            return cursor.rowcount
+        async def execute(tx: Transaction) -> int:
+            return await tx.execute(sql, params)
 
         return await self.write(execute, maintenance=maintenance)
 
@@ -310,8 +329,8 @@ class Database:
     ) -> None:
         """Run one statement for each set of parameters, all in one transaction."""
 
-        async def execute(conn: aiosqlite.Connection) -> None:
-            await conn.executemany(sql, params)
+        async def execute(tx: Transaction) -> None:
+            await tx.executemany(sql, params)
 
         await self.write(execute, maintenance=maintenance)
 
@@ -335,7 +354,3 @@ class Database:
 
 def _read_only_uri(path: Path) -> str:
     return f"{path.resolve().as_uri()}?mode=ro"
-
-
-class Unchanged(Exception):
-    """Raised inside a write function to roll back a change whose condition no longer holds."""
