@@ -40,7 +40,14 @@ PENDING = f"SELECT {COLUMNS}, pending FROM chats WHERE pending IS NOT NULL"
 DELETE = "DELETE FROM chats WHERE chat_id = ? RETURNING messages_bytes"
 DELETE_SETTLED = "DELETE FROM chats WHERE chat_id = ? AND pending IS NULL AND updated_at = ?"
 IMPORTED = "SELECT updated_at, pending FROM chats WHERE chat_id = ?"
-IMPORT = f"INSERT OR REPLACE INTO chats ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+IMPORT = f"""
+    INSERT INTO chats ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (chat_id) DO UPDATE SET
+        app = excluded.app, model = excluded.model, prompt_tokens = excluded.prompt_tokens,
+        completion_tokens = excluded.completion_tokens, estimated_cost = excluded.estimated_cost,
+        created_at = excluded.created_at, updated_at = excluded.updated_at,
+        messages_bytes = excluded.messages_bytes, pending = NULL
+"""
 STORED_BYTES = """
     SELECT COALESCE(SUM(messages_bytes), 0), COUNT(*) - COUNT(messages_bytes) FROM chats
 """
@@ -52,7 +59,7 @@ APPS = """
     SELECT app, chats, updated_at FROM (
         SELECT app, COUNT(*) AS chats, MAX(updated_at) AS updated_at FROM chats
         GROUP BY app ORDER BY chats DESC, app LIMIT ?
-    ) ORDER BY app
+    ) AS most ORDER BY app
 """
 
 
@@ -76,6 +83,8 @@ class ChatRows:
         """Insert a new row; the app's count check and the insert are one transaction."""
 
         async def insert(tx: Transaction) -> None:
+            await tx.lock(f"chat:{chat_id}")
+            await tx.lock(f"chats-of-app:{chat.app}")
             ((count,),) = await tx.fetchall(COUNT_OF_APP, (chat.app,))
             if count >= max_chats_per_app:
                 raise ChatLimitExceeded
@@ -106,6 +115,7 @@ class ChatRows:
         the row as it was, or None if there is none."""
 
         async def update(tx: Transaction) -> ChatRow | None:
+            await tx.lock(f"chat:{chat_id}")
             rows = await tx.fetchall(ONE, (chat_id,))
             if not rows:
                 return None
@@ -162,6 +172,7 @@ class ChatRows:
         are how an operator makes room on a full disk: they may use the disk reserve."""
 
         async def delete(tx: Transaction) -> int:
+            await tx.lock(f"chat:{chat_id}")
             rows = await tx.fetchall(DELETE, (chat_id,))
             return (rows[0][0] or 0) if rows else 0
 
@@ -176,6 +187,7 @@ class ChatRows:
         process, can start until both are done."""
 
         async def delete(tx: Transaction) -> bool:
+            await tx.lock(f"chat:{chat_id}")
             if await tx.execute(DELETE_SETTLED, (chat_id, updated_at)) == 0 or not await and_then():
                 raise Unchanged
             return True
@@ -190,6 +202,7 @@ class ChatRows:
         write transaction: no create, from any process, can insert its row meanwhile."""
 
         async def check(tx: Transaction) -> bool:
+            await tx.lock(f"chat:{chat_id}")
             if await tx.fetchall(EXISTS, (chat_id,)):
                 return False
             return await and_then()

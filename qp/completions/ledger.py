@@ -47,10 +47,12 @@ CLIENTS_SPENT_SINCE = """
 TOTALS = """
     SELECT app, model, payer, COUNT(*), COALESCE(SUM(prompt_tokens), 0),
            COALESCE(SUM(completion_tokens), 0), COALESCE(SUM(cost), 0), SUM(client_left),
-           SUM(cost_source = 'stream'), SUM(cost_source = 'generation'),
-           SUM(cost_source = 'estimate')
+           COUNT(*) FILTER (WHERE cost_source = 'stream'),
+           COUNT(*) FILTER (WHERE cost_source = 'generation'),
+           COUNT(*) FILTER (WHERE cost_source = 'estimate')
     FROM completions
-    WHERE (:since IS NULL OR started_at >= :since) AND (:app IS NULL OR app = :app)
+    WHERE (CAST(:since AS TEXT) IS NULL OR started_at >= :since)
+      AND (CAST(:app AS TEXT) IS NULL OR app = :app)
     GROUP BY app, model, payer
     ORDER BY app, model, payer
 """

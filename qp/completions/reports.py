@@ -74,4 +74,4 @@ async def outcomes_per_hour(db: Database, since: str, everyone: bool) -> dict[st
 
 
 def _params(since: str, everyone: bool) -> dict[str, object]:
-    return {"since": since, "everyone": int(everyone)}
+    return {"since": since, "everyone": everyone}

@@ -13,7 +13,11 @@ ACTIVE = """
     SELECT client_hash, blocked_at, blocked_until FROM blocks WHERE blocked_until > ?
     ORDER BY blocked_until
 """
-SAVE = "INSERT OR REPLACE INTO blocks (client_hash, blocked_at, blocked_until) VALUES (?, ?, ?)"
+SAVE = """
+    INSERT INTO blocks (client_hash, blocked_at, blocked_until) VALUES (?, ?, ?)
+    ON CONFLICT (client_hash) DO UPDATE SET
+        blocked_at = excluded.blocked_at, blocked_until = excluded.blocked_until
+"""
 DELETE = "DELETE FROM blocks WHERE client_hash = ?"
 
 

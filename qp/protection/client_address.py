@@ -125,7 +125,9 @@ def hash_client(address: str, salt: str) -> str:
 
 
 SALT = "SELECT value FROM settings WHERE name = 'ip_salt'"
-MAKE_SALT = "INSERT OR IGNORE INTO settings (name, value) VALUES ('ip_salt', ?)"
+MAKE_SALT = """
+    INSERT INTO settings (name, value) VALUES ('ip_salt', ?) ON CONFLICT (name) DO NOTHING
+"""
 
 
 async def installation_salt(db: Database) -> str:
