@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qp.errors import ConfigError
 from qp.logs import LOG_FORMATS
@@ -38,6 +39,8 @@ class Config:
     unix_socket: str | None = None
     data_dir: Path = Path("data")
     database_path: Path = Path("data/qp.sqlite3")
+    # PostgreSQL instead of SQLite (QP_DATABASE=postgresql://...): its URL, password and all.
+    postgres_url: str | None = None
     storage_url: str = "file://data/blobs"
     s3_endpoint_url: str | None = None
     aws_region: str | None = None
@@ -169,7 +172,7 @@ def load_config(
         port=listen_port,
         unix_socket=unix_socket or _nonempty(environ, "QP_UNIX_SOCKET"),
         data_dir=data_dir,
-        database_path=Path(_nonempty(environ, "QP_DATABASE") or data_dir / "qp.sqlite3"),
+        **_database(_nonempty(environ, "QP_DATABASE"), data_dir),
         storage_url=validate_storage_url(storage_url),
         s3_endpoint_url=_nonempty(environ, "QP_S3_ENDPOINT_URL"),
         aws_region=_nonempty(environ, "AWS_REGION") or _nonempty(environ, "AWS_DEFAULT_REGION"),
@@ -196,6 +199,44 @@ def load_config(
     )
 
 
+def _database(value: str | None, data_dir: Path) -> dict[str, Any]:
+    """QP_DATABASE: a PostgreSQL URL (postgresql:// or postgres://), a SQLite URL
+    (`sqlite:///relative/path`, `sqlite:////absolute/path`), or a file path (default:
+    DATA_DIR/qp.sqlite3)."""
+    if value is None:
+        return {"database_path": data_dir / "qp.sqlite3"}
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    if scheme in ("postgresql", "postgres"):
+        return {"postgres_url": value, "database_path": data_dir / "qp.sqlite3"}
+    if scheme == "sqlite":
+        path = value.split("://", 1)[1]
+        if not path.startswith("/") or path == "/":
+            raise ConfigError(f"QP_DATABASE {value}: a SQLite URL is sqlite:///PATH")
+        return {"database_path": Path(path[1:])}  # sqlite:///rel/path, sqlite:////abs/path
+    if scheme:
+        raise ConfigError(
+            f"QP_DATABASE {mask_url(value)}: not a file path, sqlite:///PATH or postgresql:// URL"
+        )
+    return {"database_path": Path(value)}
+
+
+def database_shown(config: Config) -> str:
+    """The database as messages name it: the PostgreSQL URL masked, or the SQLite file."""
+    return mask_url(config.postgres_url) if config.postgres_url else str(config.database_path)
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password in it masked, for logs and messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, tail = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":********"
+    return f"{scheme}{sep}{userinfo}{at}{host}{slash}{tail}"
+
+
 SECRET = "******** (set)"
 
 
@@ -216,7 +257,7 @@ def describe(config: Config, policy: Policy, environ: Mapping[str, str] | None =
         f"# port = {config.port}",
         f"# unix_socket = {show(config.unix_socket)}",
         f"# data_dir = {show(config.data_dir)}",
-        f"# database = {show(config.database_path)}",
+        f"# database = {show(database_shown(config))}",
         f"# storage = {show(config.storage_url)}",
         f"# s3_endpoint_url = {show(config.s3_endpoint_url)}",
         f"# aws_region = {show(config.aws_region)}",

@@ -11,12 +11,14 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from qp.config import Config
+from qp.config import Config, database_shown
 from qp.storage.blobs import BlobStore, FileBlobStore, StoreNotReady, file_store_root
 from qp.storage.claim import Claim, ClaimHeld
 from qp.storage.database import Database
 from qp.storage.disk import DiskSpace
 from qp.storage.migrations import SchemaTooNew
+from qp.storage.postgres import FAILURES as POSTGRES_FAILURES
+from qp.storage.postgres import DatabaseOwned, PostgresDatabase
 from qp.storage.s3 import DEFAULT_S3_TIMEOUT, S3BlobStore
 from qp.storage.sqlite import READER_COUNT, SqliteDatabase
 
@@ -42,7 +44,9 @@ class StartupError(Exception):
 def lock_files(config: Config) -> list[tuple[Path, Path, str]]:
     """(lock file, what it guards, its setting): the database, and a file store's folder."""
     database = config.database_path
-    locks = [(database.with_name(database.name + ".lock"), database, "QP_DATABASE")]
+    locks = []
+    if config.postgres_url is None:  # PostgreSQL: the server's own lock (qp/storage/postgres.py)
+        locks.append((database.with_name(database.name + ".lock"), database, "QP_DATABASE"))
     if config.storage_url.startswith("file://"):
         root = file_store_root(config.storage_url)
         locks.append((root / ".qp-server.lock", root, "QP_STORAGE"))
@@ -54,7 +58,9 @@ def claim_record(config: Config) -> dict[str, Any]:
     needs to know (its blob store, and how long its writes may take)."""
     return {
         "pid": os.getpid(),
-        "database": str(config.database_path.resolve()),
+        "database": database_shown(config)
+        if config.postgres_url
+        else str(config.database_path.resolve()),
         "storage": storage_identity(config.storage_url),
         "write_deadline": config.write_deadline,
     }
@@ -94,19 +100,41 @@ def disk_space(config: Config) -> DiskSpace:
     return DiskSpace(folders, config.min_free_bytes, reserve)
 
 
+async def open_database(
+    config: Config,
+    reader_count: int = READER_COUNT,
+    space: DiskSpace | None = None,
+    *,
+    claim: bool = True,
+) -> Database:
+    """The database QP_DATABASE names: PostgreSQL for a postgresql:// URL (claimed for this
+    process unless `claim` is false: the operators' tools), else SQLite."""
+    if config.postgres_url is not None:
+        try:
+            return await PostgresDatabase.open(config.postgres_url, claim=claim)
+        except DatabaseOwned as err:
+            raise StartupError(f"QP_DATABASE {database_shown(config)}: {err}") from None
+        except (*POSTGRES_FAILURES, ValueError, SchemaTooNew) as err:
+            problem = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            raise StartupError(f"QP_DATABASE {database_shown(config)}: {problem}") from None
+    make_room = space.release_reserve if space is not None else None
+    try:
+        return await SqliteDatabase.open(config.database_path, reader_count, make_room)
+    except (sqlite3.Error, OSError, SchemaTooNew) as err:
+        raise StartupError(f"QP_DATABASE {config.database_path}: {err}") from None
+
+
 async def open_storage(
     config: Config,
     stack: AsyncExitStack,
     reader_count: int = READER_COUNT,
     space: DiskSpace | None = None,
+    *,
+    claim: bool = True,
 ) -> tuple[Database, BlobStore]:
     """Open the database, then the blob store, both closed by `stack`; StartupError names
     the one that cannot be opened."""
-    make_room = space.release_reserve if space is not None else None
-    try:
-        db = await SqliteDatabase.open(config.database_path, reader_count, make_room)
-    except (sqlite3.Error, OSError, SchemaTooNew) as err:
-        raise StartupError(f"QP_DATABASE {config.database_path}: {err}") from None
+    db = await open_database(config, reader_count, space, claim=claim)
     stack.push_async_callback(db.close)
     try:
         blobs = await open_blob_store(

@@ -3,9 +3,13 @@ in the test's own event loop, and where its blobs are."""
 
 from __future__ import annotations
 
+import sqlite3
+import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -44,10 +48,11 @@ class Backend:
 class AppServer:
     """The app on a loopback port in the test's own event loop; `client` sends requests."""
 
-    def __init__(self, client: TestClient, data_dir: Path, backend: Backend):
+    def __init__(self, client: TestClient, data_dir: Path, backend: Backend, database: Database):
         self.client = client
         self.data_dir = data_dir
         self.backend = backend
+        self.database = database
 
     @property
     def url(self) -> str:
@@ -63,6 +68,61 @@ class AppServer:
         """Shut the app down as the server does: queued ledger rows are written, storage
         closed. Stopping twice is harmless."""
         await self.client.close()
+
+
+class Database:
+    """The server's database, read and written behind its back by the tests: its SQLite
+    file, or its PostgreSQL database (through psql, so it works with the server stopped)."""
+
+    def __init__(self, data_dir: Path, postgres_url: str | None):
+        self.path = data_dir / "qp.sqlite3"
+        self.postgres_url = postgres_url
+
+    def env(self) -> dict[str, str]:
+        """What points the operators' tools (python -m qp) at this database."""
+        return {"QP_DATABASE": self.postgres_url} if self.postgres_url else {}
+
+    def rows(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+        """The rows of a query, as dicts by column name."""
+        if self.postgres_url is None:
+            with sqlite3.connect(self.path) as db:
+                db.row_factory = sqlite3.Row
+                return [dict(row) for row in db.execute(sql, params)]
+        found = self._psql(f"SELECT COALESCE(json_agg(row), '[]') FROM ({sql}) AS row", params)
+        return orjson.loads(found)
+
+    def execute_many(self, sql: str, rows: list[tuple]) -> None:
+        if self.postgres_url is None:
+            with sqlite3.connect(self.path) as db:
+                db.executemany(sql, rows)
+            return
+        for row in rows:
+            self._psql(sql, row)
+
+    def _psql(self, sql: str, params: tuple) -> str:
+        """Run one statement with psql; `?` placeholders take `params` as literals."""
+        assert self.postgres_url is not None
+        parts = sql.split("?")
+        assert len(parts) == len(params) + 1, "one parameter per ?"
+        text = parts[0] + "".join(
+            _literal(value) + part for value, part in zip(params, parts[1:], strict=True)
+        )
+        result = subprocess.run(
+            ["psql", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-d", self.postgres_url],
+            input=text,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return result.stdout.strip()
+
+
+def _literal(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, int | float):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 StartServer = Callable[..., Awaitable[AppServer]]

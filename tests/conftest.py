@@ -1,11 +1,14 @@
 """Fixtures. Handler behaviour is tested in-process: `create_app(config, policy)` served by
 pytest-aiohttp's `aiohttp_client` on a loopback port (`start_server`, `server`, `http`).
 What needs a real `server.py` process (start-up and its refusals, signals, crashes, nginx)
-uses `qp_server`. S3 runs on a real SeaweedFS (`seaweed`)."""
+uses `qp_server`. S3 runs on a real SeaweedFS (`seaweed`), PostgreSQL on a real PostgreSQL
+(`postgres`)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,12 +20,13 @@ from aiohttp.test_utils import TestClient
 from qp.app import create_app
 from qp.config import load_config
 from qp.policy.loader import load_policy
-from tests.app_server import AppServer, Backend, StartServer
+from tests.app_server import AppServer, Backend, Database, StartServer
 from tests.fake_openrouter import FakeOpenRouter
 from tests.helpers import ADMIN_KEY
-from tests.processes import CHROMIUM, TEST_DEFAULTS, QPServer, SeaweedFS
+from tests.processes import CHROMIUM, TEST_DEFAULTS, PostgresServer, QPServer, SeaweedFS
 
 BACKENDS = ["file", "s3"]
+DATABASES = ["sqlite", "postgres"]
 # What a test run's own environment must not pass on to the server under test.
 SERVER_VARIABLES = ("QP_", "OPENROUTER_", "AWS_", "ADMIN_KEY")
 
@@ -32,6 +36,26 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend_name" in metafunc.fixturenames:
         both = metafunc.definition.get_closest_marker("on_both_backends") is not None
         metafunc.parametrize("backend_name", BACKENDS if both else ["file"], scope="module")
+    if "database_name" in metafunc.fixturenames:
+        both = metafunc.definition.get_closest_marker("on_both_databases") is not None
+        metafunc.parametrize("database_name", DATABASES if both else ["sqlite"], scope="module")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL for the session; each server under test gets a database of its own.
+    Its folder is outside pytest's (which its `postgres` user could not enter)."""
+    if PostgresServer.bindir() is None:
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+    folder = Path(tempfile.mkdtemp(prefix="qp-postgres-"))
+    server = PostgresServer(folder).start()
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# Data folder -> the PostgreSQL database of the server started on it (a restart reuses it).
+_DATABASES: dict[Path, str] = {}
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +83,11 @@ def shared_bucket(seaweed: SeaweedFS) -> str:
 
 @pytest.fixture
 async def start_server(
-    backend_name: str, request: pytest.FixtureRequest, tmp_path_factory, aiohttp_client
+    backend_name: str,
+    database_name: str,
+    request: pytest.FixtureRequest,
+    tmp_path_factory,
+    aiohttp_client,
 ) -> StartServer:
     """Start the app on a fresh data folder (and bucket), with extra environment."""
 
@@ -83,13 +111,18 @@ async def start_server(
             **backend.env(),
             **env,
         }
+        if database_name == "postgres" and "QP_DATABASE" not in env:
+            if data_dir not in _DATABASES:
+                _DATABASES[data_dir] = request.getfixturevalue("postgres").create_database()
+            environ["QP_DATABASE"] = _DATABASES[data_dir]
         monkeypatch = request.getfixturevalue("monkeypatch")
         for name, value in backend.env().items():
             if name.startswith("AWS_"):  # botocore reads its credentials from the process
                 monkeypatch.setenv(name, value)
         config = load_config(environ)
         app = create_app(config, load_policy(environ, config.config_path), clock)
-        return AppServer(await aiohttp_client(app), data_dir, backend)
+        database = Database(data_dir, environ.get("QP_DATABASE") if config.postgres_url else None)
+        return AppServer(await aiohttp_client(app), data_dir, backend, database)
 
     return start
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import aiohttp
 import orjson
 
 from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
+from tests.app_server import AppServer
 from tests.processes import ROOT, QPServer
 
 ADMIN_KEY = "test-admin-key"
@@ -178,3 +180,14 @@ async def wait_for_log(server: QPServer, text: str, count: int = 1) -> None:
     while server.log().count(text) < count:
         assert time.monotonic() < deadline, f"{text!r} not logged:\n{server.log()}"
         await asyncio.sleep(0.05)
+
+
+def ledger(server: AppServer | QPServer) -> list[dict]:
+    """The ledger's rows, oldest first, from the server's database: an in-process server's
+    SQLite or PostgreSQL, a process's SQLite file."""
+    query = "SELECT * FROM completions ORDER BY id"
+    if isinstance(server, AppServer):
+        return server.database.rows(query)
+    with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
+        db.row_factory = sqlite3.Row
+        return [dict(row) for row in db.execute(query)]

@@ -15,6 +15,8 @@ from qp.protection.admin import AdminGuard
 from qp.protection.rate_limits import RateLimit, RateLimiter
 from tests.helpers import ADMIN_KEY, call, create, make_chat
 
+pytestmark = pytest.mark.on_both_databases
+
 INVALID_APP = (400, {"error": "Invalid app"})
 UNKNOWN_APP = (400, {"error": "Unknown app"})
 

@@ -3,13 +3,14 @@ the admin JSON routes it reads (/api/admin/overview, spend, apps, blocks)."""
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from tests.app_server import AppServer, StartServer
 from tests.helpers import ADMIN_KEY, ISO_MS, SYSTEM, call, create, make_chat
+
+pytestmark = pytest.mark.on_both_databases
 
 ADMIN_ROUTES = [
     ("GET", "/api/admin/overview"),
@@ -99,7 +100,7 @@ async def test_the_key_answers_whatever_the_origin(http, admin):
 
 @pytest.mark.on_both_backends
 async def test_the_overview_shows_health_version_and_masked_settings(
-    start_server, backend_name, admin
+    start_server, backend_name, database_name, admin
 ):
     server = await start_server(OPENROUTER_API_KEY="sk-or-secret-value")
     status, overview = await call(server.client, "GET", "/api/admin/overview", headers=admin)
@@ -113,7 +114,7 @@ async def test_the_overview_shows_health_version_and_masked_settings(
         "checks": {"database": "ok", "storage": "ok"},
         "version": "0.1.0",
         "openStreams": 0,
-        "database": "sqlite",
+        "database": {"sqlite": "sqlite", "postgres": "postgresql"}[database_name],
         "storage": backend_name,
     }
     assert "admin_key = ******** (set)" in settings
@@ -138,12 +139,11 @@ NOW = datetime(2026, 11, 26, 1, 15, tzinfo=UTC)
 
 async def ledger_server(start_server: StartServer) -> AppServer:
     server = await start_server(clock=Clock(NOW))
-    with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
-        db.executemany(
-            "INSERT INTO completions (started_at, app, model, payer, outcome, cost, cost_source,"
-            " status, duration_ms, client_left) VALUES (?, ?, ?, ?, ?, ?, ?, 200, 5, 0)",
-            LEDGER,
-        )
+    server.database.execute_many(
+        "INSERT INTO completions (started_at, app, model, payer, outcome, cost, cost_source,"
+        " status, duration_ms, client_left) VALUES (?, ?, ?, ?, ?, ?, ?, 200, 5, 0)",
+        LEDGER,
+    )
     return server
 
 

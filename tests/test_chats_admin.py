@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import call, create, make_chat, unique_id
 
-pytestmark = pytest.mark.on_both_backends
+pytestmark = [pytest.mark.on_both_backends, pytest.mark.on_both_databases]
 
 
 @pytest.mark.parametrize("headers", [{}, {"x-admin-key": "wrong"}, {"x-admin-key": ""}])

@@ -13,7 +13,7 @@ from tests.helpers import ISO_MS, body_of_size, call, create, make_chat, unique_
 
 MIB = 1024 * 1024
 
-pytestmark = pytest.mark.on_both_backends
+pytestmark = [pytest.mark.on_both_backends, pytest.mark.on_both_databases]
 
 
 async def test_create_without_id_generates_21_alphanumerics(http, app_name):

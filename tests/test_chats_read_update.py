@@ -8,7 +8,7 @@ import pytest
 
 from tests.helpers import ISO_MS, body_of_size, call, create, make_chat, unique_id
 
-pytestmark = pytest.mark.on_both_backends
+pytestmark = [pytest.mark.on_both_backends, pytest.mark.on_both_databases]
 
 
 async def test_get_unknown_chat_is_404(http):

@@ -16,6 +16,8 @@ from qp.protection.client_address import (
 )
 from qp.protection.cors import OriginMatcher
 
+pytestmark = pytest.mark.on_both_databases
+
 PROXIES = TrustedProxies(parse_networks(["10.0.0.0/8", "::1"]), ipv6_prefix=64)
 
 

@@ -4,7 +4,6 @@ a fake OpenRouter on a real port."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 
 import aiohttp
@@ -15,8 +14,10 @@ from aiohttp.test_utils import TestClient
 from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import STANDARD_STREAM, FakeOpenRouter, Script
-from tests.helpers import ADMIN_KEY, SYSTEM, call
+from tests.helpers import ADMIN_KEY, SYSTEM, call, ledger
 from tests.processes import QPServer
+
+pytestmark = pytest.mark.on_both_databases
 
 CHEAP = "openai/gpt-4.1-mini"
 EXPENSIVE = "anthropic/claude-sonnet-4"
@@ -479,12 +480,6 @@ async def test_upstream_dying_mid_stream_ends_the_clients_stream(http, fake, cap
 # --- the spend ledger ----------------------------------------------------------------------
 
 
-def ledger(server: AppServer | QPServer) -> list[dict]:
-    with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
-        db.row_factory = sqlite3.Row
-        return [dict(row) for row in db.execute("SELECT * FROM completions ORDER BY id")]
-
-
 async def test_each_completion_is_one_ledger_row_with_usage_and_payer(fake, start_server):
     server = await start_relay(start_server, fake)
     try:
@@ -510,9 +505,13 @@ async def test_each_completion_is_one_ledger_row_with_usage_and_payer(fake, star
     ] * 3
     assert rows[3]["cost"] is None
     assert all(r["duration_ms"] >= 0 and r["client_left"] == 0 for r in rows)
-    database = (server.data_dir / "qp.sqlite3").read_bytes()
-    assert b"SECRET-QUESTION" not in database
-    assert b"bids-key" not in database and b"user-key" not in database
+    stored = orjson.dumps(
+        [server.database.rows(f"SELECT * FROM {table}") for table in ("completions", "chats")]
+    )
+    if server.database.postgres_url is None:
+        stored += (server.data_dir / "qp.sqlite3").read_bytes()
+    assert b"SECRET-QUESTION" not in stored
+    assert b"bids-key" not in stored and b"user-key" not in stored
 
 
 async def test_a_client_that_leaves_is_in_the_ledger(fake, start_server):

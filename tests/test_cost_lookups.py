@@ -5,18 +5,27 @@ not yet there, and carried across a restart."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 
 import aiohttp
 import pytest
 
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import FakeOpenRouter, Generation, Script, billed_stream
-from tests.helpers import ADMIN_KEY, SYSTEM, call
+from tests.helpers import ADMIN_KEY, SYSTEM, call, ledger
 from tests.processes import QPServer
+
+pytestmark = pytest.mark.on_both_databases
 
 CHEAP = "openai/gpt-4.1-mini"
 KEYS = {"OPENROUTER_API_KEY": "server-key", "OPENROUTER_API_KEY_BIDS_ASSISTANT": "bids-key"}
+
+
+@pytest.fixture(autouse=True)
+def fresh_fake(fake: FakeOpenRouter) -> None:
+    """What the module's fake billed and was asked, from this test's requests only (the
+    same generation ids come back on each database)."""
+    fake.generations.clear()
+    fake.lookups.clear()
 
 
 async def start(start_server: StartServer, fake: FakeOpenRouter, **env: str) -> AppServer:
@@ -45,12 +54,6 @@ async def leave_after_first_chunk(server: AppServer, request: dict, headers=None
     assert response.status == 200
     await response.content.readany()
     response.close()
-
-
-def ledger(server: AppServer | QPServer) -> list[dict]:
-    with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
-        db.row_factory = sqlite3.Row
-        return [dict(row) for row in db.execute("SELECT * FROM completions ORDER BY id")]
 
 
 async def ledger_when(server: AppServer | QPServer, done, seconds: float = 15.0) -> list[dict]:

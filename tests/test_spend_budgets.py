@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -19,7 +18,9 @@ from qp.spend.budgets import DAY, MONTH, BudgetBook, Refusal, Reservation, Scope
 from qp.spend.prices import parse_model_list
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import SYSTEM, call, run_qp, wait_for_log
+from tests.helpers import SYSTEM, call, ledger, run_qp, wait_for_log
+
+pytestmark = pytest.mark.on_both_databases
 
 CHEAP = "openai/gpt-4.1-mini"
 KEYS = {"OPENROUTER_API_KEY": "server-key", "OPENROUTER_API_KEY_BIDS_ASSISTANT": "bids-key"}
@@ -253,11 +254,8 @@ async def test_every_stream_is_costed_in_the_ledger(start_server, fake):
     for content in ("hi", "script:cut", "script:401c"):
         await ask(server, completion(content=content))
     await server.stop()
-    with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
-        rows = db.execute(
-            "SELECT outcome, cost, cost_source, generation_id, client_hash FROM completions"
-            " ORDER BY id"
-        ).fetchall()
+    columns = ("outcome", "cost", "cost_source", "generation_id", "client_hash")
+    rows = [tuple(row[name] for name in columns) for row in ledger(server)]
     assert [row[:4] for row in rows] == [
         ("completed", 0.00042, "stream", "gen-1"),
         ("upstream_died", 0.01, "estimate", "gen-cut-1"),
@@ -379,7 +377,9 @@ async def test_the_budgets_command_prints_each_budget_from_the_ledger(start_serv
     await ask(server, completion(content="hi"))  # nwb-assistant, server-paid, 0.00042
     await server.stop()
     caps = {"QP_BUDGET_SERVER_DAILY_USD": "1", "QP_BUDGET_APP_DAILY_USD": "nwb-assistant=0.5"}
-    done = await asyncio.to_thread(run_qp, server.data_dir, "budgets", **caps)
+    done = await asyncio.to_thread(
+        run_qp, server.data_dir, "budgets", **caps, **server.database.env()
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         "SCOPE   APP            PERIOD  CAP USD  SPENT USD  REMAINING USD  RESETS AT",

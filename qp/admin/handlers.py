@@ -73,7 +73,7 @@ async def overview(request: web.Request) -> web.Response:
             "startedAt": _iso(started),
             "uptimeSeconds": max(0, round(now - started)),
             "openStreams": int(open_streams),
-            "database": "sqlite",
+            "database": "postgresql" if config.postgres_url else "sqlite",
             "storage": "s3" if config.storage_url.startswith("s3://") else "file",
             "settings": describe(config, app[POLICY].current),
         }

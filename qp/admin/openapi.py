@@ -81,7 +81,7 @@ SCHEMAS: dict[str, Any] = {
             "startedAt": TIME,
             "uptimeSeconds": COUNT,
             "openStreams": COUNT,
-            "database": {"enum": ["sqlite"]},
+            "database": {"enum": ["sqlite", "postgresql"]},
             "storage": {"enum": ["file", "s3"]},
             "settings": {"type": "string"},
         }

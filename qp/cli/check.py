@@ -184,7 +184,11 @@ def _live_min_age(config: Config, stack: AsyncExitStack, args: argparse.Namespac
     no server can start meanwhile); beside a live server, the age below which its writes
     may still be in flight."""
     holder: dict[str, Any] | None
-    if args.repair:
+    if config.postgres_url is not None:
+        # Servers on other hosts may serve a PostgreSQL database: its writes are always
+        # treated as possibly in flight until older than any server's write deadline.
+        holder = {}
+    elif args.repair:
         try:
             take_claims(config, stack)
             return None
@@ -205,9 +209,13 @@ def _live_min_age(config: Config, stack: AsyncExitStack, args: argparse.Namespac
     if not isinstance(deadline, int | float):
         deadline = config.write_deadline
     min_age = max(float(args.min_age), deadline + LIVE_MARGIN_SECONDS)
+    who = (
+        "qp-servers may be serving this PostgreSQL database"
+        if not holder
+        else (f"a qp-server (pid {pid}) is serving this database")
+    )
     print(
-        f"a qp-server (pid {pid}) is serving this database: writes younger than"
-        f" {min_age:g} s may be in flight and are left alone",
+        f"{who}: writes younger than {min_age:g} s may be in flight and are left alone",
         file=sys.stderr,
     )
     return min_age

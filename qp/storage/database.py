@@ -71,5 +71,43 @@ class Database(Protocol):
     async def close(self) -> None: ...
 
 
+class StatementHelpers:
+    """The one-statement helpers, the same for every backend: each backend gives `write`
+    and `fetchall`."""
+
+    async def write(self, fn: WriteFn[T], *, maintenance: bool = False) -> T:
+        raise NotImplementedError
+
+    async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    async def execute_write(
+        self, sql: str, params: Parameters = (), *, maintenance: bool = False
+    ) -> int:
+        """Run one statement as its own transaction; answers the rows it changed."""
+
+        async def execute(tx: Transaction) -> int:
+            return await tx.execute(sql, params)
+
+        return await self.write(execute, maintenance=maintenance)
+
+    async def execute_write_many(
+        self, sql: str, params: Iterable[Sequence[Any]], *, maintenance: bool = False
+    ) -> None:
+        """Run one statement for each set of parameters, all in one transaction."""
+
+        async def execute(tx: Transaction) -> None:
+            await tx.executemany(sql, params)
+
+        await self.write(execute, maintenance=maintenance)
+
+    async def fetchone(self, sql: str, params: Parameters = ()) -> tuple[Any, ...] | None:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    async def ping(self) -> None:
+        await self.fetchall("SELECT 1")
+
+
 class Unchanged(Exception):
     """Raised inside a write function to roll back a change whose condition no longer holds."""

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable
-from qp.storage.database import Parameters, Transaction, WriteFn
+from qp.storage.database import Parameters, StatementHelpers, WriteFn
 from qp.storage.file_watch import DAMAGED, DatabaseFile
 from qp.storage.migrations import migrate
 
@@ -104,7 +104,7 @@ class SqliteTransaction:
         """Nothing to do: BEGIN IMMEDIATE already holds the whole database."""
 
 
-class SqliteDatabase:
+class SqliteDatabase(StatementHelpers):
     """The SQLite database: `write(fn)` for transactions, `reader()` for queries."""
 
     def __init__(
@@ -309,39 +309,10 @@ class SqliteDatabase:
         self._data_version = version
         return changed
 
-    async def ping(self) -> None:
-        await self.fetchall("SELECT 1")
-
-    # --- helpers: one statement, written or read -----------------------------------------
-
-    async def execute_write(
-        self, sql: str, params: Parameters = (), *, maintenance: bool = False
-    ) -> int:
-        """Run one statement as its own transaction; answers the rows it changed."""
-
-        async def execute(tx: Transaction) -> int:
-            return await tx.execute(sql, params)
-
-        return await self.write(execute, maintenance=maintenance)
-
-    async def execute_write_many(
-        self, sql: str, params: Iterable[Sequence[Any]], *, maintenance: bool = False
-    ) -> None:
-        """Run one statement for each set of parameters, all in one transaction."""
-
-        async def execute(tx: Transaction) -> None:
-            await tx.executemany(sql, params)
-
-        await self.write(execute, maintenance=maintenance)
-
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
         async with self.reader() as conn:
             rows = await conn.execute_fetchall(sql, params)
         return [tuple(row) for row in rows]
-
-    async def fetchone(self, sql: str, params: Parameters = ()) -> tuple[Any, ...] | None:
-        rows = await self.fetchall(sql, params)
-        return rows[0] if rows else None
 
     async def probe_write(self) -> None:
         """One small real commit: does the database take writes (again)?"""

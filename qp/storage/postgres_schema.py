@@ -1,0 +1,101 @@
+"""The PostgreSQL schema: the same tables as schema.sql (SQLite), in PostgreSQL's types,
+as numbered steps applied in one transaction under an advisory lock, so processes starting
+together never race (the second waits, then finds the schema current).
+
+Types: timestamps stay ISO 8601 UTC text, as in SQLite, so the features' comparisons and
+orderings by text are the same on both; a chat's token counts are NUMERIC (a client's
+numbers come back exactly, whole or not); costs are double precision.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from qp.storage.migrations import SchemaTooNew
+
+SCHEMA_VERSION = 1
+# pg_advisory_xact_lock key taken while the schema is brought up to date ("qp-mig").
+MIGRATION_LOCK = 0x71702D6D6967
+
+STEPS: dict[int, tuple[str, ...]] = {
+    1: (
+        """
+        CREATE TABLE chats (
+          chat_id TEXT PRIMARY KEY,
+          app TEXT NOT NULL,
+          model TEXT NOT NULL,
+          prompt_tokens NUMERIC DEFAULT 0,
+          completion_tokens NUMERIC DEFAULT 0,
+          estimated_cost DOUBLE PRECISION DEFAULT 0,
+          created_at TEXT,
+          updated_at TEXT,
+          pending TEXT,
+          messages_bytes BIGINT
+        )
+        """,
+        "CREATE INDEX idx_chats_app_updated_at ON chats(app, updated_at DESC)",
+        """
+        CREATE TABLE completions (
+          id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+          started_at TEXT NOT NULL,
+          app TEXT,
+          model TEXT NOT NULL,
+          payer TEXT NOT NULL CHECK (payer IN ('server', 'app', 'user')),
+          prompt_tokens BIGINT,
+          completion_tokens BIGINT,
+          cost DOUBLE PRECISION,
+          status INTEGER NOT NULL,
+          outcome TEXT NOT NULL,
+          duration_ms BIGINT NOT NULL,
+          client_left INTEGER NOT NULL DEFAULT 0,
+          client_hash TEXT,
+          generation_id TEXT,
+          cost_source TEXT,
+          cost_owed_until TEXT,
+          cost_next_lookup TEXT
+        )
+        """,
+        "CREATE INDEX idx_completions_started_at ON completions(started_at)",
+        "CREATE INDEX idx_completions_app_started_at ON completions(app, started_at)",
+        "CREATE INDEX idx_completions_client_started_at ON completions(client_hash, started_at)",
+        """
+        CREATE INDEX idx_completions_cost_next_lookup ON completions(cost_next_lookup)
+          WHERE cost_next_lookup IS NOT NULL
+        """,
+        "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """
+        CREATE TABLE blocks (
+          client_hash TEXT PRIMARY KEY,
+          blocked_at TEXT NOT NULL,
+          blocked_until TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE prices (
+          model TEXT PRIMARY KEY,
+          prompt DOUBLE PRECISION NOT NULL,
+          completion DOUBLE PRECISION NOT NULL,
+          fetched_at TEXT NOT NULL
+        )
+        """,
+    ),
+}
+
+
+async def migrate(conn: asyncpg.Connection) -> None:
+    """Bring the schema to SCHEMA_VERSION, under the migration lock; SchemaTooNew when the
+    database was made by a newer qp-server."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute("CREATE TABLE IF NOT EXISTS qp_schema (version INTEGER NOT NULL)")
+        version = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM qp_schema")
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"schema version {version} is newer than this server's ({SCHEMA_VERSION})"
+            )
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in STEPS[step]:
+                await conn.execute(statement)
+        if version < SCHEMA_VERSION:
+            await conn.execute("DELETE FROM qp_schema")
+            await conn.execute("INSERT INTO qp_schema (version) VALUES ($1)", SCHEMA_VERSION)
