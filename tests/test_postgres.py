@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from qp.config import ConfigError, load_config
-from qp.storage.postgres import translate
+from qp.storage.postgres import OWNER_LOCK, translate
 from qp.storage.postgres_schema import SCHEMA_VERSION, migrate
 from tests.helpers import ADMIN_KEY, call, create, make_chat, run_qp
 from tests.processes import PostgresServer, QPServer, free_ports, run_server_once
@@ -181,3 +181,27 @@ async def test_a_database_from_a_newer_server_is_refused(tmp_path, postgres):
     )
     line = refusal(run_server_once(tmp_path / "data", QP_DATABASE=url))
     assert "SchemaTooNew: schema version 99 is newer than this server's (1)" in line
+
+
+async def test_losing_the_ownership_lock_refuses_writes_until_a_restart(start_server, postgres):
+    url = postgres.create_database()
+    server = await start_server(QP_DATABASE=url)
+    chat_id = await create(server.client, make_chat(app="lost"))
+    # PostgreSQL ends the session that holds the server's lock (a restart, a failover).
+    postgres.psql(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+        f" AND objid = {OWNER_LOCK & 0xFFFFFFFF}",
+        url.rsplit("/", 1)[1],
+    )
+    for _ in range(50):
+        status, health = await call(server.client, "GET", "/healthz")
+        if status == 503:
+            break
+        await asyncio.sleep(0.1)
+    assert (status, health["checks"]["database"]) == (503, "unowned")
+    chat = make_chat(chat_id, app="lost", messages=["changed"])
+    assert await call(server.client, "PUT", f"/api/chats/{chat_id}", json={"chat": chat}) == (
+        503,
+        {"error": "Storage unavailable"},
+    )
+    assert (await call(server.client, "GET", f"/api/chats/{chat_id}"))[0] == 200  # reads go on

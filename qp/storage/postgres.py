@@ -185,7 +185,10 @@ class PostgresDatabase(StatementHelpers):
         """Run `fn(transaction)` as one transaction: committed if it returns, else undone."""
         self._refuse_if_damaged()
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
+            async with (
+                self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn,
+                conn.transaction(),
+            ):
                 return await fn(PostgresTransaction(conn))
         except FAILURES as err:
             raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
@@ -195,6 +198,16 @@ class PostgresDatabase(StatementHelpers):
             raise StorageUnavailable("Database", f"writes refused: {self.damage}")
 
     def check_file(self) -> str | None:
+        """Housekeeping asks every second: with the connection that holds the ownership
+        lock gone, the lock is gone too, and another server may take the database, so
+        every write is refused from then on (until a restart claims it again)."""
+        if self.damage is None and self._owner.is_closed():
+            self.damage = "unowned"
+            log.error(
+                "the connection holding %s for this server was lost: writes are refused"
+                " until the server is restarted",
+                self.shown,
+            )
         return self.damage
 
     def refuse_writes(self, why: str) -> None:
@@ -209,7 +222,8 @@ class PostgresDatabase(StatementHelpers):
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
         text, args = _statement(sql, params)
         try:
-            return [tuple(row) for row in await self._pool.fetch(text, *args)]
+            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+                return [tuple(row) for row in await conn.fetch(text, *args)]
         except FAILURES as err:
             raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
 
