@@ -6,7 +6,12 @@ behaviour itself runs on PostgreSQL in their own modules (marked `on_both_databa
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sqlite3
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -16,8 +21,8 @@ import pytest
 from qp.config import ConfigError, load_config
 from qp.storage.postgres import OWNER_LOCK, translate
 from qp.storage.postgres_schema import SCHEMA_VERSION, migrate
-from tests.helpers import ADMIN_KEY, call, create, make_chat, run_qp
-from tests.processes import PostgresServer, QPServer, free_ports, run_server_once
+from tests.helpers import ADMIN_KEY, SYSTEM, call, create, make_chat, run_qp
+from tests.processes import ROOT, PostgresServer, QPServer, free_ports, run_server_once
 
 
 def refusal(result: subprocess.CompletedProcess) -> str:
@@ -205,3 +210,135 @@ async def test_losing_the_ownership_lock_refuses_writes_until_a_restart(start_se
         {"error": "Storage unavailable"},
     )
     assert (await call(server.client, "GET", f"/api/chats/{chat_id}"))[0] == 200  # reads go on
+
+
+# --- migrate-db -------------------------------------------------------------------------
+
+
+async def test_migrate_db_gives_the_same_answers_ledger_and_blocks(tmp_path, postgres, fake):
+    blobs = {"QP_STORAGE": f"file://{tmp_path / 'blobs'}"}
+    served = {
+        **blobs,
+        "ADMIN_KEY": ADMIN_KEY,
+        "QP_OPENROUTER_URL": fake.url,
+        "OPENROUTER_API_KEY": "server-key",
+        "QP_RATE_LIMIT_CHATS": "5/minute",
+    }
+    admin = {"x-admin-key": ADMIN_KEY}
+    blocked = {"X-Forwarded-For": "198.51.100.7"}
+    lite = QPServer(tmp_path / "sqlite", served).start()
+    try:
+        async with aiohttp.ClientSession(lite.url) as http:
+            ids = [await create(http, make_chat(app=app)) for app in ("a", "a", "b")]
+            again = make_chat(ids[0], app="a", messages=["changed"])
+            assert (await call(http, "PUT", f"/api/chats/{ids[0]}", json={"chat": again}))[0] == 200
+            for n in range(2):
+                request = {
+                    "model": "openai/gpt-4.1-mini",
+                    "systemMessage": SYSTEM,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "app": "a",
+                }
+                headers = {"X-Forwarded-For": f"203.0.113.{n + 1}"}
+                async with http.post("/api/completion", json=request, headers=headers) as got:
+                    assert got.status == 200
+                    await got.read()
+            for _ in range(15):  # 5 in the minute, then 10 refusals: blocked
+                async with http.get("/api/chats/nothing", headers=blocked):
+                    pass
+            before = await answers(http, ids, admin)
+    finally:
+        lite.stop()
+    url = postgres.create_database()
+    source = f"sqlite:///{lite.data_dir / 'qp.sqlite3'}"
+    done = await asyncio.to_thread(
+        run_qp, tmp_path / "tools", "migrate-db", "--from", source, "--to", url, "--no-progress"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        f"copied 3 chats, 2 ledger rows and 1 blocks from {source} to"
+        f" {url.replace(PostgresServer.PASSWORD, '********')}"
+    )
+    # Once copied, the target is not empty: a second run must be told to append.
+    again = await asyncio.to_thread(
+        run_qp, tmp_path / "tools", "migrate-db", "--from", source, "--to", url, "--no-progress"
+    )
+    assert again.returncode == 1
+    assert "the target is not empty" in again.stderr and "--append" in again.stderr
+
+    pg = QPServer(tmp_path / "postgres", {**served, "QP_DATABASE": url}).start()
+    try:
+        async with aiohttp.ClientSession(pg.url) as http:
+            assert await answers(http, ids, admin) == before
+            # The salt came along: the blocked client is still refused.
+            status, body = await call(http, "GET", "/api/chats/nothing", headers=blocked)
+            assert (status, body["message"]) == (429, "IP blocked due to excessive violations")
+    finally:
+        pg.stop()
+
+
+async def answers(http: aiohttp.ClientSession, ids: list[str], admin: dict) -> dict:
+    """What a server answers about its data: each chat, the usage report, the blocks."""
+    chats = [
+        await call(
+            http, "GET", f"/api/chats/{chat_id}", headers={"X-Forwarded-For": f"192.0.2.{n}"}
+        )
+        for n, chat_id in enumerate(ids)
+    ]  # each from an address of its own: the chats routes are limited to 5 a minute here
+    _, usage = await call(http, "GET", "/api/usage", headers=admin)
+    _, blocks = await call(http, "GET", "/api/admin/blocks", headers=admin)
+    return {"chats": chats, "usage": usage["totals"], "blocks": blocks["blocks"]}
+
+
+def test_an_interrupted_migrate_db_carries_on_where_it_stopped(tmp_path, postgres):
+    data = tmp_path / "data"
+    assert run_qp(data, "blocks", "list").returncode == 0  # makes the SQLite schema
+    rows = [
+        (f"2026-11-{1 + n % 25:02d}T10:00:00.000Z", "a", "m", "server", 1, 1, n / 1e6)
+        for n in range(30_000)
+    ]
+    with sqlite3.connect(data / "qp.sqlite3") as db:
+        db.executemany(
+            "INSERT INTO completions (started_at, app, model, payer, prompt_tokens,"
+            " completion_tokens, cost, status, outcome, duration_ms, client_left)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, 200, 'completed', 1, 0)",
+            rows,
+        )
+    url = postgres.create_database()
+    database = url.rsplit("/", 1)[1]
+
+    def in_target(sql: str) -> str:
+        try:
+            return postgres.psql(sql, database)
+        except subprocess.CalledProcessError:
+            return ""  # its tables are not made yet
+
+    source = f"sqlite:///{data / 'qp.sqlite3'}"
+    command = [sys.executable, "-m", "qp", "migrate-db", "--from", source, "--to", url]
+    copying = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tools_env(data)
+    )
+    try:
+        mark = "SELECT value FROM settings WHERE name = 'migrate_db:ledger_after'"
+        while not in_target(mark):
+            assert copying.poll() is None, copying.communicate()
+            time.sleep(0.01)
+        copying.kill()  # after its first batch of the ledger
+    finally:
+        copying.wait()
+    assert copying.returncode == -signal.SIGKILL
+    copied = int(in_target("SELECT COUNT(*) FROM completions"))
+    assert 0 < copied < 30_000
+
+    done = run_qp(tmp_path / "tools", "migrate-db", "--from", source, "--to", url, "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"carried on copying 0 chats, {30_000 - copied} ledger rows")
+    total = in_target("SELECT COUNT(*), ROUND(SUM(cost)::numeric, 6) FROM completions")
+    assert total == f"30000|{round(sum(row[6] for row in rows), 6):.6f}"
+    marks = in_target("SELECT COUNT(*) FROM settings WHERE name LIKE 'migrate_db:%'")
+    assert marks == "0"
+
+
+def tools_env(data: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("QP_", "AWS_"))}
+    return {**clean, "QP_DATA_DIR": str(data)}

@@ -55,6 +55,8 @@ OF_UNKNOWN_SIZE = "SELECT chat_id FROM chats WHERE messages_bytes IS NULL LIMIT 
 NOTE_SIZE = "UPDATE chats SET messages_bytes = ? WHERE chat_id = ? AND messages_bytes IS NULL"
 ALL_IDS = "SELECT chat_id, updated_at FROM chats"
 # The apps with the most chats (at most `?` of them), by name.
+# A page of rows by chat id (copying a database).
+PAGE_AFTER = SELECT + " WHERE chat_id > ? ORDER BY chat_id LIMIT ?"
 APPS = """
     SELECT app, chats, updated_at FROM (
         SELECT app, COUNT(*) AS chats, MAX(updated_at) AS updated_at FROM chats
@@ -237,6 +239,10 @@ class ChatRows:
     async def note_sizes(self, sizes: list[tuple[int, str]]) -> None:
         """Record (size, chat id) of messages found in the blob store (rows imported)."""
         await self.db.execute_write_many(NOTE_SIZE, sizes)
+
+    async def page_after(self, chat_id: str, limit: int) -> list[ChatRow]:
+        """Up to `limit` rows whose chat id sorts after `chat_id`, in that order."""
+        return [ChatRow(*row) for row in await self.db.fetchall(PAGE_AFTER, (chat_id, limit))]
 
     async def apps(self, limit: int) -> list[tuple[str, int, str]]:
         """(app, chats, latest updated_at) of the `limit` apps with the most chats, by name."""

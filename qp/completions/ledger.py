@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from qp.completions.usage import CompletionRecord
 from qp.storage.database import Database
@@ -13,6 +14,14 @@ INSERT = """
                              generation_id, cost_source, cost_owed_until, cost_next_lookup)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
+# A page of rows by id (copying a database): the INSERT's columns, then the id.
+PAGE_AFTER = """
+    SELECT started_at, app, model, payer, prompt_tokens, completion_tokens, cost, status,
+           outcome, duration_ms, client_left, client_hash, generation_id, cost_source,
+           cost_owed_until, cost_next_lookup, id
+    FROM completions WHERE id > ? ORDER BY id LIMIT ?
+"""
+COUNT = "SELECT COUNT(*) FROM completions"
 # Cost lookups owed now (at most a batch), and what settles or postpones each.
 LOOKUPS_DUE = """
     SELECT id, started_at, app, model, payer, client_hash, generation_id, cost,
@@ -156,3 +165,14 @@ async def lookup_later(db: Database, row_id: int, next_lookup: str) -> None:
 
 async def lookup_given_up(db: Database, row_id: int) -> None:
     await db.execute_write(LOOKUP_GIVEN_UP, (row_id,))
+
+
+async def ledger_page(db: Database, after_id: int, limit: int) -> list[tuple[Any, ...]]:
+    """Up to `limit` rows whose id is above `after_id`, in id order: INSERT's values, then
+    the id."""
+    return await db.fetchall(PAGE_AFTER, (after_id, limit))
+
+
+async def ledger_size(db: Database) -> int:
+    ((count,),) = await db.fetchall(COUNT)
+    return int(count)

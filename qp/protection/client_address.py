@@ -125,6 +125,10 @@ def hash_client(address: str, salt: str) -> str:
 
 
 SALT = "SELECT value FROM settings WHERE name = 'ip_salt'"
+KEEP_SALT = """
+    INSERT INTO settings (name, value) VALUES ('ip_salt', ?)
+    ON CONFLICT (name) DO UPDATE SET value = excluded.value
+"""
 MAKE_SALT = """
     INSERT INTO settings (name, value) VALUES ('ip_salt', ?) ON CONFLICT (name) DO NOTHING
 """
@@ -139,3 +143,14 @@ async def installation_salt(db: Database) -> str:
         row = await db.fetchone(SALT)
     assert row is not None
     return str(row[0])
+
+
+async def stored_salt(db: Database) -> str | None:
+    """The installation's salt, if it has made one."""
+    row = await db.fetchone(SALT)
+    return str(row[0]) if row else None
+
+
+async def keep_salt(db: Database, salt: str) -> None:
+    """Make `salt` the installation's (copying a database: its blocks' hashes still match)."""
+    await db.execute_write(KEEP_SALT, (salt,))
