@@ -1,4 +1,5 @@
-"""Benchmark the /api/chats routes on both backends against a bare aiohttp app, in one run.
+"""Benchmark the /api/chats routes on both blob backends and both databases against a bare
+aiohttp app, in one run.
 
     .venv/bin/python bench/chats.py [--seconds 8] [--connections 32]
 
@@ -6,7 +7,8 @@ Needs wrk (Debian: `apt-get install wrk`) as the load generator: it is C, runs o
 here, and leaves the other core to the server. SeaweedFS comes from the dev requirements.
 Prints requests/s and p50/p99 latency per route and backend, then the ratios the chat-store
 issue targets: GET on the file store vs the bare app's requests/s, and the admin list of
-100 chats from S3 vs one GET (latency at one connection).
+100 chats from S3 vs one GET (latency at one connection); then PostgreSQL (durable
+defaults, on this machine, file blobs) beside SQLite (synchronous=FULL), route by route.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.helpers import make_chat
-from tests.processes import QPServer, SeaweedFS, free_ports, wait_for_port
+from tests.processes import PostgresServer, QPServer, SeaweedFS, free_ports, wait_for_port
 
 ADMIN_KEY = "bench-admin-key"
 BARE_APP = textwrap.dedent(
@@ -161,6 +163,19 @@ def main() -> int:
             results["file"] = bench_server("file", server, args.seconds, args.connections)
         finally:
             server.stop()
+        if PostgresServer.bindir() is not None:
+            postgres = PostgresServer(Path(tempfile.mkdtemp(prefix="qp-bench-pg-")), durable=True)
+            postgres.start()
+            pg_env = {**env, "QP_DATABASE": postgres.create_database()}
+            server = QPServer(work / "qp-postgres", pg_env).start()
+            try:
+                results["postgres"] = bench_server(
+                    "postgres", server, args.seconds, args.connections
+                )
+            finally:
+                server.stop()
+                postgres.stop()
+                shutil.rmtree(postgres.data_dir, ignore_errors=True)
         weed.start()
         bucket = weed.create_bucket()
         server = QPServer(work / "qp-s3", {**env, **weed.server_env(bucket)}).start()
@@ -200,6 +215,15 @@ def main() -> int:
         "S3, cache off: list of 100 chats vs one GET, p50 latency at c=1:"
         f" {list_ratio:.2f}x (target <= 3)"
     )
+    if "postgres" in results:
+        print("\nPostgreSQL vs SQLite (file blobs), req/s and p50:")
+        for route in ("GET", "PUT", "POST", "GET c=1", "list 100 c=1"):
+            lite, pg = results["file"][route], results["postgres"][route]
+            print(
+                f"  {route:14} {pg.requests_per_second / lite.requests_per_second:5.2f}x req/s,"
+                f" p50 {pg.p50_ms:.2f} ms vs {lite.p50_ms:.2f} ms"
+                f" ({pg.p50_ms - lite.p50_ms:+.2f} ms)"
+            )
     return 0
 
 

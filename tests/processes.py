@@ -178,9 +178,12 @@ class PostgresServer:
     USER = "qp"
     PASSWORD = "qp-test-password"
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, durable: bool = False):
         self.data_dir = data_dir
         self.port = 0
+        # Tests run with fsync off (fast, and PostgreSQL itself never crashes in them);
+        # benchmarks keep PostgreSQL's durable defaults.
+        self.durable = durable
 
     @staticmethod
     def bindir() -> Path | None:
@@ -207,7 +210,7 @@ class PostgresServer:
         (self.port,) = free_ports()
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories="
-            f"{self.data_dir} -c fsync=off -c max_connections=300"
+            f"{self.data_dir} -c max_connections=300" + ("" if self.durable else " -c fsync=off")
         )
         subprocess.run(
             [*self._as_owner(), str(bindir / "pg_ctl"), "-D", str(pgdata), "-o", options,
