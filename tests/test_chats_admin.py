@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.helpers import call, create, make_chat, unique_id
+from tests.helpers import ADMIN_KEY, big_chat, call, create, make_chat, unique_id
 
 pytestmark = [pytest.mark.on_both_backends, pytest.mark.on_both_databases]
 
@@ -124,3 +126,36 @@ async def test_without_a_configured_admin_key_every_admin_request_is_401(start_s
                 401,
                 {"error": "Unauthorized"},
             )
+
+
+async def test_a_list_left_early_closes_every_chat_it_opened_ahead(start_server, backend_name):
+    if backend_name != "file":
+        pytest.skip("counts the open files of the file store")
+    server = await start_server()
+    app = "left-early"
+    for n in range(20):  # each over 256 KiB: listed from an open blob, not from memory
+        body = big_chat(f"leftEarly{n:02d}", app, 0.3)
+        async with server.client.post("/api/chats", data=body) as response:
+            assert response.status == 200
+
+    def open_files() -> int:
+        return sum(1 for fd in Path("/proc/self/fd").iterdir() if "blobs" in _target(fd))
+
+    before = open_files()
+    response = await server.client.get(f"/api/chats?app={app}", headers={"x-admin-key": ADMIN_KEY})
+    assert response.status == 200
+    await response.content.readany()
+    assert open_files() > before  # chats opened ahead of the one being sent
+    response.close()
+    for _ in range(50):
+        if open_files() == before:
+            break
+        await asyncio.sleep(0.05)
+    assert open_files() == before
+
+
+def _target(fd: Path) -> str:
+    try:
+        return os.readlink(fd)
+    except OSError:
+        return ""

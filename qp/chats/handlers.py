@@ -25,6 +25,7 @@ from qp.chats.model import (
     is_valid_chat_id,
     parse_chat,
 )
+from qp.chats.store import LIST_READ_AHEAD
 from qp.chats.stream import CHUNK_BYTES, ChatStream
 from qp.errors import ApiError, StorageUnavailable, json_bytes_response, json_response
 from qp.logs import CLIENT_HASH
@@ -39,6 +40,8 @@ GIB = 1024**3
 # What a read holds of the byte budget while it runs: a small chat whole, or a piece of a
 # large one and its rendering.
 READ_HOLD_BYTES = 2 * CHUNK_BYTES
+# A list: the chat being sent, and those opened ahead of it.
+LIST_HOLD_BYTES = (LIST_READ_AHEAD + 1) * CHUNK_BYTES
 
 
 async def create_chat(request: web.Request) -> web.Response:
@@ -100,7 +103,7 @@ async def list_chats(request: web.Request) -> web.StreamResponse:
     if not app:
         raise ApiError(400, "App parameter required")
     async with (
-        request.app[BYTE_BUDGET].hold(READ_HOLD_BYTES),
+        request.app[BYTE_BUDGET].hold(LIST_HOLD_BYTES),
         contextlib.aclosing(request.app[CHAT_STORE].newest_chats(app)) as chats,
     ):
         # The first chat is read before answering: a store that is down is still a 503.

@@ -20,6 +20,7 @@ served half written; the pieces that stand alone are in pending.py and stream.py
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -49,6 +50,8 @@ from qp.timestamps import utc_now_iso
 log = logging.getLogger("qp.chats.store")
 
 LIST_LIMIT = 100
+# Chats of a list opened ahead of the one being sent (the list handler holds room for them).
+LIST_READ_AHEAD = 8
 # Seconds a write may take from its SQL step to its answer; past it, it is undone and
 # answered 503. The server sets it from QP_S3_TIMEOUT.
 DEFAULT_WRITE_DEADLINE = 40.0
@@ -86,6 +89,8 @@ class ChatStore:
         # Failed writes whose undo failed too (the database was down or full): their chats
         # answer 503 until a retry finishes or undoes them.
         self._unresolved: dict[str, PendingWrite] = {}
+        # Lists left early: closing what was opened ahead of them.
+        self._closing: set[asyncio.Task[None]] = set()
         # FULL or READ_ONLY after a write failed so; cleared by the next write that works.
         self.write_problem: str | None = None
         # Bytes of messages stored, all chats together, as the rows say (see count_stored).
@@ -97,6 +102,7 @@ class ChatStore:
         return self._settled
 
     async def close(self) -> None:
+        await asyncio.gather(*self._closing, return_exceptions=True)
         await self._settled.close()
 
     async def ping(self) -> None:
@@ -238,18 +244,42 @@ class ChatStore:
         self, app: str, limit: int = LIST_LIMIT
     ) -> AsyncGenerator[bytes | ChatStream, None]:
         """The app's newest chats by updated_at, one at a time (skipping any whose messages
-        are missing), each as `open_chat` gives it."""
-        for row in await self._rows.newest(app, limit):
-            chat: bytes | ChatStream | None = self._cache.get(row.chat_id)
-            if chat is None:
-                async with self._locks.reading(row.chat_id):
-                    if row.chat_id in self._unresolved:
-                        continue
-                    # Read again under the lock, so the row matches the blob opened beside it.
-                    fresh = await self._rows.one(row.chat_id)
-                    chat = await self._open(fresh) if fresh is not None else None
-            if chat is not None:
-                yield chat
+        are missing), each as `open_chat` gives it. The next LIST_READ_AHEAD are opened
+        meanwhile, so a list from S3 costs a few round trips, not one per chat."""
+        rows = iter(await self._rows.newest(app, limit))
+        opening: collections.deque[asyncio.Task[bytes | ChatStream | None]] = collections.deque()
+
+        def open_next() -> None:
+            row = next(rows, None)
+            if row is not None:
+                opening.append(asyncio.ensure_future(self._open_listed(row)))
+
+        for _ in range(LIST_READ_AHEAD):
+            open_next()
+        try:
+            while opening:
+                chat = await opening.popleft()
+                open_next()
+                if chat is not None:
+                    yield chat
+        finally:
+            if opening:
+                # Left early (the client went away, perhaps cancelling this very task):
+                # the openings finish in the background and what they opened is closed.
+                closing = asyncio.ensure_future(_close_when_opened(list(opening)))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+
+    async def _open_listed(self, row: ChatRow) -> bytes | ChatStream | None:
+        chat: bytes | ChatStream | None = self._cache.get(row.chat_id)
+        if chat is not None:
+            return chat
+        async with self._locks.reading(row.chat_id):
+            if row.chat_id in self._unresolved:
+                return None
+            # Read again under the lock, so the row matches the blob opened beside it.
+            fresh = await self._rows.one(row.chat_id)
+            return await self._open(fresh) if fresh is not None else None
 
     async def apps(self, limit: int) -> list[tuple[str, int, str]]:
         """(app, chats, latest updated_at) of the `limit` apps with the most chats."""
@@ -378,3 +408,11 @@ class ChatStore:
 
 def _size(row: ChatRow | None) -> int:
     return (row.messages_bytes or 0) if row is not None else 0
+
+
+async def _close_when_opened(opening: list[asyncio.Task[bytes | ChatStream | None]]) -> None:
+    """Wait for chats being opened ahead of a list nobody reads any more; close their blobs.
+    (Cancelled instead, an opening could leave a file its thread had just opened.)"""
+    for opened in await asyncio.gather(*opening, return_exceptions=True):
+        if isinstance(opened, ChatStream):
+            await opened.blob.close()
