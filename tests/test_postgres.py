@@ -342,3 +342,44 @@ def test_an_interrupted_migrate_db_carries_on_where_it_stopped(tmp_path, postgre
 def tools_env(data: Path) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("QP_", "AWS_"))}
     return {**clean, "QP_DATA_DIR": str(data)}
+
+
+async def test_the_tools_writes_reach_the_running_server_within_a_second(tmp_path, postgres):
+    url = postgres.create_database()
+    env = {
+        "QP_DATABASE": url,
+        "QP_STORAGE": f"file://{tmp_path / 'blobs'}",
+        "QP_RATE_LIMIT_CHATS": "5/minute",
+    }
+    server = QPServer(tmp_path / "server", {**env, "ADMIN_KEY": ADMIN_KEY}).start()
+    blocked = {"X-Forwarded-For": "198.51.100.8"}
+    try:
+        async with aiohttp.ClientSession(server.url) as http:
+            chat_id = await create(http, make_chat(app="tools"))
+            assert (await call(http, "GET", f"/api/chats/{chat_id}"))[0] == 200  # now cached
+            for _ in range(15):  # 5 in the minute, then 10 refusals: blocked
+                async with http.get("/api/chats/nothing", headers=blocked):
+                    pass
+            deleted = await asyncio.to_thread(
+                run_qp, tmp_path / "tools", "chats", "delete", chat_id, **env
+            )
+            assert deleted.returncode == 0, deleted.stderr
+            _, found = await call(
+                http, "GET", "/api/admin/blocks", headers={"x-admin-key": ADMIN_KEY}
+            )
+            lifted = await asyncio.to_thread(
+                run_qp, tmp_path / "tools", "blocks", "lift", found["blocks"][0]["client"], **env
+            )
+            assert lifted.returncode == 0, lifted.stderr
+            for n in range(40):  # each from an address of its own: 5 a minute each
+                reader = {"X-Forwarded-For": f"203.0.113.{100 + n}"}
+                got = (await call(http, "GET", f"/api/chats/{chat_id}", headers=reader))[0]
+                if got == 404:
+                    break
+                await asyncio.sleep(0.05)
+            assert got == 404  # the cached copy was dropped
+            # The block is gone too (its counts are not: the minute is still used up).
+            status, body = await call(http, "GET", "/api/chats/nothing", headers=blocked)
+            assert (status, body.get("message")) != (429, "IP blocked due to excessive violations")
+    finally:
+        server.stop()

@@ -4,7 +4,9 @@ keep their SQL, written with `?` and `:name` placeholders, which are turned into
 `$n` here (once per statement, cached).
 
 For now one process owns a database, as with SQLite: a session advisory lock, held for the
-process's life, refuses a second server on the same database.
+process's life, refuses a second server on the same database. The operators' tools (which
+do not take it) notify a channel with each write; the server listens on its lock's
+connection and learns of them as `changed_elsewhere()`.
 
 Numbers: the chats' token counts are NUMERIC, read back as an int when whole and a float
 otherwise, so a client's 12 or 12.5 comes back as it went in (as SQLite's INTEGER affinity
@@ -37,6 +39,9 @@ CONNECT_TIMEOUT = 10.0
 STATEMENT_TIMEOUT = 30.0
 # pg_try_advisory_lock key held by the process that serves the database ("qp-own").
 OWNER_LOCK = 0x71702D6F776E
+# The operators' tools notify this channel with each write; the server listens, and drops
+# its cached chats and reloads its blocks (as SQLite's data_version tells it there).
+CHANGES = "qp_changes"
 _PLACEHOLDER = re.compile(r"'(?:[^']|'')*'|\?|(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -138,11 +143,14 @@ class PostgresTransaction:
 class PostgresDatabase(StatementHelpers):
     """The PostgreSQL database: `write(fn)` for transactions, the pool for queries."""
 
-    def __init__(self, pool: asyncpg.Pool, owner: asyncpg.Connection, url: str):
+    def __init__(self, pool: asyncpg.Pool, owner: asyncpg.Connection, url: str, *, serving: bool):
         self._pool = pool
         self._owner = owner
         self.url = url
         self.damage: str | None = None
+        # A server listens for the tools' writes; a tool announces its own.
+        self._serving = serving
+        self._changed = False
 
     @classmethod
     async def open(
@@ -168,10 +176,13 @@ class PostgresDatabase(StatementHelpers):
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=STATEMENT_TIMEOUT,
             )
+            database = cls(pool, owner, url, serving=claim)
+            if claim:
+                await owner.add_listener(CHANGES, database._note_change)
         except BaseException:
             await owner.close()
             raise
-        return cls(pool, owner, url)
+        return database
 
     async def close(self) -> None:
         try:
@@ -189,7 +200,10 @@ class PostgresDatabase(StatementHelpers):
                 self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn,
                 conn.transaction(),
             ):
-                return await fn(PostgresTransaction(conn))
+                result = await fn(PostgresTransaction(conn))
+                if not self._serving:  # delivered when the transaction commits
+                    await conn.execute("SELECT pg_notify($1, '')", CHANGES)
+                return result
         except FAILURES as err:
             raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
 
@@ -216,8 +230,12 @@ class PostgresDatabase(StatementHelpers):
             log.error("%s: writes are refused until the server is restarted", why)
 
     async def changed_elsewhere(self) -> bool:
-        """False: one process owns the database (see the module's docstring)."""
-        return False
+        """True when an operators' tool wrote to the database since the last call."""
+        changed, self._changed = self._changed, False
+        return changed
+
+    def _note_change(self, conn: asyncpg.Connection, pid: int, channel: str, payload: str) -> None:
+        self._changed = True
 
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
         text, args = _statement(sql, params)
