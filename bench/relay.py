@@ -1,7 +1,8 @@
 """Benchmark the completion relay: the same streamed completion fetched straight from a fake
 OpenRouter, through qp-server, through a second qp-server with every budget on (large
-caps, so none refuses), and through a third like the first (the control: how far two
-identical servers differ on this machine), interleaved in one run.
+caps, so none refuses), through a third like the first (the control: how far two
+identical servers differ on this machine), and through a fourth with its ledger on
+PostgreSQL where that is installed, interleaved in one run.
 
     .venv/bin/python bench/relay.py [--rounds 200]
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,7 +29,7 @@ from pathlib import Path
 import aiohttp
 
 from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
-from tests.processes import QPServer, free_ports, wait_for_port
+from tests.processes import PostgresServer, QPServer, free_ports, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench/model"
@@ -157,18 +159,18 @@ async def run(
                 for name, p in pids.items()
             }
             for label, fraction in (("median", 0.5), ("p99", 0.99)):
-                d, r, b, c = (
-                    percentile([run[0] for run in first[way]], fraction) * 1000
-                    for way in ("direct", "relay", "budgets", "control")
-                )
+                ms = {
+                    way: percentile([run[0] for run in first[way]], fraction) * 1000
+                    for way in ("direct", "relay", *more)
+                }
+                d, r = ms["direct"], ms["relay"]
+                others = ", ".join(f"{way} {ms[way] - r:+.2f}ms" for way in more)
                 print(
                     f"c={concurrency:<3} time to first chunk, {label:6}  {d:8.2f}ms {r:8.2f}ms"
-                    f" {r - d:+12.2f}ms   budgets on {b - r:+.2f}ms, control {c - r:+.2f}ms"
+                    f" {r - d:+12.2f}ms   vs relay: {others}"
                 )
-            print(
-                f"c={concurrency:<3} CPU per completion: relay {cpu['relay']:.0f} us,"
-                f" budgets on {cpu['budgets']:.0f} us, control {cpu['control']:.0f} us"
-            )
+            used = ", ".join(f"{name} {cpu[name]:.0f} us" for name in pids)
+            print(f"c={concurrency:<3} CPU per completion: {used}")
             few = max(3, rounds // 20)
             paced = await interleaved(session, direct_url, relay_url, "paced", few, concurrency)
             d, r = (statistics.median(run[1] for run in paced[way]) for way in ("direct", "relay"))
@@ -218,6 +220,15 @@ def main() -> int:
     )
     control = QPServer(Path(tempfile.mkdtemp(prefix="qp-relay-bench-control-")), env)
     servers = {"relay": server, "budgets": budgeted, "control": control}
+    # The ledger on PostgreSQL (durable defaults) instead of SQLite, where it is installed.
+    postgres = None
+    if PostgresServer.bindir() is not None:
+        postgres = PostgresServer(Path(tempfile.mkdtemp(prefix="qp-relay-bench-pg-")), True)
+        postgres.start()
+        servers["postgres"] = QPServer(
+            Path(tempfile.mkdtemp(prefix="qp-relay-bench-postgres-")),
+            {**env, "QP_DATABASE": postgres.create_database()},
+        )
     try:
         wait_for_port(fake_port, 20, fake)
         for started in servers.values():
@@ -228,8 +239,9 @@ def main() -> int:
                 direct_url,
                 f"{server.url}/api/completion",
                 {
-                    "budgets": f"{budgeted.url}/api/completion",
-                    "control": f"{control.url}/api/completion",
+                    name: f"{started.url}/api/completion"
+                    for name, started in servers.items()
+                    if name != "relay"
                 },
                 {name: started.process.pid for name, started in servers.items()},
             )
@@ -237,6 +249,9 @@ def main() -> int:
     finally:
         for started in servers.values():
             started.stop()
+        if postgres is not None:
+            postgres.stop()
+            shutil.rmtree(postgres.data_dir, ignore_errors=True)
         fake.terminate()
         fake.wait()
     return 0
