@@ -159,6 +159,7 @@ class PostgresDatabase(StatementHelpers):
         """Connect, claim the database for this process (DatabaseOwned if another has it;
         the operators' tools do not claim it), bring its schema up to date, open the pool."""
         owner = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
+        pool = None
         try:
             if claim and not await owner.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK):
                 holder = await owner.fetchval(
@@ -180,6 +181,8 @@ class PostgresDatabase(StatementHelpers):
             if claim:
                 await owner.add_listener(CHANGES, database._note_change)
         except BaseException:
+            if pool is not None:
+                pool.terminate()
             await owner.close()
             raise
         return database
