@@ -208,23 +208,30 @@ class PostgresServer:
             check=True, capture_output=True,
         )  # fmt: skip
         (self.port,) = free_ports()
+        self.resume()
+        return self
+
+    def resume(self) -> None:
+        """Start the server (again, after `stop`) on its port and data."""
+        bindir = self.bindir()
+        assert bindir is not None
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories="
             f"{self.data_dir} -c max_connections=300" + ("" if self.durable else " -c fsync=off")
         )
         subprocess.run(
-            [*self._as_owner(), str(bindir / "pg_ctl"), "-D", str(pgdata), "-o", options,
-             "-l", str(self.data_dir / "postgres.log"), "-w", "start"],
+            [*self._as_owner(), str(bindir / "pg_ctl"), "-D", str(self.data_dir / "pgdata"),
+             "-o", options, "-l", str(self.data_dir / "postgres.log"), "-w", "start"],
             check=True, capture_output=True,
         )  # fmt: skip
-        return self
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "fast") -> None:
+        """Stop it: `fast` ends sessions cleanly; `immediate` is a crash (no checkpoint)."""
         bindir = self.bindir()
         if self.port and bindir is not None:
             subprocess.run(
                 [*self._as_owner(), str(bindir / "pg_ctl"), "-D", str(self.data_dir / "pgdata"),
-                 "-m", "fast", "-w", "stop"],
+                 "-m", mode, "-w", "stop"],
                 capture_output=True,
             )  # fmt: skip
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -188,28 +190,97 @@ async def test_a_database_from_a_newer_server_is_refused(tmp_path, postgres):
     assert "SchemaTooNew: schema version 99 is newer than this server's (1)" in line
 
 
-async def test_losing_the_ownership_lock_refuses_writes_until_a_restart(start_server, postgres):
+def owner_session(postgres: PostgresServer, database: str) -> str:
+    """The backend pid of the session holding a server's ownership lock ('' if none)."""
+    return postgres.psql(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        f" AND objid = {OWNER_LOCK & 0xFFFFFFFF}",
+        database,
+    )
+
+
+async def test_a_lost_ownership_session_is_claimed_again(start_server, postgres):
     url = postgres.create_database()
+    database = url.rsplit("/", 1)[1]
     server = await start_server(QP_DATABASE=url)
     chat_id = await create(server.client, make_chat(app="lost"))
-    # PostgreSQL ends the session that holds the server's lock (a restart, a failover).
-    postgres.psql(
-        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
-        f" AND objid = {OWNER_LOCK & 0xFFFFFFFF}",
-        url.rsplit("/", 1)[1],
-    )
+    first = owner_session(postgres, database)
+    # PostgreSQL ends the session that holds the server's lock (a failover, an operator).
+    postgres.psql(f"SELECT pg_terminate_backend({first}, 5000)", database)
     for _ in range(50):
-        status, health = await call(server.client, "GET", "/healthz")
-        if status == 503:
+        again = owner_session(postgres, database)
+        if again and again != first:
             break
         await asyncio.sleep(0.1)
-    assert (status, health["checks"]["database"]) == (503, "unowned")
+    assert again and again != first  # the server took its lock again, in a new session
     chat = make_chat(chat_id, app="lost", messages=["changed"])
     assert await call(server.client, "PUT", f"/api/chats/{chat_id}", json={"chat": chat}) == (
-        503,
-        {"error": "Storage unavailable"},
+        200,
+        {"success": True},
     )
-    assert (await call(server.client, "GET", f"/api/chats/{chat_id}"))[0] == 200  # reads go on
+    assert (await call(server.client, "GET", "/healthz"))[0] == 200
+
+
+async def test_a_database_taken_over_meanwhile_refuses_every_write(start_server, postgres):
+    url = postgres.create_database()
+    database = url.rsplit("/", 1)[1]
+    server = await start_server(QP_DATABASE=url)
+    chat_id = await create(server.client, make_chat(app="taken"))
+    # Another process waits for the lock; when PostgreSQL ends the server's session, the
+    # waiter has it before the server can ask again.
+    other = await asyncpg.connect(url)
+    try:
+        waiting = asyncio.ensure_future(other.execute("SELECT pg_advisory_lock($1)", OWNER_LOCK))
+        await asyncio.sleep(0.2)
+        postgres.psql(
+            f"SELECT pg_terminate_backend({owner_session(postgres, database)}, 5000)", database
+        )
+        await asyncio.wait_for(waiting, 5)
+        for _ in range(50):  # unowned at first; taken over once it asks for the lock again
+            status, health = await call(server.client, "GET", "/healthz")
+            if status == 503 and health["checks"]["database"] == "taken-over":
+                break
+            await asyncio.sleep(0.1)
+        assert (status, health["checks"]["database"]) == (503, "taken-over")
+        chat = make_chat(chat_id, app="taken", messages=["changed"])
+        assert await call(server.client, "PUT", f"/api/chats/{chat_id}", json={"chat": chat}) == (
+            503,
+            {"error": "Storage unavailable"},
+        )
+        assert (await call(server.client, "GET", f"/api/chats/{chat_id}"))[0] == 200
+    finally:
+        await other.close()
+
+
+async def test_postgresql_down_is_503_and_back_is_served_again(start_server, tmp_path):
+    """PostgreSQL crashes under a running server: writes and uncached reads answer 503 (no
+    500, nothing half done); once it is back, the server claims the database again and
+    every acknowledged write is there."""
+    own = PostgresServer(Path(tempfile.mkdtemp(prefix="qp-pg-down-"))).start()
+    try:
+        url = own.create_database()
+        server = await start_server(QP_DATABASE=url, QP_CACHE_MB="0")
+        ids = [await create(server.client, make_chat(app="down")) for _ in range(3)]
+        own.stop("immediate")
+        assert await call(server.client, "POST", "/api/chats", json={"chat": make_chat()}) == (
+            503,
+            {"error": "Storage unavailable"},
+        )
+        assert (await call(server.client, "GET", f"/api/chats/{ids[0]}"))[0] == 503
+        status, health = await call(server.client, "GET", "/healthz")
+        assert (status, health["checks"]["database"]) in ((503, "unavailable"), (503, "unowned"))
+        own.resume()
+        for _ in range(100):
+            status, _ = await call(server.client, "POST", "/api/chats", json={"chat": make_chat()})
+            if status == 200:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 200
+        for chat_id in ids:
+            assert (await call(server.client, "GET", f"/api/chats/{chat_id}"))[0] == 200
+    finally:
+        own.stop()
+        shutil.rmtree(own.data_dir, ignore_errors=True)
 
 
 # --- migrate-db -------------------------------------------------------------------------

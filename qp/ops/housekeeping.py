@@ -76,6 +76,7 @@ class Housekeeping:
     async def _check_files(self) -> None:
         """The database file still ours and whole; the lock files still ours."""
         self._db.check_file()
+        await self._db.reclaim()
         for claim in self._claims:
             if claim.still_held():
                 continue

@@ -68,6 +68,10 @@ class Database(Protocol):
 
     def refuse_writes(self, why: str) -> None: ...
 
+    async def reclaim(self) -> None:
+        """Take the database's claim again if it was lost (housekeeping, every second)."""
+        ...
+
     async def close(self) -> None: ...
 
 

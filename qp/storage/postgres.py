@@ -42,6 +42,7 @@ OWNER_LOCK = 0x71702D6F776E
 # The operators' tools notify this channel with each write; the server listens, and drops
 # its cached chats and reloads its blocks (as SQLite's data_version tells it there).
 CHANGES = "qp_changes"
+UNOWNED = "unowned"
 _PLACEHOLDER = re.compile(r"'(?:[^']|'')*'|\?|(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -211,21 +212,49 @@ class PostgresDatabase(StatementHelpers):
             raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
 
     def _refuse_if_damaged(self) -> None:
+        self.check_file()  # the ownership lock may have gone with its session just now
         if self.damage is not None:
             raise StorageUnavailable("Database", f"writes refused: {self.damage}")
 
     def check_file(self) -> str | None:
-        """Housekeeping asks every second: with the connection that holds the ownership
-        lock gone, the lock is gone too, and another server may take the database, so
-        every write is refused from then on (until a restart claims it again)."""
-        if self.damage is None and self._owner.is_closed():
-            self.damage = "unowned"
+        """With the session that holds the ownership lock gone (PostgreSQL restarted or
+        ended it), the lock is gone too and another server may take the database: every
+        write is refused until `reclaim` takes the lock again."""
+        if self.damage is None and self._serving and self._owner.is_closed():
+            self.damage = UNOWNED
             log.error(
                 "the connection holding %s for this server was lost: writes are refused"
-                " until the server is restarted",
+                " until it is claimed again",
                 self.shown,
             )
         return self.damage
+
+    async def reclaim(self) -> None:
+        """Housekeeping, every second: with the ownership lock lost, connect again and take
+        it; if another server has it meanwhile, this one never writes again (taken over)."""
+        if self.check_file() != UNOWNED:
+            return
+        try:
+            owner = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
+        except FAILURES:
+            return  # PostgreSQL is still away: the next round tries again
+        try:
+            claimed = await owner.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK)
+            if claimed:
+                await owner.add_listener(CHANGES, self._note_change)
+        except BaseException:
+            await owner.close()
+            raise
+        if not claimed:
+            await owner.close()
+            self.damage = "taken-over"
+            log.error("another qp-server took %s meanwhile: writes are refused", self.shown)
+            return
+        old, self._owner = self._owner, owner
+        await old.close()
+        self.damage = None
+        self._changed = True  # what happened meanwhile is unknown: forget what is cached
+        log.warning("claimed %s again: writes are taken again", self.shown)
 
     def refuse_writes(self, why: str) -> None:
         if self.damage is None:

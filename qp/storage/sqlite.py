@@ -295,6 +295,9 @@ class SqliteDatabase(StatementHelpers):
         finally:
             self._readers.put_nowait(conn)
 
+    async def reclaim(self) -> None:
+        """Nothing: a SQLite file's claim is its lock file, kept by housekeeping."""
+
     async def changed_elsewhere(self) -> bool:
         """True when another process committed to the database since the last call."""
         if self._writer is None:
