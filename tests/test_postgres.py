@@ -347,6 +347,22 @@ async def test_migrate_db_gives_the_same_answers_ledger_and_blocks(tmp_path, pos
     finally:
         pg.stop()
 
+    # And back, into a new SQLite file: the same answers again.
+    back = tmp_path / "back" / "qp.sqlite3"
+    back.parent.mkdir()
+    done = await asyncio.to_thread(
+        run_qp, tmp_path / "tools", "migrate-db", "--from", url, "--to", f"sqlite:///{back}",
+        "--no-progress",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("copied 3 chats, 2 ledger rows and 1 blocks")
+    lite = QPServer(tmp_path / "sqlite-again", {**served, "QP_DATABASE": str(back)}).start()
+    try:
+        async with aiohttp.ClientSession(lite.url) as http:
+            assert await answers(http, ids, admin) == before
+    finally:
+        lite.stop()
+
 
 async def answers(http: aiohttp.ClientSession, ids: list[str], admin: dict) -> dict:
     """What a server answers about its data: each chat, the usage report, the blocks."""
