@@ -172,16 +172,22 @@ async def _json_array(
     yield b"["
     chat = first
     separator = b""
-    while chat is not None:
-        yield separator
-        separator = b","
-        if isinstance(chat, bytes):
-            yield chat
-        else:
-            async for piece in chat.pieces():
-                yield piece
-        chat = await anext(rest, None)
-    yield b"]"
+    try:
+        while chat is not None:
+            yield separator
+            separator = b","
+            if isinstance(chat, bytes):
+                yield chat
+            else:
+                stream, chat = chat, None  # from here on, its pieces close its blob
+                async with contextlib.aclosing(stream.pieces()) as pieces:
+                    async for piece in pieces:
+                        yield piece
+            chat = await anext(rest, None)
+        yield b"]"
+    finally:
+        if isinstance(chat, ChatStream):  # the client left before it was begun
+            await chat.blob.close()
 
 
 async def _send(
