@@ -8,13 +8,12 @@ import logging
 import sys
 import time as _time
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from qp.timestamps import format_iso
+from qp.timestamps import format_epoch
 
 # The request key under which the rate-limit middleware leaves the client's address hash,
 # for the access log.
@@ -33,7 +32,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": _iso(record.created),
+            "time": format_epoch(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -41,10 +40,6 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
-
-
-def _iso(moment: float) -> str:
-    return format_iso(datetime.fromtimestamp(moment, UTC))
 
 
 class OncePerSecond(logging.Filter):
@@ -173,7 +168,7 @@ class _AccessLines:
             f" for a client or {self.per_second} in all)"
         )
         if self.json:
-            entry = {"time": _iso(_time.time()), "level": "WARNING", "logger": "qp.access"}
+            entry = {"time": format_epoch(_time.time()), "level": "WARNING", "logger": "qp.access"}
             self.add(orjson.dumps({**entry, "message": text}).decode())
         else:
             self.add(f"{self.timestamp()} WARNING qp.access {text}")
@@ -240,7 +235,7 @@ class AccessLogger(AbstractAccessLogger):
         if self._json:
             line = orjson.dumps(
                 {
-                    "time": _iso(_time.time()),
+                    "time": format_epoch(_time.time()),
                     "level": "INFO",
                     "logger": "qp.access",
                     "method": method_name(request),

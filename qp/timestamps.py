@@ -17,6 +17,11 @@ def format_iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
+def format_epoch(seconds: float) -> str:
+    """Epoch seconds in the stored format."""
+    return format_iso(datetime.fromtimestamp(seconds, UTC))
+
+
 def parse_iso(text: str) -> str | None:
     """A date (`2026-11-01`) or date-time (with `Z` or an offset; none means UTC) in the
     stored format, or None when it is neither."""

@@ -28,7 +28,7 @@ from qp.ops.health import health_checks
 from qp.protection.admin import require_admin
 from qp.protection.blocks import active_blocks, delete_block
 from qp.spend.budgets import budget_report
-from qp.timestamps import format_iso
+from qp.timestamps import format_epoch, format_iso
 
 MAX_DAYS = 366
 # Apps listed at most: anyone may name a new app when no allow-list (QP_APPS) is set.
@@ -70,7 +70,7 @@ async def overview(request: web.Request) -> web.Response:
             "status": "ok" if all(state == "ok" for state in checks.values()) else "unavailable",
             "checks": checks,
             "version": _version(),
-            "startedAt": _iso(started),
+            "startedAt": format_epoch(started),
             "uptimeSeconds": max(0, round(now - started)),
             "openStreams": int(open_streams),
             "database": "postgresql" if config.postgres_url else "sqlite",
@@ -163,15 +163,16 @@ async def blocks(request: web.Request) -> web.Response:
     """The blocks in force, and rate-limit refusals per hour for the last 48 hours."""
     app = request.app
     require_admin(request, app[CONFIG].admin_key)
-    now = datetime.fromtimestamp(app[CLOCK](), UTC)
-    found = await active_blocks(app[DATABASE], format_iso(now))
+    found = await active_blocks(app[DATABASE], format_epoch(app[CLOCK]()))
     refusals = app[RATE_LIMITER].refusals_per_hour.last(HOURS_SHOWN)
     return json_response(
         {
             "blocks": [
                 {"client": client, "since": since, "until": until} for client, since, until in found
             ],
-            "refusals": [{"hour": _iso(hour), "refusals": count} for hour, count in refusals],
+            "refusals": [
+                {"hour": format_epoch(hour), "refusals": count} for hour, count in refusals
+            ],
         }
     )
 
@@ -185,7 +186,3 @@ async def lift_block(request: web.Request) -> web.Response:
         raise ApiError(404, "Block not found")
     app[RATE_LIMITER].lift(client)
     return json_response({"success": True})
-
-
-def _iso(epoch_seconds: float) -> str:
-    return format_iso(datetime.fromtimestamp(epoch_seconds, UTC))

@@ -3,11 +3,11 @@ so a restart never lifts one; and the rate limiter that starts from them."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from qp.protection.rate_limits import RateLimiter
 from qp.storage.database import Database
-from qp.timestamps import format_iso, utc_now_iso
+from qp.timestamps import format_epoch, utc_now_iso
 
 ACTIVE = """
     SELECT client_hash, blocked_at, blocked_until FROM blocks WHERE blocked_until > ?
@@ -47,6 +47,6 @@ async def open_rate_limiter(db: Database) -> RateLimiter:
     blocks = await load_blocks(db)
 
     async def keep(client: str, until: float) -> None:
-        await save_block(db, client, utc_now_iso(), format_iso(datetime.fromtimestamp(until, UTC)))
+        await save_block(db, client, utc_now_iso(), format_epoch(until))
 
     return RateLimiter(blocks, keep)

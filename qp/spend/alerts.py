@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
 
 import aiohttp
 
 from qp.spend.budgets import Scope
-from qp.timestamps import format_iso
+from qp.timestamps import format_epoch
 
 log = logging.getLogger("qp.spend.alerts")
 
@@ -34,7 +33,7 @@ class Alerts:
         self, scope: Scope, period_start: float, threshold: int, spent: float, cap: float
     ) -> None:
         what = scope.describe()
-        day = format_iso(datetime.fromtimestamp(period_start, UTC))[:10]
+        day = format_epoch(period_start)[:10]
         text = (
             f"qp-server: {what} has passed {threshold} % of its cap: "
             f"${spent:.4f} of ${cap:.4f} spent in the {scope.period} from {day}"

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from qp.completions.ledger import spent_since
 from qp.storage.database import Database
-from qp.timestamps import format_iso
+from qp.timestamps import format_epoch
 
 if TYPE_CHECKING:
     from qp.policy.policy import Policy
@@ -78,7 +78,7 @@ class Refusal:
 
     @property
     def message(self) -> str:
-        when = format_iso(datetime.fromtimestamp(self.resets_at, UTC))
+        when = format_epoch(self.resets_at)
         return f"{self.scope.describe()} is used up; it resets at {when}"
 
 
@@ -227,7 +227,7 @@ class BudgetBook:
             spent=spent,
             reserved=reserved,
             remaining=self.remaining(scope, cap),
-            resetsAt=format_iso(datetime.fromtimestamp(end, UTC)),
+            resetsAt=format_epoch(end),
         )
         return shown
 
@@ -297,8 +297,8 @@ async def open_budget_book(
     month_start, _ = period_bounds(MONTH, now)
     spent = await spent_since(
         db,
-        format_iso(datetime.fromtimestamp(day_start, UTC)),
-        format_iso(datetime.fromtimestamp(month_start, UTC)),
+        format_epoch(day_start),
+        format_epoch(month_start),
     )
     book = BudgetBook(clock, on_passed)
     book.load_spent(Scope("server", "", DAY), spent.server_day)

@@ -13,7 +13,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -33,7 +32,7 @@ from qp.metrics import Metrics
 from qp.policy.policy import Policy
 from qp.spend.budgets import BudgetBook, budget_scopes
 from qp.storage.database import Database
-from qp.timestamps import epoch_seconds, format_iso
+from qp.timestamps import epoch_seconds, format_epoch
 
 log = logging.getLogger("qp.spend.lookups")
 
@@ -50,11 +49,7 @@ Found = tuple[float, int | None, int | None]
 
 def owed_lookup_times(now: float) -> tuple[str, str]:
     """(owed until, first lookup) for a stream that ended at `now`."""
-    return _iso(now + LOOKUP_WINDOW), _iso(now + FIRST_LOOKUP_DELAY)
-
-
-def _iso(moment: float) -> str:
-    return format_iso(datetime.fromtimestamp(moment, UTC))
+    return format_epoch(now + LOOKUP_WINDOW), format_epoch(now + FIRST_LOOKUP_DELAY)
 
 
 class CostLookups:
@@ -81,7 +76,7 @@ class CostLookups:
     async def run(self) -> None:
         while True:
             try:
-                due = await lookups_due(self._db, _iso(time.time()))
+                due = await lookups_due(self._db, format_epoch(time.time()))
                 for owed in due:
                     await self._look_up(owed)
             except StorageUnavailable as err:
@@ -111,7 +106,7 @@ class CostLookups:
             return
         waited = now - (epoch_seconds(owed.owed_until) - LOOKUP_WINDOW)
         backoff = min(MAX_BACKOFF, max(FIRST_LOOKUP_DELAY, waited / 2))
-        await lookup_later(self._db, owed.row_id, _iso(now + backoff))
+        await lookup_later(self._db, owed.row_id, format_epoch(now + backoff))
 
     async def _ask(
         self, generation_id: str, key: str
