@@ -54,7 +54,7 @@ KEEP_PRICE = """
 async def migrate_db(args: argparse.Namespace, config: Config) -> int:
     source_config = _config_for(args.source, config)
     target_config = _config_for(args.target, config)
-    shown = _shown(args.source)
+    shown = mask_url(args.source)
     async with AsyncExitStack() as stack:
         source = await open_database(source_config, reader_count=1, claim=False)
         stack.push_async_callback(source.close)
@@ -74,7 +74,7 @@ async def migrate_db(args: argparse.Namespace, config: Config) -> int:
     verb = "carried on copying" if resuming else "copied"
     print(
         f"{verb} {chats} chats, {ledger} ledger rows and {blocks} blocks from {shown}"
-        f" to {_shown(args.target)}"
+        f" to {mask_url(args.target)}"
     )
     return 0
 
@@ -85,10 +85,6 @@ def _config_for(url: str, config: Config) -> Config:
     except ConfigError as err:
         raise CommandFailed(str(err)) from None
     return found
-
-
-def _shown(url: str) -> str:
-    return mask_url(url)
 
 
 async def _check_target(target: Database, source: str, append: bool) -> bool:

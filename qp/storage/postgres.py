@@ -270,10 +270,9 @@ class PostgresDatabase(StatementHelpers):
         self._changed = True
 
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
-        text, args = _statement(sql, params)
         try:
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
-                return [tuple(row) for row in await conn.fetch(text, *args)]
+                return await PostgresTransaction(conn).fetchall(sql, params)
         except FAILURES as err:
             raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
 
