@@ -4,7 +4,6 @@ in the test's own event loop, and where its blobs are."""
 from __future__ import annotations
 
 import sqlite3
-import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from tests.processes import SeaweedFS
+from tests.processes import SeaweedFS, psql
 
 
 class Backend:
@@ -107,14 +106,7 @@ class Database:
         text = parts[0] + "".join(
             _literal(value) + part for value, part in zip(params, parts[1:], strict=True)
         )
-        result = subprocess.run(
-            ["psql", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-d", self.postgres_url],
-            input=text,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        return result.stdout.strip()
+        return psql(self.postgres_url, text)
 
 
 def _literal(value: Any) -> str:

@@ -170,6 +170,15 @@ class QPServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def psql(url: str, sql: str) -> str:
+    """Run SQL with psql on the database at `url`: its output, unaligned, without headers."""
+    result = subprocess.run(
+        ["psql", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-d", url],
+        input=sql, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return result.stdout.strip()
+
+
 class PostgresServer:
     """Debian's PostgreSQL in a folder of its own on a free loopback port, started with
     initdb and pg_ctl as the package's `postgres` user when the tests run as root (it
@@ -239,12 +248,7 @@ class PostgresServer:
         return f"postgresql://{self.USER}:{self.PASSWORD}@127.0.0.1:{self.port}/{database}"
 
     def psql(self, sql: str, database: str = "postgres") -> str:
-        result = subprocess.run(
-            ["psql", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-d", self.url(database),
-             "-c", sql],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
-        return result.stdout.strip()
+        return psql(self.url(database), sql)
 
     def create_database(self) -> str:
         """A new empty database: its URL."""
