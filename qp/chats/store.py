@@ -258,7 +258,10 @@ class ChatStore:
             open_next()
         try:
             while opening:
-                chat = await opening.popleft()
+                # Shielded and still in `opening` while awaited: if this task is cancelled
+                # meanwhile, the opening goes on and the closing below takes care of it.
+                chat = await asyncio.shield(opening[0])
+                opening.popleft()
                 open_next()
                 if chat is not None:
                     yield chat
