@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -57,10 +58,12 @@ from qp.spend.alerts import Alerts
 from qp.spend.budgets import BudgetBook, OpenStreams, budgets_in_force, open_budget_book
 from qp.spend.lookups import CostLookups
 from qp.spend.prices import PriceList
+from qp.spend.shared_budgets import SharedBudgetBook
 from qp.startup import StartupError, claim_record, disk_space, open_storage, take_claims
 from qp.storage.batches import BatchWriter
 from qp.storage.claim import ClaimHeld
 from qp.storage.database import Database
+from qp.storage.leases import WriteLease
 
 log = logging.getLogger("qp.app")
 LAG_PROBE_SECONDS = 0.1
@@ -109,6 +112,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(space.keep_reserve)
         db, blobs = await open_storage(config, stack, space=space)
         app[DATABASE] = db
+        lease = await _take_lease(db, config, stack)
         app[CHAT_STORE] = store = ChatStore(
             db,
             blobs,
@@ -116,17 +120,11 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
             write_deadline=config.write_deadline,
             space=space,
             on_drop=metrics.counter_of_drops("settled"),
+            lease=lease,
         )
         await db.changed_elsewhere()  # the baseline, taken while the cache is still empty
         stack.push_async_callback(store.close)
-        counts = await store.recover()
-        if counts["finished"] or counts["undone"]:
-            log.warning(
-                "recovered %d chat writes a stop interrupted: %d finished, %d undone",
-                counts["finished"] + counts["undone"],
-                counts["finished"],
-                counts["undone"],
-            )
+        counts = await store.resolve_abandoned("a stop interrupted")
         if counts["unresolved"]:
             log.error(
                 "%d interrupted chat writes cannot be resolved yet (their chats answer 503);"
@@ -141,7 +139,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         )
         stack.push_async_callback(ledger.close)
         app[ALERTS] = alerts = Alerts(config.alert_webhook_url)
-        app[BUDGETS] = book = await _open_budget_book(db, alerts, app[CLOCK])
+        app[BUDGETS] = book = await _open_budget_book(db, alerts, app[CLOCK], lease.owner)
         metrics.watch_budgets(
             lambda: [
                 (scope.named, book.remaining(scope, cap))
@@ -159,6 +157,25 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _take_lease(db: Database, config: Config, stack: AsyncExitStack) -> WriteLease:
+    """This process's write lease (PostgreSQL: renewed every second in a task; ended at a
+    clean stop, after the chat store has settled its writes)."""
+    lease = WriteLease(db, config.write_lease_seconds)
+    try:
+        await lease.renew()
+    except StorageUnavailable as err:
+        raise StartupError(f"cannot take a write lease in the database: {err}") from None
+    renewing = asyncio.create_task(lease.keep())
+
+    async def end() -> None:
+        renewing.cancel()
+        with contextlib.suppress(StorageUnavailable):
+            await lease.release()
+
+    stack.push_async_callback(end)
+    return lease
+
+
 async def _learn_sizes(store: ChatStore) -> None:
     """Rows imported without their messages' size learn it from the blob store."""
     try:
@@ -169,9 +186,16 @@ async def _learn_sizes(store: ChatStore) -> None:
     log.info("learned the size of %d imported chats from the blob store", learned)
 
 
-async def _open_budget_book(db: Database, alerts: Alerts, clock: Callable[[], float]) -> BudgetBook:
+async def _open_budget_book(
+    db: Database, alerts: Alerts, clock: Callable[[], float], owner: str
+) -> BudgetBook:
+    """In memory (SQLite: this process is the only one), or shared in the database."""
     try:
-        return await open_budget_book(db, clock, alerts.budget_passed)
+        if not db.shared:
+            return await open_budget_book(db, clock, alerts.budget_passed)
+        book = SharedBudgetBook(db, owner, clock, alerts.budget_passed)
+        await book.seed()
+        return book
     except StorageUnavailable as err:
         raise StartupError(f"cannot read what the ledger spent today: {err}") from None
 
@@ -242,6 +266,9 @@ async def _spend_chores(app: web.Application) -> AsyncIterator[None]:
         asyncio.create_task(lookups.run()),
         asyncio.create_task(app[ALERTS].run(app[UPSTREAM])),
     ]
+    book = app[BUDGETS]
+    if isinstance(book, SharedBudgetBook):
+        tasks.append(asyncio.create_task(book.keep_fresh()))
     # Prices serve estimates of what the server's keys pay: with no key, nothing is fetched.
     if config.openrouter_api_key or config.app_openrouter_keys:
         tasks.append(asyncio.create_task(app[PRICES].run(app[UPSTREAM], policy)))

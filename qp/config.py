@@ -29,6 +29,10 @@ DEFAULT_MAX_INFLIGHT_MB = 256
 # A write may take this much longer than one S3 call before it is no longer acknowledged:
 # its SQL steps and the client's share of the event loop.
 WRITE_DEADLINE_SLACK = 10.0
+# Seconds a server's write lease lasts unrenewed (QP_WRITE_LEASE_SECONDS; PostgreSQL only):
+# how long its writes a crash interrupted wait before another server resolves them.
+DEFAULT_WRITE_LEASE_SECONDS = 15.0
+MIN_WRITE_LEASE_SECONDS = 3.0
 APP_KEY_PREFIX = "OPENROUTER_API_KEY_"
 
 
@@ -59,6 +63,7 @@ class Config:
     log_format: str = "text"
     # Deadline of every S3 call (QP_S3_TIMEOUT).
     s3_timeout: float = DEFAULT_S3_TIMEOUT
+    write_lease_seconds: float = DEFAULT_WRITE_LEASE_SECONDS
     # Free disk below which new chats and updates get 507 (QP_MIN_FREE_MB).
     min_free_bytes: int = DEFAULT_MIN_FREE_MB * 1024 * 1024
     # Connections open at once (QP_MAX_CONNECTIONS); lowered to fit the open-file limit.
@@ -102,6 +107,16 @@ def _seconds(
     if not (value >= 0 if zero_allowed else value > 0) or not math.isfinite(value):
         raise ConfigError(f"{name} must be a number of seconds, got {raw!r}")
     return value
+
+
+def _lease_seconds(environ: Mapping[str, str]) -> float:
+    """A lease renewed every second must last a few seconds, or it lapses between renewals."""
+    seconds = _seconds(environ, "QP_WRITE_LEASE_SECONDS", DEFAULT_WRITE_LEASE_SECONDS)
+    if seconds < MIN_WRITE_LEASE_SECONDS:
+        raise ConfigError(
+            f"QP_WRITE_LEASE_SECONDS must be at least {MIN_WRITE_LEASE_SECONDS:g}, got {seconds:g}"
+        )
+    return seconds
 
 
 def _log_format(environ: Mapping[str, str]) -> str:
@@ -189,6 +204,7 @@ def load_config(
         shutdown_timeout=_seconds(environ, "QP_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT),
         log_format=_log_format(environ),
         s3_timeout=_seconds(environ, "QP_S3_TIMEOUT", DEFAULT_S3_TIMEOUT, zero_allowed=False),
+        write_lease_seconds=_lease_seconds(environ),
         min_free_bytes=_int(environ, "QP_MIN_FREE_MB", DEFAULT_MIN_FREE_MB) * 1024 * 1024,
         max_connections=_int(environ, "QP_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1),
         max_inflight_bytes=_int(environ, "QP_MAX_INFLIGHT_MB", DEFAULT_MAX_INFLIGHT_MB, 1)
@@ -271,6 +287,7 @@ def describe(config: Config, policy: Policy, environ: Mapping[str, str] | None =
         f"# config file = {show(config.config_path)}",
         f"# shutdown_timeout = {config.shutdown_timeout:g}",
         f"# s3_timeout = {config.s3_timeout:g}",
+        f"# write_lease_seconds = {config.write_lease_seconds:g}",
         f"# min_free_mb = {config.min_free_bytes // (1024 * 1024)}",
         f"# max_connections = {config.max_connections}",
         f"# max_inflight_mb = {config.max_inflight_bytes // (1024 * 1024)}",

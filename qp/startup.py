@@ -18,7 +18,7 @@ from qp.storage.database import Database
 from qp.storage.disk import DiskSpace
 from qp.storage.migrations import SchemaTooNew
 from qp.storage.postgres import FAILURES as POSTGRES_FAILURES
-from qp.storage.postgres import DatabaseOwned, PostgresDatabase
+from qp.storage.postgres import PostgresDatabase
 from qp.storage.s3 import DEFAULT_S3_TIMEOUT, S3BlobStore
 from qp.storage.sqlite import READER_COUNT, SqliteDatabase
 
@@ -105,15 +105,13 @@ async def open_database(
     reader_count: int = READER_COUNT,
     space: DiskSpace | None = None,
     *,
-    claim: bool = True,
+    serving: bool = True,
 ) -> Database:
-    """The database QP_DATABASE names: PostgreSQL for a postgresql:// URL (claimed for this
-    process unless `claim` is false: the operators' tools), else SQLite."""
+    """The database QP_DATABASE names: PostgreSQL for a postgresql:// URL (listening for
+    the other servers' changes unless `serving` is false: the operators' tools), else SQLite."""
     if config.postgres_url is not None:
         try:
-            return await PostgresDatabase.open(config.postgres_url, claim=claim)
-        except DatabaseOwned as err:
-            raise StartupError(f"QP_DATABASE {database_shown(config)}: {err}") from None
+            return await PostgresDatabase.open(config.postgres_url, serving=serving)
         except (*POSTGRES_FAILURES, ValueError, SchemaTooNew) as err:
             problem = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
             raise StartupError(f"QP_DATABASE {database_shown(config)}: {problem}") from None
@@ -130,11 +128,11 @@ async def open_storage(
     reader_count: int = READER_COUNT,
     space: DiskSpace | None = None,
     *,
-    claim: bool = True,
+    serving: bool = True,
 ) -> tuple[Database, BlobStore]:
     """Open the database, then the blob store, both closed by `stack`; StartupError names
     the one that cannot be opened."""
-    db = await open_database(config, reader_count, space, claim=claim)
+    db = await open_database(config, reader_count, space, serving=serving)
     stack.push_async_callback(db.close)
     try:
         blobs = await open_blob_store(

@@ -40,3 +40,10 @@ def epoch_seconds(iso: str) -> float:
         return datetime.fromisoformat(iso).timestamp()
     except ValueError:
         return 0.0
+
+
+def later_than(now: str, previous: str) -> str:
+    """`now`, or a millisecond after `previous` when `now` is not later (a chat's versions
+    then each have an `updated_at` of their own, even written within one millisecond)."""
+    earliest = epoch_seconds(previous) + 0.001
+    return now if epoch_seconds(now) >= earliest else format_epoch(earliest)

@@ -1,7 +1,8 @@
 """PostgreSQL as the database (QP_DATABASE=postgresql://...): how the setting is read, the
-one-line refusals at start-up, one owner per database, migrations two processes may run at
-once, and the operators' tools beside a live server. The chats, completion and protection
-behaviour itself runs on PostgreSQL in their own modules (marked `on_both_databases`)."""
+one-line refusals at start-up, migrations two processes may run at once, the connection
+that hears other processes' changes, and the operators' tools beside a live server. The
+chats, completion and protection behaviour itself runs on PostgreSQL in their own modules
+(marked `on_both_databases`); several servers together are in test_cluster.py."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import asyncpg
 import pytest
 
 from qp.config import ConfigError, load_config
-from qp.storage.postgres import OWNER_LOCK, translate
+from qp.storage.postgres import translate
 from qp.storage.postgres_schema import SCHEMA_VERSION, migrate
 from tests.helpers import ADMIN_KEY, SYSTEM, call, create, make_chat, run_qp
 from tests.processes import ROOT, PostgresServer, QPServer, free_ports, run_server_once
@@ -122,23 +123,19 @@ def test_a_malformed_url_stops_start_up_with_one_line(tmp_path):
     assert line.startswith("qp-server: QP_DATABASE postgresql://qp@h:port/db: "), line
 
 
-# --- one owner, and the operators' tools beside it --------------------------------------
+# --- the operators' tools beside a server -------------------------------------------------
 
 
-async def test_a_second_server_on_the_same_database_is_refused(tmp_path, postgres):
+async def test_the_tools_work_beside_a_running_server(tmp_path, postgres):
     url = postgres.create_database()
     shared = {"QP_DATABASE": url, "QP_STORAGE": f"file://{tmp_path / 'blobs'}"}
-    first = QPServer(tmp_path / "one", {**shared, "ADMIN_KEY": ADMIN_KEY}).start()
+    server = QPServer(tmp_path / "one", {**shared, "ADMIN_KEY": ADMIN_KEY}).start()
     try:
-        # (A blob folder of its own: the shared one's lock would refuse it first.)
-        line = refusal(run_server_once(tmp_path / "two", QP_DATABASE=url))
-        assert "another qp-server holds it" in line
-        # The first goes on serving, and the operators' tools work beside it.
-        async with aiohttp.ClientSession(first.url) as http:
-            chat_id = await create(http, make_chat(app="owned"))
+        async with aiohttp.ClientSession(server.url) as http:
+            chat_id = await create(http, make_chat(app="beside"))
             assert (await call(http, "GET", f"/api/chats/{chat_id}"))[0] == 200
         listed = await asyncio.to_thread(
-            run_qp, tmp_path / "tools", "chats", "list", "--app", "owned", **shared
+            run_qp, tmp_path / "tools", "chats", "list", "--app", "beside", **shared
         )
         assert listed.returncode == 0, listed.stderr
         assert chat_id in listed.stdout
@@ -146,14 +143,48 @@ async def test_a_second_server_on_the_same_database_is_refused(tmp_path, postgre
         assert checked.returncode == 0, checked.stderr
         assert "may be serving this PostgreSQL database" in checked.stderr
     finally:
-        first.stop()
-    # Stopped, it lets the next one have the database, chats and all.
-    again = QPServer(tmp_path / "three", shared).start()
+        server.stop()
+
+
+async def test_only_writes_of_processes_whose_lease_expired_are_resolved(tmp_path, postgres):
+    """`check --repair` and a server starting leave alone a write whose process still holds
+    its lease, however old the write, and undo one whose process's lease is gone."""
+    url = postgres.create_database()
+    database = url.rsplit("/", 1)[1]
+    shared = {"QP_DATABASE": url, "QP_STORAGE": f"file://{tmp_path / 'blobs'}"}
+    server = QPServer(tmp_path / "server", {**shared, "ADMIN_KEY": ADMIN_KEY}).start()
+    async with aiohttp.ClientSession(server.url) as http:
+        live_id = await create(http, make_chat(app="leases"))
+        dead_id = await create(http, make_chat(app="leases"))
+    server.stop()
+    # Two creates interrupted an hour ago (their blobs never matched): one by a process
+    # that still renews its lease on another host, one by a process long gone.
+    postgres.psql(
+        "INSERT INTO write_leases VALUES ('elsewhere', extract(epoch from now()) + 3600)",
+        database,
+    )
+    for chat_id, owner in ((live_id, "elsewhere"), (dead_id, "gone")):
+        note = f'{{"op": "create", "sha256": "0", "at": 0, "owner": "{owner}"}}'
+        postgres.psql(f"UPDATE chats SET pending = '{note}' WHERE chat_id = '{chat_id}'", database)
+    repaired = await asyncio.to_thread(run_qp, tmp_path / "tools", "check", "--repair", **shared)
+    assert "interrupted writes: 0 finished, 1 undone" in repaired.stdout, repaired
+    assert postgres.psql("SELECT chat_id FROM chats ORDER BY chat_id", database) == live_id
+    # A server starting leaves it alone too, until that lease expires.
+    postgres.psql(f"UPDATE chats SET pending = NULL WHERE chat_id = '{live_id}'", database)
+    note = '{"op": "create", "sha256": "0", "at": 0, "owner": "elsewhere"}'
+    postgres.psql(f"UPDATE chats SET pending = '{note}' WHERE chat_id = '{live_id}'", database)
+    server = QPServer(tmp_path / "again", shared).start()
     try:
-        async with aiohttp.ClientSession(again.url) as http:
-            assert (await call(http, "GET", f"/api/chats/{chat_id}"))[0] == 200
+        await asyncio.sleep(2.5)  # start-up and a sweep or two
+        assert postgres.psql("SELECT COUNT(*) FROM chats", database) == "1"
+        postgres.psql("UPDATE write_leases SET expires_at = 0 WHERE owner = 'elsewhere'", database)
+        for _ in range(50):
+            if postgres.psql("SELECT COUNT(*) FROM chats", database) == "0":
+                break
+            await asyncio.sleep(0.1)
+        assert postgres.psql("SELECT COUNT(*) FROM chats", database) == "0"
     finally:
-        again.stop()
+        server.stop()
 
 
 async def test_two_processes_migrating_at_once_make_the_schema_once(postgres):
@@ -171,11 +202,16 @@ async def test_two_processes_migrating_at_once_make_the_schema_once(postgres):
             await conn.close()
     assert [row[0] for row in tables] == [
         "blocks",
+        "budget_accounts",
+        "budget_reservations",
         "chats",
         "completions",
         "prices",
         "qp_schema",
+        "rate_counts",
+        "rate_refusals",
         "settings",
+        "write_leases",
     ]
     assert [row[0] for row in versions] == [SCHEMA_VERSION]
 
@@ -187,74 +223,56 @@ async def test_a_database_from_a_newer_server_is_refused(tmp_path, postgres):
         url.rsplit("/", 1)[1],
     )
     line = refusal(run_server_once(tmp_path / "data", QP_DATABASE=url))
-    assert "SchemaTooNew: schema version 99 is newer than this server's (1)" in line
+    assert "SchemaTooNew: schema version 99 is newer than this server's (2)" in line
 
 
-def owner_session(postgres: PostgresServer, database: str) -> str:
-    """The backend pid of the session holding a server's ownership lock ('' if none)."""
+def listener_session(postgres: PostgresServer, database: str) -> str:
+    """The backend pid of the session a server hears other processes' changes on."""
     return postgres.psql(
-        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-        f" AND objid = {OWNER_LOCK & 0xFFFFFFFF}",
+        "SELECT pid FROM pg_stat_activity"
+        " WHERE query LIKE 'LISTEN%' AND datname = current_database()",
         database,
     )
 
 
-async def test_a_lost_ownership_session_is_claimed_again(start_server, postgres):
+async def test_a_lost_listening_connection_drops_the_cache_and_listens_again(
+    start_server, postgres
+):
     url = postgres.create_database()
     database = url.rsplit("/", 1)[1]
     server = await start_server(QP_DATABASE=url)
-    chat_id = await create(server.client, make_chat(app="lost"))
-    first = owner_session(postgres, database)
-    # PostgreSQL ends the session that holds the server's lock (a failover, an operator).
-    postgres.psql(f"SELECT pg_terminate_backend({first}, 5000)", database)
+    chat_id = await create(server.client, make_chat(app="lost", model="first"))
+    assert (await call(server.client, "GET", f"/api/chats/{chat_id}"))[1]["model"] == "first"
+    first = listener_session(postgres, database)
+    assert first
+    # PostgreSQL ends that session (a failover, an operator); meanwhile a change is made
+    # that nobody announces, as a process would whose notice went out while nobody listened.
+    await asyncio.to_thread(postgres.psql, f"SELECT pg_terminate_backend({first}, 5000)", database)
+    await asyncio.to_thread(
+        postgres.psql, f"UPDATE chats SET model = 'second' WHERE chat_id = '{chat_id}'", database
+    )
+    # Nothing cached survives the loss, and nothing is cached until it listens again.
+    for _ in range(20):
+        status, chat = await call(server.client, "GET", f"/api/chats/{chat_id}")
+        assert (status, chat["model"]) == (200, "second")
+        await asyncio.sleep(0.1)
     for _ in range(50):
-        again = owner_session(postgres, database)
+        again = listener_session(postgres, database)
         if again and again != first:
             break
         await asyncio.sleep(0.1)
-    assert again and again != first  # the server took its lock again, in a new session
-    chat = make_chat(chat_id, app="lost", messages=["changed"])
+    assert again and again != first
+    chat = make_chat(chat_id, app="lost", model="third")
     assert await call(server.client, "PUT", f"/api/chats/{chat_id}", json={"chat": chat}) == (
         200,
         {"success": True},
     )
-    assert (await call(server.client, "GET", "/healthz"))[0] == 200
-
-
-async def test_a_database_taken_over_meanwhile_refuses_every_write(start_server, postgres):
-    url = postgres.create_database()
-    database = url.rsplit("/", 1)[1]
-    server = await start_server(QP_DATABASE=url)
-    chat_id = await create(server.client, make_chat(app="taken"))
-    # Another process waits for the lock; when PostgreSQL ends the server's session, the
-    # waiter has it before the server can ask again.
-    other = await asyncpg.connect(url)
-    try:
-        waiting = asyncio.ensure_future(other.execute("SELECT pg_advisory_lock($1)", OWNER_LOCK))
-        await asyncio.sleep(0.2)
-        postgres.psql(
-            f"SELECT pg_terminate_backend({owner_session(postgres, database)}, 5000)", database
-        )
-        await asyncio.wait_for(waiting, 5)
-        for _ in range(50):  # unowned at first; taken over once it asks for the lock again
-            status, health = await call(server.client, "GET", "/healthz")
-            if status == 503 and health["checks"]["database"] == "taken-over":
-                break
-            await asyncio.sleep(0.1)
-        assert (status, health["checks"]["database"]) == (503, "taken-over")
-        chat = make_chat(chat_id, app="taken", messages=["changed"])
-        assert await call(server.client, "PUT", f"/api/chats/{chat_id}", json={"chat": chat}) == (
-            503,
-            {"error": "Storage unavailable"},
-        )
-        assert (await call(server.client, "GET", f"/api/chats/{chat_id}"))[0] == 200
-    finally:
-        await other.close()
+    assert (await call(server.client, "GET", f"/api/chats/{chat_id}"))[1]["model"] == "third"
 
 
 async def test_postgresql_down_is_503_and_back_is_served_again(start_server, tmp_path):
     """PostgreSQL crashes under a running server: writes and uncached reads answer 503 (no
-    500, nothing half done); once it is back, the server claims the database again and
+    500, nothing half done); once it is back, the server connects again and
     every acknowledged write is there."""
     own = PostgresServer(Path(tempfile.mkdtemp(prefix="qp-pg-down-"))).start()
     try:
@@ -268,7 +286,7 @@ async def test_postgresql_down_is_503_and_back_is_served_again(start_server, tmp
         )
         assert (await call(server.client, "GET", f"/api/chats/{ids[0]}"))[0] == 503
         status, health = await call(server.client, "GET", "/healthz")
-        assert (status, health["checks"]["database"]) in ((503, "unavailable"), (503, "unowned"))
+        assert (status, health["checks"]["database"]) == (503, "unavailable")
         own.resume()
         for _ in range(100):
             status, _ = await call(server.client, "POST", "/api/chats", json={"chat": make_chat()})

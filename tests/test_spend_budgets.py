@@ -16,6 +16,8 @@ from aiohttp import web
 from qp.appkeys import PRICES
 from qp.spend.budgets import DAY, MONTH, BudgetBook, Refusal, Reservation, Scope
 from qp.spend.prices import parse_model_list
+from qp.spend.shared_budgets import SharedBudgetBook
+from qp.storage.postgres import PostgresDatabase
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import FakeOpenRouter, Script
 from tests.helpers import SYSTEM, call, ledger, run_qp, wait_for_log
@@ -326,50 +328,89 @@ async def test_the_server_rolls_its_day_over_at_utc_midnight_and_its_month_on_th
     await spend_on(datetime(2026, 3, 1, 0, 0, 5, tzinfo=UTC))  # March
 
 
-def test_a_day_rolls_over_at_utc_midnight_and_a_month_on_the_first():
+@pytest.fixture
+async def open_book(database_name, request):
+    """A budget book on a clock: in memory (SQLite's), or shared in a PostgreSQL database."""
+    opened = []
+
+    async def open_book(clock) -> BudgetBook:
+        if database_name == "sqlite":
+            return BudgetBook(clock)
+        url = request.getfixturevalue("postgres").create_database()
+        db = await PostgresDatabase.open(url)
+        opened.append(db)
+        return SharedBudgetBook(db, "test-process", clock)
+
+    yield open_book
+    for db in opened:
+        await db.close()
+
+
+async def test_a_day_rolls_over_at_utc_midnight_and_a_month_on_the_first(open_book):
     clock = Clock(datetime(2026, 1, 31, 23, 59, 0, tzinfo=UTC))
-    book = BudgetBook(clock)
+    book = await open_book(clock)
     day, month = Scope("server", "", DAY), Scope("server", "", MONTH)
-    held = book.reserve([(day, 1.0), (month, 1.5)], 0.6)
+    held = await book.reserve([(day, 1.0), (month, 1.5)], 0.6)
     assert isinstance(held, Reservation)
-    book.settle(held, 0.5)
-    refusal = book.reserve([(day, 1.0), (month, 1.5)], 0.6)
+    await book.settle(held, 0.5)
+    refusal = await book.reserve([(day, 1.0), (month, 1.5)], 0.6)
     assert refusal == Refusal(day, datetime(2026, 2, 1, tzinfo=UTC).timestamp(), 60)
     assert refusal.message == (
         "The server's daily budget is used up; it resets at 2026-02-01T00:00:00.000Z"
     )
     clock.now += 60  # February: a new day and a new month
+    await book.refresh()
     assert book.standing(day) == (0.0, 0.0) and book.standing(month) == (0.0, 0.0)
-    assert isinstance(book.reserve([(day, 1.0), (month, 1.5)], 0.6), Reservation)
+    assert isinstance(await book.reserve([(day, 1.0), (month, 1.5)], 0.6), Reservation)
 
 
-def test_a_month_keeps_its_spend_across_days():
+async def test_a_month_keeps_its_spend_across_days(open_book):
     clock = Clock(datetime(2026, 12, 30, 12, tzinfo=UTC))
-    book = BudgetBook(clock)
+    book = await open_book(clock)
     day, month = Scope("server", "", DAY), Scope("server", "", MONTH)
-    book.settle(book.reserve([(day, 1.0), (month, 1.0)], 0.1), 0.7)
+    await book.settle(await book.reserve([(day, 1.0), (month, 1.0)], 0.1), 0.7)
     clock.now += 86400  # the 31st
-    refusal = book.reserve([(day, 1.0), (month, 1.0)], 0.4)
+    refusal = await book.reserve([(day, 1.0), (month, 1.0)], 0.4)
     assert isinstance(refusal, Refusal) and refusal.scope == month
     assert refusal.message.endswith("it resets at 2027-01-01T00:00:00.000Z")
     assert refusal.message.startswith("The server's monthly budget is used up")
 
 
-def test_a_reservation_settled_after_its_period_ended_leaves_the_new_period_alone():
+async def test_a_reservation_settled_after_its_period_ended_leaves_the_new_period_alone(open_book):
     clock = Clock(datetime(2026, 5, 1, 23, 59, 59, tzinfo=UTC))
-    book = BudgetBook(clock)
+    book = await open_book(clock)
     day = Scope("app", "nwb", DAY)
-    held = book.reserve([(day, 1.0)], 0.3)
+    held = await book.reserve([(day, 1.0)], 0.3)
     clock.now += 2
-    book.settle(held, 0.9)
+    await book.settle(held, 0.9)
+    await book.refresh()
     assert book.standing(day) == (0.0, 0.0)
 
 
-def test_a_refused_reservation_reserves_nothing_anywhere():
-    book = BudgetBook(Clock(datetime(2026, 5, 1, tzinfo=UTC)))
+async def test_a_refused_reservation_reserves_nothing_anywhere(open_book):
+    book = await open_book(Clock(datetime(2026, 5, 1, tzinfo=UTC)))
     roomy, tight = Scope("server", "", DAY), Scope("client", "c", DAY)
-    assert isinstance(book.reserve([(roomy, 10.0), (tight, 0.1)], 0.2), Refusal)
+    assert isinstance(await book.reserve([(roomy, 10.0), (tight, 0.1)], 0.2), Refusal)
+    await book.refresh()
     assert book.standing(roomy) == (0.0, 0.0)
+
+
+async def test_a_shared_book_forgets_the_accounts_of_ended_periods(postgres):
+    db = await PostgresDatabase.open(postgres.create_database())
+    try:
+        clock = Clock(datetime(2026, 5, 1, 12, tzinfo=UTC))
+        book = SharedBudgetBook(db, "test-process", clock)
+        client = Scope("client", "c", DAY)
+        await book.settle(await book.reserve([(client, 1.0)], 0.1), 0.1)
+        clock.now += 86400  # the next day: yesterday's account is still kept
+        await book.settle(await book.reserve([(client, 1.0)], 0.1), 0.1)
+        await book.forget_ended()
+        assert await db.fetchall("SELECT COUNT(*) FROM budget_accounts") == [(2,)]
+        clock.now += 2 * 86400
+        await book.forget_ended()
+        assert await db.fetchall("SELECT COUNT(*) FROM budget_accounts") == [(0,)]
+    finally:
+        await db.close()
 
 
 async def test_the_budgets_command_prints_each_budget_from_the_ledger(start_server, fake):

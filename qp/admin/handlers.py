@@ -124,6 +124,8 @@ async def spend(request: web.Request) -> web.Response:
             counts[OUTCOME_GROUPS.get(outcome, "other")] += count
         hourly.append({"hour": format_iso(start), **counts})
 
+    await app[BUDGETS].refresh()
+    budgets = budget_report(app[BUDGETS], app[POLICY].current)
     return json_response(
         {
             "days": days,
@@ -138,7 +140,7 @@ async def spend(request: web.Request) -> web.Response:
             "month": await cost_since(db, format_iso(today.replace(day=1)), everyone),
             "costSource": await cost_by_source(db, format_iso(first), everyone),
             "hourly": hourly,
-            "budgets": budget_report(app[BUDGETS], app[POLICY].current),
+            "budgets": budgets,
         }
     )
 
@@ -184,5 +186,5 @@ async def lift_block(request: web.Request) -> web.Response:
     client = request.match_info["client"]
     if not _CLIENT_HASH.fullmatch(client) or not await delete_block(app[DATABASE], client):
         raise ApiError(404, "Block not found")
-    app[RATE_LIMITER].lift(client)
+    await app[RATE_LIMITER].lift(client)
     return json_response({"success": True})

@@ -1,8 +1,10 @@
 """Per-chat reader/writer locks, so a chat is read and written as one piece.
 
-A chat is a row in SQL and a blob in the store; no single transaction spans both. In this
-single-process server, a writer (create, update, delete) holds the chat's write lock across
-both steps, and readers hold its read lock, so nobody sees one half of a write.
+A chat is a row in SQL and a blob in the store; no single transaction spans both. Within
+this process, a writer (create, update, delete) holds the chat's write lock across both
+steps, and readers hold its read lock, so nobody sees one half of a write. Against other
+processes sharing the database, ChatStore also holds the chat's advisory lock there
+(`Database.locked`).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ class PendingWrite:
     at: float  # epoch seconds of its SQL step
     updated_at: str  # the row's updated_at as the write left it
     previous: ChatRow | None  # an update's row as it was
+    owner: str = ""  # the write lease of the process making it ("" in notes from before)
 
     @classmethod
     def read(cls, row: ChatRow, note: str) -> PendingWrite | None:
@@ -47,6 +48,7 @@ class PendingWrite:
                 at=float(intent.get("at", epoch_seconds(row.updated_at))),
                 updated_at=row.updated_at,
                 previous=ChatRow(**previous) if previous else None,
+                owner=str(intent.get("owner", "")),
             )
         except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
             log.error("a chat row's pending note cannot be read; `check` lists it")
@@ -69,12 +71,12 @@ async def blob_matches(blobs: BlobStore, chat_id: str, digest: str) -> bool:
 
 
 def make_note(
-    op: str, messages_json: bytes, previous: ChatRow | None = None
+    op: str, messages_json: bytes, owner: str, previous: ChatRow | None = None
 ) -> tuple[str, str, float]:
     """The `pending` note a write leaves on its row until its blob is stored, with the
-    digest and time it records."""
+    digest and time it records; `owner` is the writing process's lease."""
     digest, at = messages_digest(messages_json), time.time()
-    intent: dict[str, Any] = {"op": op, "sha256": digest, "at": at}
+    intent: dict[str, Any] = {"op": op, "sha256": digest, "at": at, "owner": owner}
     if previous is not None:
         intent["previous"] = dataclasses.asdict(previous)
     return orjson.dumps(intent).decode(), digest, at

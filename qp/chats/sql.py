@@ -13,7 +13,8 @@ import dataclasses
 from collections.abc import Awaitable, Callable
 
 from qp.chats.model import ChatExists, ChatInput, ChatLimitExceeded, ChatRow
-from qp.storage.database import Database, Transaction, Unchanged
+from qp.storage.database import Statements, Transaction, Unchanged
+from qp.timestamps import later_than
 
 # The chats table's columns, in ChatRow's order (all but `pending`).
 COLUMNS = (
@@ -23,6 +24,7 @@ COLUMNS = (
 SELECT = f"SELECT {COLUMNS} FROM chats"
 
 ONE = SELECT + " WHERE chat_id = ?"
+VERSION = "SELECT updated_at FROM chats WHERE chat_id = ?"
 NEWEST_OF_APP = SELECT + " WHERE app = ? ORDER BY updated_at DESC LIMIT ?"
 COUNT_OF_APP = "SELECT COUNT(*) FROM chats WHERE app = ?"
 EXISTS = "SELECT 1 FROM chats WHERE chat_id = ?"
@@ -65,10 +67,15 @@ APPS = """
 """
 
 
-class ChatRows:
-    """The chats table of one database."""
+def changed(chat_id: str) -> str:
+    """The topic other processes hear when a chat's row changes (they drop their copy)."""
+    return f"chat:{chat_id}"
 
-    def __init__(self, db: Database):
+
+class ChatRows:
+    """The chats table of one database (or of the session holding a chat's lock)."""
+
+    def __init__(self, db: Statements):
         self.db = db
 
     async def one(self, chat_id: str) -> ChatRow | None:
@@ -107,14 +114,21 @@ class ChatRows:
                     pending,
                 ),
             )
+            await tx.notify(changed(chat_id))
 
         await self.db.write(insert)
 
+    async def version(self, chat_id: str) -> str | None:
+        """The chat's updated_at (each write of a chat leaves one of its own), or None."""
+        row = await self.db.fetchone(VERSION, (chat_id,))
+        return row[0] if row else None
+
     async def update(
-        self, chat_id: str, chat: ChatInput, now: str, pending: Callable[[ChatRow], str]
+        self, chat_id: str, chat: ChatInput, now: str, pending: Callable[[ChatRow, str], str]
     ) -> ChatRow | None:
-        """Replace model, usage and updated_at, recording `pending(row as it was)`; answers
-        the row as it was, or None if there is none."""
+        """Replace model, usage and updated_at (`now`, or just after the row's if that is not
+        later), recording `pending(row as it was, updated_at)`; answers the row as it was,
+        or None if there is none."""
 
         async def update(tx: Transaction) -> ChatRow | None:
             await tx.lock(f"chat:{chat_id}")
@@ -124,24 +138,33 @@ class ChatRows:
             previous = ChatRow(*rows[0])
             values = (chat.model, chat.prompt_tokens, chat.completion_tokens, chat.estimated_cost)
             size = len(chat.messages_json)
-            await tx.execute(UPDATE, (*values, now, size, pending(previous), chat_id))
+            updated_at = later_than(now, previous.updated_at or "")
+            note = pending(previous, updated_at)
+            await tx.execute(UPDATE, (*values, updated_at, size, note, chat_id))
+            await tx.notify(changed(chat_id))
             return previous
 
         return await self.db.write(update)
 
     async def finish_write(self, chat_id: str, pending: str, updated_at: str) -> bool:
         """The write's blob is stored: clear its note."""
-        changed = await self.db.execute_write(
+        cleared = await self.db.execute_write(
             FINISH, (chat_id, pending, updated_at), maintenance=True
         )
-        return changed > 0
+        return cleared > 0
 
     async def undo_create(self, chat_id: str, pending: str, updated_at: str) -> bool:
         """A create whose blob was not stored: remove its row."""
-        changed = await self.db.execute_write(
-            UNDO_CREATE, (chat_id, pending, updated_at), maintenance=True
-        )
-        return changed > 0
+        return await self._undo(chat_id, UNDO_CREATE, (chat_id, pending, updated_at))
+
+    async def _undo(self, chat_id: str, sql: str, params: tuple[object, ...]) -> bool:
+        async def undo(tx: Transaction) -> bool:
+            if await tx.execute(sql, params) == 0:
+                return False
+            await tx.notify(changed(chat_id))
+            return True
+
+        return await self.db.write(undo, maintenance=True)
 
     async def undo_update(self, previous: ChatRow, pending: str, updated_at: str) -> bool:
         """An update whose blob was not stored: put the row back exactly as it was."""
@@ -155,10 +178,7 @@ class ChatRows:
             None,
             previous.chat_id,
         )
-        changed = await self.db.execute_write(
-            UNDO_UPDATE, (*values, pending, updated_at), maintenance=True
-        )
-        return changed > 0
+        return await self._undo(previous.chat_id, UNDO_UPDATE, (*values, pending, updated_at))
 
     async def settle(self, writes: list[tuple[str, str]]) -> None:
         """Mark (chat id, pending) writes as done; a later write's note is left alone."""
@@ -176,6 +196,7 @@ class ChatRows:
         async def delete(tx: Transaction) -> int:
             await tx.lock(f"chat:{chat_id}")
             rows = await tx.fetchall(DELETE, (chat_id,))
+            await tx.notify(changed(chat_id))
             return (rows[0][0] or 0) if rows else 0
 
         return await self.db.write(delete, maintenance=True)

@@ -4,13 +4,15 @@ Every write changes SQL first (where the atomic checks live), leaving on the row
 `pending` note that says how to finish or undo the write, then stores the blob, then
 answers; the note is cleared in the background. When the blob write fails, the SQL change
 is undone before the error goes out, so the previous state stays intact. Per-chat locks
-keep readers from seeing one half of a write and keep concurrent writes of one chat from
-mixing.
+(in this process, and in the database against the others sharing it) keep readers from
+seeing one half of a write and keep concurrent writes of one chat from mixing.
 
-A write is acknowledged only within `write_deadline` seconds of its SQL step. That is what
-lets `check --repair` beside a live server tell an abandoned write (older than that) from
-one in flight, and finish or undo it with statements conditional on the note, so that it
-can never clobber a write that came after.
+A write is acknowledged only within `write_deadline` seconds of its SQL step, and (on a
+shared database) only while this process's write lease holds. That is what lets `check
+--repair` beside a live server, or another server, tell an abandoned write (older than
+that; on a shared database, one whose process's lease expired) from one in flight, and
+finish or undo it with statements conditional on the note, so that it can never clobber a
+write that came after.
 
 Over 300 lines because writes, reads and recovery share the locks, the cache and the
 unresolved writes, and each must be read beside the others to see that a chat is never
@@ -24,7 +26,8 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 from qp.chats.cache import ChatCache
 from qp.chats.locks import ChatLocks
@@ -45,6 +48,7 @@ from qp.storage.batches import BatchWriter
 from qp.storage.blobs import BlobStore, chat_key
 from qp.storage.database import Database
 from qp.storage.disk import DiskSpace
+from qp.storage.leases import ABANDONED_AFTER_SECONDS, WriteLease, live_owners
 from qp.timestamps import utc_now_iso
 
 log = logging.getLogger("qp.chats.store")
@@ -61,7 +65,7 @@ PROBE_SECONDS = 5.0
 FINISHED, UNDONE, UNCHANGED = "finished", "undone", "unchanged"
 
 
-SqlStep = Callable[[str], Awaitable[PendingWrite]]
+SqlStep = Callable[[ChatRows, str], Awaitable[PendingWrite]]
 
 
 class ChatStore:
@@ -74,12 +78,16 @@ class ChatStore:
         write_deadline: float = DEFAULT_WRITE_DEADLINE,
         space: DiskSpace | None = None,
         on_drop: Callable[[int], None] | None = None,
+        lease: WriteLease | None = None,
     ):
         self._db = db
         self._rows = ChatRows(db)
         self._blobs = blobs
         self._cache = cache
         self._locks = ChatLocks()
+        self._lease = lease
+        self._owner = lease.owner if lease is not None else ""
+        db.subscribe(self._changed_elsewhere)
         self._space = space
         self.write_deadline = write_deadline
         # Writes whose blob is stored: their rows' `pending` is cleared in batches.
@@ -117,11 +125,11 @@ class ChatStore:
         """Store a new chat; raises ChatLimitExceeded or ChatExists, leaving stored chats
         alone. `max_total_bytes` (0: none) caps all chats' messages together (507)."""
         chat_id = chat.chat_id or new_chat_id()
-        note, digest, at = make_note("create", chat.messages_json)
+        note, digest, at = make_note("create", chat.messages_json, self._owner)
 
-        async def insert(now: str) -> PendingWrite:
-            await self._rows.insert(chat_id, chat, now, max_chats_per_app, note)
-            return PendingWrite(chat_id, note, "create", digest, at, now, None)
+        async def insert(rows: ChatRows, now: str) -> PendingWrite:
+            await rows.insert(chat_id, chat, now, max_chats_per_app, note)
+            return PendingWrite(chat_id, note, "create", digest, at, now, None, self._owner)
 
         await self._write(chat_id, chat.messages_json, insert, max_total_bytes)
         return chat_id
@@ -129,15 +137,19 @@ class ChatStore:
     async def update(self, chat_id: str, chat: ChatInput, max_total_bytes: int = 0) -> None:
         """Replace messages, model and usage; raises ChatNotFound."""
 
-        async def update(now: str) -> PendingWrite:
+        async def update(rows: ChatRows, now: str) -> PendingWrite:
             made: list[PendingWrite] = []
 
-            def note_for(previous: ChatRow) -> str:
-                note, digest, at = make_note("update", chat.messages_json, previous)
-                made.append(PendingWrite(chat_id, note, "update", digest, at, now, previous))
+            def note_for(previous: ChatRow, updated_at: str) -> str:
+                note, digest, at = make_note("update", chat.messages_json, self._owner, previous)
+                made.append(
+                    PendingWrite(
+                        chat_id, note, "update", digest, at, updated_at, previous, self._owner
+                    )
+                )
                 return note
 
-            if await self._rows.update(chat_id, chat, now, note_for) is None:
+            if await rows.update(chat_id, chat, now, note_for) is None:
                 raise ChatNotFound
             return made[-1]
 
@@ -158,19 +170,22 @@ class ChatStore:
         await asyncio.shield(self._write_shielded(chat_id, messages_json, sql_step))
 
     async def _write_shielded(self, chat_id: str, messages_json: bytes, sql_step: SqlStep) -> None:
-        async with self._locks.writing(chat_id):
+        async with self._writing(chat_id) as rows:
             try:
-                await self._resolve_earlier(chat_id)
+                await self._resolve_earlier(rows, chat_id)
                 started = time.monotonic()
-                write = await sql_step(utc_now_iso())
+                write = await sql_step(rows, utc_now_iso())
                 try:
                     await self._blobs.put(chat_key(chat_id), messages_json)
                     if time.monotonic() - started > self.write_deadline:
                         raise StorageUnavailable(
                             "Storage", f"the write took over {self.write_deadline:g} s"
                         )
+                    if self._lease is not None and not self._lease.holds():
+                        # Another process may be undoing this write now: never answer for it.
+                        raise StorageUnavailable("Database", "this process's write lease lapsed")
                 except BaseException:
-                    await self._undo(write)
+                    await self._undo(rows, write)
                     raise
             except StorageUnavailable as err:
                 if err.reason in (FULL, READ_ONLY):
@@ -182,27 +197,53 @@ class ChatStore:
         self.stored_bytes += len(messages_json) - _size(write.previous)
         self._settled.add((chat_id, write.note))
 
-    async def _undo(self, write: PendingWrite) -> None:
+    @asynccontextmanager
+    async def _writing(self, chat_id: str) -> AsyncIterator[ChatRows]:
+        """Hold the chat against every other reader and writer, in this process and in any
+        other sharing the database; the rows are those of the session holding it."""
+        async with (
+            self._locks.writing(chat_id),
+            self._db.locked(f"chat:{chat_id}") as session,
+        ):
+            yield ChatRows(session)
+
+    @asynccontextmanager
+    async def _reading(self, chat_id: str) -> AsyncIterator[ChatRows]:
+        """Hold the chat against writers (here and in other processes) while it is read."""
+        async with (
+            self._locks.reading(chat_id),
+            self._db.locked(f"chat:{chat_id}", shared=True) as session,
+        ):
+            yield ChatRows(session)
+
+    def _changed_elsewhere(self, topic: str) -> None:
+        """Another process changed a chat (or, topic "", perhaps anything): drop our copy."""
+        if not topic:
+            self._cache.clear()
+        elif topic.startswith("chat:"):
+            self._cache.discard(topic[len("chat:") :])
+
+    async def _undo(self, rows: ChatRows, write: PendingWrite) -> None:
         """Undo a write whose blob failed; if even that fails, keep it to retry."""
         try:
-            await self._undo_sql(write)
+            await self._undo_sql(rows, write)
         except StorageUnavailable as err:
             log.error("a failed chat write cannot be undone yet (%s); it will be retried", err)
             self._unresolved[write.chat_id] = write
 
-    async def _undo_sql(self, write: PendingWrite) -> bool:
+    async def _undo_sql(self, rows: ChatRows, write: PendingWrite) -> bool:
         if write.op == "create":
-            return await self._rows.undo_create(write.chat_id, write.note, write.updated_at)
+            return await rows.undo_create(write.chat_id, write.note, write.updated_at)
         if write.previous is None:
             log.error("an interrupted update has no earlier row to go back to; left as it is")
             return False
-        return await self._rows.undo_update(write.previous, write.note, write.updated_at)
+        return await rows.undo_update(write.previous, write.note, write.updated_at)
 
-    async def _resolve_earlier(self, chat_id: str) -> None:
+    async def _resolve_earlier(self, rows: ChatRows, chat_id: str) -> None:
         """A new write of a chat whose failed write is still unresolved resolves it first."""
         earlier = self._unresolved.get(chat_id)
         if earlier is not None:
-            await self._resolve(earlier)
+            await self._resolve(rows, earlier)
             del self._unresolved[chat_id]
 
     async def delete(self, chat_id: str) -> None:
@@ -210,9 +251,9 @@ class ChatStore:
         await asyncio.shield(self._delete(chat_id))
 
     async def _delete(self, chat_id: str) -> None:
-        async with self._locks.writing(chat_id):
+        async with self._writing(chat_id) as rows:
             try:
-                self.stored_bytes -= await self._rows.delete(chat_id)
+                self.stored_bytes -= await rows.delete(chat_id)
                 self._unresolved.pop(chat_id, None)
                 await self._blobs.delete(chat_key(chat_id))
             finally:
@@ -223,13 +264,13 @@ class ChatStore:
     async def open_chat(self, chat_id: str) -> bytes | ChatStream | None:
         """The chat as the contract's JSON: whole when small (and cached), else as a stream
         to send piece by piece; None when its row or messages are missing."""
-        rendered = self._cache.get(chat_id)
+        rendered = await self._cached(chat_id)
         if rendered is not None:
             return rendered
-        async with self._locks.reading(chat_id):
+        async with self._reading(chat_id) as rows:
             if chat_id in self._unresolved:
                 raise StorageUnavailable("Storage", "a failed write of this chat is not undone yet")
-            row = await self._rows.one(chat_id)
+            row = await rows.one(chat_id)
             if row is None:
                 return None
             # Opened under the lock, read after it: the open blob keeps what it held.
@@ -274,19 +315,31 @@ class ChatStore:
                 closing.add_done_callback(self._closing.discard)
 
     async def _open_listed(self, row: ChatRow) -> bytes | ChatStream | None:
-        chat: bytes | ChatStream | None = self._cache.get(row.chat_id)
+        chat: bytes | ChatStream | None = await self._cached(row.chat_id)
         if chat is not None:
             return chat
-        async with self._locks.reading(row.chat_id):
+        async with self._reading(row.chat_id) as rows:
             if row.chat_id in self._unresolved:
                 return None
             # Read again under the lock, so the row matches the blob opened beside it.
-            fresh = await self._rows.one(row.chat_id)
+            fresh = await rows.one(row.chat_id)
             return await self._open(fresh) if fresh is not None else None
 
     async def apps(self, limit: int) -> list[tuple[str, int, str]]:
         """(app, chats, latest updated_at) of the `limit` apps with the most chats."""
         return await self._rows.apps(limit)
+
+    async def _cached(self, chat_id: str) -> bytes | None:
+        """The cached chat, if any. On a database other processes share, only while the row
+        is still the version it was rendered from: their announcements drop what they
+        change, but one may not have been heard yet when its writer has already answered."""
+        entry = self._cache.get_versioned(chat_id)
+        if entry is None:
+            return None
+        if self._db.shared and await self._rows.version(chat_id) != entry[1]:
+            self._cache.discard(chat_id)
+            return None
+        return entry[0]
 
     def forget_all(self) -> None:
         """Drop every cached chat (another process changed the database)."""
@@ -309,7 +362,8 @@ class ChatStore:
                 rest = await read_to_end(reader)
                 await reader.close()
                 rendered = render_chat(row, first + rest)
-                self._cache.put(row.chat_id, rendered)
+                if self._db.watching:  # else another process's change might go unheard
+                    self._cache.put(row.chat_id, rendered, row.updated_at or "")
                 return rendered
         except BaseException:
             await reader.close()
@@ -319,15 +373,19 @@ class ChatStore:
 
     # --- finishing or undoing interrupted writes -------------------------------------------
 
-    async def recover(self, older_than: float | None = None) -> dict[str, int]:
+    async def recover(
+        self, older_than: float | None = None, live_owners: set[str] | None = None
+    ) -> dict[str, int]:
         """Finish or undo the writes a stop interrupted; counts by outcome.
 
-        With the claim held (start-up, or `check --repair` with the server down) every
-        pending write is abandoned. Beside a live server, only those whose SQL step is
-        older than `older_than` seconds are; each change is conditional on the note, so a
-        write that moved on meanwhile is left alone (`unchanged`). A write whose blob holds
-        its messages is finished; any other is undone (a create's row removed, an update's
-        row put back). One that cannot be resolved now (the store is down) is `unresolved`.
+        With the claim held (SQLite: start-up, or `check --repair` with the server down)
+        every pending write is abandoned. On a shared database, a write is abandoned once
+        its process's lease has expired (it is not in `live_owners`). Beside a live server,
+        a write whose note names no process is abandoned only once its SQL step is older
+        than `older_than` seconds. Each change is conditional on the note, so a write that
+        moved on meanwhile is left alone (`unchanged`). A write whose blob holds its
+        messages is finished; any other is undone (a create's row removed, an update's row
+        put back). One that cannot be resolved now (the store is down) is `unresolved`.
         """
         counts = {FINISHED: 0, UNDONE: 0, UNCHANGED: 0, "unresolved": 0}
         now = time.time()
@@ -336,11 +394,14 @@ class ChatStore:
             if write is None:
                 counts["unresolved"] += 1
                 continue
-            if older_than is not None and now - write.at < older_than:
+            if live_owners is not None and write.owner:
+                if write.owner in live_owners:
+                    continue
+            elif older_than is not None and now - write.at < older_than:
                 continue
-            async with self._locks.writing(write.chat_id):
+            async with self._writing(write.chat_id) as rows:
                 try:
-                    outcome = await self._resolve(write)
+                    outcome = await self._resolve(rows, write)
                 except StorageUnavailable as err:
                     log.warning("an interrupted chat write cannot be resolved yet: %s", err)
                     self._unresolved[write.chat_id] = write
@@ -349,27 +410,45 @@ class ChatStore:
             counts[outcome] += 1
         return counts
 
+    async def resolve_abandoned(self, cause: str) -> dict[str, int]:
+        """Finish or undo the writes nobody will finish: on SQLite (under its claim) every
+        interrupted one, on a shared database those of processes whose lease expired (and
+        notes naming none, once older than the write deadline and a margin). Logs what
+        was done, naming `cause` (what interrupted them)."""
+        older_than = self.write_deadline + ABANDONED_AFTER_SECONDS if self._db.shared else None
+        counts = await self.recover(older_than, await live_owners(self._db))
+        if counts[FINISHED] or counts[UNDONE]:
+            log.warning(
+                "resolved %d chat writes %s: %d finished, %d undone",
+                counts[FINISHED] + counts[UNDONE],
+                cause,
+                counts[FINISHED],
+                counts[UNDONE],
+            )
+        return counts
+
     async def retry_unresolved(self) -> None:
         """Try again to finish or undo the failed writes that could not be undone."""
         for chat_id, write in list(self._unresolved.items()):
-            async with self._locks.writing(chat_id):
+            async with self._writing(chat_id) as rows:
                 if self._unresolved.get(chat_id) is not write:
                     continue
                 try:
-                    await self._resolve(write)
+                    await self._resolve(rows, write)
                 except StorageUnavailable:
                     continue
                 del self._unresolved[chat_id]
                 self._cache.discard(chat_id)
             log.info("a failed chat write was resolved on retry")
 
-    async def _resolve(self, write: PendingWrite) -> str:
+    async def _resolve(self, rows: ChatRows, write: PendingWrite) -> str:
         """Finish the write if its blob holds its messages, else undo it; both only while
-        the row still carries its note. Call with the chat's write lock held."""
+        the row still carries its note. Call with the chat's write lock held (`rows` are
+        its session's)."""
         if await blob_matches(self._blobs, write.chat_id, write.sha256):
-            changed = await self._rows.finish_write(write.chat_id, write.note, write.updated_at)
+            changed = await rows.finish_write(write.chat_id, write.note, write.updated_at)
             return FINISHED if changed else UNCHANGED
-        return UNDONE if await self._undo_sql(write) else UNCHANGED
+        return UNDONE if await self._undo_sql(rows, write) else UNCHANGED
 
     @property
     def unresolved_count(self) -> int:

@@ -28,6 +28,7 @@ from qp.startup import lock_files, storage_identity, take_claims
 from qp.storage.blobs import BlobStore, chat_key
 from qp.storage.claim import ClaimHeld, holder_of
 from qp.storage.database import Database
+from qp.storage.leases import live_owners
 from qp.timestamps import epoch_seconds
 
 CHAT_KEY = re.compile(rf"chats/({CHAT_ID_PATTERN.pattern})\.json")
@@ -48,8 +49,11 @@ class Finding:
         return f"{self.kind} {self.chat_id}" + (f" ({self.detail})" if self.detail else "")
 
 
-async def find_problems(db: Database, blobs: BlobStore, min_age: float) -> list[Finding]:
-    """Everything that cannot be served, oldest first by kind."""
+async def find_problems(
+    db: Database, blobs: BlobStore, min_age: float, live_owners: set[str] | None = None
+) -> list[Finding]:
+    """Everything that cannot be served, oldest first by kind. On a shared database a
+    write is in flight while its process's lease is live (`live_owners`)."""
     now = time.time()
     cutoff = now - min_age
     findings: list[Finding] = []
@@ -61,7 +65,10 @@ async def find_problems(db: Database, blobs: BlobStore, min_age: float) -> list[
         if write is None:
             findings.append(Finding("interrupted-write", row.chat_id, "unreadable note"))
             continue
-        if write.at > cutoff:
+        if live_owners is not None and write.owner:
+            if write.owner in live_owners:
+                continue
+        elif write.at > cutoff:
             continue
         # A write whose blob was stored is done; only its bookkeeping lagged behind.
         if not await blob_matches(blobs, row.chat_id, write.sha256):
@@ -93,14 +100,16 @@ async def repair(
     blobs: BlobStore,
     store: ChatStore,
     live_min_age: float | None = None,
+    live_owners: set[str] | None = None,
 ) -> list[str]:
     """Finish or undo interrupted writes; remove rows and blobs that cannot be served.
 
-    `live_min_age` is set beside a live server: only writes older than it are resolved.
+    `live_min_age` is set beside a live server: only writes older than it are resolved
+    (on a shared database: those of processes whose lease has expired, `live_owners`).
     """
     done: list[str] = []
     if any(f.kind == "interrupted-write" for f in findings):
-        counts = await store.recover(older_than=live_min_age)
+        counts = await store.recover(older_than=live_min_age, live_owners=live_owners)
         line = f"interrupted writes: {counts['finished']} finished, {counts['undone']} undone"
         if counts["unchanged"]:
             line += f", {counts['unchanged']} left alone (written again meanwhile)"
@@ -165,7 +174,8 @@ async def check(args: argparse.Namespace, config: Config) -> int:
         live_min_age = _live_min_age(config, stack, args)
         min_age = args.min_age if live_min_age is None else live_min_age
         db, blobs, store = await open_in(config, stack)
-        findings = await find_problems(db, blobs, min_age)
+        owners = await live_owners(db)
+        findings = await find_problems(db, blobs, min_age, owners)
         for finding in findings:
             print(finding)
         if not findings:
@@ -174,7 +184,7 @@ async def check(args: argparse.Namespace, config: Config) -> int:
         if not args.repair:
             print(f"{len(findings)} problems; run with --repair to fix them", file=sys.stderr)
             return 1
-        for line in await repair(findings, db, blobs, store, live_min_age):
+        for line in await repair(findings, db, blobs, store, live_min_age, owners):
             print(line)
     return 0
 
@@ -185,8 +195,8 @@ def _live_min_age(config: Config, stack: AsyncExitStack, args: argparse.Namespac
     may still be in flight."""
     holder: dict[str, Any] | None
     if config.postgres_url is not None:
-        # Servers on other hosts may serve a PostgreSQL database: its writes are always
-        # treated as possibly in flight until older than any server's write deadline.
+        # Servers on other hosts may serve a PostgreSQL database: a write is in flight
+        # while its server's lease is live (older notes, naming none: by their age).
         holder = {}
     elif args.repair:
         try:

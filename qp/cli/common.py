@@ -38,7 +38,7 @@ async def open_in(config: Config, stack: AsyncExitStack) -> tuple[Database, Blob
     """The server's storage, closed by `stack`. On a full disk, a delete may take the
     server's disk reserve."""
     space = disk_space(config)
-    db, blobs = await open_storage(config, stack, reader_count=1, space=space, claim=False)
+    db, blobs = await open_storage(config, stack, reader_count=1, space=space, serving=False)
     store = ChatStore(db, blobs, ChatCache(0), write_deadline=config.write_deadline, space=space)
     stack.push_async_callback(store.close)
     return db, blobs, store

@@ -3,8 +3,9 @@ database (chats' rows, the ledger, the blocks in force, the settings with the ad
 salt, model prices) into another, with a progress bar. The blobs stay where they are:
 point the servers at the same QP_STORAGE.
 
-The target is claimed for the copy (no server can start on it meanwhile) and must be empty
-unless `--append` is given. The copy is resumable: chats are upserted by id (the newer
+The target must be empty unless `--append` is given (stop the servers of a target being
+appended to: a server's write to a chat being copied is overwritten by an older copy only
+if that copy's `updated_at` is newer). The copy is resumable: chats are upserted by id (the newer
 `updated_at` wins), and the ledger's progress is kept in the target beside each batch, so
 running the same command again after an interruption carries on where it stopped.
 """
@@ -56,9 +57,9 @@ async def migrate_db(args: argparse.Namespace, config: Config) -> int:
     target_config = _config_for(args.target, config)
     shown = mask_url(args.source)
     async with AsyncExitStack() as stack:
-        source = await open_database(source_config, reader_count=1, claim=False)
+        source = await open_database(source_config, reader_count=1, serving=False)
         stack.push_async_callback(source.close)
-        target = await open_database(target_config, reader_count=1, claim=True)
+        target = await open_database(target_config, reader_count=1, serving=False)
         stack.push_async_callback(target.close)
         resuming = await _check_target(target, shown, args.append)
         if await ChatRows(source).pending():

@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -79,11 +80,11 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         payload = Payload(body)
         del completion, body
     metrics = request.app[METRICS]
-    with _spending(request, policy, record, estimate) as settle:
+    async with _spending(request, policy, record, estimate) as spending:
 
         def finished(record: CompletionRecord) -> None:
             _cost(record, estimate)
-            settle(record.cost or 0.0)
+            spending.cost = record.cost or 0.0
             request.app[LEDGER].add(record)
             metrics.completion_finished(record)
 
@@ -100,16 +101,24 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
             )
 
 
-@contextmanager
-def _spending(
+@dataclass
+class Spending:
+    """What a completion will be settled at: its estimate unless its record says more."""
+
+    cost: float
+
+
+@asynccontextmanager
+async def _spending(
     request: web.Request, policy: Policy, record: CompletionRecord, estimate: float
-) -> Iterator[Callable[[float], None]]:
+) -> AsyncIterator[Spending]:
     """Check 9: the client's open streams, then a reservation in every budget the
-    completion falls in (402 naming the first without room). Yields what settles the
-    reservation with the real cost; the stream slot and any unsettled reservation are let
-    go on the way out."""
+    completion falls in (402 naming the first without room). On the way out the
+    reservation is settled at `Spending.cost` (the estimate unless the saved record set
+    it) and the stream slot let go."""
+    spending = Spending(estimate)
     if record.payer == "user":
-        yield lambda cost: None
+        yield spending
         return
     client = request[CLIENT_HASH]
     streams = request.app[OPEN_STREAMS]
@@ -118,7 +127,7 @@ def _spending(
         raise ApiError(429, "Too many open completions")
     try:
         book = request.app[BUDGETS]
-        held = book.reserve(budget_scopes(policy, record.payer, record.app, client), estimate)
+        held = await book.reserve(budget_scopes(policy, record.payer, record.app, client), estimate)
         if isinstance(held, Refusal):
             log.warning("completion refused: the %s budget is used up", held.scope.label)
             request.app[METRICS].budget_refusals.labels(held.scope.label).inc()
@@ -128,11 +137,11 @@ def _spending(
                 headers={"Retry-After": str(held.retry_after)},
                 message=held.message,
             )
-        reservation = held
         try:
-            yield lambda cost: book.settle(reservation, cost)
+            yield spending
         finally:
-            book.settle(reservation, estimate)  # only if nothing settled it (no record saved)
+            # Shielded: a client that left cancels this task, not the settling.
+            await asyncio.shield(book.settle(held, spending.cost))
     finally:
         streams.close(client)
 
@@ -196,6 +205,7 @@ async def usage_report(request: web.Request) -> web.Response:
         name: sum(row[name] for row in rows)
         for name in ("completions", "promptTokens", "completionTokens", "cost", "clientLeft")
     }
+    await request.app[BUDGETS].refresh()
     budgets = budget_report(request.app[BUDGETS], request.app[POLICY].current)
     return json_response(
         {"since": since, "app": app, "totals": rows, "overall": overall, "budgets": budgets}

@@ -25,9 +25,12 @@ COUNT = "SELECT COUNT(*) FROM completions"
 # Cost lookups owed now (at most a batch), and what settles or postpones each.
 LOOKUPS_DUE = """
     SELECT id, started_at, app, model, payer, client_hash, generation_id, cost,
-           cost_owed_until
+           cost_owed_until, cost_next_lookup
     FROM completions WHERE cost_next_lookup <= ? ORDER BY cost_next_lookup LIMIT ?
 """
+# A process takes a lookup by moving its next time on, as it saw it: another process that
+# saw the same lookup finds it moved and leaves it alone.
+CLAIM_LOOKUP = "UPDATE completions SET cost_next_lookup = ? WHERE id = ? AND cost_next_lookup = ?"
 LOOKUP_FOUND = """
     UPDATE completions SET cost = ?, prompt_tokens = ?, completion_tokens = ?,
                            cost_source = 'generation', cost_owed_until = NULL,
@@ -147,10 +150,17 @@ class OwedLookup:
     generation_id: str
     estimate: float
     owed_until: str
+    next_lookup: str
 
 
 async def lookups_due(db: Database, now: str, limit: int = 50) -> list[OwedLookup]:
     return [OwedLookup(*row) for row in await db.fetchall(LOOKUPS_DUE, (now, limit))]
+
+
+async def claim_lookup(db: Database, owed: OwedLookup, until: str) -> bool:
+    """Take the lookup for this process until `until` (then it is due again, should this
+    process die meanwhile); False when another process took it first."""
+    return await db.execute_write(CLAIM_LOOKUP, (until, owed.row_id, owed.next_lookup)) > 0
 
 
 async def lookup_found(

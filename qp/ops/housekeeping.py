@@ -24,6 +24,8 @@ class Housekeeping:
 
     ROUND_SECONDS = 1.0
     RESERVE_EVERY_ROUNDS = 10
+    SWEEP_EVERY_ROUNDS = 2
+    EXPIRE_EVERY_ROUNDS = 60
     LOG_EVERY_SECONDS = 60.0
 
     def __init__(
@@ -51,6 +53,10 @@ class Housekeeping:
             await self._chore("follow outside changes", self._follow_changes_made_elsewhere)
             await self._chore("check the database file", self._check_files)
             await self._chore("retry failed writes", self._store.retry_unresolved)
+            if rounds % self.EXPIRE_EVERY_ROUNDS == 0:
+                await self._chore("expire rate-limit counts", self._limiter.expire)
+            if self._db.shared and rounds % self.SWEEP_EVERY_ROUNDS == 0:
+                await self._chore("resolve writes of processes gone", self._resolve_abandoned)
             if rounds % self.RESERVE_EVERY_ROUNDS == 0:
                 await self._chore(
                     "keep the disk reserve", lambda: asyncio.to_thread(self._space.keep_reserve)
@@ -73,10 +79,15 @@ class Housekeeping:
             self._limiter.replace_blocks(await load_blocks(self._db))
             await self._store.count_stored()
 
+    async def _resolve_abandoned(self) -> None:
+        """A shared database: finish or undo the writes of processes whose lease expired
+        (they died mid-write)."""
+        await self._store.resolve_abandoned("of a server that stopped")
+
     async def _check_files(self) -> None:
         """The database file still ours and whole; the lock files still ours."""
         self._db.check_file()
-        await self._db.reclaim()
+        await self._db.keep_watching()
         for claim in self._claims:
             if claim.still_held():
                 continue

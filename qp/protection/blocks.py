@@ -1,12 +1,17 @@
-"""Blocks: clients refused for 24 hours after repeated rate-limit violations, kept in SQLite
-so a restart never lifts one; and the rate limiter that starts from them."""
+"""Blocks: clients refused for 24 hours after repeated rate-limit violations, kept in the
+database so a restart never lifts one; and the rate limiter that starts from them and, on
+a database several processes share, hears of the blocks the others make or lift."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import datetime
 
+from qp.errors import StorageUnavailable
 from qp.protection.rate_limits import RateLimiter
-from qp.storage.database import Database
+from qp.protection.shared_counts import SharedCounts
+from qp.storage.database import Database, Transaction
 from qp.timestamps import format_epoch, utc_now_iso
 
 ACTIVE = """
@@ -19,6 +24,10 @@ SAVE = """
         blocked_at = excluded.blocked_at, blocked_until = excluded.blocked_until
 """
 DELETE = "DELETE FROM blocks WHERE client_hash = ?"
+# The topic other processes hear when a block is made or lifted.
+CHANGED = "blocks"
+
+log = logging.getLogger("qp.protection.blocks")
 
 
 async def active_blocks(db: Database, now: str) -> list[tuple[str, str, str]]:
@@ -27,11 +36,21 @@ async def active_blocks(db: Database, now: str) -> list[tuple[str, str, str]]:
 
 
 async def save_block(db: Database, client_hash: str, blocked_at: str, blocked_until: str) -> None:
-    await db.execute_write(SAVE, (client_hash, blocked_at, blocked_until))
+    async def save(tx: Transaction) -> None:
+        await tx.execute(SAVE, (client_hash, blocked_at, blocked_until))
+        await tx.notify(CHANGED)
+
+    await db.write(save)
 
 
 async def delete_block(db: Database, client_hash: str) -> bool:
-    return await db.execute_write(DELETE, (client_hash,)) > 0
+    async def delete(tx: Transaction) -> bool:
+        if await tx.execute(DELETE, (client_hash,)) == 0:
+            return False
+        await tx.notify(CHANGED)
+        return True
+
+    return await db.write(delete)
 
 
 async def load_blocks(db: Database) -> dict[str, float]:
@@ -43,10 +62,43 @@ async def load_blocks(db: Database) -> dict[str, float]:
 
 
 async def open_rate_limiter(db: Database) -> RateLimiter:
-    """A limiter that starts with the blocks in force and saves new ones to the database."""
+    """A limiter that starts with the blocks in force and saves new ones to the database;
+    on a shared database it counts there, and takes the blocks again whenever another
+    process changed them."""
     blocks = await load_blocks(db)
 
     async def keep(client: str, until: float) -> None:
         await save_block(db, client, utc_now_iso(), format_epoch(until))
 
-    return RateLimiter(blocks, keep)
+    limiter = RateLimiter(blocks, keep, counts=SharedCounts(db) if db.shared else None)
+    if db.shared:
+        db.subscribe(BlocksFollower(db, limiter).heard)
+    return limiter
+
+
+class BlocksFollower:
+    """Takes the blocks in force from the database again each time another process
+    announces a change: one reload at a time, and one more if a change came meanwhile."""
+
+    def __init__(self, db: Database, limiter: RateLimiter):
+        self._db = db
+        self._limiter = limiter
+        self._again = False
+        self._task: asyncio.Task[None] | None = None
+
+    def heard(self, topic: str) -> None:
+        if topic not in ("", CHANGED):
+            return
+        self._again = True
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._reload())
+
+    async def _reload(self) -> None:
+        while self._again:
+            self._again = False
+            try:
+                self._limiter.replace_blocks(await load_blocks(self._db))
+            except StorageUnavailable as err:
+                # Housekeeping takes them again after its next outside change.
+                log.error("cannot take the blocks in force again: %s", err)
+                return

@@ -1,7 +1,9 @@
 """Rate limits: fixed windows per minute and per hour, per client and class, and blocks.
 
-Counters live in memory (a restart forgives a minute's count); blocks live in SQLite, so a
-restart never lifts one. Clients are known only by the salted hash of their address.
+One process (SQLite) counts in memory (a restart forgives a minute's count); several
+processes sharing PostgreSQL count there (qp/protection/shared_counts.py), so a limit holds
+across all of them. Blocks live in the database, so a restart never lifts one. Clients are
+known only by the salted hash of their address.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 REFUSALS_BEFORE_BLOCK = 10
 REFUSAL_MEMORY_SECONDS = 3600
@@ -57,19 +60,44 @@ class Refusal:
 
 
 SaveBlock = Callable[[str, float], Awaitable[None]]
+# Why a request was refused: the window whose count is used up.
+HOUR, MINUTE = "hour", "minute"
+
+
+class Counts(Protocol):
+    """Where requests and refusals are counted: this process's memory, or the database."""
+
+    async def count(self, client: str, rate_class: str, limit: RateLimit, now: float) -> str | None:
+        """Count the request if both windows have room; else HOUR or MINUTE (not counted)."""
+        ...
+
+    async def refused(self, client: str, now: float) -> int:
+        """Note a refusal; answers the client's refusals in the last REFUSAL_MEMORY_SECONDS
+        (at most REFUSALS_BEFORE_BLOCK are remembered)."""
+        ...
+
+    async def forget(self, client: str) -> None:
+        """Forget the client's counts and refusals (its block was lifted)."""
+        ...
+
+    async def expire(self, now: float) -> None:
+        """Let go of counts whose windows are over (housekeeping, every minute)."""
+        ...
+
+    @property
+    def tracked(self) -> int:
+        """Counters this process holds in memory."""
+        ...
+
+    @property
+    def forgotten(self) -> int:
+        """Clients forgotten past the memory's cap."""
+        ...
 
 
 class RateLimiter:
     """Counts requests per client and class in fixed windows, and blocks persistent
-    offenders.
-
-    Memory is bounded whatever the number of clients: counters are kept in the order their
-    clients were last seen; each check drops a few of the oldest whose windows are over,
-    and past `max_clients` the least recently seen go first (`forgotten` counts them; a
-    forgotten client merely starts its windows afresh).
-    """
-
-    PURGE_PER_CHECK = 4
+    offenders: REFUSALS_BEFORE_BLOCK refusals within an hour block a client for a day."""
 
     def __init__(
         self,
@@ -77,17 +105,13 @@ class RateLimiter:
         save_block: SaveBlock,
         clock: Callable[[], float] = time.time,
         max_clients: int = 100_000,
+        counts: Counts | None = None,
     ):
-        # client hash -> blocked until (epoch seconds); loaded from and saved to SQLite.
+        # client hash -> blocked until (epoch seconds); loaded from and saved to the database.
         self._blocks = blocks
         self._save_block = save_block
         self._clock = clock
-        self._max_clients = max_clients
-        # (client hash, class) -> [minute window, count in it, hour window, count in it]
-        self._counters: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
-        # client hash -> times of its latest refusals, least recently refused first
-        self._refusals: OrderedDict[str, deque[float]] = OrderedDict()
-        self.forgotten = 0
+        self._counts = counts or MemoryCounts(clock, max_clients)
         self.refusals_per_hour = RefusalsPerHour(clock)
 
     def blocked(self, client: str) -> Refusal | None:
@@ -109,6 +133,64 @@ class RateLimiter:
         if refusal is not None or not limit.is_limited:
             return refusal
         now = self._clock()
+        window = await self._counts.count(client, rate_class, limit, now)
+        if window is None:
+            return None
+        if window == HOUR:
+            refusal = Refusal(
+                3600, f"Rate limit exceeded: {limit.per_hour} requests per hour", HOUR
+            )
+        else:
+            refusal = Refusal(
+                60, f"Rate limit exceeded: {limit.per_minute} requests per minute", MINUTE
+            )
+        if await self._counts.refused(client, now) >= REFUSALS_BEFORE_BLOCK:
+            until = now + BLOCK_SECONDS
+            self._blocks[client] = until
+            await self._save_block(client, until)
+        return refusal
+
+    async def lift(self, client: str) -> None:
+        """Forget a client's block, its refusals and its counts: an operator lifted it."""
+        self._blocks.pop(client, None)
+        await self._counts.forget(client)
+
+    async def expire(self) -> None:
+        await self._counts.expire(self._clock())
+
+    def replace_blocks(self, blocks: dict[str, float]) -> None:
+        """Take the blocks in force as the database has them (an operator lifted one,
+        another process made one)."""
+        self._blocks = blocks
+
+    @property
+    def tracked(self) -> int:
+        """Counters this process holds now (one per client and class; 0 when shared)."""
+        return self._counts.tracked
+
+    @property
+    def forgotten(self) -> int:
+        return self._counts.forgotten
+
+
+class MemoryCounts:
+    """Counts in this process's memory, bounded whatever the number of clients: counters
+    are kept in the order their clients were last seen; each count drops a few of the
+    oldest whose windows are over, and past `max_clients` the least recently seen go first
+    (`forgotten` counts them; a forgotten client merely starts its windows afresh)."""
+
+    PURGE_PER_CHECK = 4
+
+    def __init__(self, clock: Callable[[], float], max_clients: int):
+        self._clock = clock
+        self._max_clients = max_clients
+        # (client hash, class) -> [minute window, count in it, hour window, count in it]
+        self._counters: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
+        # client hash -> times of its latest refusals, least recently refused first
+        self._refusals: OrderedDict[str, deque[float]] = OrderedDict()
+        self._forgotten = 0
+
+    async def count(self, client: str, rate_class: str, limit: RateLimit, now: float) -> str | None:
         minute, hour = int(now // 60), int(now // 3600)
         key = (client, rate_class)
         counter = self._counters.pop(key, None)
@@ -121,31 +203,24 @@ class RateLimiter:
         self._counters[key] = counter  # now the most recently seen, and in this hour
         self._purge(hour)
         if limit.per_hour is not None and counter[3] >= limit.per_hour:
-            refusal = Refusal(
-                3600, f"Rate limit exceeded: {limit.per_hour} requests per hour", "hour"
-            )
-        elif limit.per_minute is not None and counter[1] >= limit.per_minute:
-            refusal = Refusal(
-                60, f"Rate limit exceeded: {limit.per_minute} requests per minute", "minute"
-            )
-        else:
-            counter[1] += 1
-            counter[3] += 1
-            return None
-        await self._note_refusal(client, now)
-        return refusal
+            return HOUR
+        if limit.per_minute is not None and counter[1] >= limit.per_minute:
+            return MINUTE
+        counter[1] += 1
+        counter[3] += 1
+        return None
 
-    async def _note_refusal(self, client: str, now: float) -> None:
+    async def refused(self, client: str, now: float) -> int:
         refusals = self._refusals.pop(client, None) or deque(maxlen=REFUSALS_BEFORE_BLOCK)
         refusals.append(now)
-        if len(refusals) == REFUSALS_BEFORE_BLOCK and now - refusals[0] <= REFUSAL_MEMORY_SECONDS:
-            until = now + BLOCK_SECONDS
-            self._blocks[client] = until
-            await self._save_block(client, until)
-            return
+        while refusals and now - refusals[0] > REFUSAL_MEMORY_SECONDS:
+            refusals.popleft()
+        if len(refusals) >= REFUSALS_BEFORE_BLOCK:
+            return len(refusals)  # blocked now: nothing more to remember
         self._refusals[client] = refusals
         while len(self._refusals) > self._max_clients:
             self._refusals.popitem(last=False)
+        return len(refusals)
 
     def _purge(self, hour: int) -> None:
         """Drop the oldest counters whose hour is over, a few at a time, and any over the cap."""
@@ -156,27 +231,27 @@ class RateLimiter:
             self._counters.popitem(last=False)
         while len(self._counters) > self._max_clients:
             self._counters.popitem(last=False)
-            self.forgotten += 1
+            self._forgotten += 1
         if self._refusals:
             key, refusals = next(iter(self._refusals.items()))
             if not refusals or refusals[-1] < self._clock() - REFUSAL_MEMORY_SECONDS:
                 del self._refusals[key]
 
-    def lift(self, client: str) -> None:
-        """Forget a client's block, its refusals and its counts: an operator lifted it."""
-        self._blocks.pop(client, None)
+    async def expire(self, now: float) -> None:
+        """Nothing: each count drops a few counters that are over (`_purge`)."""
+
+    async def forget(self, client: str) -> None:
         self._refusals.pop(client, None)
         for key in [key for key in self._counters if key[0] == client]:
             del self._counters[key]
 
-    def replace_blocks(self, blocks: dict[str, float]) -> None:
-        """Take the blocks in force as the database has them (an operator lifted one)."""
-        self._blocks = blocks
-
     @property
     def tracked(self) -> int:
-        """Counters held now (one per client and class)."""
         return len(self._counters)
+
+    @property
+    def forgotten(self) -> int:
+        return self._forgotten
 
 
 class RefusalsPerHour:

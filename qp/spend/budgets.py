@@ -8,7 +8,8 @@ replaced by what it cost. So concurrent requests can pass a cap only by what the
 in flight cost beyond their reservations.
 
 Spent totals start from the ledger at start-up (what this day and month already cost) and
-are kept in memory from then on; a scope's period rolls over by the clock.
+are kept in memory from then on; a scope's period rolls over by the clock. Several
+processes sharing PostgreSQL keep the accounts there instead (qp/spend/shared_budgets.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, NamedTuple
 
-from qp.completions.ledger import spent_since
+from qp.completions.ledger import SpentSince, spent_since
 from qp.storage.database import Database
 from qp.timestamps import format_epoch
 
@@ -89,6 +90,7 @@ class Reservation:
     amount: float
     held: list[tuple[Scope, float, float]] = field(default_factory=list)
     settled: bool = False
+    row_id: int | None = None  # its row in a shared database (qp/spend/shared_budgets.py)
 
 
 # Told when a scope's spending passes a threshold: scope, period start, percent, spent, cap.
@@ -154,7 +156,7 @@ class BudgetBook:
         """What the ledger says this period already cost (at start-up)."""
         self._account(scope, self._clock()).spent = spent
 
-    def reserve(
+    async def reserve(
         self, scopes: Iterable[tuple[Scope, float]], amount: float
     ) -> Reservation | Refusal:
         """Reserve `amount` in every (scope, cap) at once, or refuse naming the first scope
@@ -173,7 +175,7 @@ class BudgetBook:
             reservation.held.append((scope, account.period_start, cap))
         return reservation
 
-    def settle(self, reservation: Reservation, cost: float) -> None:
+    async def settle(self, reservation: Reservation, cost: float) -> None:
         """Replace the reservation by what the completion cost (once)."""
         if reservation.settled:
             return
@@ -192,7 +194,7 @@ class BudgetBook:
             for threshold in crossed(before, account.spent, cap):
                 self._on_passed(scope, account.period_start, threshold, account.spent, cap)
 
-    def adjust(self, scopes: Iterable[tuple[Scope, float]], delta: float, at: float) -> None:
+    async def adjust(self, scopes: Iterable[tuple[Scope, float]], delta: float, at: float) -> None:
         """A cost found later than it was settled: add the difference to each (scope, cap)
         whose current period holds `at` (when the completion started)."""
         now = self._clock()
@@ -209,6 +211,9 @@ class BudgetBook:
             for scope, account in self._accounts.items()
             if scope.kind == kind and account.period_start == self._period(scope.period, now)[0]
         ]
+
+    async def refresh(self) -> None:
+        """Take the accounts as they stand now (nothing to take: they are all here)."""
 
     def remaining(self, scope: Scope, cap: float) -> float:
         spent, reserved = self.standing(scope)
@@ -288,18 +293,18 @@ class OpenStreams:
             self._counts.pop(client, None)
 
 
+async def spent_in_periods(db: Database, now: float) -> SpentSince:
+    """What the ledger says the day and month holding `now` already cost."""
+    day_start, _ = period_bounds(DAY, now)
+    month_start, _ = period_bounds(MONTH, now)
+    return await spent_since(db, format_epoch(day_start), format_epoch(month_start))
+
+
 async def open_budget_book(
     db: Database, clock: Callable[[], float] = time.time, on_passed: OnPassed | None = None
 ) -> BudgetBook:
     """A book that starts from what the ledger says this day and month already cost."""
-    now = clock()
-    day_start, _ = period_bounds(DAY, now)
-    month_start, _ = period_bounds(MONTH, now)
-    spent = await spent_since(
-        db,
-        format_epoch(day_start),
-        format_epoch(month_start),
-    )
+    spent = await spent_in_periods(db, clock())
     book = BudgetBook(clock, on_passed)
     book.load_spent(Scope("server", "", DAY), spent.server_day)
     book.load_spent(Scope("server", "", MONTH), spent.server_month)

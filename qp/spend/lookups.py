@@ -21,6 +21,7 @@ import orjson
 from qp.bodies import read_at_most
 from qp.completions.ledger import (
     OwedLookup,
+    claim_lookup,
     lookup_found,
     lookup_given_up,
     lookup_later,
@@ -41,6 +42,8 @@ FIRST_LOOKUP_DELAY = 1.0
 MAX_BACKOFF = 60.0
 POLL_SECONDS = 0.5
 REQUEST_TIMEOUT = 10.0
+# A lookup taken by a process that dies meanwhile is due again after this long.
+CLAIM_SECONDS = 3 * REQUEST_TIMEOUT
 MAX_ANSWER_BYTES = 64 * 1024  # a generation's record is under 2 KiB
 MAX_COST = 1e6  # a figure above this from upstream is not believed
 # What a lookup found: cost, prompt tokens, completion tokens.
@@ -90,13 +93,15 @@ class CostLookups:
 
     async def _look_up(self, owed: OwedLookup) -> None:
         now = time.time()
+        if not await claim_lookup(self._db, owed, format_epoch(now + CLAIM_SECONDS)):
+            return  # another process sharing the database took it
         key = self._key(owed)
         found = await self._ask(owed.generation_id, key) if key else None
         if found is not None:
             cost, prompt_tokens, completion_tokens = found
             await lookup_found(self._db, owed.row_id, cost, prompt_tokens, completion_tokens)
             scopes = budget_scopes(self._policy(), owed.payer, owed.app, owed.client_hash or "")
-            self._book.adjust(scopes, cost - owed.estimate, epoch_seconds(owed.started_at))
+            await self._book.adjust(scopes, cost - owed.estimate, epoch_seconds(owed.started_at))
             self._metrics.cost_settled(owed.app, owed.model, owed.payer, cost)
             return
         if key is None or now >= epoch_seconds(owed.owed_until):

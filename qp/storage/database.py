@@ -9,6 +9,7 @@ placeholders; each backend takes them in its own parameter style.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -32,15 +33,19 @@ class Transaction(Protocol):
         process, runs meanwhile (SQLite: every write already holds the whole database)."""
         ...
 
+    async def notify(self, topic: str) -> None:
+        """Tell the other processes sharing the database, once the transaction commits, that
+        `topic` changed (`chat:ID`, `blocks`); SQLite has no others: nothing."""
+        ...
+
 
 WriteFn = Callable[[Transaction], Awaitable[T]]
+# Told the topic of each change another process made (see Transaction.notify).
+ChangeListener = Callable[[str], None]
 
 
-class Database(Protocol):
-    """One database: transactions, one-statement helpers, and its health."""
-
-    # Set once writes are refused for good (the file damaged, the database taken over).
-    damage: str | None
+class Statements(Protocol):
+    """Transactions and queries: the database, or one of its sessions (`locked`)."""
 
     async def write(self, fn: WriteFn[T], *, maintenance: bool = False) -> T: ...
 
@@ -52,9 +57,23 @@ class Database(Protocol):
         self, sql: str, params: Iterable[Sequence[Any]], *, maintenance: bool = False
     ) -> None: ...
 
+    async def execute_write_returning(
+        self, sql: str, params: Parameters = ()
+    ) -> list[tuple[Any, ...]]: ...
+
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]: ...
 
     async def fetchone(self, sql: str, params: Parameters = ()) -> tuple[Any, ...] | None: ...
+
+
+class Database(Statements, Protocol):
+    """One database: transactions, one-statement helpers, and its health."""
+
+    # Set once writes are refused for good (the file damaged, the database taken over).
+    damage: str | None
+    # True when other server processes may share it (PostgreSQL), False when this process
+    # owns it (SQLite, under its lock file).
+    shared: bool
 
     async def ping(self) -> None: ...
 
@@ -68,8 +87,23 @@ class Database(Protocol):
 
     def refuse_writes(self, why: str) -> None: ...
 
-    async def reclaim(self) -> None:
-        """Take the database's claim again if it was lost (housekeeping, every second)."""
+    async def keep_watching(self) -> None:
+        """Listen again for other processes' changes if the way to hear them was lost
+        (housekeeping, every second)."""
+        ...
+
+    @property
+    def watching(self) -> bool:
+        """True while every change another process makes is heard (so a cache may be kept)."""
+        ...
+
+    def subscribe(self, listener: ChangeListener) -> None:
+        """Tell `listener` the topic of each change another server process makes."""
+        ...
+
+    def locked(self, key: str, *, shared: bool = False) -> AbstractAsyncContextManager[Statements]:
+        """Hold `key` (shared, or alone) across several statements and awaits, against every
+        process; the statements run in the session that holds it. SQLite: nothing to hold."""
         ...
 
     async def close(self) -> None: ...
@@ -104,6 +138,16 @@ class StatementHelpers:
             await tx.executemany(sql, params)
 
         await self.write(execute, maintenance=maintenance)
+
+    async def execute_write_returning(
+        self, sql: str, params: Parameters = ()
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement that changes rows and returns some (RETURNING) on its own."""
+
+        async def execute(tx: Transaction) -> list[tuple[Any, ...]]:
+            return await tx.fetchall(sql, params)
+
+        return await self.write(execute)
 
     async def fetchone(self, sql: str, params: Parameters = ()) -> tuple[Any, ...] | None:
         rows = await self.fetchall(sql, params)

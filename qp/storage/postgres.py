@@ -3,10 +3,15 @@ write a transaction on one of them. Plumbing only, like qp/storage/sqlite.py: th
 keep their SQL, written with `?` and `:name` placeholders, which are turned into asyncpg's
 `$n` here (once per statement, cached).
 
-For now one process owns a database, as with SQLite: a session advisory lock, held for the
-process's life, refuses a second server on the same database. The operators' tools (which
-do not take it) notify a channel with each write; the server listens on its lock's
-connection and learns of them as `changed_elsewhere()`.
+Several server processes may share one database. Each server keeps one more connection
+that LISTENs on a channel: the features announce what they change there (`chat:ID`,
+`blocks`) and the operators' tools announce every write (an empty topic: anything may have
+changed). While that connection is lost, nothing another process changes is heard:
+`watching` is False (caches are not kept) until housekeeping connects again.
+
+`locked(key)` holds a session advisory lock across several statements and awaits (a chat
+write's SQL step and blob); the statements run on the session that holds it. A process
+that dies loses its sessions, and with them its locks.
 
 Numbers: the chats' token counts are NUMERIC, read back as an int when whole and a float
 otherwise, so a client's 12 or 12.5 comes back as it went in (as SQLite's INTEGER affinity
@@ -20,7 +25,8 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -28,26 +34,18 @@ import asyncpg
 
 from qp.config import mask_url
 from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable
-from qp.storage.database import Parameters, StatementHelpers, WriteFn
+from qp.storage.database import ChangeListener, Parameters, StatementHelpers, WriteFn
 from qp.storage.postgres_schema import migrate
 
 log = logging.getLogger("qp.storage.postgres")
 
 T = TypeVar("T")
-POOL_SIZE = 10
+POOL_SIZE = 20
 CONNECT_TIMEOUT = 10.0
 STATEMENT_TIMEOUT = 30.0
-# pg_try_advisory_lock key held by the process that serves the database ("qp-own").
-OWNER_LOCK = 0x71702D6F776E
-# The operators' tools notify this channel with each write; the server listens, and drops
-# its cached chats and reloads its blocks (as SQLite's data_version tells it there).
+# The channel every change is announced on (its payload the topic; see the docstring).
 CHANGES = "qp_changes"
-UNOWNED = "unowned"
 _PLACEHOLDER = re.compile(r"'(?:[^']|'')*'|\?|(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
-
-
-class DatabaseOwned(Exception):
-    """Another process serves this database."""
 
 
 @functools.lru_cache(maxsize=1024)
@@ -140,36 +138,65 @@ class PostgresTransaction:
     async def lock(self, key: str) -> None:
         await self._conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
 
+    async def notify(self, topic: str) -> None:
+        await self._conn.execute("SELECT pg_notify($1, $2)", CHANGES, topic)
+
+
+async def _transaction(conn: asyncpg.Connection, fn: WriteFn[T], announce: bool) -> T:
+    async with conn.transaction():
+        result = await fn(PostgresTransaction(conn))
+        if announce:  # delivered when the transaction commits
+            await conn.execute("SELECT pg_notify($1, '')", CHANGES)
+        return result
+
+
+class PostgresSession(StatementHelpers):
+    """Statements on the one connection that holds a `locked` key."""
+
+    def __init__(self, conn: asyncpg.Connection, announce: bool):
+        self._conn = conn
+        self._announce = announce
+
+    async def write(self, fn: WriteFn[T], *, maintenance: bool = False) -> T:
+        try:
+            return await _transaction(self._conn, fn, self._announce)
+        except FAILURES as err:
+            raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
+
+    async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
+        try:
+            return await PostgresTransaction(self._conn).fetchall(sql, params)
+        except FAILURES as err:
+            raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
+
 
 class PostgresDatabase(StatementHelpers):
     """The PostgreSQL database: `write(fn)` for transactions, the pool for queries."""
 
-    def __init__(self, pool: asyncpg.Pool, owner: asyncpg.Connection, url: str, *, serving: bool):
+    shared = True
+
+    def __init__(
+        self, pool: asyncpg.Pool, listener: asyncpg.Connection | None, url: str, *, serving: bool
+    ):
         self._pool = pool
-        self._owner = owner
+        self._listener = listener
         self.url = url
         self.damage: str | None = None
-        # A server listens for the tools' writes; a tool announces its own.
+        # A server listens for the others' changes; a tool announces each of its writes.
         self._serving = serving
         self._changed = False
+        self._subscribers: list[ChangeListener] = []
 
     @classmethod
     async def open(
-        cls, url: str, pool_size: int = POOL_SIZE, *, claim: bool = True
+        cls, url: str, pool_size: int = POOL_SIZE, *, serving: bool = True
     ) -> PostgresDatabase:
-        """Connect, claim the database for this process (DatabaseOwned if another has it;
-        the operators' tools do not claim it), bring its schema up to date, open the pool."""
-        owner = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
+        """Connect, bring the schema up to date, open the pool; a server (`serving`) also
+        listens for the changes other processes announce."""
+        first = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
         pool = None
         try:
-            if claim and not await owner.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK):
-                holder = await owner.fetchval(
-                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = $1"
-                    " AND granted LIMIT 1",
-                    OWNER_LOCK & 0xFFFFFFFF,
-                )
-                raise DatabaseOwned(f"another qp-server holds it (backend pid {holder})")
-            await migrate(owner)
+            await migrate(first)
             pool = await asyncpg.create_pool(
                 url,
                 min_size=1,
@@ -178,15 +205,22 @@ class PostgresDatabase(StatementHelpers):
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=STATEMENT_TIMEOUT,
             )
-            database = cls(pool, owner, url, serving=claim)
-            if claim:
-                await owner.add_listener(CHANGES, database._note_change)
+            database = cls(pool, None, url, serving=serving)
+            if serving:
+                await database._listen(first)
+            else:
+                await first.close()
         except BaseException:
             if pool is not None:
                 pool.terminate()
-            await owner.close()
+            await first.close()
             raise
         return database
+
+    async def _listen(self, conn: asyncpg.Connection) -> None:
+        await conn.add_listener(CHANGES, self._heard)
+        conn.add_termination_listener(self._listener_lost)
+        self._listener = conn
 
     async def close(self) -> None:
         try:
@@ -194,67 +228,113 @@ class PostgresDatabase(StatementHelpers):
         except TimeoutError:
             self._pool.terminate()
         finally:
-            await self._owner.close()
+            if self._listener is not None:
+                listener, self._listener = self._listener, None
+                await listener.close()
 
     async def write(self, fn: WriteFn[T], *, maintenance: bool = False) -> T:
         """Run `fn(transaction)` as one transaction: committed if it returns, else undone."""
         self._refuse_if_damaged()
         try:
-            async with (
-                self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn,
-                conn.transaction(),
-            ):
-                result = await fn(PostgresTransaction(conn))
-                if not self._serving:  # delivered when the transaction commits
-                    await conn.execute("SELECT pg_notify($1, '')", CHANGES)
-                return result
+            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+                return await _transaction(conn, fn, not self._serving)
         except FAILURES as err:
             raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
 
+    async def execute_write(
+        self, sql: str, params: Parameters = (), *, maintenance: bool = False
+    ) -> int:
+        """One statement, committed on its own (no BEGIN and COMMIT round trips)."""
+        if not self._serving:
+            return await super().execute_write(sql, params, maintenance=maintenance)
+        self._refuse_if_damaged()
+        text, args = _statement(sql, params)
+        try:
+            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+                return _changed(await conn.execute(text, *args))
+        except FAILURES as err:
+            raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
+
+    async def execute_write_returning(
+        self, sql: str, params: Parameters = ()
+    ) -> list[tuple[Any, ...]]:
+        """One statement with RETURNING, committed on its own."""
+        if not self._serving:
+            return await super().execute_write_returning(sql, params)
+        self._refuse_if_damaged()
+        try:
+            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+                return await PostgresTransaction(conn).fetchall(sql, params)
+        except FAILURES as err:
+            raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
+
+    @asynccontextmanager
+    async def locked(self, key: str, *, shared: bool = False) -> AsyncIterator[PostgresSession]:
+        """Hold the advisory lock `key` on one pooled session while the body runs."""
+        self._refuse_if_damaged()
+        mode = "_shared" if shared else ""
+        try:
+            conn = await self._pool.acquire(timeout=CONNECT_TIMEOUT)
+        except FAILURES as err:
+            raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
+        try:
+            try:
+                await conn.execute(f"SELECT pg_advisory_lock{mode}(hashtextextended($1, 0))", key)
+            except FAILURES as err:
+                raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
+            try:
+                yield PostgresSession(conn, not self._serving)
+            finally:
+                try:
+                    await conn.execute(
+                        f"SELECT pg_advisory_unlock{mode}(hashtextextended($1, 0))", key
+                    )
+                except FAILURES:
+                    # The session is unusable: closing it lets go of every lock it held.
+                    conn.terminate()
+        finally:
+            await self._pool.release(conn)
+
     def _refuse_if_damaged(self) -> None:
-        self.check_file()  # the ownership lock may have gone with its session just now
         if self.damage is not None:
             raise StorageUnavailable("Database", f"writes refused: {self.damage}")
 
     def check_file(self) -> str | None:
-        """With the session that holds the ownership lock gone (PostgreSQL restarted or
-        ended it), the lock is gone too and another server may take the database: every
-        write is refused until `reclaim` takes the lock again."""
-        if self.damage is None and self._serving and self._owner.is_closed():
-            self.damage = UNOWNED
-            log.error(
-                "the connection holding %s for this server was lost: writes are refused"
-                " until it is claimed again",
-                self.shown,
-            )
+        """No file to check: PostgreSQL keeps its own."""
         return self.damage
 
-    async def reclaim(self) -> None:
-        """Housekeeping, every second: with the ownership lock lost, connect again and take
-        it; if another server has it meanwhile, this one never writes again (taken over)."""
-        if self.check_file() != UNOWNED:
+    @property
+    def watching(self) -> bool:
+        return not self._serving or (self._listener is not None and not self._listener.is_closed())
+
+    def _listener_lost(self, conn: asyncpg.Connection) -> None:
+        if conn is self._listener:
+            log.error(
+                "the connection listening for other processes' changes to %s was lost:"
+                " cached chats are dropped and none kept until it is back",
+                self.shown,
+            )
+            self._tell("")
+
+    async def keep_watching(self) -> None:
+        """Housekeeping, every second: with the listening connection lost, connect again.
+        What changed meanwhile is unknown, so everything cached is forgotten."""
+        if self.watching:
             return
         try:
-            owner = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
+            conn = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
         except FAILURES:
             return  # PostgreSQL is still away: the next round tries again
+        old, self._listener = self._listener, None
+        if old is not None:
+            old.terminate()
         try:
-            claimed = await owner.fetchval("SELECT pg_try_advisory_lock($1)", OWNER_LOCK)
-            if claimed:
-                await owner.add_listener(CHANGES, self._note_change)
+            await self._listen(conn)
         except BaseException:
-            await owner.close()
+            await conn.close()
             raise
-        if not claimed:
-            await owner.close()
-            self.damage = "taken-over"
-            log.error("another qp-server took %s meanwhile: writes are refused", self.shown)
-            return
-        old, self._owner = self._owner, owner
-        await old.close()
-        self.damage = None
-        self._changed = True  # what happened meanwhile is unknown: forget what is cached
-        log.warning("claimed %s again: writes are taken again", self.shown)
+        self._tell("")
+        log.warning("listening for other processes' changes to %s again", self.shown)
 
     def refuse_writes(self, why: str) -> None:
         if self.damage is None:
@@ -262,12 +342,26 @@ class PostgresDatabase(StatementHelpers):
             log.error("%s: writes are refused until the server is restarted", why)
 
     async def changed_elsewhere(self) -> bool:
-        """True when an operators' tool wrote to the database since the last call."""
+        """True when anything may have changed unheard since the last call: a tool wrote,
+        or the listening connection was lost."""
         changed, self._changed = self._changed, False
         return changed
 
-    def _note_change(self, conn: asyncpg.Connection, pid: int, channel: str, payload: str) -> None:
-        self._changed = True
+    def subscribe(self, listener: ChangeListener) -> None:
+        self._subscribers.append(listener)
+
+    def _heard(self, conn: asyncpg.Connection, pid: int, channel: str, payload: str) -> None:
+        self._tell(payload)
+
+    def _tell(self, topic: str) -> None:
+        """Pass a change on; an empty topic (anything may have changed) also to housekeeping."""
+        if not topic:
+            self._changed = True
+        for subscriber in self._subscribers:
+            try:
+                subscriber(topic)
+            except Exception:
+                log.exception("a change listener failed")
 
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
         try:

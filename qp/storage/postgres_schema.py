@@ -13,7 +13,7 @@ import asyncpg
 
 from qp.storage.migrations import SchemaTooNew
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # pg_advisory_xact_lock key taken while the schema is brought up to date ("qp-mig").
 MIGRATION_LOCK = 0x71702D6D6967
 
@@ -76,6 +76,49 @@ STEPS: dict[int, tuple[str, ...]] = {
           prompt DOUBLE PRECISION NOT NULL,
           completion DOUBLE PRECISION NOT NULL,
           fetched_at TEXT NOT NULL
+        )
+        """,
+    ),
+    # Several processes: their write leases, and the rate-limit counts and budget accounts
+    # they share (one process keeps these in memory on SQLite).
+    2: (
+        "CREATE TABLE write_leases (owner TEXT PRIMARY KEY, expires_at DOUBLE PRECISION NOT NULL)",
+        """
+        CREATE TABLE rate_counts (
+          client_hash TEXT NOT NULL,
+          rate_class TEXT NOT NULL,
+          minute BIGINT NOT NULL,
+          minute_count INTEGER NOT NULL,
+          hour BIGINT NOT NULL,
+          hour_count INTEGER NOT NULL,
+          PRIMARY KEY (client_hash, rate_class)
+        )
+        """,
+        "CREATE INDEX idx_rate_counts_hour ON rate_counts(hour)",
+        """
+        CREATE TABLE rate_refusals (
+          client_hash TEXT NOT NULL,
+          refused_at DOUBLE PRECISION NOT NULL
+        )
+        """,
+        "CREATE INDEX idx_rate_refusals_client ON rate_refusals(client_hash, refused_at)",
+        """
+        CREATE TABLE budget_accounts (
+          kind TEXT NOT NULL,
+          name TEXT NOT NULL,
+          period TEXT NOT NULL,
+          period_start DOUBLE PRECISION NOT NULL,
+          spent DOUBLE PRECISION NOT NULL DEFAULT 0,
+          reserved DOUBLE PRECISION NOT NULL DEFAULT 0,
+          PRIMARY KEY (kind, name, period, period_start)
+        )
+        """,
+        """
+        CREATE TABLE budget_reservations (
+          id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+          owner TEXT NOT NULL,
+          amount DOUBLE PRECISION NOT NULL,
+          accounts TEXT NOT NULL
         )
         """,
     ),

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable
-from qp.storage.database import Parameters, StatementHelpers, WriteFn
+from qp.storage.database import ChangeListener, Parameters, StatementHelpers, WriteFn
 from qp.storage.file_watch import DAMAGED, DatabaseFile
 from qp.storage.migrations import migrate
 
@@ -103,9 +103,15 @@ class SqliteTransaction:
     async def lock(self, key: str) -> None:
         """Nothing to do: BEGIN IMMEDIATE already holds the whole database."""
 
+    async def notify(self, topic: str) -> None:
+        """Nothing to do: no other server shares the file (the tools' writes are seen by
+        `changed_elsewhere`)."""
+
 
 class SqliteDatabase(StatementHelpers):
     """The SQLite database: `write(fn)` for transactions, `reader()` for queries."""
+
+    shared = False
 
     def __init__(
         self,
@@ -295,8 +301,20 @@ class SqliteDatabase(StatementHelpers):
         finally:
             self._readers.put_nowait(conn)
 
-    async def reclaim(self) -> None:
-        """Nothing: a SQLite file's claim is its lock file, kept by housekeeping."""
+    async def keep_watching(self) -> None:
+        """Nothing: the tools' changes are seen by `changed_elsewhere`, polled."""
+
+    @property
+    def watching(self) -> bool:
+        return True
+
+    def subscribe(self, listener: ChangeListener) -> None:
+        """Nothing to subscribe to: one server process owns the file."""
+
+    @asynccontextmanager
+    async def locked(self, key: str, *, shared: bool = False) -> AsyncIterator[SqliteDatabase]:
+        """Nothing to hold against other processes: this one owns the file."""
+        yield self
 
     async def changed_elsewhere(self) -> bool:
         """True when another process committed to the database since the last call."""

@@ -1,0 +1,97 @@
+"""Write leases: which server processes sharing a PostgreSQL database are alive.
+
+Each server renews its lease every second. A chat write in flight names its process in
+its pending note; another process (or `check --repair`) finishes or undoes it only once
+that process's lease has expired, and a process acknowledges a write only while its own
+lease has a safety margin left, so it never answers for a write someone else may be
+undoing. Leases are compared by the hosts' clocks: keep them in sync (NTP) to well within
+the margin.
+
+SQLite needs none: one process owns the file under its lock file (qp/storage/claim.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+
+from qp.errors import StorageUnavailable
+from qp.storage.database import Database
+
+log = logging.getLogger("qp.storage.leases")
+
+RENEW = """
+    INSERT INTO write_leases (owner, expires_at) VALUES (?, ?)
+    ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at
+"""
+LIVE = "SELECT owner FROM write_leases WHERE expires_at > ?"
+RELEASE = "DELETE FROM write_leases WHERE owner = ?"
+FORGET_EXPIRED = "DELETE FROM write_leases WHERE expires_at < ?"
+RENEW_SECONDS = 1.0
+# A write whose note names no process (written before leases) is taken for abandoned this
+# long after its server's deadline for acknowledging it (clocks, scheduling).
+ABANDONED_AFTER_SECONDS = 5.0
+# Expired leases are kept this long, then forgotten (their writes were resolved by then).
+KEPT_SECONDS = 24 * 3600.0
+
+
+class WriteLease:
+    """This process's lease, and the other processes' as the database has them."""
+
+    def __init__(self, db: Database, seconds: float):
+        self.owner = uuid.uuid4().hex
+        self.seconds = seconds
+        self._db = db
+        # Monotonic time until which the lease holds for sure (forever on SQLite).
+        self._valid_until = 0.0 if db.shared else math.inf
+
+    @property
+    def margin(self) -> float:
+        """Time the lease must still have left for a write to be acknowledged."""
+        return min(5.0, self.seconds / 3)
+
+    def holds(self) -> bool:
+        """Whether a write may be acknowledged now: the lease outlasts the margin."""
+        return time.monotonic() < self._valid_until - self.margin
+
+    async def renew(self) -> None:
+        """Extend the lease by `seconds` from now; StorageUnavailable when the database is
+        unreachable (the lease then runs out)."""
+        if not self._db.shared:
+            return
+        started = time.monotonic()
+        await self._db.execute_write(RENEW, (self.owner, time.time() + self.seconds))
+        self._valid_until = started + self.seconds
+
+    async def keep(self) -> None:
+        """Renew every second, in a task that must never die."""
+        failing = False
+        while True:
+            try:
+                await self.renew()
+                if failing:
+                    log.warning("the write lease is renewed again")
+                failing = False
+            except StorageUnavailable as err:
+                if not failing:
+                    log.error("cannot renew the write lease (writes wait for it): %s", err)
+                failing = True
+            await asyncio.sleep(RENEW_SECONDS)
+
+    async def release(self) -> None:
+        """At a clean stop: the lease ends now, so nothing of ours waits for it to expire."""
+        if self._db.shared:
+            await self._db.execute_write(RELEASE, (self.owner,))
+
+
+async def live_owners(db: Database) -> set[str] | None:
+    """The processes whose lease has not expired; None on SQLite (no leases: the claim of
+    the lock file says whether a server is alive)."""
+    if not db.shared:
+        return None
+    now = time.time()
+    await db.execute_write(FORGET_EXPIRED, (now - KEPT_SECONDS,))
+    return {row[0] for row in await db.fetchall(LIVE, (now,))}
