@@ -32,6 +32,16 @@ def unique_id() -> str:
     return uuid.uuid4().hex
 
 
+def completion_request(content: str = "hi", app: str = "nwb-assistant") -> dict:
+    """A valid completion request for the default policy (the fake reads `content`)."""
+    return {
+        "model": "openai/gpt-4.1-mini",
+        "systemMessage": SYSTEM,
+        "messages": [{"role": "user", "content": content}],
+        "app": app,
+    }
+
+
 def make_chat(
     chat_id: str | None = None,
     app: str = "test-app",

@@ -472,3 +472,92 @@ class RssSampler:
         finally:
             stop.set()
             thread.join()
+
+
+# --- nginx ----------------------------------------------------------------------------------
+
+NGINX = shutil.which("nginx") or (
+    "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+)
+NEEDS_NGINX = pytest.mark.skipif(
+    NGINX is None, reason="nginx is not installed (Debian: apt-get install nginx)"
+)
+
+
+def main_config(prefix: Path, site: str) -> str:
+    """A minimal nginx.conf around the site, everything it writes inside `prefix`."""
+    temp = {name: prefix / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    for path in temp.values():
+        path.mkdir(exist_ok=True)
+    # As root, workers would drop to `nobody`, who cannot enter pytest's 0700 temp dirs.
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    return (
+        f"{user}worker_processes 1;\n"
+        f"pid {prefix / 'nginx.pid'};\n"
+        f"error_log {prefix / 'error.log'} info;\n"
+        "events { worker_connections 256; }\n"
+        "http {\n"
+        "default_type application/octet-stream;\n"
+        f"access_log {prefix / 'access.log'};\n"
+        f"client_body_temp_path {temp['client_body']};\n"
+        f"proxy_temp_path {temp['proxy']};\n"
+        f"fastcgi_temp_path {temp['fastcgi']};\n"
+        f"uwsgi_temp_path {temp['uwsgi']};\n"
+        f"scgi_temp_path {temp['scgi']};\n"
+        f"{site}\n"
+        "}\n"
+    )
+
+
+@dataclass
+class Nginx:
+    """nginx in the foreground as a child process, its files all under `prefix`."""
+
+    prefix: Path
+    site: str
+    port: int
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Nginx:
+        self.prefix.mkdir(parents=True, exist_ok=True)
+        conf = self.prefix / "nginx.conf"
+        conf.write_text(main_config(self.prefix, self.site))
+        # -e: nginx opens its default error log before reading the config otherwise.
+        command = [NGINX, "-p", f"{self.prefix}/", "-c", str(conf), "-e", self.error_log()]
+        check = subprocess.run([*command, "-t"], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        with open(self.prefix / "stderr.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [*command, "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            wait_for_port(self.port, 10, self.process)
+        except Exception as err:
+            self.stop()
+            raise RuntimeError(f"nginx did not start: {err}\n{self.log()}") from None
+        return self
+
+    def error_log(self) -> str:
+        return str(self.prefix / "error.log")
+
+    def log(self) -> str:
+        path = Path(self.error_log())
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGQUIT)  # graceful: finish requests, then exit
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

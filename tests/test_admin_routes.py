@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tests.app_server import AppServer, StartServer
-from tests.helpers import ADMIN_KEY, ISO_MS, SYSTEM, call, create, make_chat
+from tests.helpers import ADMIN_KEY, ISO_MS, call, completion_request, create, make_chat
 
 pytestmark = pytest.mark.on_both_databases
 
@@ -265,12 +265,7 @@ async def test_spend_sums_real_completions_like_the_usage_report(start_server, f
         OPENROUTER_API_KEY="server-key",
         QP_BUDGET_SERVER_DAILY_USD="1",
     )
-    request = {
-        "model": "openai/gpt-4.1-mini",
-        "systemMessage": SYSTEM,
-        "messages": [{"role": "user", "content": "hi"}],
-        "app": "nwb-assistant",
-    }
+    request = completion_request()
     for _ in range(3):
         async with server.client.post("/api/completion", json=request) as response:
             assert response.status == 200

@@ -7,14 +7,9 @@ socket the file ships with, and the TCP line it carries commented out.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -24,14 +19,9 @@ import pytest
 from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
 from tests.fake_openrouter import FakeOpenRouter, Script
 from tests.helpers import ADMIN_KEY, call, make_chat
-from tests.processes import ROOT, QPServer, free_ports, wait_for_port
+from tests.processes import NEEDS_NGINX, ROOT, Nginx, QPServer, free_ports
 
-NGINX = shutil.which("nginx") or (
-    "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
-)
-pytestmark = pytest.mark.skipif(
-    NGINX is None, reason="nginx is not installed (Debian: apt-get install nginx)"
-)
+pytestmark = NEEDS_NGINX
 
 SITE = ROOT / "deploy" / "nginx.conf"
 MIB = 1024 * 1024
@@ -76,85 +66,6 @@ def site_config(port: int, unix_socket: Path | None = None, tcp_port: int = 0) -
         ["listen", f"127.0.0.1:{port};"]
     ], "deploy/nginx.conf: the test could not confine nginx to 127.0.0.1"
     return text
-
-
-def main_config(prefix: Path, site: str) -> str:
-    """A minimal nginx.conf around the site, everything it writes inside `prefix`."""
-    temp = {name: prefix / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
-    for path in temp.values():
-        path.mkdir(exist_ok=True)
-    # As root, workers would drop to `nobody`, who cannot enter pytest's 0700 temp dirs.
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    return (
-        f"{user}worker_processes 1;\n"
-        f"pid {prefix / 'nginx.pid'};\n"
-        f"error_log {prefix / 'error.log'} info;\n"
-        "events { worker_connections 256; }\n"
-        "http {\n"
-        "default_type application/octet-stream;\n"
-        f"access_log {prefix / 'access.log'};\n"
-        f"client_body_temp_path {temp['client_body']};\n"
-        f"proxy_temp_path {temp['proxy']};\n"
-        f"fastcgi_temp_path {temp['fastcgi']};\n"
-        f"uwsgi_temp_path {temp['uwsgi']};\n"
-        f"scgi_temp_path {temp['scgi']};\n"
-        f"{site}\n"
-        "}\n"
-    )
-
-
-@dataclass
-class Nginx:
-    """nginx in the foreground as a child process, its files all under `prefix`."""
-
-    prefix: Path
-    site: str
-    port: int
-    process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Nginx:
-        self.prefix.mkdir(parents=True, exist_ok=True)
-        conf = self.prefix / "nginx.conf"
-        conf.write_text(main_config(self.prefix, self.site))
-        # -e: nginx opens its default error log before reading the config otherwise.
-        command = [NGINX, "-p", f"{self.prefix}/", "-c", str(conf), "-e", self.error_log()]
-        check = subprocess.run([*command, "-t"], capture_output=True, text=True)
-        assert check.returncode == 0, check.stderr
-        with open(self.prefix / "stderr.log", "ab") as log:
-            self.process = subprocess.Popen(
-                [*command, "-g", "daemon off;"], stdout=log, stderr=subprocess.STDOUT
-            )
-        try:
-            wait_for_port(self.port, 10, self.process)
-        except Exception as err:
-            self.stop()
-            raise RuntimeError(f"nginx did not start: {err}\n{self.log()}") from None
-        return self
-
-    def error_log(self) -> str:
-        return str(self.prefix / "error.log")
-
-    def log(self) -> str:
-        path = Path(self.error_log())
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGQUIT)  # graceful: finish requests, then exit
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 # --- processes -----------------------------------------------------------------------------
