@@ -162,7 +162,7 @@ async def _take_lease(db: Database, config: Config, stack: AsyncExitStack) -> Wr
     clean stop, after the chat store has settled its writes)."""
     lease = WriteLease(db, config.write_lease_seconds)
     try:
-        await lease.renew()
+        await lease.join()
     except StorageUnavailable as err:
         raise StartupError(f"cannot take a write lease in the database: {err}") from None
     renewing = asyncio.create_task(lease.keep())

@@ -24,7 +24,8 @@ COLUMNS = (
 SELECT = f"SELECT {COLUMNS} FROM chats"
 
 ONE = SELECT + " WHERE chat_id = ?"
-VERSION = "SELECT updated_at FROM chats WHERE chat_id = ?"
+# PostgreSQL only (the only database several processes write to): `= ANY` of an array.
+VERSIONS = "SELECT chat_id, updated_at FROM chats WHERE chat_id = ANY(?)"
 NEWEST_OF_APP = SELECT + " WHERE app = ? ORDER BY updated_at DESC LIMIT ?"
 COUNT_OF_APP = "SELECT COUNT(*) FROM chats WHERE app = ?"
 EXISTS = "SELECT 1 FROM chats WHERE chat_id = ?"
@@ -89,10 +90,10 @@ class ChatRows:
     async def insert(
         self, chat_id: str, chat: ChatInput, now: str, max_chats_per_app: int, pending: str
     ) -> None:
-        """Insert a new row; the app's count check and the insert are one transaction."""
+        """Insert a new row; the app's count check and the insert are one transaction. Call
+        with the chat's lock held (ChatStore), as `update` and `delete`."""
 
         async def insert(tx: Transaction) -> None:
-            await tx.lock(f"chat:{chat_id}")
             await tx.lock(f"chats-of-app:{chat.app}")
             ((count,),) = await tx.fetchall(COUNT_OF_APP, (chat.app,))
             if count >= max_chats_per_app:
@@ -118,10 +119,10 @@ class ChatRows:
 
         await self.db.write(insert)
 
-    async def version(self, chat_id: str) -> str | None:
-        """The chat's updated_at (each write of a chat leaves one of its own), or None."""
-        row = await self.db.fetchone(VERSION, (chat_id,))
-        return row[0] if row else None
+    async def versions(self, chat_ids: list[str]) -> dict[str, str]:
+        """Chat id -> updated_at (each write of a chat leaves one of its own) of those of
+        the chats that have a row (PostgreSQL only)."""
+        return {row[0]: row[1] for row in await self.db.fetchall(VERSIONS, (chat_ids,))}
 
     async def update(
         self, chat_id: str, chat: ChatInput, now: str, pending: Callable[[ChatRow, str], str]
@@ -131,7 +132,6 @@ class ChatRows:
         or None if there is none."""
 
         async def update(tx: Transaction) -> ChatRow | None:
-            await tx.lock(f"chat:{chat_id}")
             rows = await tx.fetchall(ONE, (chat_id,))
             if not rows:
                 return None
@@ -194,7 +194,6 @@ class ChatRows:
         are how an operator makes room on a full disk: they may use the disk reserve."""
 
         async def delete(tx: Transaction) -> int:
-            await tx.lock(f"chat:{chat_id}")
             rows = await tx.fetchall(DELETE, (chat_id,))
             await tx.notify(changed(chat_id))
             return (rows[0][0] or 0) if rows else 0

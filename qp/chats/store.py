@@ -43,6 +43,7 @@ from qp.chats.model import (
 from qp.chats.pending import PendingWrite, blob_matches, make_note
 from qp.chats.sql import ChatRows
 from qp.chats.stream import CHUNK_BYTES, ChatStream, read_to_end
+from qp.chats.versions import CurrentVersions
 from qp.errors import FULL, READ_ONLY, StorageUnavailable, insufficient_storage
 from qp.storage.batches import BatchWriter
 from qp.storage.blobs import BlobStore, chat_key
@@ -87,6 +88,7 @@ class ChatStore:
         self._locks = ChatLocks()
         self._lease = lease
         self._owner = lease.owner if lease is not None else ""
+        self._versions = CurrentVersions(self._rows)
         db.subscribe(self._changed_elsewhere)
         self._space = space
         self.write_deadline = write_deadline
@@ -315,7 +317,7 @@ class ChatStore:
                 closing.add_done_callback(self._closing.discard)
 
     async def _open_listed(self, row: ChatRow) -> bytes | ChatStream | None:
-        chat: bytes | ChatStream | None = await self._cached(row.chat_id)
+        chat: bytes | ChatStream | None = await self._cached(row.chat_id, row.updated_at)
         if chat is not None:
             return chat
         async with self._reading(row.chat_id) as rows:
@@ -329,16 +331,19 @@ class ChatStore:
         """(app, chats, latest updated_at) of the `limit` apps with the most chats."""
         return await self._rows.apps(limit)
 
-    async def _cached(self, chat_id: str) -> bytes | None:
-        """The cached chat, if any. On a database other processes share, only while the row
-        is still the version it was rendered from: their announcements drop what they
-        change, but one may not have been heard yet when its writer has already answered."""
+    async def _cached(self, chat_id: str, listed_at: str | None = None) -> bytes | None:
+        """The cached chat, if any. While other processes may be writing to the database,
+        only if its row is still the version it was rendered from (`listed_at`, when a list
+        has just read the row): their announcements drop what they change, but one may not
+        have been heard yet when its writer has already answered."""
         entry = self._cache.get_versioned(chat_id)
         if entry is None:
             return None
-        if self._db.shared and await self._rows.version(chat_id) != entry[1]:
-            self._cache.discard(chat_id)
-            return None
+        if self._lease is not None and not self._lease.alone():
+            stored = listed_at if listed_at is not None else await self._versions.of(chat_id)
+            if stored != entry[1]:
+                self._cache.discard(chat_id)
+                return None
         return entry[0]
 
     def forget_all(self) -> None:

@@ -2,8 +2,9 @@
 of N per window admits at most N requests from a client across all of them.
 
 Each request is one statement: the client's row for its class is counted up only while
-both windows have room (a window that has moved on counts from nothing). Rows whose hour is
-over, and refusals older than an hour, are deleted by housekeeping.
+both windows have room (a window that has moved on counts from nothing). Its commit does
+not wait for the disk: a database crash may forget the last moment's counts, never more.
+Rows whose hour is over, and refusals older than an hour, are deleted by housekeeping.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class SharedCounts:
         counted = await self._db.execute_write_returning(
             COUNT,
             {**window, "minute": int(now // 60), "per_hour": per_hour, "per_minute": per_minute},
+            durable=False,
         )
         if counted:
             return None
@@ -78,7 +80,9 @@ class SharedCounts:
 
     async def refused(self, client: str, now: float) -> int:
         rows = await self._db.execute_write_returning(
-            REFUSED, {"client": client, "now": now, "since": now - REFUSAL_MEMORY_SECONDS}
+            REFUSED,
+            {"client": client, "now": now, "since": now - REFUSAL_MEMORY_SECONDS},
+            durable=False,
         )
         return int(rows[0][0])
 

@@ -34,7 +34,7 @@ from qp.spend.budgets import (
     period_bounds,
     spent_in_periods,
 )
-from qp.storage.database import Database, Transaction
+from qp.storage.database import Database
 from qp.storage.leases import live_owners
 
 log = logging.getLogger("qp.spend.shared_budgets")
@@ -44,24 +44,60 @@ SEED = """
     VALUES (?, ?, ?, ?, ?)
     ON CONFLICT (kind, name, period, period_start) DO NOTHING
 """
-# Reserve in one account, only while it has room (a new account has it: the caller checked
-# that the amount fits the cap).
-RESERVE = """
-    INSERT INTO budget_accounts AS account (kind, name, period, period_start, reserved)
-    VALUES (:kind, :name, :period, :start, :amount)
-    ON CONFLICT (kind, name, period, period_start) DO UPDATE
-        SET reserved = account.reserved + excluded.reserved
-        WHERE account.spent + account.reserved + excluded.reserved <= :room
-    RETURNING spent, reserved
+# The accounts a request falls in, as arrays (one element per scope).
+_WANTED = """
+    wanted AS (
+        SELECT * FROM unnest(:kinds::text[], :names::text[], :periods::text[],
+                             :starts::float8[], :rooms::float8[])
+            AS w(kind, name, period, period_start, room)
+    ), held AS (
+        SELECT a.kind, a.name, a.period, a.period_start, a.spent, a.reserved, w.room
+        FROM budget_accounts a JOIN wanted w USING (kind, name, period, period_start)
+        ORDER BY a.kind, a.name, a.period, a.period_start
+        FOR UPDATE OF a
+    )
 """
-NOTE_RESERVATION = """
-    INSERT INTO budget_reservations (owner, amount, accounts) VALUES (?, ?, ?) RETURNING id
+# One statement, so the accounts' rows are locked (always in one order, so two requests
+# never wait for each other crosswise) only while it runs: reserve `amount` in every
+# account if each has room, and note the reservation; else change nothing. Answers each
+# account as it was before, with the reservation's id (NULL when refused or an account is
+# missing).
+RESERVE = f"""
+    WITH {_WANTED}, verdict AS (
+        SELECT COUNT(*) = :n AND COUNT(*) FILTER (WHERE spent + reserved + :amount <= room) = :n
+            AS fits
+        FROM held
+    ), reserved AS (
+        UPDATE budget_accounts a SET reserved = a.reserved + :amount
+        FROM held h, verdict v
+        WHERE v.fits AND a.kind = h.kind AND a.name = h.name AND a.period = h.period
+          AND a.period_start = h.period_start
+        RETURNING a.kind
+    ), noted AS (
+        INSERT INTO budget_reservations (owner, amount, accounts)
+        SELECT :owner, :amount, :accounts FROM verdict WHERE fits
+        RETURNING id
+    )
+    SELECT kind, name, period, spent, reserved, room, (SELECT id FROM noted) FROM held
 """
-SETTLE = """
-    UPDATE budget_accounts
-    SET reserved = GREATEST(0, reserved - :amount), spent = GREATEST(0, spent + :cost)
-    WHERE kind = :kind AND name = :name AND period = :period AND period_start = :start
-    RETURNING spent, reserved
+OPEN_ACCOUNT = """
+    INSERT INTO budget_accounts (kind, name, period, period_start) VALUES (?, ?, ?, ?)
+    ON CONFLICT (kind, name, period, period_start) DO NOTHING
+"""
+# Replace a reservation by what its completion cost, in one statement; answers each
+# account as it is after.
+SETTLE = f"""
+    WITH {_WANTED}, settled AS (
+        UPDATE budget_accounts a
+        SET reserved = GREATEST(0, a.reserved - :amount), spent = GREATEST(0, a.spent + :cost)
+        FROM held h
+        WHERE a.kind = h.kind AND a.name = h.name AND a.period = h.period
+          AND a.period_start = h.period_start
+        RETURNING a.kind, a.name, a.period, a.spent, a.reserved
+    ), forgotten AS (
+        DELETE FROM budget_reservations WHERE id = :id
+    )
+    SELECT kind, name, period, spent, reserved FROM settled
 """
 ADJUST = """
     UPDATE budget_accounts SET spent = GREATEST(0, spent + :delta)
@@ -85,11 +121,6 @@ FORGET_ENDED = """
 """
 REFRESH_SECONDS = 5.0
 FORGET_EVERY_ROUNDS = 120
-
-
-class _NoRoom(Exception):
-    def __init__(self, scope: Scope):
-        self.scope = scope
 
 
 class SharedBudgetBook(BudgetBook):
@@ -138,29 +169,31 @@ class SharedBudgetBook(BudgetBook):
         if not held:
             return Reservation(amount)
 
-        # Every process reserves in the same order of scopes (budget_scopes), so two
-        # reservations never wait for each other's rows crosswise.
-        async def reserve_all(tx: Transaction) -> tuple[int, list[tuple[Scope, float, Any]]]:
-            standing = []
-            for scope, start, cap in held:
-                key = _key(scope, start)
-                rows = await tx.fetchall(
-                    RESERVE, {**key, "amount": amount, "room": cap + CAP_TOLERANCE_USD}
-                )
-                if not rows:
-                    raise _NoRoom(scope)
-                standing.append((scope, start, rows[0]))
-            accounts = orjson.dumps([list(_key(scope, start).values()) for scope, start, _ in held])
-            rows = await tx.fetchall(NOTE_RESERVATION, (self._owner, amount, accounts.decode()))
-            return int(rows[0][0]), standing
-
-        try:
-            row_id, standing = await self._db.write(reserve_all)
-        except _NoRoom as no_room:
-            return self._refusal(no_room.scope, now)
-        for scope, start, (spent, reserved) in standing:
-            self._mirror(scope, start, spent, reserved)
-        return Reservation(amount, held, row_id=row_id)
+        accounts = orjson.dumps([list(_key(scope, start).values()) for scope, start, _ in held])
+        reserving = {
+            **_arrays(held),
+            "n": len(held),
+            "amount": amount,
+            "owner": self._owner,
+            "accounts": accounts.decode(),
+        }
+        rows = await self._db.execute_write_returning(RESERVE, reserving, durable=False)
+        if len(rows) < len(held):  # the first request of a period: open its accounts
+            await self._db.execute_write_many(
+                OPEN_ACCOUNT, [tuple(_key(scope, start).values()) for scope, start, _ in held]
+            )
+            rows = await self._db.execute_write_returning(RESERVE, reserving, durable=False)
+        found = {Scope(kind, name, period): row for kind, name, period, *row in rows}
+        if not rows or rows[0][-1] is None:
+            for scope, _, _ in held:
+                spent, reserved, room, _ = found[scope]
+                if spent + reserved + amount > room:
+                    return self._refusal(scope, now)
+            raise StorageUnavailable("Database", "a budget account could not be opened")
+        for scope, start, _ in held:
+            spent, reserved, _, _ = found[scope]
+            self._mirror(scope, start, spent, reserved + amount)
+        return Reservation(amount, held, row_id=int(rows[0][-1]))
 
     def _mirror(self, scope: Scope, start: float, spent: float, reserved: float) -> None:
         """Take what the database answered of an account (the metrics read the mirror)."""
@@ -194,19 +227,22 @@ class SharedBudgetBook(BudgetBook):
             self._unsettled.append((reservation, cost))
 
     async def _settle(self, reservation: Reservation, cost: float) -> None:
-        async def settle(tx: Transaction) -> list[tuple[Scope, float, float, float, Any]]:
-            settled = []
-            for scope, start, cap in reservation.held:
-                spending = {"amount": reservation.amount, "cost": cost}
-                rows = await tx.fetchall(SETTLE, {**_key(scope, start), **spending})
-                if rows:
-                    settled.append((scope, start, cap, cost, rows[0]))
-            await tx.execute(FORGET_RESERVATION, (reservation.row_id,))
-            return settled
-
-        for scope, start, cap, cost, (spent, reserved) in await self._db.write(settle):
-            self._mirror(scope, start, spent, reserved)
-            self._tell_passed(scope, start, float(spent) - cost, float(spent), cap)
+        settling = {
+            **_arrays(reservation.held),
+            "amount": reservation.amount,
+            "cost": cost,
+            "id": reservation.row_id,
+        }
+        rows = await self._db.execute_write_returning(SETTLE, settling, durable=False)
+        standing = {
+            Scope(kind, name, period): (spent, reserved)
+            for kind, name, period, spent, reserved in rows
+        }
+        for scope, start, cap in reservation.held:
+            if scope in standing:
+                spent, reserved = standing[scope]
+                self._mirror(scope, start, spent, reserved)
+                self._tell_passed(scope, start, float(spent) - cost, float(spent), cap)
 
     def _tell_passed(
         self, scope: Scope, start: float, before: float, after: float, cap: float
@@ -280,6 +316,17 @@ class SharedBudgetBook(BudgetBook):
             await self._settle(Reservation(float(amount), held, row_id=int(row_id)), float(amount))
             settled += 1
         return settled
+
+
+def _arrays(held: list[tuple[Scope, float, float]]) -> dict[str, list[Any]]:
+    """The accounts of (scope, period start, cap) as the statements' arrays."""
+    return {
+        "kinds": [scope.kind for scope, _, _ in held],
+        "names": [scope.name for scope, _, _ in held],
+        "periods": [scope.period for scope, _, _ in held],
+        "starts": [start for _, start, _ in held],
+        "rooms": [cap + CAP_TOLERANCE_USD for _, _, cap in held],
+    }
 
 
 def _key(scope: Scope, start: float) -> dict[str, object]:

@@ -58,8 +58,11 @@ class Statements(Protocol):
     ) -> None: ...
 
     async def execute_write_returning(
-        self, sql: str, params: Parameters = ()
-    ) -> list[tuple[Any, ...]]: ...
+        self, sql: str, params: Parameters = (), *, durable: bool = True
+    ) -> list[tuple[Any, ...]]:
+        """One statement that changes rows and returns some. `durable=False`: its commit
+        need not wait for the disk (counts and reservations a database crash may forget)."""
+        ...
 
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]: ...
 
@@ -140,7 +143,7 @@ class StatementHelpers:
         await self.write(execute, maintenance=maintenance)
 
     async def execute_write_returning(
-        self, sql: str, params: Parameters = ()
+        self, sql: str, params: Parameters = (), *, durable: bool = True
     ) -> list[tuple[Any, ...]]:
         """Run one statement that changes rows and returns some (RETURNING) on its own."""
 

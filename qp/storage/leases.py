@@ -7,6 +7,11 @@ lease has a safety margin left, so it never answers for a write someone else may
 undoing. Leases are compared by the hosts' clocks: keep them in sync (NTP) to well within
 the margin.
 
+A process also learns at each renewal whether any other process holds a live lease: while
+it is alone, nobody else can change a chat behind its back, so its cache needs no checks
+(ChatStore). A process that finds others when it starts waits JOIN_WAIT_SECONDS before
+it serves, so that each of them has stopped trusting that it is alone.
+
 SQLite needs none: one process owns the file under its lock file (qp/storage/claim.py).
 """
 
@@ -28,9 +33,14 @@ RENEW = """
     ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at
 """
 LIVE = "SELECT owner FROM write_leases WHERE expires_at > ?"
+OTHERS = "SELECT COUNT(*) FROM write_leases WHERE owner <> ? AND expires_at > ?"
 RELEASE = "DELETE FROM write_leases WHERE owner = ?"
 FORGET_EXPIRED = "DELETE FROM write_leases WHERE expires_at < ?"
 RENEW_SECONDS = 1.0
+# A renewal that found no other process lets this one trust it is alone this long; one
+# that starts beside others waits longer than that before it serves.
+ALONE_TRUST_SECONDS = 1.5
+JOIN_WAIT_SECONDS = 2.0
 # A write whose note names no process (written before leases) is taken for abandoned this
 # long after its server's deadline for acknowledging it (clocks, scheduling).
 ABANDONED_AFTER_SECONDS = 5.0
@@ -47,6 +57,8 @@ class WriteLease:
         self._db = db
         # Monotonic time until which the lease holds for sure (forever on SQLite).
         self._valid_until = 0.0 if db.shared else math.inf
+        # Monotonic time until which no other process can be writing (forever on SQLite).
+        self._alone_until = 0.0 if db.shared else math.inf
 
     @property
     def margin(self) -> float:
@@ -57,14 +69,27 @@ class WriteLease:
         """Whether a write may be acknowledged now: the lease outlasts the margin."""
         return time.monotonic() < self._valid_until - self.margin
 
+    def alone(self) -> bool:
+        """Whether no other process can have written to the database since the last check."""
+        return time.monotonic() < self._alone_until
+
     async def renew(self) -> None:
-        """Extend the lease by `seconds` from now; StorageUnavailable when the database is
-        unreachable (the lease then runs out)."""
+        """Extend the lease by `seconds` from now and look for other processes;
+        StorageUnavailable when the database is unreachable (the lease then runs out)."""
         if not self._db.shared:
             return
         started = time.monotonic()
         await self._db.execute_write(RENEW, (self.owner, time.time() + self.seconds))
         self._valid_until = started + self.seconds
+        ((others,),) = await self._db.fetchall(OTHERS, (self.owner, time.time()))
+        self._alone_until = started + ALONE_TRUST_SECONDS if others == 0 else 0.0
+
+    async def join(self) -> None:
+        """Take the lease at start-up; beside other processes, wait until every one of them
+        knows this one is there before serving."""
+        await self.renew()
+        if not self.alone():
+            await asyncio.sleep(JOIN_WAIT_SECONDS)
 
     async def keep(self) -> None:
         """Renew every second, in a task that must never die."""

@@ -41,6 +41,8 @@ log = logging.getLogger("qp.storage.postgres")
 
 T = TypeVar("T")
 POOL_SIZE = 20
+QUICK_POOL_SIZE = 5
+QUICK_SETTINGS = {"synchronous_commit": "off"}
 CONNECT_TIMEOUT = 10.0
 STATEMENT_TIMEOUT = 30.0
 # The channel every change is announced on (its payload the topic; see the docstring).
@@ -118,10 +120,13 @@ FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError
 
 
 class PostgresTransaction:
-    """A write's statements on its connection (see qp.storage.database)."""
+    """A write's statements on its connection (see qp.storage.database). In a `locked`
+    session, what it announces is kept for the session to send as it lets go of its lock
+    (`deferred`): a round trip less, still after the commit."""
 
-    def __init__(self, conn: asyncpg.Connection):
+    def __init__(self, conn: asyncpg.Connection, deferred: list[str] | None = None):
         self._conn = conn
+        self._deferred = deferred
 
     async def execute(self, sql: str, params: Parameters = ()) -> int:
         text, args = _statement(sql, params)
@@ -139,15 +144,33 @@ class PostgresTransaction:
         await self._conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
 
     async def notify(self, topic: str) -> None:
+        if self._deferred is not None:
+            self._deferred.append(topic)
+            return
         await self._conn.execute("SELECT pg_notify($1, $2)", CHANGES, topic)
 
 
-async def _transaction(conn: asyncpg.Connection, fn: WriteFn[T], announce: bool) -> T:
+async def _transaction(
+    conn: asyncpg.Connection, fn: WriteFn[T], announce: bool, deferred: list[str] | None = None
+) -> T:
     async with conn.transaction():
-        result = await fn(PostgresTransaction(conn))
+        result = await fn(PostgresTransaction(conn, deferred))
         if announce:  # delivered when the transaction commits
             await conn.execute("SELECT pg_notify($1, '')", CHANGES)
         return result
+
+
+# Taking a session's lock (alone, or shared), and letting go of it while sending what its
+# transactions announced, in one round trip.
+LOCK = {
+    False: "SELECT pg_advisory_lock(hashtextextended($1, 0))",
+    True: "SELECT pg_advisory_lock_shared(hashtextextended($1, 0))",
+}
+_ANNOUNCE = "(SELECT COUNT(pg_notify($2, topic)) FROM unnest($3::text[]) AS topic)"
+UNLOCK_AND_ANNOUNCE = {
+    False: f"SELECT pg_advisory_unlock(hashtextextended($1, 0)), {_ANNOUNCE}",
+    True: f"SELECT pg_advisory_unlock_shared(hashtextextended($1, 0)), {_ANNOUNCE}",
+}
 
 
 class PostgresSession(StatementHelpers):
@@ -156,12 +179,17 @@ class PostgresSession(StatementHelpers):
     def __init__(self, conn: asyncpg.Connection, announce: bool):
         self._conn = conn
         self._announce = announce
+        # Topics its committed transactions announced, sent as the lock is let go.
+        self.announced: list[str] = []
 
     async def write(self, fn: WriteFn[T], *, maintenance: bool = False) -> T:
+        topics: list[str] = []
         try:
-            return await _transaction(self._conn, fn, self._announce)
+            result = await _transaction(self._conn, fn, self._announce, topics)
         except FAILURES as err:
             raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
+        self.announced += topics
+        return result
 
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
         try:
@@ -176,9 +204,18 @@ class PostgresDatabase(StatementHelpers):
     shared = True
 
     def __init__(
-        self, pool: asyncpg.Pool, listener: asyncpg.Connection | None, url: str, *, serving: bool
+        self,
+        pool: asyncpg.Pool,
+        quick_pool: asyncpg.Pool,
+        listener: asyncpg.Connection | None,
+        url: str,
+        *,
+        serving: bool,
     ):
         self._pool = pool
+        # For writes a database crash may forget (rate counts, budget reservations): their
+        # commits do not wait for the disk, so their rows' locks are held a moment only.
+        self._quick_pool = quick_pool
         self._listener = listener
         self.url = url
         self.damage: str | None = None
@@ -194,24 +231,28 @@ class PostgresDatabase(StatementHelpers):
         """Connect, bring the schema up to date, open the pool; a server (`serving`) also
         listens for the changes other processes announce."""
         first = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
-        pool = None
+        pools: list[asyncpg.Pool] = []
         try:
             await migrate(first)
-            pool = await asyncpg.create_pool(
-                url,
-                min_size=1,
-                max_size=pool_size,
-                init=_set_up,
-                timeout=CONNECT_TIMEOUT,
-                command_timeout=STATEMENT_TIMEOUT,
-            )
-            database = cls(pool, None, url, serving=serving)
+            for size, settings in ((pool_size, {}), (QUICK_POOL_SIZE, QUICK_SETTINGS)):
+                pools.append(
+                    await asyncpg.create_pool(
+                        url,
+                        min_size=1,
+                        max_size=size,
+                        init=_set_up,
+                        timeout=CONNECT_TIMEOUT,
+                        command_timeout=STATEMENT_TIMEOUT,
+                        server_settings=settings,
+                    )
+                )
+            database = cls(pools[0], pools[1], None, url, serving=serving)
             if serving:
                 await database._listen(first)
             else:
                 await first.close()
         except BaseException:
-            if pool is not None:
+            for pool in pools:
                 pool.terminate()
             await first.close()
             raise
@@ -224,9 +265,11 @@ class PostgresDatabase(StatementHelpers):
 
     async def close(self) -> None:
         try:
-            await asyncio.wait_for(self._pool.close(), CONNECT_TIMEOUT)
-        except TimeoutError:
-            self._pool.terminate()
+            for pool in (self._pool, self._quick_pool):
+                try:
+                    await asyncio.wait_for(pool.close(), CONNECT_TIMEOUT)
+                except TimeoutError:
+                    pool.terminate()
         finally:
             if self._listener is not None:
                 listener, self._listener = self._listener, None
@@ -256,14 +299,16 @@ class PostgresDatabase(StatementHelpers):
             raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
 
     async def execute_write_returning(
-        self, sql: str, params: Parameters = ()
+        self, sql: str, params: Parameters = (), *, durable: bool = True
     ) -> list[tuple[Any, ...]]:
-        """One statement with RETURNING, committed on its own."""
+        """One statement with RETURNING, committed on its own (on a connection whose commits
+        do not wait for the disk, unless `durable`)."""
         if not self._serving:
             return await super().execute_write_returning(sql, params)
         self._refuse_if_damaged()
+        pool = self._pool if durable else self._quick_pool
         try:
-            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 return await PostgresTransaction(conn).fetchall(sql, params)
         except FAILURES as err:
             raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
@@ -272,23 +317,21 @@ class PostgresDatabase(StatementHelpers):
     async def locked(self, key: str, *, shared: bool = False) -> AsyncIterator[PostgresSession]:
         """Hold the advisory lock `key` on one pooled session while the body runs."""
         self._refuse_if_damaged()
-        mode = "_shared" if shared else ""
         try:
             conn = await self._pool.acquire(timeout=CONNECT_TIMEOUT)
         except FAILURES as err:
             raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
         try:
             try:
-                await conn.execute(f"SELECT pg_advisory_lock{mode}(hashtextextended($1, 0))", key)
+                await conn.execute(LOCK[shared], key)
             except FAILURES as err:
                 raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
+            session = PostgresSession(conn, not self._serving)
             try:
-                yield PostgresSession(conn, not self._serving)
+                yield session
             finally:
                 try:
-                    await conn.execute(
-                        f"SELECT pg_advisory_unlock{mode}(hashtextextended($1, 0))", key
-                    )
+                    await conn.execute(UNLOCK_AND_ANNOUNCE[shared], key, CHANGES, session.announced)
                 except FAILURES:
                     # The session is unusable: closing it lets go of every lock it held.
                     conn.terminate()
