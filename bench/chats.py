@@ -8,7 +8,8 @@ here, and leaves the other core to the server. SeaweedFS comes from the dev requ
 Prints requests/s and p50/p99 latency per route and backend, then the ratios the chat-store
 issue targets: GET on the file store vs the bare app's requests/s, and the admin list of
 100 chats from S3 vs one GET (latency at one connection); then PostgreSQL (durable
-defaults, on this machine, file blobs) beside SQLite (synchronous=FULL), route by route.
+defaults, on this machine, file blobs) beside SQLite (synchronous=FULL), route by route,
+alone and beside a second (idle) server process on the same database.
 """
 
 from __future__ import annotations
@@ -174,6 +175,16 @@ def main() -> int:
                 )
             finally:
                 server.stop()
+            # The same beside a second (idle) process on the database: now each cached
+            # chat is checked against its row before it is served.
+            pg_env = {**env, "QP_DATABASE": postgres.create_database()}
+            server = QPServer(work / "qp-postgres-2", pg_env).start()
+            peer = QPServer(work / "qp-postgres-peer", pg_env).start()
+            try:
+                results["pg+peer"] = bench_server("pg+peer", server, args.seconds, args.connections)
+            finally:
+                peer.stop()
+                server.stop()
                 postgres.stop()
                 shutil.rmtree(postgres.data_dir, ignore_errors=True)
         weed.start()
@@ -218,12 +229,15 @@ def main() -> int:
     if "postgres" in results:
         print("\nPostgreSQL vs SQLite (file blobs), req/s and p50:")
         for route in ("GET", "PUT", "POST", "GET c=1", "list 100 c=1"):
-            lite, pg = results["file"][route], results["postgres"][route]
-            print(
-                f"  {route:14} {pg.requests_per_second / lite.requests_per_second:5.2f}x req/s,"
-                f" p50 {pg.p50_ms:.2f} ms vs {lite.p50_ms:.2f} ms"
-                f" ({pg.p50_ms - lite.p50_ms:+.2f} ms)"
-            )
+            lite = results["file"][route]
+            for backend in ("postgres", "pg+peer"):
+                pg = results[backend][route]
+                print(
+                    f"  {backend:9}{route:14}"
+                    f" {pg.requests_per_second / lite.requests_per_second:5.2f}x req/s,"
+                    f" p50 {pg.p50_ms:.2f} ms vs {lite.p50_ms:.2f} ms"
+                    f" ({pg.p50_ms - lite.p50_ms:+.2f} ms)"
+                )
     return 0
 
 

@@ -1,8 +1,9 @@
 """Benchmark the completion relay: the same streamed completion fetched straight from a fake
 OpenRouter, through qp-server, through a second qp-server with every budget on (large
-caps, so none refuses), through a third like the first (the control: how far two
-identical servers differ on this machine), and through a fourth with its ledger on
-PostgreSQL where that is installed, interleaved in one run.
+caps, so none refuses) and a completion rate limit, through a third like the first (the
+control: how far two identical servers differ on this machine), and, where PostgreSQL is
+installed, through a fourth with its ledger there and a fifth with the second's budgets
+and rate counts shared there, interleaved in one run.
 
     .venv/bin/python bench/relay.py [--rounds 200]
 
@@ -207,17 +208,18 @@ def main() -> int:
         "QP_CHEAP_MODELS": MODEL,
     }
     server = QPServer(Path(tempfile.mkdtemp(prefix="qp-relay-bench-")), env)
-    budgeted = QPServer(
-        Path(tempfile.mkdtemp(prefix="qp-relay-bench-budgets-")),
-        {
-            **env,
-            "QP_BUDGET_SERVER_DAILY_USD": "1000000",
-            "QP_BUDGET_SERVER_MONTHLY_USD": "1000000",
-            "QP_BUDGET_APP_DAILY_USD": "*=1000000",
-            "QP_BUDGET_CLIENT_DAILY_USD": "1000000",
-            "QP_BUDGET_CLIENT_MAX_STREAMS": "100000",
-        },
-    )
+    # Every budget on (large caps, so none refuses) and a completion rate limit that never
+    # refuses: what a request costs to count and reserve.
+    guarded = {
+        **env,
+        "QP_BUDGET_SERVER_DAILY_USD": "1000000",
+        "QP_BUDGET_SERVER_MONTHLY_USD": "1000000",
+        "QP_BUDGET_APP_DAILY_USD": "*=1000000",
+        "QP_BUDGET_CLIENT_DAILY_USD": "1000000",
+        "QP_BUDGET_CLIENT_MAX_STREAMS": "100000",
+        "QP_RATE_LIMIT_COMPLETION": "1000000/minute",
+    }
+    budgeted = QPServer(Path(tempfile.mkdtemp(prefix="qp-relay-bench-budgets-")), guarded)
     control = QPServer(Path(tempfile.mkdtemp(prefix="qp-relay-bench-control-")), env)
     servers = {"relay": server, "budgets": budgeted, "control": control}
     # The ledger on PostgreSQL (durable defaults) instead of SQLite, where it is installed.
@@ -228,6 +230,11 @@ def main() -> int:
         servers["postgres"] = QPServer(
             Path(tempfile.mkdtemp(prefix="qp-relay-bench-postgres-")),
             {**env, "QP_DATABASE": postgres.create_database()},
+        )
+        # Budgets and rate counts shared in PostgreSQL: compare with `budgets`.
+        servers["pg-budgets"] = QPServer(
+            Path(tempfile.mkdtemp(prefix="qp-relay-bench-pg-budgets-")),
+            {**guarded, "QP_DATABASE": postgres.create_database()},
         )
     try:
         wait_for_port(fake_port, 20, fake)
