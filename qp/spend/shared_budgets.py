@@ -184,12 +184,14 @@ class SharedBudgetBook(BudgetBook):
             )
             rows = await self._db.execute_write_returning(RESERVE, reserving, durable=False)
         found = {Scope(kind, name, period): row for kind, name, period, *row in rows}
-        if not rows or rows[0][-1] is None:
+        if len(found) < len(held):
+            raise StorageUnavailable("Database", "a budget account could not be opened")
+        if rows[0][-1] is None:
             for scope, _, _ in held:
                 spent, reserved, room, _ = found[scope]
                 if spent + reserved + amount > room:
                     return self._refusal(scope, now)
-            raise StorageUnavailable("Database", "a budget account could not be opened")
+            raise StorageUnavailable("Database", "a budget reservation was not noted")
         for scope, start, _ in held:
             spent, reserved, _, _ = found[scope]
             self._mirror(scope, start, spent, reserved + amount)
