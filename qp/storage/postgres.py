@@ -25,8 +25,8 @@ import functools
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -184,18 +184,14 @@ class PostgresSession(StatementHelpers):
 
     async def write(self, fn: WriteFn[T], *, maintenance: bool = False) -> T:
         topics: list[str] = []
-        try:
+        with unavailable_on_failure():
             result = await _transaction(self._conn, fn, self._announce, topics)
-        except FAILURES as err:
-            raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
         self.announced += topics
         return result
 
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
-        try:
+        with unavailable_on_failure():
             return await PostgresTransaction(self._conn).fetchall(sql, params)
-        except FAILURES as err:
-            raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
 
 
 class PostgresDatabase(StatementHelpers):
@@ -278,11 +274,9 @@ class PostgresDatabase(StatementHelpers):
     async def write(self, fn: WriteFn[T], *, maintenance: bool = False) -> T:
         """Run `fn(transaction)` as one transaction: committed if it returns, else undone."""
         self._refuse_if_damaged()
-        try:
+        with unavailable_on_failure():
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 return await _transaction(conn, fn, not self._serving)
-        except FAILURES as err:
-            raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
 
     async def execute_write(
         self, sql: str, params: Parameters = (), *, maintenance: bool = False
@@ -292,11 +286,9 @@ class PostgresDatabase(StatementHelpers):
             return await super().execute_write(sql, params, maintenance=maintenance)
         self._refuse_if_damaged()
         text, args = _statement(sql, params)
-        try:
+        with unavailable_on_failure():
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 return _changed(await conn.execute(text, *args))
-        except FAILURES as err:
-            raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
 
     async def execute_write_returning(
         self, sql: str, params: Parameters = (), *, durable: bool = True
@@ -307,25 +299,19 @@ class PostgresDatabase(StatementHelpers):
             return await super().execute_write_returning(sql, params)
         self._refuse_if_damaged()
         pool = self._pool if durable else self._quick_pool
-        try:
+        with unavailable_on_failure():
             async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 return await PostgresTransaction(conn).fetchall(sql, params)
-        except FAILURES as err:
-            raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
 
     @asynccontextmanager
     async def locked(self, key: str, *, shared: bool = False) -> AsyncIterator[PostgresSession]:
         """Hold the advisory lock `key` on one pooled session while the body runs."""
         self._refuse_if_damaged()
-        try:
+        with unavailable_on_failure():
             conn = await self._pool.acquire(timeout=CONNECT_TIMEOUT)
-        except FAILURES as err:
-            raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
         try:
-            try:
+            with unavailable_on_failure():
                 await conn.execute(LOCK[shared], key)
-            except FAILURES as err:
-                raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
             session = PostgresSession(conn, not self._serving)
             try:
                 yield session
@@ -407,11 +393,9 @@ class PostgresDatabase(StatementHelpers):
                 log.exception("a change listener failed")
 
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
-        try:
+        with unavailable_on_failure():
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 return await PostgresTransaction(conn).fetchall(sql, params)
-        except FAILURES as err:
-            raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
 
     async def probe_write(self) -> None:
         await self.execute_write(
@@ -423,6 +407,15 @@ class PostgresDatabase(StatementHelpers):
     @property
     def shown(self) -> str:
         return mask_url(self.url)
+
+
+@contextmanager
+def unavailable_on_failure() -> Iterator[None]:
+    """A failure of PostgreSQL or of the way to it, raised as StorageUnavailable."""
+    try:
+        yield
+    except FAILURES as err:
+        raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
 
 
 def _describe(err: BaseException) -> str:
