@@ -190,9 +190,16 @@ class BudgetBook:
     def _spend(self, scope: Scope, account: _Account, cost: float, cap: float) -> None:
         before = account.spent
         account.spent = max(0.0, before + cost)
+        self._tell_passed(scope, account.period_start, before, account.spent, cap)
+
+    def _tell_passed(
+        self, scope: Scope, start: float, before: float, after: float, cap: float
+    ) -> None:
+        """Tell of each threshold the scope's spending passed from `before` to `after`
+        (clients' allowances raise no alerts)."""
         if self._on_passed is not None and scope.kind != "client":
-            for threshold in crossed(before, account.spent, cap):
-                self._on_passed(scope, account.period_start, threshold, account.spent, cap)
+            for threshold in crossed(before, after, cap):
+                self._on_passed(scope, start, threshold, after, cap)
 
     async def adjust(self, scopes: Iterable[tuple[Scope, float]], delta: float, at: float) -> None:
         """A cost found later than it was settled: add the difference to each (scope, cap)

@@ -30,7 +30,6 @@ from qp.spend.budgets import (
     Refusal,
     Reservation,
     Scope,
-    crossed,
     period_bounds,
     spent_in_periods,
 )
@@ -104,7 +103,6 @@ ADJUST = """
     WHERE kind = :kind AND name = :name AND period = :period AND period_start = :start
     RETURNING spent, reserved
 """
-FORGET_RESERVATION = "DELETE FROM budget_reservations WHERE id = ?"
 RESERVATIONS = "SELECT id, owner, amount, accounts FROM budget_reservations"
 # The server's and apps' accounts in their current periods (clients' are many: they stay in
 # the database).
@@ -139,7 +137,6 @@ class SharedBudgetBook(BudgetBook):
         self._owner = owner
         # Settlements the database refused (it was down): tried again by `refresh`.
         self._unsettled: list[tuple[Reservation, float]] = []
-        self._refreshed = -math.inf
 
     async def seed(self) -> None:
         """Accounts for the current periods that do not exist yet start from what the
@@ -161,8 +158,7 @@ class SharedBudgetBook(BudgetBook):
         self, scopes: Iterable[tuple[Scope, float]], amount: float
     ) -> Reservation | Refusal:
         now = self._clock()
-        capped = list(scopes)
-        held = [(scope, self._period(scope.period, now)[0], cap) for scope, cap in capped]
+        held = [(scope, self._period(scope.period, now)[0], cap) for scope, cap in scopes]
         for scope, _, cap in held:
             if amount > cap + CAP_TOLERANCE_USD:
                 return self._refusal(scope, now)
@@ -246,13 +242,6 @@ class SharedBudgetBook(BudgetBook):
                 self._mirror(scope, start, spent, reserved)
                 self._tell_passed(scope, start, float(spent) - cost, float(spent), cap)
 
-    def _tell_passed(
-        self, scope: Scope, start: float, before: float, after: float, cap: float
-    ) -> None:
-        if self._on_passed is not None and scope.kind != "client":
-            for threshold in crossed(before, after, cap):
-                self._on_passed(scope, start, threshold, after, cap)
-
     async def adjust(self, scopes: Iterable[tuple[Scope, float]], delta: float, at: float) -> None:
         now = self._clock()
         for scope, cap in scopes:
@@ -278,7 +267,6 @@ class SharedBudgetBook(BudgetBook):
         for kind, name, period, spent, reserved in await self._db.fetchall(STANDING, (day, month)):
             account = self._account(Scope(kind, name, period), now)
             account.spent, account.reserved = float(spent), float(reserved)
-        self._refreshed = time.monotonic()
 
     async def keep_fresh(self) -> None:
         """Every few seconds: settle the reservations of processes gone, and take the
