@@ -78,7 +78,9 @@ async def open_rate_limiter(db: Database) -> RateLimiter:
 
 class BlocksFollower:
     """Takes the blocks in force from the database again each time another process
-    announces a change: one reload at a time, and one more if a change came meanwhile."""
+    announces a change of blocks: one reload at a time, and one more if a change came
+    meanwhile. (A change of anything, from the tools or a lost listener, is housekeeping's:
+    it reloads the blocks within a second, as on SQLite.)"""
 
     def __init__(self, db: Database, limiter: RateLimiter):
         self._db = db
@@ -87,7 +89,7 @@ class BlocksFollower:
         self._task: asyncio.Task[None] | None = None
 
     def heard(self, topic: str) -> None:
-        if topic not in ("", CHANGED):
+        if topic != CHANGED:
             return
         self._again = True
         if self._task is None or self._task.done():

@@ -44,8 +44,10 @@ JOIN_WAIT_SECONDS = 2.0
 # A write whose note names no process (written before leases) is taken for abandoned this
 # long after its server's deadline for acknowledging it (clocks, scheduling).
 ABANDONED_AFTER_SECONDS = 5.0
-# Expired leases are kept this long, then forgotten (their writes were resolved by then).
+# Expired leases are kept this long, then forgotten (their writes were resolved by then),
+# by each live process once a minute.
 KEPT_SECONDS = 24 * 3600.0
+FORGET_EVERY_RENEWALS = 60
 
 
 class WriteLease:
@@ -94,9 +96,13 @@ class WriteLease:
     async def keep(self) -> None:
         """Renew every second, in a task that must never die."""
         failing = False
+        renewals = 0
         while True:
             try:
                 await self.renew()
+                renewals += 1
+                if renewals % FORGET_EVERY_RENEWALS == 0:
+                    await self._db.execute_write(FORGET_EXPIRED, (time.time() - KEPT_SECONDS,))
                 if failing:
                     log.warning("the write lease is renewed again")
                 failing = False
@@ -117,6 +123,4 @@ async def live_owners(db: Database) -> set[str] | None:
     the lock file says whether a server is alive)."""
     if not db.shared:
         return None
-    now = time.time()
-    await db.execute_write(FORGET_EXPIRED, (now - KEPT_SECONDS,))
-    return {row[0] for row in await db.fetchall(LIVE, (now,))}
+    return {row[0] for row in await db.fetchall(LIVE, (time.time(),))}
