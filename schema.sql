@@ -1,6 +1,7 @@
 -- qp-server's SQLite schema, whole, as qp/storage/migrations.py builds it step by step
 -- (tests/test_migrations.py checks they agree). The chats table is the worker's D1 table,
--- column for column (plus `pending` and `messages_bytes`), so a D1 export loads as is.
+-- column for column (plus `pending`, `messages_bytes` and `blob_rev`), so a D1 export loads
+-- as is.
 -- Timestamps are stored as the worker wrote them: ISO 8601 UTC text with milliseconds and Z,
 -- so ordering by text is ordering by time.
 
@@ -13,17 +14,43 @@ CREATE TABLE chats (
   estimated_cost REAL DEFAULT 0,
   created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
   updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
-  -- Set while a write of this chat may not have reached the blob store: JSON naming the
-  -- operation, the SHA-256 of the messages being written, when, and for an update the row
-  -- as it was. A restart finishes or undoes each such write (see qp/chats/store.py).
+  -- Left by versions before schema 7 on a write that may not have reached the blob store
+  -- (JSON: the operation, the SHA-256 of its messages, the row as it was). Each such write
+  -- is finished or undone once, by that rule, at the first start after the upgrade
+  -- (qp/chats/upgrade.py); nothing sets it any more.
   pending TEXT,
   -- Length in bytes of the messages array in the blob store (NULL: not known, as after an
   -- import; filled in from the store in the background).
-  messages_bytes INTEGER
+  messages_bytes INTEGER,
+  -- The write whose blob holds the messages: `chats/{chat_id}/{blob_rev}.json`, a key
+  -- never reused. NULL: the worker's key, `chats/{chat_id}.json` (an imported row).
+  blob_rev TEXT
 );
 
 -- Serves both the per-app count (chat limit) and the admin list (newest updated_at first).
 CREATE INDEX idx_chats_app_updated_at ON chats(app, updated_at DESC);
+
+-- Chat writes whose blob may be stored and whose row has not committed yet (the intent,
+-- recorded before the blob is put; the commit consumes it). One older than
+-- QP_WRITE_ABANDON_SECONDS is given up: deleted, its revision put in the garbage.
+CREATE TABLE chat_writes (
+  rev TEXT PRIMARY KEY,
+  chat_id TEXT NOT NULL,
+  started_at REAL NOT NULL  -- epoch seconds
+);
+
+CREATE INDEX idx_chat_writes_started_at ON chat_writes(started_at);
+
+-- Blobs no row names any more (superseded, deleted, given up), to be deleted; rev '' is
+-- the worker's key.
+CREATE TABLE chat_garbage (
+  chat_id TEXT NOT NULL,
+  rev TEXT NOT NULL,
+  since REAL NOT NULL,  -- epoch seconds
+  PRIMARY KEY (chat_id, rev)
+);
+
+CREATE INDEX idx_chat_garbage_since ON chat_garbage(since);
 
 -- The spend ledger: one row per completion sent upstream. Never message contents or keys.
 -- payer: who paid (server: OPENROUTER_API_KEY, app: OPENROUTER_API_KEY_{APP}, user: the
@@ -88,4 +115,4 @@ CREATE TABLE prices (
 );
 
 -- The schema version this file describes (SCHEMA_VERSION in qp/storage/migrations.py).
-PRAGMA user_version = 6;
+PRAGMA user_version = 7;

@@ -38,6 +38,7 @@ from qp.appkeys import (
 )
 from qp.chats.cache import ChatCache
 from qp.chats.store import ChatStore
+from qp.chats.upgrade import resolve_old_writes
 from qp.completions.ledger import insert_records
 from qp.completions.relay import open_upstream_session
 from qp.config import Config
@@ -63,7 +64,7 @@ from qp.startup import StartupError, claim_record, disk_space, open_storage, tak
 from qp.storage.batches import BatchWriter
 from qp.storage.claim import ClaimHeld
 from qp.storage.database import Database
-from qp.storage.leases import WriteLease
+from qp.storage.leases import ProcessLease
 
 log = logging.getLogger("qp.app")
 LAG_PROBE_SECONDS = 0.1
@@ -98,7 +99,7 @@ def create_app(
 
 async def _storage(app: web.Application) -> AsyncIterator[None]:
     """Claim the database, open it, then the blob store; close them in reverse order at
-    shutdown. Interrupted writes are finished or undone only under the claim."""
+    shutdown."""
     config = app[CONFIG]
     metrics = app[METRICS]
     async with AsyncExitStack() as stack:
@@ -113,24 +114,20 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         db, blobs = await open_storage(config, stack, space=space)
         app[DATABASE] = db
         lease = await _take_lease(db, config, stack)
+        try:
+            await resolve_old_writes(db, blobs)
+        except StorageUnavailable as err:
+            raise StartupError(f"cannot resolve the writes an older version left: {err}") from None
         app[CHAT_STORE] = store = ChatStore(
             db,
             blobs,
             ChatCache(config.cache_bytes),
-            write_deadline=config.write_deadline,
             space=space,
-            on_drop=metrics.counter_of_drops("settled"),
-            lease=lease,
+            alone=lease.alone,
+            abandon_seconds=config.write_abandon_seconds,
         )
         await db.changed_elsewhere()  # the baseline, taken while the cache is still empty
         stack.push_async_callback(store.close)
-        counts = await store.resolve_abandoned("a stop interrupted")
-        if counts["unresolved"]:
-            log.error(
-                "%d interrupted chat writes cannot be resolved yet (their chats answer 503);"
-                " retrying in the background",
-                counts["unresolved"],
-            )
         if await store.count_stored():
             sizes = asyncio.create_task(_learn_sizes(store))
             stack.callback(sizes.cancel)
@@ -157,14 +154,14 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def _take_lease(db: Database, config: Config, stack: AsyncExitStack) -> WriteLease:
-    """This process's write lease (PostgreSQL: renewed every second in a task; ended at a
-    clean stop, after the chat store has settled its writes)."""
-    lease = WriteLease(db, config.write_lease_seconds)
+async def _take_lease(db: Database, config: Config, stack: AsyncExitStack) -> ProcessLease:
+    """This process's lease (PostgreSQL: renewed every second in a task; ended at a clean
+    stop)."""
+    lease = ProcessLease(db, config.write_lease_seconds)
     try:
         await lease.join()
     except StorageUnavailable as err:
-        raise StartupError(f"cannot take a write lease in the database: {err}") from None
+        raise StartupError(f"cannot take a process lease in the database: {err}") from None
     renewing = asyncio.create_task(lease.keep())
 
     async def end() -> None:

@@ -26,11 +26,14 @@ DEFAULT_S3_TIMEOUT = 30.0
 DEFAULT_MIN_FREE_MB = 256
 DEFAULT_MAX_CONNECTIONS = 2048
 DEFAULT_MAX_INFLIGHT_MB = 256
-# A write may take this much longer than one S3 call before it is no longer acknowledged:
-# its SQL steps and the client's share of the event loop.
-WRITE_DEADLINE_SLACK = 10.0
-# Seconds a server's write lease lasts unrenewed (QP_WRITE_LEASE_SECONDS; PostgreSQL only):
-# how long its writes a crash interrupted wait before another server resolves them.
+# Seconds a chat write may take from its intent to its commit (QP_WRITE_ABANDON_SECONDS);
+# past it, the write is given up and its blob deleted. At least this many S3 timeouts, so
+# that a put the server gave up on has landed (or never will) before its blob is deleted.
+DEFAULT_WRITE_ABANDON_SECONDS = 900.0
+MIN_ABANDON_S3_TIMEOUTS = 2
+# Seconds a server's process lease lasts unrenewed (QP_WRITE_LEASE_SECONDS; PostgreSQL
+# only): how long its budget reservations wait after a crash before another server
+# settles them.
 DEFAULT_WRITE_LEASE_SECONDS = 15.0
 MIN_WRITE_LEASE_SECONDS = 3.0
 APP_KEY_PREFIX = "OPENROUTER_API_KEY_"
@@ -64,6 +67,7 @@ class Config:
     # Deadline of every S3 call (QP_S3_TIMEOUT).
     s3_timeout: float = DEFAULT_S3_TIMEOUT
     write_lease_seconds: float = DEFAULT_WRITE_LEASE_SECONDS
+    write_abandon_seconds: float = DEFAULT_WRITE_ABANDON_SECONDS
     # Free disk below which new chats and updates get 507 (QP_MIN_FREE_MB).
     min_free_bytes: int = DEFAULT_MIN_FREE_MB * 1024 * 1024
     # Connections open at once (QP_MAX_CONNECTIONS); lowered to fit the open-file limit.
@@ -74,11 +78,6 @@ class Config:
     metrics_token: str | None = field(default=None, repr=False)
     # Where spend alerts are POSTed (QP_ALERT_WEBHOOK_URL); it may hold a secret token.
     alert_webhook_url: str | None = field(default=None, repr=False)
-
-    @property
-    def write_deadline(self) -> float:
-        """Seconds from a chat write's SQL step past which it is never acknowledged."""
-        return self.s3_timeout + WRITE_DEADLINE_SLACK
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -107,6 +106,20 @@ def _seconds(
     if not (value >= 0 if zero_allowed else value > 0) or not math.isfinite(value):
         raise ConfigError(f"{name} must be a number of seconds, got {raw!r}")
     return value
+
+
+def _abandon_seconds(environ: Mapping[str, str], s3_timeout: float) -> float:
+    """A write is given up only once any put it made has certainly landed or failed."""
+    seconds = _seconds(
+        environ, "QP_WRITE_ABANDON_SECONDS", DEFAULT_WRITE_ABANDON_SECONDS, zero_allowed=False
+    )
+    least = MIN_ABANDON_S3_TIMEOUTS * s3_timeout
+    if seconds < least:
+        raise ConfigError(
+            f"QP_WRITE_ABANDON_SECONDS must be at least {MIN_ABANDON_S3_TIMEOUTS} times"
+            f" QP_S3_TIMEOUT ({least:g}), got {seconds:g}"
+        )
+    return seconds
 
 
 def _lease_seconds(environ: Mapping[str, str]) -> float:
@@ -182,6 +195,7 @@ def load_config(
         listen_port = _port("QP_PORT", raw_port) if raw_port else DEFAULT_PORT
     storage_url = _nonempty(environ, "QP_STORAGE") or f"file://{data_dir / 'blobs'}"
     config_path = Path(raw) if (raw := _nonempty(environ, "QP_CONFIG")) else None
+    s3_timeout = _seconds(environ, "QP_S3_TIMEOUT", DEFAULT_S3_TIMEOUT, zero_allowed=False)
     return Config(
         host=host or _nonempty(environ, "QP_HOST") or DEFAULT_HOST,
         port=listen_port,
@@ -203,8 +217,9 @@ def load_config(
         ip_salt=environ.get("QP_IP_SALT") or None,
         shutdown_timeout=_seconds(environ, "QP_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT),
         log_format=_log_format(environ),
-        s3_timeout=_seconds(environ, "QP_S3_TIMEOUT", DEFAULT_S3_TIMEOUT, zero_allowed=False),
+        s3_timeout=s3_timeout,
         write_lease_seconds=_lease_seconds(environ),
+        write_abandon_seconds=_abandon_seconds(environ, s3_timeout),
         min_free_bytes=_int(environ, "QP_MIN_FREE_MB", DEFAULT_MIN_FREE_MB) * 1024 * 1024,
         max_connections=_int(environ, "QP_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1),
         max_inflight_bytes=_int(environ, "QP_MAX_INFLIGHT_MB", DEFAULT_MAX_INFLIGHT_MB, 1)

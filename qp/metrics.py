@@ -81,7 +81,7 @@ class Metrics:
         )
         self.batch_drops = Counter(
             "qp_batch_items_dropped",
-            "Background writes given up (ledger rows, settled chat writes), by batch",
+            "Background writes given up (ledger rows), by batch",
             ["batch"],
             registry=r,
         )

@@ -55,14 +55,13 @@ def lock_files(config: Config) -> list[tuple[Path, Path, str]]:
 
 def claim_record(config: Config) -> dict[str, Any]:
     """What the lock files say of their holder: who it is, and what a repair beside it
-    needs to know (its blob store, and how long its writes may take)."""
+    needs to know (its blob store)."""
     return {
         "pid": os.getpid(),
         "database": database_shown(config)
         if config.postgres_url
         else str(config.database_path.resolve()),
         "storage": storage_identity(config.storage_url),
-        "write_deadline": config.write_deadline,
     }
 
 

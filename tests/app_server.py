@@ -63,6 +63,13 @@ class AppServer:
         assert app is not None
         return app
 
+    def blob_key_of(self, chat_id: str) -> str:
+        """Where the chat's row says its messages are (copy-on-write: the row's revision)."""
+        found = self.database.rows("SELECT blob_rev FROM chats WHERE chat_id = ?", (chat_id,))
+        assert found, f"no row for chat {chat_id}"
+        rev = found[0]["blob_rev"]
+        return f"chats/{chat_id}/{rev}.json" if rev else f"chats/{chat_id}.json"
+
     async def stop(self) -> None:
         """Shut the app down as the server does: queued ledger rows are written, storage
         closed. Stopping twice is harmless."""

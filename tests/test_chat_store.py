@@ -1,5 +1,5 @@
-"""ChatStore on a real SQLite database and a real blob folder, with the blob step held open
-where a test needs a write caught half way."""
+"""ChatStore on a real SQLite database and a real blob folder, with a blob step held open
+where a test needs a write (or a read) caught half way."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import os
 import sqlite3
 import stat
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,34 +15,48 @@ import orjson
 import pytest
 
 from qp.chats.cache import ChatCache
-from qp.chats.model import parse_chat
+from qp.chats.model import ChatExists, parse_chat
 from qp.chats.store import ChatStore
-from qp.storage.blobs import FileBlobStore
+from qp.errors import StorageUnavailable
+from qp.storage.blobs import BlobReader, FileBlobStore
 from qp.storage.sqlite import SqliteDatabase
 from tests.helpers import make_chat
 
 
 class HeldBlobStore(FileBlobStore):
-    """A file store whose next `put`, once `hold()` is called, waits for `release()`."""
+    """A file store whose next `put` (before or after it stores the blob), or next
+    `open_reader`, once held, waits for `release()`."""
 
     def __init__(self, root: Path):
         super().__init__(root)
-        self._holding = False
+        self._holding: str | None = None
         self.entered = asyncio.Event()
         self._released = asyncio.Event()
+        self.fail_puts = False
 
-    def hold(self) -> None:
-        self._holding = True
+    def hold(self, where: str = "before put") -> None:
+        self._holding = where
 
     def release(self) -> None:
         self._released.set()
 
-    async def put(self, key: str, data: bytes) -> None:
-        if self._holding:
-            self._holding = False
+    async def _wait_if(self, where: str) -> None:
+        if self._holding == where:
+            self._holding = None
             self.entered.set()
             await self._released.wait()
+
+    async def put(self, key: str, data: bytes) -> None:
+        await self._wait_if("before put")
+        if self.fail_puts:
+            await super().put(key, data)  # stored, and answered as a failure (a late answer)
+            raise StorageUnavailable("Storage", "put: no answer in time")
         await super().put(key, data)
+        await self._wait_if("after put")
+
+    async def open_reader(self, key: str) -> BlobReader | None:
+        await self._wait_if("before read")
+        return await super().open_reader(key)
 
 
 @pytest.fixture
@@ -54,7 +69,7 @@ async def blobs(tmp_path: Path) -> HeldBlobStore:
 async def store(tmp_path: Path, blobs: HeldBlobStore) -> AsyncIterator[ChatStore]:
     db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
     # No cache: every read goes to the row and the blob, where a torn write would show.
-    chat_store = ChatStore(db, blobs, ChatCache(0))
+    chat_store = ChatStore(db, blobs, ChatCache(0), abandon_seconds=60)
     yield chat_store
     await chat_store.close()
     await db.close()
@@ -71,41 +86,114 @@ async def read(store: ChatStore) -> tuple[str, list[str]]:
     return chat["model"], chat["messages"]
 
 
-def pending_of(tmp_path: Path) -> str | None:
+def blob_files(tmp_path: Path) -> list[str]:
+    return sorted(
+        str(path.relative_to(tmp_path / "blobs")) for path in (tmp_path / "blobs").rglob("*.json")
+    )
+
+
+def rows(tmp_path: Path, sql: str) -> list[tuple]:
     with sqlite3.connect(tmp_path / "qp.sqlite3") as db:
-        ((pending,),) = db.execute("SELECT pending FROM chats WHERE chat_id = 'the-chat'")
-    return pending
+        return db.execute(sql).fetchall()
 
 
-async def test_a_read_during_an_update_sees_the_chat_wholly_old_or_wholly_new(store, blobs):
+def named_blob(tmp_path: Path) -> str:
+    ((rev,),) = rows(tmp_path, "SELECT blob_rev FROM chats WHERE chat_id = 'the-chat'")
+    return f"chats/the-chat/{rev}.json"
+
+
+async def drain(store: ChatStore) -> None:
+    """Let the deletions begun just after commits finish."""
+    await store.garbage.close()
+
+
+async def test_a_read_during_an_update_gets_the_old_chat_whole_without_waiting(store, blobs):
     await store.create(version(1), max_chats_per_app=10)
-    blobs.hold()
+    blobs.hold("after put")
     update = asyncio.create_task(store.update("the-chat", version(2)))
-    await blobs.entered.wait()  # the row says v2 now; the blob still holds v1
-    reading = asyncio.create_task(read(store))
-    await asyncio.sleep(0.1)
-    assert not reading.done(), "a read went ahead while a write of its chat was half done"
+    await blobs.entered.wait()  # the new blob is stored; its row is not committed
+    assert await asyncio.wait_for(read(store), 5) == ("v1", ["v1"] * 3)
     blobs.release()
     await update
+    assert await read(store) == ("v2", ["v2"] * 3)
+
+
+async def test_an_update_leaves_one_blob_the_row_names_and_deletes_the_one_it_replaced(
+    store, tmp_path
+):
+    await store.create(version(1), max_chats_per_app=10)
+    first = named_blob(tmp_path)
+    await store.update("the-chat", version(2))
+    await drain(store)
+    assert blob_files(tmp_path) == [named_blob(tmp_path)] != [first]
+    assert rows(tmp_path, "SELECT * FROM chat_garbage") == []
+    assert rows(tmp_path, "SELECT * FROM chat_writes") == []
+
+
+async def test_a_put_that_lands_but_answers_late_leaves_the_chat_wholly_old(store, blobs, tmp_path):
+    await store.create(version(1), max_chats_per_app=10)
+    blobs.fail_puts = True
+    with pytest.raises(StorageUnavailable):
+        await store.update("the-chat", version(2))
+    assert await read(store) == ("v1", ["v1"] * 3)
+    # The late blob is there, named by no row; its intent keeps it from the collector
+    # until the write's bound has passed.
+    assert len(blob_files(tmp_path)) == 2
+    await store.garbage.sweep()
+    assert len(blob_files(tmp_path)) == 2
+    store.garbage.abandon_seconds = 0
+    time.sleep(0.01)
+    await store.garbage.sweep()
+    assert blob_files(tmp_path) == [named_blob(tmp_path)]
+    assert await read(store) == ("v1", ["v1"] * 3)
+
+
+async def test_a_writer_held_past_its_bound_between_put_and_commit_fails_and_changes_nothing(
+    store, blobs, tmp_path
+):
+    await store.create(version(1), max_chats_per_app=10)
+    blobs.hold("after put")
+    update = asyncio.create_task(store.update("the-chat", version(2)))
+    await blobs.entered.wait()
+    store.garbage.abandon_seconds = 0
+    time.sleep(0.01)
+    await store.garbage.sweep()  # gives the write up and deletes its blob
+    assert blob_files(tmp_path) == [named_blob(tmp_path)]
+    blobs.release()
+    with pytest.raises(StorageUnavailable):
+        await update
+    assert await read(store) == ("v1", ["v1"] * 3)
+    assert blob_files(tmp_path) == [named_blob(tmp_path)]
+
+
+async def test_concurrent_updates_of_one_chat_last_commit_wins_and_leave_no_garbage(
+    store, tmp_path
+):
+    await store.create(version(0), max_chats_per_app=10)
+    await asyncio.gather(*(store.update("the-chat", version(n)) for n in range(1, 21)))
+    await drain(store)
+    model, messages = await read(store)
+    assert messages == [model] * 3
+    assert blob_files(tmp_path) == [named_blob(tmp_path)]
+
+
+async def test_a_read_whose_blob_is_superseded_under_it_reads_the_new_row(store, blobs):
+    await store.create(version(1), max_chats_per_app=10)
+    blobs.hold("before read")
+    reading = asyncio.create_task(read(store))
+    await blobs.entered.wait()  # the read has the row of v1, not yet its blob
+    await store.update("the-chat", version(2))
+    await drain(store)  # v1's blob is gone
+    blobs.release()
     assert await reading == ("v2", ["v2"] * 3)
 
 
-async def test_settling_a_write_leaves_a_later_writes_note_alone(store, blobs, tmp_path):
+async def test_a_refused_create_leaves_no_blob(store, tmp_path):
     await store.create(version(1), max_chats_per_app=10)
-    await store.update("the-chat", version(2))  # its note is now queued to be cleared
-    blobs.hold()
-    third = asyncio.create_task(store.update("the-chat", version(3)))
-    await blobs.entered.wait()
-    later_note = pending_of(tmp_path)
-    assert later_note is not None and '"update"' in later_note
-    await store.settled.flush()  # clears the notes of versions 1 and 2, not of 3
-    # Were it cleared, a crash now would leave v3's row beside v2's blob, undetected.
-    assert pending_of(tmp_path) == later_note
-    blobs.release()
-    await third
-    await store.settled.flush()
-    assert pending_of(tmp_path) is None
-    assert await read(store) == ("v3", ["v3"] * 3)
+    with pytest.raises(ChatExists):
+        await store.create(version(2), max_chats_per_app=10)
+    await drain(store)
+    assert blob_files(tmp_path) == [named_blob(tmp_path)]
 
 
 async def test_a_write_waits_for_another_connections_write_transaction(store, tmp_path):
@@ -140,7 +228,20 @@ def test_a_blob_file_is_synced_then_renamed_then_its_folder_synced(tmp_path, mon
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     store = FileBlobStore.open(tmp_path / "blobs")
-    asyncio.run(store.put("chats/abc.json", b"[1,2,3]"))
-    assert calls == [("fsync", "file of 7 bytes"), ("replace", "abc.json"), ("fsync", "folder")]
-    assert (tmp_path / "blobs" / "chats" / "abc.json").read_bytes() == b"[1,2,3]"
-    assert [p.name for p in (tmp_path / "blobs" / "chats").iterdir()] == ["abc.json"]
+    asyncio.run(store.put("chats/abc/r1.json", b"[1,2,3]"))
+    # chats/ and chats/abc/ are new: each is synced into its parent before the file.
+    assert calls == [
+        ("fsync", "folder"),
+        ("fsync", "folder"),
+        ("fsync", "file of 7 bytes"),
+        ("replace", "r1.json"),
+        ("fsync", "folder"),
+    ]
+    calls.clear()
+    asyncio.run(store.put("chats/abc/r2.json", b"[1]"))
+    assert calls == [("fsync", "file of 3 bytes"), ("replace", "r2.json"), ("fsync", "folder")]
+    assert (tmp_path / "blobs" / "chats" / "abc" / "r1.json").read_bytes() == b"[1,2,3]"
+    assert sorted(p.name for p in (tmp_path / "blobs" / "chats" / "abc").iterdir()) == [
+        "r1.json",
+        "r2.json",
+    ]

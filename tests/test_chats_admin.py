@@ -67,7 +67,7 @@ async def test_list_gives_at_most_100_chats(http, admin, app_name):
 async def test_list_skips_chats_whose_messages_are_missing(http, server, admin, app_name):
     kept = await create(http, make_chat(app=app_name))
     lost = await create(http, make_chat(app=app_name))
-    server.backend.remove_blob(f"chats/{lost}.json")
+    server.backend.remove_blob(server.blob_key_of(lost))
     status, chats = await call(http, "GET", f"/api/chats?app={app_name}", headers=admin)
     assert status == 200
     assert [chat["chatId"] for chat in chats] == [kept]
@@ -85,12 +85,13 @@ async def test_delete_without_the_admin_key_is_401_and_keeps_the_chat(http, app_
 
 async def test_delete_removes_row_and_blob(http, server, admin, app_name):
     chat_id = await create(http, make_chat(app=app_name))
+    key = server.blob_key_of(chat_id)
     assert await call(http, "DELETE", f"/api/chats/{chat_id}", headers=admin) == (
         200,
         {"success": True},
     )
     assert await call(http, "GET", f"/api/chats/{chat_id}") == (404, {"error": "Chat not found"})
-    assert server.backend.read_blob(f"chats/{chat_id}.json") is None
+    assert server.backend.read_blob(key) is None
     assert (await call(http, "GET", f"/api/chats?app={app_name}", headers=admin))[1] == []
 
 

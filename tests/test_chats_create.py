@@ -124,10 +124,10 @@ async def test_messages_are_stored_and_served_as_sent(http, app_name):
     assert body["messages"] == MESSAGES_OF_EVERY_KIND
 
 
-async def test_blob_is_the_messages_array_alone_under_chats_key(http, server, app_name):
+async def test_blob_is_the_messages_array_alone_under_the_key_its_row_names(http, server, app_name):
     chat_id = unique_id()
     await create(http, make_chat(chat_id, app=app_name, messages=MESSAGES_OF_EVERY_KIND))
-    stored = server.backend.read_blob(f"chats/{chat_id}.json")
+    stored = server.backend.read_blob(server.blob_key_of(chat_id))
     assert orjson.loads(stored) == MESSAGES_OF_EVERY_KIND
 
 

@@ -26,7 +26,7 @@ async def test_get_with_invalid_id_is_404(http, path_id):
 async def test_get_of_a_row_whose_blob_is_missing_is_404(http, server, app_name):
     chat_id = unique_id()
     await create(http, make_chat(chat_id, app=app_name))
-    server.backend.remove_blob(f"chats/{chat_id}.json")
+    server.backend.remove_blob(server.blob_key_of(chat_id))
     assert await call(http, "GET", f"/api/chats/{chat_id}") == (404, {"error": "Chat not found"})
 
 

@@ -1,16 +1,21 @@
 """ChatCache: rendered chats kept in memory, least recently used first out past a byte budget.
 
-Every write through this server drops the chat's entry while it holds the chat's write lock,
-and entries are only added under the read lock, so a cached chat is never older than what
-is stored. Changes made by another process (the operators' tools) clear the whole cache
-when the database notices them (see `Database.changed_elsewhere`). Each entry keeps the
-`updated_at` of the row it was rendered from, so a server sharing its database with others
-can check that it is still the one stored (see ChatStore.open_chat).
+Each entry keeps the version (revision) of the row it was rendered from. Every write
+through this server drops the chat's entry once its row is committed; a read that began
+before such a drop (it took its `ticket` earlier) cannot put what it read, which may be
+the version just replaced. Changes made by another process clear the chat's entry when
+announced (or the whole cache, see `Database.changed_elsewhere`), and a server sharing its
+database with others serves an entry only while the row still names its version
+(ChatStore).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+
+# Drops remembered for reads in flight; a read older than the oldest one remembered is
+# not cached (only under a storm of writes).
+REMEMBERED_DROPS = 4096
 
 
 class ChatCache:
@@ -18,25 +23,32 @@ class ChatCache:
         self.max_bytes = max_bytes
         # One entry may take at most this much, so a few huge chats cannot flush the rest.
         self.max_entry_bytes = max_bytes // 16
-        # chat id -> (rendered chat, updated_at of the row it was rendered from)
+        # chat id -> (rendered chat, version of the row it was rendered from)
         self._entries: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
         self._bytes = 0
+        # Counts drops; chat id -> the count at its latest drop (the newest last).
+        self._drops = 0
+        self._dropped_at: OrderedDict[str, int] = OrderedDict()
+        self._remembered_since = 0
 
-    def get(self, chat_id: str) -> bytes | None:
-        entry = self.get_versioned(chat_id)
-        return entry[0] if entry is not None else None
-
-    def get_versioned(self, chat_id: str) -> tuple[bytes, str] | None:
-        """The rendered chat and the `updated_at` it was rendered at."""
+    def get(self, chat_id: str) -> tuple[bytes, str] | None:
+        """The rendered chat and the version it was rendered from."""
         entry = self._entries.get(chat_id)
         if entry is not None:
             self._entries.move_to_end(chat_id)
         return entry
 
-    def put(self, chat_id: str, rendered: bytes, version: str = "") -> None:
-        if len(rendered) > self.max_entry_bytes:
+    def ticket(self) -> int:
+        """Taken by a read before it reads the row: what `put` checks drops against."""
+        return self._drops
+
+    def put(self, chat_id: str, rendered: bytes, version: str, ticket: int) -> None:
+        """Keep a rendered chat, unless it was dropped after the read's `ticket` was taken."""
+        if len(rendered) > self.max_entry_bytes or ticket < self._remembered_since:
             return
-        self.discard(chat_id)
+        if self._dropped_at.get(chat_id, -1) > ticket:
+            return
+        self._remove(chat_id)
         self._entries[chat_id] = (rendered, version)
         self._bytes += len(rendered)
         while self._bytes > self.max_bytes:
@@ -44,10 +56,22 @@ class ChatCache:
             self._bytes -= len(evicted)
 
     def discard(self, chat_id: str) -> None:
+        """The chat changed: drop its entry, and refuse what reads begun before bring."""
+        self._drops += 1
+        self._remove(chat_id)
+        self._dropped_at[chat_id] = self._drops
+        self._dropped_at.move_to_end(chat_id)
+        while len(self._dropped_at) > REMEMBERED_DROPS:
+            _, self._remembered_since = self._dropped_at.popitem(last=False)
+
+    def clear(self) -> None:
+        self._drops += 1
+        self._entries.clear()
+        self._bytes = 0
+        self._dropped_at.clear()
+        self._remembered_since = self._drops
+
+    def _remove(self, chat_id: str) -> None:
         entry = self._entries.pop(chat_id, None)
         if entry is not None:
             self._bytes -= len(entry[0])
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._bytes = 0

@@ -13,11 +13,12 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from qp.appkeys import BYTE_BUDGET, CHAT_STORE, CONFIG, DAILY_QUOTA, POLICY
 from qp.bodies import body_allowance, read_json
 from qp.chats.model import (
+    ChatChanged,
     ChatExists,
     ChatInput,
     ChatLimitExceeded,
@@ -35,6 +36,7 @@ from qp.protection.admin import require_admin
 log = logging.getLogger("qp.chats.handlers")
 
 CHAT_NOT_FOUND = "Chat not found"
+CHAT_CHANGED = "Chat changed"
 SUCCESS = {"success": True}
 GIB = 1024**3
 # What a read holds of the byte budget while it runs: a small chat whole, or a piece of a
@@ -66,16 +68,23 @@ async def create_chat(request: web.Request) -> web.Response:
 
 async def get_chat(request: web.Request) -> web.StreamResponse:
     chat_id = request.match_info["chat_id"]
+    current = _entity_tags(request.headers.get(hdrs.IF_NONE_MATCH)) or ()
     async with request.app[BYTE_BUDGET].hold(READ_HOLD_BYTES):
         store = request.app[CHAT_STORE]
-        chat = await store.open_chat(chat_id) if is_valid_chat_id(chat_id) else None
+        chat = await store.open_chat(chat_id, current) if is_valid_chat_id(chat_id) else None
         if chat is None:
             raise ApiError(404, CHAT_NOT_FOUND)
-        if isinstance(chat, bytes):
-            return json_bytes_response(chat)
-        response = _streamed_json(chat.size)
+        etag = {hdrs.ETAG: _etag(chat.version)}
+        if chat.body is None:
+            return web.Response(status=304, headers=etag)
+        if isinstance(chat.body, bytes):
+            whole = json_bytes_response(chat.body)
+            whole.headers.update(etag)
+            return whole
+        response = _streamed_json(chat.body.size)
+        response.headers.update(etag)
         await response.prepare(request)
-        await _send(request, response, chat.pieces())
+        await _send(request, response, chat.body.pieces())
         return response
 
 
@@ -87,12 +96,19 @@ async def update_chat(request: web.Request) -> web.Response:
             raise ApiError(400, "Invalid chat id")
         if chat.chat_id != chat_id:
             raise ApiError(400, "Chat ID mismatch")
+        if_match = _entity_tags(request.headers.get(hdrs.IF_MATCH))
         try:
             with _charged(request, chat):
-                await request.app[CHAT_STORE].update(chat_id, chat, _total_cap(policy))
+                version = await request.app[CHAT_STORE].update(
+                    chat_id, chat, _total_cap(policy), if_match
+                )
         except ChatNotFound:
             raise ApiError(404, CHAT_NOT_FOUND) from None
-    return json_response(SUCCESS)
+        except ChatChanged:
+            raise ApiError(412, CHAT_CHANGED) from None
+    response = json_response(SUCCESS)
+    response.headers[hdrs.ETAG] = _etag(version)
+    return response
 
 
 async def list_chats(request: web.Request) -> web.StreamResponse:
@@ -153,6 +169,21 @@ def _charged(request: web.Request, chat: ChatInput) -> Iterator[None]:
     except BaseException:
         quota.give_back(client, size)
         raise
+
+
+def _etag(version: str) -> str:
+    return f'"{version}"'
+
+
+def _entity_tags(header: str | None) -> frozenset[str] | None:
+    """The versions an If-Match or If-None-Match header names (weak or strong alike); None
+    when it is absent or `*` (any version: a PUT needs its chat to exist anyway)."""
+    if header is None:
+        return None
+    tags = {tag.strip() for tag in header.split(",")}
+    if "*" in tags:
+        return None
+    return frozenset(tag.removeprefix("W/").strip('"') for tag in tags if tag)
 
 
 def _total_cap(policy: Policy) -> int:

@@ -17,6 +17,10 @@ from qp.errors import ApiError, too_large
 CHAT_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 CHAT_ID_ALPHABET = string.ascii_letters + string.digits
 GENERATED_ID_LENGTH = 21
+# A chat's messages live at `chats/{chatId}/{rev}.json`, a key of each write's own; a row
+# without a revision (the worker's chats) names the worker's key, `chats/{chatId}.json`.
+BLOB_KEY = re.compile(rf"chats/({CHAT_ID_PATTERN.pattern})(?:/([A-Za-z0-9_-]{{1,64}}))?\.json")
+REV_BYTES = 12
 
 
 class ChatLimitExceeded(Exception):
@@ -29,6 +33,14 @@ class ChatExists(Exception):
 
 class ChatNotFound(Exception):
     """No chat with that id is stored."""
+
+
+class ChatChanged(Exception):
+    """The chat's revision is not the one the client named (If-Match)."""
+
+
+class WriteAbandoned(Exception):
+    """The write took so long that its blob was given up on before it could commit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +57,18 @@ class ChatRow:
     updated_at: str
     # Length of the stored messages array; None for rows imported without it.
     messages_bytes: int | None = None
+    # The revision whose blob holds the messages; None: the worker's key (an imported row).
+    blob_rev: str | None = None
+
+    @property
+    def version(self) -> str:
+        """What names this write of the chat (its ETag): the revision, or for a row the
+        worker wrote, its updated_at (which each of its writes changed)."""
+        return self.blob_rev or self.updated_at
+
+    @property
+    def blob_key(self) -> str:
+        return blob_key(self.chat_id, self.blob_rev)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +86,22 @@ class ChatInput:
 
 def is_valid_chat_id(chat_id: str) -> bool:
     return CHAT_ID_PATTERN.fullmatch(chat_id) is not None
+
+
+def blob_key(chat_id: str, rev: str | None) -> str:
+    """Where the messages of the chat's write `rev` live (None or "": the worker's key)."""
+    return f"chats/{chat_id}/{rev}.json" if rev else f"chats/{chat_id}.json"
+
+
+def parse_blob_key(key: str) -> tuple[str, str] | None:
+    """(chat id, rev, "" for the worker's key) of a chat blob's key; None for any other."""
+    match = BLOB_KEY.fullmatch(key)
+    return (match.group(1), match.group(2) or "") if match else None
+
+
+def new_rev() -> str:
+    """A fresh revision: 16 URL-safe characters from a cryptographic source, never reused."""
+    return secrets.token_urlsafe(REV_BYTES)
 
 
 def new_chat_id() -> str:

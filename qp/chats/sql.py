@@ -1,65 +1,105 @@
-"""The chats table: every statement about chats' rows, plain and parameterised.
+"""The chats' tables: every statement about chats' rows, plain and parameterised.
 
-A chat write changes the row (with `pending` describing the write) before the blob, and
-clears `pending` after it. Finishing or undoing a write is conditional on the row still
-carrying that write's note and `updated_at`: whoever resolves a write (the writer itself
-after a failed blob, a start-up, `check --repair` beside a live server) can never clobber
-a write that came after it.
+A write stores its messages under a revision of its own, and its row's commit is the one
+moment it takes effect:
+- `begin_write` records the write's intent (a `chat_writes` row) before its blob is put;
+- `commit_create` / `commit_update` consume that intent and commit the row naming the
+  revision in one transaction, or change nothing;
+- the revision a commit superseded (or a delete removed) goes to `chat_garbage`, whose
+  blobs no row names any more.
+The garbage collector (garbage.py) deletes an intent before it deletes its blob, and a
+commit succeeds only while its intent is there, so the two exclude each other.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Collection
 
-from qp.chats.model import ChatExists, ChatInput, ChatLimitExceeded, ChatRow
-from qp.storage.database import Statements, Transaction, Unchanged
+from qp.chats.model import (
+    ChatChanged,
+    ChatExists,
+    ChatInput,
+    ChatLimitExceeded,
+    ChatNotFound,
+    ChatRow,
+    WriteAbandoned,
+)
+from qp.storage.database import Statements, Transaction
 from qp.timestamps import later_than
 
 # The chats table's columns, in ChatRow's order (all but `pending`).
 COLUMNS = (
     "chat_id, app, model, prompt_tokens, completion_tokens, estimated_cost, created_at,"
-    " updated_at, messages_bytes"
+    " updated_at, messages_bytes, blob_rev"
 )
 SELECT = f"SELECT {COLUMNS} FROM chats"
 
 ONE = SELECT + " WHERE chat_id = ?"
 # PostgreSQL only (the only database several processes write to): `= ANY` of an array.
-VERSIONS = "SELECT chat_id, updated_at FROM chats WHERE chat_id = ANY(?)"
+VERSIONS = "SELECT chat_id, blob_rev, updated_at FROM chats WHERE chat_id = ANY(?)"
 NEWEST_OF_APP = SELECT + " WHERE app = ? ORDER BY updated_at DESC LIMIT ?"
 COUNT_OF_APP = "SELECT COUNT(*) FROM chats WHERE app = ?"
+BEFORE_CREATE = """
+    SELECT (SELECT COUNT(*) FROM chats WHERE app = ?),
+           (SELECT COUNT(*) FROM chats WHERE chat_id = ?)
+"""
 EXISTS = "SELECT 1 FROM chats WHERE chat_id = ?"
-INSERT = f"INSERT INTO chats ({COLUMNS}, pending) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+BEGIN_WRITE = "INSERT INTO chat_writes (rev, chat_id, started_at) VALUES (?, ?, ?)"
+END_WRITE = "DELETE FROM chat_writes WHERE rev = ?"
+INSERT = f"""
+    INSERT INTO chats ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (chat_id) DO NOTHING
+"""
+# Conditional on the revision read just before, so two commits of one chat never both
+# take the same row for the one they supersede (PostgreSQL re-reads it after a wait).
 UPDATE = """
     UPDATE chats SET model = ?, prompt_tokens = ?, completion_tokens = ?, estimated_cost = ?,
-                     updated_at = ?, messages_bytes = ?, pending = ?
-    WHERE chat_id = ?
+                     updated_at = ?, messages_bytes = ?, blob_rev = ?
+    WHERE chat_id = ? AND COALESCE(blob_rev, '') = ?
 """
-FINISH = "UPDATE chats SET pending = NULL WHERE chat_id = ? AND pending = ? AND updated_at = ?"
-UNDO_CREATE = "DELETE FROM chats WHERE chat_id = ? AND pending = ? AND updated_at = ?"
-UNDO_UPDATE = UPDATE + " AND pending = ? AND updated_at = ?"
-SETTLE = "UPDATE chats SET pending = NULL WHERE chat_id = ? AND pending = ?"
-PENDING = f"SELECT {COLUMNS}, pending FROM chats WHERE pending IS NOT NULL"
-DELETE = "DELETE FROM chats WHERE chat_id = ? RETURNING messages_bytes"
-DELETE_SETTLED = "DELETE FROM chats WHERE chat_id = ? AND pending IS NULL AND updated_at = ?"
-IMPORTED = "SELECT updated_at, pending FROM chats WHERE chat_id = ?"
+ADD_GARBAGE = """
+    INSERT INTO chat_garbage (chat_id, rev, since) VALUES (?, ?, ?)
+    ON CONFLICT (chat_id, rev) DO NOTHING
+"""
+DELETE = "DELETE FROM chats WHERE chat_id = ? RETURNING messages_bytes, blob_rev"
+# Removing a row that cannot be served, only while it still names the blob found broken.
+DELETE_BROKEN = "DELETE FROM chats WHERE chat_id = ? AND COALESCE(blob_rev, '') = ?"
+EXPIRED_WRITES = "SELECT rev, chat_id FROM chat_writes WHERE started_at < ? LIMIT ?"
+GARBAGE = "SELECT chat_id, rev FROM chat_garbage ORDER BY since LIMIT ?"
+FORGET_GARBAGE = "DELETE FROM chat_garbage WHERE chat_id = ? AND rev = ?"
+WRITES_IN_FLIGHT = "SELECT chat_id, rev FROM chat_writes"
+ALL_GARBAGE = "SELECT chat_id, rev FROM chat_garbage"
+IMPORTED = "SELECT updated_at, blob_rev FROM chats WHERE chat_id = ?"
+# An imported row names the worker's key, whose blob the import's copy brings.
 IMPORT = f"""
-    INSERT INTO chats ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+    INSERT INTO chats ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)
     ON CONFLICT (chat_id) DO UPDATE SET
         app = excluded.app, model = excluded.model, prompt_tokens = excluded.prompt_tokens,
         completion_tokens = excluded.completion_tokens, estimated_cost = excluded.estimated_cost,
         created_at = excluded.created_at, updated_at = excluded.updated_at,
-        messages_bytes = excluded.messages_bytes, pending = NULL
+        messages_bytes = excluded.messages_bytes, blob_rev = NULL
+"""
+# A copy between databases keeps each row's revision (newer updated_at wins).
+COPY = f"""
+    INSERT INTO chats ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (chat_id) DO UPDATE SET
+        app = excluded.app, model = excluded.model, prompt_tokens = excluded.prompt_tokens,
+        completion_tokens = excluded.completion_tokens, estimated_cost = excluded.estimated_cost,
+        created_at = excluded.created_at, updated_at = excluded.updated_at,
+        messages_bytes = excluded.messages_bytes, blob_rev = excluded.blob_rev
+    WHERE excluded.updated_at > chats.updated_at
 """
 STORED_BYTES = """
     SELECT COALESCE(SUM(messages_bytes), 0), COUNT(*) - COUNT(messages_bytes) FROM chats
 """
 OF_UNKNOWN_SIZE = "SELECT chat_id FROM chats WHERE messages_bytes IS NULL LIMIT ?"
 NOTE_SIZE = "UPDATE chats SET messages_bytes = ? WHERE chat_id = ? AND messages_bytes IS NULL"
-ALL_IDS = "SELECT chat_id, updated_at FROM chats"
-# The apps with the most chats (at most `?` of them), by name.
+ALL_NAMED = "SELECT chat_id, blob_rev, updated_at FROM chats"
 # A page of rows by chat id (copying a database).
 PAGE_AFTER = SELECT + " WHERE chat_id > ? ORDER BY chat_id LIMIT ?"
+# The apps with the most chats (at most `?` of them), by name.
 APPS = """
     SELECT app, chats, updated_at FROM (
         SELECT app, COUNT(*) AS chats, MAX(updated_at) AS updated_at FROM chats
@@ -74,7 +114,7 @@ def changed(chat_id: str) -> str:
 
 
 class ChatRows:
-    """The chats table of one database (or of the session holding a chat's lock)."""
+    """The chats' tables of one database."""
 
     def __init__(self, db: Statements):
         self.db = db
@@ -87,166 +127,186 @@ class ChatRows:
         """The app's chats, newest `updated_at` first."""
         return [ChatRow(*row) for row in await self.db.fetchall(NEWEST_OF_APP, (app, limit))]
 
-    async def insert(
-        self, chat_id: str, chat: ChatInput, now: str, max_chats_per_app: int, pending: str
+    async def before_create(self, chat_id: str, app: str) -> tuple[int, bool]:
+        """(the app's chats, whether `chat_id` is taken): a create's checks before its blob."""
+        ((count, taken),) = await self.db.fetchall(BEFORE_CREATE, (app, chat_id))
+        return int(count), bool(taken)
+
+    async def begin_write(self, chat_id: str, rev: str, started_at: float) -> None:
+        """Record a write's intent before its blob is put. Its commit need not wait for the
+        disk: an intent a database crash forgets only leaves a blob `check` finds."""
+
+        async def begin(tx: Transaction) -> None:
+            await tx.execute(BEGIN_WRITE, (rev, chat_id, started_at))
+
+        await self.db.write(begin, durable=False)
+
+    async def commit_create(
+        self, chat_id: str, chat: ChatInput, rev: str, now: str, max_chats_per_app: int
     ) -> None:
-        """Insert a new row; the app's count check and the insert are one transaction. Call
-        with the chat's lock held (ChatStore), as `update` and `delete`."""
+        """Insert the row naming `rev`: the app's count check and the insert are one
+        transaction, which also consumes the write's intent (WriteAbandoned without it)."""
 
         async def insert(tx: Transaction) -> None:
+            if await tx.execute(END_WRITE, (rev,)) == 0:
+                raise WriteAbandoned
             await tx.lock(f"chats-of-app:{chat.app}")
             ((count,),) = await tx.fetchall(COUNT_OF_APP, (chat.app,))
             if count >= max_chats_per_app:
                 raise ChatLimitExceeded
-            if await tx.fetchall(EXISTS, (chat_id,)):
+            values = (chat.model, chat.prompt_tokens, chat.completion_tokens, chat.estimated_cost)
+            size = len(chat.messages_json)
+            if not await tx.execute(INSERT, (chat_id, chat.app, *values, now, now, size, rev)):
                 raise ChatExists
-            await tx.execute(
-                INSERT,
-                (
-                    chat_id,
-                    chat.app,
-                    chat.model,
-                    chat.prompt_tokens,
-                    chat.completion_tokens,
-                    chat.estimated_cost,
-                    now,
-                    now,
-                    len(chat.messages_json),
-                    pending,
-                ),
-            )
             await tx.notify(changed(chat_id))
 
         await self.db.write(insert)
 
-    async def versions(self, chat_ids: list[str]) -> dict[str, str]:
-        """Chat id -> updated_at (each write of a chat leaves one of its own) of those of
-        the chats that have a row (PostgreSQL only)."""
-        return {row[0]: row[1] for row in await self.db.fetchall(VERSIONS, (chat_ids,))}
+    async def commit_update(
+        self,
+        chat_id: str,
+        chat: ChatInput,
+        rev: str,
+        now: str,
+        superseded_at: float,
+        if_match: Collection[str] | None,
+    ) -> ChatRow:
+        """Make the row name `rev` (model, usage, updated_at too), consuming the write's
+        intent, and put the revision it names now in the garbage; answers the row as it
+        was. ChatNotFound, ChatChanged (not a revision of `if_match`), WriteAbandoned."""
 
-    async def update(
-        self, chat_id: str, chat: ChatInput, now: str, pending: Callable[[ChatRow, str], str]
-    ) -> ChatRow | None:
-        """Replace model, usage and updated_at (`now`, or just after the row's if that is not
-        later), recording `pending(row as it was, updated_at)`; answers the row as it was,
-        or None if there is none."""
-
-        async def update(tx: Transaction) -> ChatRow | None:
-            rows = await tx.fetchall(ONE, (chat_id,))
-            if not rows:
-                return None
-            previous = ChatRow(*rows[0])
+        async def update(tx: Transaction) -> ChatRow:
+            if await tx.execute(END_WRITE, (rev,)) == 0:
+                raise WriteAbandoned
             values = (chat.model, chat.prompt_tokens, chat.completion_tokens, chat.estimated_cost)
-            size = len(chat.messages_json)
-            updated_at = later_than(now, previous.updated_at or "")
-            note = pending(previous, updated_at)
-            await tx.execute(UPDATE, (*values, updated_at, size, note, chat_id))
+            while True:
+                rows = await tx.fetchall(ONE, (chat_id,))
+                if not rows:
+                    raise ChatNotFound
+                previous = ChatRow(*rows[0])
+                if if_match is not None and previous.version not in if_match:
+                    raise ChatChanged
+                updated_at = later_than(now, previous.updated_at or "")
+                old = previous.blob_rev or ""
+                params = (*values, updated_at, len(chat.messages_json), rev, chat_id, old)
+                if await tx.execute(UPDATE, params):
+                    break
+            await tx.execute(ADD_GARBAGE, (chat_id, old, superseded_at))
             await tx.notify(changed(chat_id))
             return previous
 
         return await self.db.write(update)
 
-    async def finish_write(self, chat_id: str, pending: str, updated_at: str) -> bool:
-        """The write's blob is stored: clear its note."""
-        cleared = await self.db.execute_write(
-            FINISH, (chat_id, pending, updated_at), maintenance=True
-        )
-        return cleared > 0
+    async def abandon_write(self, chat_id: str, rev: str, at: float) -> bool:
+        """A write that will not commit and whose blob is known to be stored (its commit
+        was refused): its intent becomes garbage. False when the intent is gone already."""
 
-    async def undo_create(self, chat_id: str, pending: str, updated_at: str) -> bool:
-        """A create whose blob was not stored: remove its row."""
-        return await self._undo(chat_id, UNDO_CREATE, (chat_id, pending, updated_at))
-
-    async def _undo(self, chat_id: str, sql: str, params: tuple[object, ...]) -> bool:
-        async def undo(tx: Transaction) -> bool:
-            if await tx.execute(sql, params) == 0:
+        async def abandon(tx: Transaction) -> bool:
+            if await tx.execute(END_WRITE, (rev,)) == 0:
                 return False
-            await tx.notify(changed(chat_id))
+            await tx.execute(ADD_GARBAGE, (chat_id, rev, at))
             return True
 
-        return await self.db.write(undo, maintenance=True)
+        return await self.db.write(abandon, durable=False)
 
-    async def undo_update(self, previous: ChatRow, pending: str, updated_at: str) -> bool:
-        """An update whose blob was not stored: put the row back exactly as it was."""
-        values = (
-            previous.model,
-            previous.prompt_tokens,
-            previous.completion_tokens,
-            previous.estimated_cost,
-            previous.updated_at,
-            previous.messages_bytes,
-            None,
-            previous.chat_id,
-        )
-        return await self._undo(previous.chat_id, UNDO_UPDATE, (*values, pending, updated_at))
+    async def delete(self, chat_id: str, at: float) -> tuple[int, str] | None:
+        """Remove the row, its revision put in the garbage; answers (the size it said its
+        messages were, its revision) or None when there was no row. Deletes are how an
+        operator makes room on a full disk: they may use the disk reserve."""
 
-    async def settle(self, writes: list[tuple[str, str]]) -> None:
-        """Mark (chat id, pending) writes as done; a later write's note is left alone."""
-        if writes:
-            await self.db.execute_write_many(SETTLE, writes, maintenance=True)
-
-    async def pending(self) -> list[tuple[ChatRow, str]]:
-        """Rows whose last write may not have reached the blob store, with its note."""
-        return [(ChatRow(*row[:-1]), row[-1]) for row in await self.db.fetchall(PENDING)]
-
-    async def delete(self, chat_id: str) -> int:
-        """Remove the row; answers the size of the messages it said were stored. Deletes
-        are how an operator makes room on a full disk: they may use the disk reserve."""
-
-        async def delete(tx: Transaction) -> int:
+        async def delete(tx: Transaction) -> tuple[int, str] | None:
             rows = await tx.fetchall(DELETE, (chat_id,))
+            if not rows:
+                return None
+            size, rev = rows[0][0] or 0, rows[0][1] or ""
+            await tx.execute(ADD_GARBAGE, (chat_id, rev, at))
             await tx.notify(changed(chat_id))
-            return (rows[0][0] or 0) if rows else 0
+            return size, rev
 
         return await self.db.write(delete, maintenance=True)
 
-    async def delete_settled(
-        self, chat_id: str, updated_at: str, and_then: Callable[[], Awaitable[bool]]
-    ) -> bool:
-        """Delete a row no write is pending on and unchanged since it was read (same
-        `updated_at`), with `and_then` (checking and deleting its blob) run inside the same
-        transaction, which commits only if it answers True. No write of that chat, from any
-        process, can start until both are done."""
+    async def delete_broken(self, chat_id: str, rev: str) -> bool:
+        """Remove a row that cannot be served, only while it still names revision `rev`."""
 
         async def delete(tx: Transaction) -> bool:
-            await tx.lock(f"chat:{chat_id}")
-            if await tx.execute(DELETE_SETTLED, (chat_id, updated_at)) == 0 or not await and_then():
-                raise Unchanged
+            if await tx.execute(DELETE_BROKEN, (chat_id, rev)) == 0:
+                return False
+            await tx.notify(changed(chat_id))
             return True
 
-        try:
-            return await self.db.write(delete, maintenance=True)
-        except Unchanged:
-            return False
+        return await self.db.write(delete, maintenance=True)
 
-    async def without_row(self, chat_id: str, and_then: Callable[[], Awaitable[bool]]) -> bool:
-        """Run `and_then` (deleting an orphan blob) only while the chat has no row, inside a
-        write transaction: no create, from any process, can insert its row meanwhile."""
+    async def versions(self, chat_ids: list[str]) -> dict[str, str]:
+        """Chat id -> its version now (ChatRow.version) of those of the chats that have a
+        row (PostgreSQL only)."""
+        return {
+            chat_id: rev or updated_at
+            for chat_id, rev, updated_at in await self.db.fetchall(VERSIONS, (chat_ids,))
+        }
 
-        async def check(tx: Transaction) -> bool:
-            await tx.lock(f"chat:{chat_id}")
-            if await tx.fetchall(EXISTS, (chat_id,)):
-                return False
-            return await and_then()
+    async def expire_writes(self, started_before: float, at: float, limit: int) -> int:
+        """Give up on writes begun before `started_before` that never committed: each
+        intent is deleted and its revision put in the garbage, in one transaction (a
+        commit can no longer consume it). Answers how many."""
 
-        return await self.db.write(check, maintenance=True)
+        async def expire(tx: Transaction) -> int:
+            expired = 0
+            for rev, chat_id in await tx.fetchall(EXPIRED_WRITES, (started_before, limit)):
+                if await tx.execute(END_WRITE, (rev,)):
+                    await tx.execute(ADD_GARBAGE, (chat_id, rev, at))
+                    expired += 1
+            return expired
+
+        return await self.db.write(expire, maintenance=True)
+
+    async def garbage(self, limit: int) -> list[tuple[str, str]]:
+        """(chat id, rev) of blobs no row names any more, oldest first."""
+        return [(row[0], row[1]) for row in await self.db.fetchall(GARBAGE, (limit,))]
+
+    async def forget_garbage(self, collected: list[tuple[str, str]]) -> None:
+        """Blobs deleted: their garbage rows go (a crash before this deletes them again)."""
+        if collected:
+            await self.db.execute_write_many(
+                FORGET_GARBAGE, collected, maintenance=True, durable=False
+            )
+
+    async def add_garbage(self, blobs: list[tuple[str, str]], at: float) -> None:
+        """Blobs found that no row names (`check --repair`, an upgrade), to be collected."""
+        if blobs:
+            await self.db.execute_write_many(
+                ADD_GARBAGE, [(chat_id, rev, at) for chat_id, rev in blobs], maintenance=True
+            )
+
+    async def known_unnamed(self) -> set[tuple[str, str]]:
+        """(chat id, rev) of the blobs the tables know no row names yet: writes in flight
+        and garbage."""
+        rows = await self.db.fetchall(WRITES_IN_FLIGHT) + await self.db.fetchall(ALL_GARBAGE)
+        return {(row[0], row[1]) for row in rows}
 
     async def import_rows(self, rows: list[ChatRow]) -> tuple[int, int, int]:
-        """Store imported rows in one transaction: new ones added, stored ones replaced only
-        by a newer one. Answers (added, replaced, unchanged)."""
+        """Store imported rows (naming the worker's key) in one transaction: new ones
+        added, stored ones replaced only by a newer one, whose revision goes to the
+        garbage. Answers (added, replaced, unchanged)."""
 
         async def store(tx: Transaction) -> tuple[int, int, int]:
             added = replaced = 0
             for row in rows:
                 found = await tx.fetchall(IMPORTED, (row.chat_id,))
-                # A row a server is writing right now (pending) is the server's to finish.
-                if found and (found[0][0] >= row.updated_at or found[0][1] is not None):
+                if found and found[0][0] >= row.updated_at:
                     continue
-                await tx.execute(IMPORT, dataclasses.astuple(row))
+                await tx.execute(IMPORT, dataclasses.astuple(row)[:-1])
+                # The worker's key is named again: it is no longer garbage.
+                await tx.execute(FORGET_GARBAGE, (row.chat_id, ""))
+                if found and found[0][1]:
+                    await tx.execute(ADD_GARBAGE, (row.chat_id, found[0][1], time.time()))
                 added, replaced = (added, replaced + 1) if found else (added + 1, replaced)
             return added, replaced, len(rows) - added - replaced
 
         return await self.db.write(store)
+
+    async def copy_rows(self, rows: list[ChatRow]) -> None:
+        """Upsert rows copied from another database, revisions and all (the newer wins)."""
+        await self.db.execute_write_many(COPY, [dataclasses.astuple(row) for row in rows])
 
     async def stored_bytes(self) -> tuple[int, int]:
         """Bytes of messages the rows say are stored, and how many rows do not say."""
@@ -268,6 +328,6 @@ class ChatRows:
         """(app, chats, latest updated_at) of the `limit` apps with the most chats, by name."""
         return [(row[0], row[1], row[2]) for row in await self.db.fetchall(APPS, (limit,))]
 
-    async def all_ids(self) -> list[tuple[str, str]]:
-        """(chat id, updated_at) of every row."""
-        return [(row[0], row[1]) for row in await self.db.fetchall(ALL_IDS)]
+    async def all_named(self) -> dict[str, tuple[str, str]]:
+        """Chat id -> (the revision its row names, "" for the worker's key; updated_at)."""
+        return {row[0]: (row[1] or "", row[2]) for row in await self.db.fetchall(ALL_NAMED)}

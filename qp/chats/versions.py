@@ -1,4 +1,4 @@
-"""CurrentVersions: the `updated_at` of chats as the database has it now, for checking
+"""CurrentVersions: the version (revision) of chats as the database has it now, for checking
 cached chats on a database other processes write to. The checks asked for in one turn of
 the event loop go to the database as one query, so many concurrent cached reads cost one
 round trip, not one each."""
@@ -17,7 +17,7 @@ class CurrentVersions:
         self._asking: set[asyncio.Task[None]] = set()
 
     async def of(self, chat_id: str) -> str | None:
-        """The chat's updated_at now, or None when it has no row."""
+        """The chat's version now, or None when it has no row."""
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[str | None] = loop.create_future()
         if not self._waiting:

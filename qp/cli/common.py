@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from qp.chats.cache import ChatCache
 from qp.chats.store import ChatStore
+from qp.chats.upgrade import resolve_old_writes
 from qp.config import Config
+from qp.errors import StorageUnavailable
 from qp.startup import disk_space, open_storage
 from qp.storage.blobs import BlobStore
 from qp.storage.database import Database
@@ -39,7 +41,13 @@ async def open_in(config: Config, stack: AsyncExitStack) -> tuple[Database, Blob
     server's disk reserve."""
     space = disk_space(config)
     db, blobs = await open_storage(config, stack, reader_count=1, space=space, serving=False)
-    store = ChatStore(db, blobs, ChatCache(0), write_deadline=config.write_deadline, space=space)
+    try:
+        await resolve_old_writes(db, blobs)
+    except StorageUnavailable as err:
+        raise CommandFailed(f"cannot resolve the writes an older version left: {err}") from None
+    store = ChatStore(
+        db, blobs, ChatCache(0), space=space, abandon_seconds=config.write_abandon_seconds
+    )
     stack.push_async_callback(store.close)
     return db, blobs, store
 

@@ -1,7 +1,10 @@
-"""`python -m qp copy-blobs`: copy `chats/*.json` from one blob store to another.
+"""`python -m qp copy-blobs`: copy the chats' blobs from one blob store to another.
 
-Resumable: a blob the target already holds with the same size is skipped, so running it
-again after an interruption copies only what is missing.
+As they are (every `chats/{chatId}/{rev}.json`, and the worker's `chats/{chatId}.json`):
+resumable, since a key is never written twice with other content, so a blob the target
+already holds with the same size is skipped. With `--layout worker`: each chat's current
+messages, as the database names them, written to the worker's key `chats/{chatId}.json`,
+for an operator going back to the worker (written again each run).
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from qp.cli.check import CHAT_KEY
+from qp.chats.model import blob_key, parse_blob_key
+from qp.chats.sql import ChatRows
 from qp.cli.common import CommandFailed, Subcommands
 from qp.config import Config, ConfigError, validate_storage_url
-from qp.startup import open_blob_store
+from qp.startup import open_blob_store, open_database
 from qp.storage.blobs import BlobStore, StoreNotReady
 
 COPY_CONCURRENCY = 16
@@ -33,7 +37,7 @@ async def copy_chat_blobs(
     source: BlobStore, target: BlobStore, overwrite: bool = False, show_progress: bool = True
 ) -> CopyReport:
     present = {} if overwrite else {b.key: b.size async for b in target.listing("chats/")}
-    wanted = [b async for b in source.listing("chats/") if CHAT_KEY.fullmatch(b.key)]
+    wanted = [b async for b in source.listing("chats/") if parse_blob_key(b.key) is not None]
     to_copy = [b for b in wanted if present.get(b.key) != b.size]
     limiter = asyncio.Semaphore(COPY_CONCURRENCY)
     vanished = 0
@@ -53,6 +57,31 @@ async def copy_chat_blobs(
     return CopyReport(len(to_copy) - vanished, len(wanted) - len(to_copy), vanished)
 
 
+async def write_worker_layout(
+    rows: ChatRows, source: BlobStore, target: BlobStore, show_progress: bool = True
+) -> CopyReport:
+    """Every chat's messages, read where its row names them, written at the worker's key."""
+    named = await rows.all_named()
+    limiter = asyncio.Semaphore(COPY_CONCURRENCY)
+    vanished = 0
+    with tqdm(total=len(named), unit="chat", disable=not show_progress) as progress:
+
+        async def copy(chat_id: str) -> None:
+            nonlocal vanished
+            async with limiter:
+                # Read the row again: the chat may have been written since the list.
+                row = await rows.one(chat_id)
+                data = await source.get(row.blob_key) if row is not None else None
+                if data is None:
+                    vanished += 1
+                else:
+                    await target.put(blob_key(chat_id, None), data)
+                progress.update()
+
+        await asyncio.gather(*(copy(chat_id) for chat_id in named))
+    return CopyReport(len(named) - vanished, 0, vanished)
+
+
 async def copy_blobs(args: argparse.Namespace, config: Config) -> int:
     async with AsyncExitStack() as stack:
         stores = []
@@ -68,7 +97,12 @@ async def copy_blobs(args: argparse.Namespace, config: Config) -> int:
             except (ConfigError, StoreNotReady) as err:
                 raise CommandFailed(f"{name} {url}: {err}") from None
         source, target = stores
-        report = await copy_chat_blobs(source, target, overwrite=args.overwrite)
+        if args.layout == "worker":
+            db = await open_database(config, reader_count=1, serving=False)
+            stack.push_async_callback(db.close)
+            report = await write_worker_layout(ChatRows(db), source, target)
+        else:
+            report = await copy_chat_blobs(source, target, overwrite=args.overwrite)
     print(
         f"{report.copied} copied, {report.skipped} already there"
         + (f", {report.vanished} gone before they were read" if report.vanished else "")
@@ -78,7 +112,7 @@ async def copy_blobs(args: argparse.Namespace, config: Config) -> int:
 
 def register(commands: Subcommands) -> None:
     help = (
-        "copy chats/*.json between blob stores (file://PATH or s3://BUCKET[/PREFIX]);"
+        "copy the chats' blobs between blob stores (file://PATH or s3://BUCKET[/PREFIX]);"
         " resumable: what the target already holds is skipped"
     )
     command = commands.add_parser("copy-blobs", help=help, description=help)
@@ -90,3 +124,10 @@ def register(commands: Subcommands) -> None:
     command.add_argument("--from-profile", help="~/.aws profile for the source's credentials")
     command.add_argument("--to-profile", help="~/.aws profile for the target's credentials")
     command.add_argument("--overwrite", action="store_true", help="copy even what is there")
+    command.add_argument(
+        "--layout",
+        choices=("as-is", "worker"),
+        default="as-is",
+        help="worker: each chat's current messages at chats/{chatId}.json, as the worker"
+        " reads them (from the rows of QP_DATABASE)",
+    )

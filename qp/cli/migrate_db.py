@@ -5,21 +5,24 @@ point the servers at the same QP_STORAGE.
 
 The target must be empty unless `--append` is given (stop the servers of a target being
 appended to: a server's write to a chat being copied is overwritten by an older copy only
-if that copy's `updated_at` is newer). The copy is resumable: chats are upserted by id (the newer
-`updated_at` wins), and the ledger's progress is kept in the target beside each batch, so
-running the same command again after an interruption carries on where it stopped.
+if that copy's `updated_at` is newer). The copy is resumable: chats are upserted by id, with
+the revision that names their blob (the newer `updated_at` wins), and the ledger's progress
+is kept in the target beside each batch, so running the same command again after an
+interruption carries on where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
 from tqdm import tqdm
 
 from qp.chats.sql import ChatRows
+from qp.chats.upgrade import has_old_writes
 from qp.cli.common import CommandFailed, Subcommands
 from qp.completions.ledger import INSERT as LEDGER_INSERT
 from qp.completions.ledger import ledger_page, ledger_size
@@ -62,10 +65,10 @@ async def migrate_db(args: argparse.Namespace, config: Config) -> int:
         target = await open_database(target_config, reader_count=1, serving=False)
         stack.push_async_callback(target.close)
         resuming = await _check_target(target, shown, args.append)
-        if await ChatRows(source).pending():
+        if await has_old_writes(source):
             raise CommandFailed(
-                "the source has chat writes a stop interrupted: run `python -m qp check"
-                " --repair` on it first"
+                "the source has chat writes an older version left unfinished: run `python -m"
+                " qp check` on it first"
             )
         await target.execute_write(WRITE_MARK, (SOURCE_MARK, shown))
         chats, ledger, blocks = await _copy(source, target, not args.no_progress)
@@ -120,10 +123,12 @@ async def _copy(source: Database, target: Database, progress: bool) -> tuple[int
     with tqdm(total=total, unit="row", disable=not progress, file=sys.stderr) as bar:
         after = ""
         while page := await source_rows.page_after(after, CHATS_PER_BATCH):
-            await target_rows.import_rows(page)
+            await target_rows.copy_rows(page)
             after = page[-1].chat_id
             chats += len(page)
             bar.update(len(page))
+        # Blobs no row names (the source's servers are stopped): the target collects them.
+        await target_rows.add_garbage(sorted(await source_rows.known_unnamed()), time.time())
         mark = await target.fetchone(READ_MARK, (LEDGER_MARK,))
         done_up_to = int(mark[0]) if mark else 0
         while rows := await ledger_page(source, done_up_to, LEDGER_PER_BATCH):

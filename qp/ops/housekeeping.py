@@ -24,7 +24,8 @@ class Housekeeping:
 
     ROUND_SECONDS = 1.0
     RESERVE_EVERY_ROUNDS = 10
-    SWEEP_EVERY_ROUNDS = 2
+    # Garbage is swept once a minute, or four times within a shorter write bound.
+    SWEEP_EVERY_ROUNDS = 60
     EXPIRE_EVERY_ROUNDS = 60
     LOG_EVERY_SECONDS = 60.0
 
@@ -44,6 +45,8 @@ class Housekeeping:
         self._claims = claims
         self._record = record
         self._logged: dict[str, float] = {}
+        bound = store.garbage.abandon_seconds
+        self._sweep_every = max(1, min(self.SWEEP_EVERY_ROUNDS, int(bound / 4)))
 
     async def run(self) -> None:
         rounds = 0
@@ -52,11 +55,10 @@ class Housekeeping:
             rounds += 1
             await self._chore("follow outside changes", self._follow_changes_made_elsewhere)
             await self._chore("check the database file", self._check_files)
-            await self._chore("retry failed writes", self._store.retry_unresolved)
             if rounds % self.EXPIRE_EVERY_ROUNDS == 0:
                 await self._chore("expire rate-limit counts", self._limiter.expire)
-            if self._db.shared and rounds % self.SWEEP_EVERY_ROUNDS == 0:
-                await self._chore("resolve writes of processes gone", self._resolve_abandoned)
+            if rounds % self._sweep_every == 0:
+                await self._chore("delete chat blobs no row names", self._collect_garbage)
             if rounds % self.RESERVE_EVERY_ROUNDS == 0:
                 await self._chore(
                     "keep the disk reserve", lambda: asyncio.to_thread(self._space.keep_reserve)
@@ -79,10 +81,9 @@ class Housekeeping:
             self._limiter.replace_blocks(await load_blocks(self._db))
             await self._store.count_stored()
 
-    async def _resolve_abandoned(self) -> None:
-        """A shared database: finish or undo the writes of processes whose lease expired
-        (they died mid-write)."""
-        await self._store.resolve_abandoned("of a server that stopped")
+    async def _collect_garbage(self) -> None:
+        """Give up on writes past their bound; delete the blobs no row names."""
+        await self._store.garbage.sweep()
 
     async def _check_files(self) -> None:
         """The database file still ours and whole; the lock files still ours."""

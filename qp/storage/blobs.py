@@ -1,4 +1,4 @@
-"""Blob stores: where a chat's messages array lives, under the key `chats/{chatId}.json`.
+"""Blob stores: bytes by key (a chat's messages live at `chats/{chatId}/{rev}.json`).
 
 `FileBlobStore` keeps them in a folder (atomic writes: temp file, fsync, rename);
 `S3BlobStore` (storage/s3.py) in any S3-compatible bucket.
@@ -25,10 +25,6 @@ _KEY_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-
 
 class StoreNotReady(Exception):
     """The store cannot be used at start-up (missing bucket, bad credentials, unreachable)."""
-
-
-def chat_key(chat_id: str) -> str:
-    return f"chats/{chat_id}.json"
 
 
 def check_key(key: str) -> str:
@@ -70,7 +66,8 @@ class BlobStore(Protocol):
         ...
 
     def listing(self, prefix: str) -> AsyncIterator[StoredBlob]:
-        """Every blob whose key starts with `prefix` (a folder, ending in `/`)."""
+        """Every blob whose key starts with `prefix` (a folder, ending in `/`), in its
+        subfolders too."""
         ...
 
 
@@ -138,7 +135,7 @@ class FileBlobStore:
     async def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
-            await asyncio.to_thread(_write_atomically, path, data)
+            await asyncio.to_thread(_write_atomically, path, data, self.root)
         except OSError as err:
             raise os_failure("write", key, err) from err
 
@@ -163,16 +160,24 @@ class FileBlobStore:
         folder = self._path(prefix.rstrip("/"))
 
         def scan() -> list[StoredBlob]:
-            try:
-                entries = list(os.scandir(folder))
-            except FileNotFoundError:
-                return []
             found = []
-            for entry in entries:
-                # Temp files of writes in progress start with a dot.
-                if entry.is_file() and not entry.name.startswith("."):
-                    stat = entry.stat()
-                    found.append(StoredBlob(prefix + entry.name, stat.st_size, stat.st_mtime))
+            folders = [(folder, prefix)]
+            while folders:
+                path, key_prefix = folders.pop()
+                try:
+                    entries = list(os.scandir(path))
+                except FileNotFoundError:
+                    continue  # removed meanwhile
+                for entry in entries:
+                    # Temp files of writes in progress start with a dot.
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append((Path(entry.path), f"{key_prefix}{entry.name}/"))
+                    elif entry.is_file(follow_symlinks=False):
+                        info = entry.stat()
+                        key = key_prefix + entry.name
+                        found.append(StoredBlob(key, info.st_size, info.st_mtime))
             return found
 
         try:
@@ -224,10 +229,19 @@ def _probe_folder(root: Path) -> None:
         os.unlink(name)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, data: bytes, root: Path) -> None:
     """Temp file in the same folder, fsync, rename over, fsync the folder: never a torn blob."""
-    # The key's own folder (chats/) may be new; the store's root must exist already.
-    path.parent.mkdir(exist_ok=True)
+    # The key's own folders (chats/ID/) may be new; the store's root must exist already.
+    # A folder made here is fsynced into its parent, so a power cut cannot lose it.
+    for folder in [*reversed(path.parent.relative_to(root).parents[:-1]), path.parent]:
+        folder = root / folder
+        if folder == root:
+            continue
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        _fsync_folder(folder.parent)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as tmp:
@@ -239,7 +253,11 @@ def _write_atomically(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

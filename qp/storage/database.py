@@ -9,7 +9,6 @@ placeholders; each backend takes them in its own parameter style.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -45,16 +44,24 @@ ChangeListener = Callable[[str], None]
 
 
 class Statements(Protocol):
-    """Transactions and queries: the database, or one of its sessions (`locked`)."""
+    """Transactions and queries."""
 
-    async def write(self, fn: WriteFn[T], *, maintenance: bool = False) -> T: ...
+    async def write(self, fn: WriteFn[T], *, maintenance: bool = False, durable: bool = True) -> T:
+        """`fn` as one transaction. `durable=False`: its commit need not wait for the disk
+        (what a database crash may forget: it is made durable by the next durable commit)."""
+        ...
 
     async def execute_write(
         self, sql: str, params: Parameters = (), *, maintenance: bool = False
     ) -> int: ...
 
     async def execute_write_many(
-        self, sql: str, params: Iterable[Sequence[Any]], *, maintenance: bool = False
+        self,
+        sql: str,
+        params: Iterable[Sequence[Any]],
+        *,
+        maintenance: bool = False,
+        durable: bool = True,
     ) -> None: ...
 
     async def execute_write_returning(
@@ -104,11 +111,6 @@ class Database(Statements, Protocol):
         """Tell `listener` the topic of each change another server process makes."""
         ...
 
-    def locked(self, key: str, *, shared: bool = False) -> AbstractAsyncContextManager[Statements]:
-        """Hold `key` (shared, or alone) across several statements and awaits, against every
-        process; the statements run in the session that holds it. SQLite: nothing to hold."""
-        ...
-
     async def close(self) -> None: ...
 
 
@@ -116,7 +118,7 @@ class StatementHelpers:
     """The one-statement helpers, the same for every backend: each backend gives `write`
     and `fetchall`."""
 
-    async def write(self, fn: WriteFn[T], *, maintenance: bool = False) -> T:
+    async def write(self, fn: WriteFn[T], *, maintenance: bool = False, durable: bool = True) -> T:
         raise NotImplementedError
 
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
@@ -133,14 +135,19 @@ class StatementHelpers:
         return await self.write(execute, maintenance=maintenance)
 
     async def execute_write_many(
-        self, sql: str, params: Iterable[Sequence[Any]], *, maintenance: bool = False
+        self,
+        sql: str,
+        params: Iterable[Sequence[Any]],
+        *,
+        maintenance: bool = False,
+        durable: bool = True,
     ) -> None:
         """Run one statement for each set of parameters, all in one transaction."""
 
         async def execute(tx: Transaction) -> None:
             await tx.executemany(sql, params)
 
-        await self.write(execute, maintenance=maintenance)
+        await self.write(execute, maintenance=maintenance, durable=durable)
 
     async def execute_write_returning(
         self, sql: str, params: Parameters = (), *, durable: bool = True
@@ -150,7 +157,7 @@ class StatementHelpers:
         async def execute(tx: Transaction) -> list[tuple[Any, ...]]:
             return await tx.fetchall(sql, params)
 
-        return await self.write(execute)
+        return await self.write(execute, durable=durable)
 
     async def fetchone(self, sql: str, params: Parameters = ()) -> tuple[Any, ...] | None:
         rows = await self.fetchall(sql, params)

@@ -1,11 +1,8 @@
-"""Write leases: which server processes sharing a PostgreSQL database are alive.
+"""Process leases: which server processes sharing a PostgreSQL database are alive.
 
-Each server renews its lease every second. A chat write in flight names its process in
-its pending note; another process (or `check --repair`) finishes or undoes it only once
-that process's lease has expired, and a process acknowledges a write only while its own
-lease has a safety margin left, so it never answers for a write someone else may be
-undoing. Leases are compared by the hosts' clocks: keep them in sync (NTP) to well within
-the margin.
+Each server renews its lease every second. What a process holds in the database for a
+while (budget reservations) names its lease; another process releases it only once that
+lease has expired. Leases are compared by the hosts' clocks: keep them in sync (NTP).
 
 A process also learns at each renewal whether any other process holds a live lease: while
 it is alone, nobody else can change a chat behind its back, so its cache needs no checks
@@ -13,6 +10,7 @@ it is alone, nobody else can change a chat behind its back, so its cache needs n
 it serves, so that each of them has stopped trusting that it is alone.
 
 SQLite needs none: one process owns the file under its lock file (qp/storage/claim.py).
+(The table keeps its first name, `write_leases`.)
 """
 
 from __future__ import annotations
@@ -41,35 +39,21 @@ RENEW_SECONDS = 1.0
 # that starts beside others waits longer than that before it serves.
 ALONE_TRUST_SECONDS = 1.5
 JOIN_WAIT_SECONDS = 2.0
-# A write whose note names no process (written before leases) is taken for abandoned this
-# long after its server's deadline for acknowledging it (clocks, scheduling).
-ABANDONED_AFTER_SECONDS = 5.0
-# Expired leases are kept this long, then forgotten (their writes were resolved by then),
+# Expired leases are kept this long, then forgotten (what they held was released by then),
 # by each live process once a minute.
 KEPT_SECONDS = 24 * 3600.0
 FORGET_EVERY_RENEWALS = 60
 
 
-class WriteLease:
+class ProcessLease:
     """This process's lease, and the other processes' as the database has them."""
 
     def __init__(self, db: Database, seconds: float):
         self.owner = uuid.uuid4().hex
         self.seconds = seconds
         self._db = db
-        # Monotonic time until which the lease holds for sure (forever on SQLite).
-        self._valid_until = 0.0 if db.shared else math.inf
         # Monotonic time until which no other process can be writing (forever on SQLite).
         self._alone_until = 0.0 if db.shared else math.inf
-
-    @property
-    def margin(self) -> float:
-        """Time the lease must still have left for a write to be acknowledged."""
-        return min(5.0, self.seconds / 3)
-
-    def holds(self) -> bool:
-        """Whether a write may be acknowledged now: the lease outlasts the margin."""
-        return time.monotonic() < self._valid_until - self.margin
 
     def alone(self) -> bool:
         """Whether no other process can have written to the database since the last check."""
@@ -82,7 +66,6 @@ class WriteLease:
             return
         started = time.monotonic()
         await self._db.execute_write(RENEW, (self.owner, time.time() + self.seconds))
-        self._valid_until = started + self.seconds
         ((others,),) = await self._db.fetchall(OTHERS, (self.owner, time.time()))
         self._alone_until = started + ALONE_TRUST_SECONDS if others == 0 else 0.0
 
@@ -104,11 +87,11 @@ class WriteLease:
                 if renewals % FORGET_EVERY_RENEWALS == 0:
                     await self._db.execute_write(FORGET_EXPIRED, (time.time() - KEPT_SECONDS,))
                 if failing:
-                    log.warning("the write lease is renewed again")
+                    log.warning("the process lease is renewed again")
                 failing = False
             except StorageUnavailable as err:
                 if not failing:
-                    log.error("cannot renew the write lease (writes wait for it): %s", err)
+                    log.error("cannot renew the process lease: %s", err)
                 failing = True
             await asyncio.sleep(RENEW_SECONDS)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import aiosqlite
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # MIGRATIONS[n]: the statements that take a database from version n - 1 to version n.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -81,6 +81,27 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
           fetched_at TEXT NOT NULL
         )
         """,
+    ),
+    # Copy-on-write chats: each write's messages under a revision of its own.
+    7: (
+        "ALTER TABLE chats ADD COLUMN blob_rev TEXT",
+        """
+        CREATE TABLE chat_writes (
+          rev TEXT PRIMARY KEY,
+          chat_id TEXT NOT NULL,
+          started_at REAL NOT NULL
+        )
+        """,
+        "CREATE INDEX idx_chat_writes_started_at ON chat_writes(started_at)",
+        """
+        CREATE TABLE chat_garbage (
+          chat_id TEXT NOT NULL,
+          rev TEXT NOT NULL,
+          since REAL NOT NULL,
+          PRIMARY KEY (chat_id, rev)
+        )
+        """,
+        "CREATE INDEX idx_chat_garbage_since ON chat_garbage(since)",
     ),
 }
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))

@@ -9,10 +9,6 @@ that LISTENs on a channel: the features announce what they change there (`chat:I
 changed). While that connection is lost, nothing another process changes is heard:
 `watching` is False (caches are not kept) until housekeeping connects again.
 
-`locked(key)` holds a session advisory lock across several statements and awaits (a chat
-write's SQL step and blob); the statements run on the session that holds it. A process
-that dies loses its sessions, and with them its locks.
-
 Numbers: the chats' token counts are NUMERIC, read back as an int when whole and a float
 otherwise, so a client's 12 or 12.5 comes back as it went in (as SQLite's INTEGER affinity
 does); costs are double precision (SQLite's REAL).
@@ -25,8 +21,8 @@ import functools
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -120,13 +116,10 @@ FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError
 
 
 class PostgresTransaction:
-    """A write's statements on its connection (see qp.storage.database). In a `locked`
-    session, what it announces is kept for the session to send as it lets go of its lock
-    (`deferred`): a round trip less, still after the commit."""
+    """A write's statements on its connection (see qp.storage.database)."""
 
-    def __init__(self, conn: asyncpg.Connection, deferred: list[str] | None = None):
+    def __init__(self, conn: asyncpg.Connection):
         self._conn = conn
-        self._deferred = deferred
 
     async def execute(self, sql: str, params: Parameters = ()) -> int:
         text, args = _statement(sql, params)
@@ -144,54 +137,15 @@ class PostgresTransaction:
         await self._conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
 
     async def notify(self, topic: str) -> None:
-        if self._deferred is not None:
-            self._deferred.append(topic)
-            return
         await self._conn.execute("SELECT pg_notify($1, $2)", CHANGES, topic)
 
 
-async def _transaction(
-    conn: asyncpg.Connection, fn: WriteFn[T], announce: bool, deferred: list[str] | None = None
-) -> T:
+async def _transaction(conn: asyncpg.Connection, fn: WriteFn[T], announce: bool) -> T:
     async with conn.transaction():
-        result = await fn(PostgresTransaction(conn, deferred))
+        result = await fn(PostgresTransaction(conn))
         if announce:  # delivered when the transaction commits
             await conn.execute("SELECT pg_notify($1, '')", CHANGES)
         return result
-
-
-# Taking a session's lock (alone, or shared), and letting go of it while sending what its
-# transactions announced, in one round trip.
-LOCK = {
-    False: "SELECT pg_advisory_lock(hashtextextended($1, 0))",
-    True: "SELECT pg_advisory_lock_shared(hashtextextended($1, 0))",
-}
-_ANNOUNCE = "(SELECT COUNT(pg_notify($2, topic)) FROM unnest($3::text[]) AS topic)"
-UNLOCK_AND_ANNOUNCE = {
-    False: f"SELECT pg_advisory_unlock(hashtextextended($1, 0)), {_ANNOUNCE}",
-    True: f"SELECT pg_advisory_unlock_shared(hashtextextended($1, 0)), {_ANNOUNCE}",
-}
-
-
-class PostgresSession(StatementHelpers):
-    """Statements on the one connection that holds a `locked` key."""
-
-    def __init__(self, conn: asyncpg.Connection, announce: bool):
-        self._conn = conn
-        self._announce = announce
-        # Topics its committed transactions announced, sent as the lock is let go.
-        self.announced: list[str] = []
-
-    async def write(self, fn: WriteFn[T], *, maintenance: bool = False) -> T:
-        topics: list[str] = []
-        with unavailable_on_failure():
-            result = await _transaction(self._conn, fn, self._announce, topics)
-        self.announced += topics
-        return result
-
-    async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
-        with unavailable_on_failure():
-            return await PostgresTransaction(self._conn).fetchall(sql, params)
 
 
 class PostgresDatabase(StatementHelpers):
@@ -271,11 +225,13 @@ class PostgresDatabase(StatementHelpers):
                 listener, self._listener = self._listener, None
                 await listener.close()
 
-    async def write(self, fn: WriteFn[T], *, maintenance: bool = False) -> T:
-        """Run `fn(transaction)` as one transaction: committed if it returns, else undone."""
+    async def write(self, fn: WriteFn[T], *, maintenance: bool = False, durable: bool = True) -> T:
+        """Run `fn(transaction)` as one transaction: committed if it returns, else undone
+        (on a connection whose commits do not wait for the disk, unless `durable`)."""
         self._refuse_if_damaged()
+        pool = self._pool if durable else self._quick_pool
         with unavailable_on_failure():
-            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 return await _transaction(conn, fn, not self._serving)
 
     async def execute_write(
@@ -302,27 +258,6 @@ class PostgresDatabase(StatementHelpers):
         with unavailable_on_failure():
             async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 return await PostgresTransaction(conn).fetchall(sql, params)
-
-    @asynccontextmanager
-    async def locked(self, key: str, *, shared: bool = False) -> AsyncIterator[PostgresSession]:
-        """Hold the advisory lock `key` on one pooled session while the body runs."""
-        self._refuse_if_damaged()
-        with unavailable_on_failure():
-            conn = await self._pool.acquire(timeout=CONNECT_TIMEOUT)
-        try:
-            with unavailable_on_failure():
-                await conn.execute(LOCK[shared], key)
-            session = PostgresSession(conn, not self._serving)
-            try:
-                yield session
-            finally:
-                try:
-                    await conn.execute(UNLOCK_AND_ANNOUNCE[shared], key, CHANGES, session.announced)
-                except FAILURES:
-                    # The session is unusable: closing it lets go of every lock it held.
-                    conn.terminate()
-        finally:
-            await self._pool.release(conn)
 
     def _refuse_if_damaged(self) -> None:
         if self.damage is not None:

@@ -13,7 +13,7 @@ import asyncpg
 
 from qp.storage.migrations import SchemaTooNew
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # pg_advisory_xact_lock key taken while the schema is brought up to date ("qp-mig").
 MIGRATION_LOCK = 0x71702D6D6967
 
@@ -121,6 +121,27 @@ STEPS: dict[int, tuple[str, ...]] = {
           accounts TEXT NOT NULL
         )
         """,
+    ),
+    # Copy-on-write chats, as SQLite's step 7.
+    3: (
+        "ALTER TABLE chats ADD COLUMN blob_rev TEXT",
+        """
+        CREATE TABLE chat_writes (
+          rev TEXT PRIMARY KEY,
+          chat_id TEXT NOT NULL,
+          started_at DOUBLE PRECISION NOT NULL
+        )
+        """,
+        "CREATE INDEX idx_chat_writes_started_at ON chat_writes(started_at)",
+        """
+        CREATE TABLE chat_garbage (
+          chat_id TEXT NOT NULL,
+          rev TEXT NOT NULL,
+          since DOUBLE PRECISION NOT NULL,
+          PRIMARY KEY (chat_id, rev)
+        )
+        """,
+        "CREATE INDEX idx_chat_garbage_since ON chat_garbage(since)",
     ),
 }
 

@@ -128,6 +128,8 @@ class SqliteDatabase(StatementHelpers):
         self._file = file
         self._make_room = make_room
         self._data_version: int | None = None
+        # Whether the writer's commits wait for the disk now (synchronous FULL, as opened).
+        self._durable: bool | None = True
         # Set once the file is found deleted, replaced or damaged: writes refused until restart.
         self.damage: str | None = None
         for conn in readers:
@@ -206,9 +208,11 @@ class SqliteDatabase(StatementHelpers):
         finally:
             self._file.close()
 
-    async def write(self, fn: WriteFn[T], *, maintenance: bool = False) -> T:
+    async def write(self, fn: WriteFn[T], *, maintenance: bool = False, durable: bool = True) -> T:
         """Run `fn(conn)` as one transaction on the writer: committed if it returns, else undone.
 
+        Not `durable`: committed without an fsync of the log (synchronous=NORMAL), which the
+        next durable commit makes (WAL keeps commits in order); a process crash keeps it.
         A `maintenance` write (a delete, an undo) that fails for lack of space is tried once
         more after the reserve's room is given back; client writes never take that room.
         """
@@ -220,11 +224,11 @@ class SqliteDatabase(StatementHelpers):
                 )
             try:
                 try:
-                    result = await self._transaction(fn)
+                    result = await self._transaction(fn, durable)
                 except sqlite3.Error as err:
                     if not (maintenance and failure_reason(err) == FULL and self._room()):
                         raise
-                    result = await self._transaction(fn)
+                    result = await self._transaction(fn, durable)
             except sqlite3.Error as err:
                 self._note_corruption(err)
                 raise StorageUnavailable("Database", str(err), failure_reason(err)) from err
@@ -232,9 +236,13 @@ class SqliteDatabase(StatementHelpers):
             self.verify_file()
             return result
 
-    async def _transaction(self, fn: WriteFn[T]) -> T:
+    async def _transaction(self, fn: WriteFn[T], durable: bool = True) -> T:
         writer = self._writer
         assert writer is not None
+        if self._durable is not durable:
+            self._durable = None  # unknown until the pragma is done, even if cancelled
+            await writer.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
         await writer.execute("BEGIN IMMEDIATE")
         try:
             result = await fn(SqliteTransaction(writer))
@@ -310,11 +318,6 @@ class SqliteDatabase(StatementHelpers):
 
     def subscribe(self, listener: ChangeListener) -> None:
         """Nothing to subscribe to: one server process owns the file."""
-
-    @asynccontextmanager
-    async def locked(self, key: str, *, shared: bool = False) -> AsyncIterator[SqliteDatabase]:
-        """Nothing to hold against other processes: this one owns the file."""
-        yield self
 
     async def changed_elsewhere(self) -> bool:
         """True when another process committed to the database since the last call."""
