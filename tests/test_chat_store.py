@@ -7,7 +7,6 @@ import asyncio
 import os
 import sqlite3
 import stat
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -141,8 +140,7 @@ async def test_a_put_that_lands_but_answers_late_leaves_the_chat_wholly_old(stor
     assert len(blob_files(tmp_path)) == 2
     await store.garbage.sweep()
     assert len(blob_files(tmp_path)) == 2
-    store.garbage.abandon_seconds = 0
-    time.sleep(0.01)
+    store.garbage.abandon_seconds = -1  # every write begun so far is past its bound
     await store.garbage.sweep()
     assert blob_files(tmp_path) == [named_blob(tmp_path)]
     assert await read(store) == ("v1", ["v1"] * 3)
@@ -155,8 +153,7 @@ async def test_a_writer_held_past_its_bound_between_put_and_commit_fails_and_cha
     blobs.hold("after put")
     update = asyncio.create_task(store.update("the-chat", version(2)))
     await blobs.entered.wait()
-    store.garbage.abandon_seconds = 0
-    time.sleep(0.01)
+    store.garbage.abandon_seconds = -1  # every write begun so far is past its bound
     await store.garbage.sweep()  # gives the write up and deletes its blob
     assert blob_files(tmp_path) == [named_blob(tmp_path)]
     blobs.release()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.helpers import ISO_MS, body_of_size, call, create, make_chat, unique_id
+from tests.helpers import ISO_MS, big_chat, body_of_size, call, create, make_chat, unique_id
 
 pytestmark = [pytest.mark.on_both_backends, pytest.mark.on_both_databases]
 
@@ -221,3 +221,114 @@ async def test_messages_too_deep_to_write_again_on_update_are_400(http, app_name
         400,
         {"error": "Invalid chat data"},
     )
+
+
+async def test_get_answers_the_revision_as_etag_and_304_to_a_client_that_has_it(
+    http, server, app_name
+):
+    chat_id = await create(http, make_chat(app=app_name, messages=["one"]))
+    rev = server.blob_key_of(chat_id).rsplit("/", 1)[1].removesuffix(".json")
+    async with http.get(f"/api/chats/{chat_id}") as response:
+        assert response.status == 200
+        assert response.headers["ETag"] == f'"{rev}"'
+        assert (await response.json())["messages"] == ["one"]
+    for header in (f'"{rev}"', f'W/"{rev}"', f'"other", "{rev}"'):
+        async with http.get(f"/api/chats/{chat_id}", headers={"If-None-Match": header}) as got:
+            assert got.status == 304, header
+            assert got.headers["ETag"] == f'"{rev}"'
+            assert await got.read() == b""
+    async with http.get(f"/api/chats/{chat_id}", headers={"If-None-Match": '"old"'}) as stale:
+        assert stale.status == 200
+        assert (await stale.json())["messages"] == ["one"]
+
+
+async def test_a_large_chat_streamed_carries_its_etag_too(http, server, app_name):
+    status, created = await call(
+        http, "POST", "/api/chats", data=big_chat(unique_id(), app_name, 2)
+    )
+    assert status == 200
+    chat_id = created["chatId"]
+    rev = server.blob_key_of(chat_id).rsplit("/", 1)[1].removesuffix(".json")
+    async with http.get(f"/api/chats/{chat_id}") as response:
+        assert response.status == 200
+        assert response.headers["ETag"] == f'"{rev}"'
+        assert len(await response.read()) > 1024 * 1024
+
+
+async def test_put_answers_the_new_etag_which_get_then_gives(http, app_name):
+    chat_id = await create(http, make_chat(app=app_name))
+    async with http.get(f"/api/chats/{chat_id}") as response:
+        first = response.headers["ETag"]
+    async with http.put(
+        f"/api/chats/{chat_id}", json={"chat": make_chat(chat_id, app=app_name, model="m2")}
+    ) as response:
+        assert (response.status, await response.json()) == (200, {"success": True})
+        second = response.headers["ETag"]
+    assert second != first
+    async with http.get(f"/api/chats/{chat_id}") as response:
+        assert response.headers["ETag"] == second
+
+
+async def test_put_if_match_the_current_revision_stores_the_chat(http, app_name):
+    chat_id = await create(http, make_chat(app=app_name))
+    async with http.get(f"/api/chats/{chat_id}") as response:
+        etag = response.headers["ETag"]
+    for if_match in (etag, "*"):
+        chat = make_chat(chat_id, app=app_name, model=f"after {if_match}")
+        status, body = await call(
+            http,
+            "PUT",
+            f"/api/chats/{chat_id}",
+            json={"chat": chat},
+            headers={"If-Match": if_match},
+        )
+        assert (status, body) == (200, {"success": True})
+        assert (await call(http, "GET", f"/api/chats/{chat_id}"))[1]["model"] == f"after {if_match}"
+        async with http.get(f"/api/chats/{chat_id}") as response:
+            etag = response.headers["ETag"]
+
+
+async def test_put_if_match_a_stale_revision_is_412_and_stores_nothing(http, server, app_name):
+    chat_id = await create(http, make_chat(app=app_name, model="m1", messages=["one"]))
+    async with http.get(f"/api/chats/{chat_id}") as response:
+        stale = response.headers["ETag"]
+    chat = make_chat(chat_id, app=app_name, model="m2", messages=["two"])
+    assert await call(http, "PUT", f"/api/chats/{chat_id}", json={"chat": chat}) == (
+        200,
+        {"success": True},
+    )
+    key = server.blob_key_of(chat_id)
+    late = make_chat(chat_id, app=app_name, model="m3", messages=["three"])
+    status, body = await call(
+        http, "PUT", f"/api/chats/{chat_id}", json={"chat": late}, headers={"If-Match": stale}
+    )
+    assert (status, body) == (412, {"error": "Chat changed"})
+    _, stored = await call(http, "GET", f"/api/chats/{chat_id}")
+    assert (stored["model"], stored["messages"]) == ("m2", ["two"])
+    assert server.blob_key_of(chat_id) == key
+
+
+async def test_put_if_match_of_an_unknown_chat_is_404(http):
+    chat_id = unique_id()
+    status, body = await call(
+        http,
+        "PUT",
+        f"/api/chats/{chat_id}",
+        json={"chat": make_chat(chat_id)},
+        headers={"If-Match": '"anything"'},
+    )
+    assert (status, body) == (404, {"error": "Chat not found"})
+
+
+async def test_if_none_match_star_is_304_and_a_weak_if_match_never_matches(http, app_name):
+    chat_id = await create(http, make_chat(app=app_name, model="m1"))
+    async with http.get(f"/api/chats/{chat_id}") as response:
+        etag = response.headers["ETag"]
+    async with http.get(f"/api/chats/{chat_id}", headers={"If-None-Match": "*"}) as got:
+        assert (got.status, got.headers["ETag"]) == (304, etag)
+    chat = make_chat(chat_id, app=app_name, model="m2")
+    status, body = await call(
+        http, "PUT", f"/api/chats/{chat_id}", json={"chat": chat}, headers={"If-Match": f"W/{etag}"}
+    )
+    assert (status, body) == (412, {"error": "Chat changed"})
+    assert (await call(http, "GET", f"/api/chats/{chat_id}"))[1]["model"] == "m1"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import sqlite3
 import subprocess
@@ -141,6 +140,13 @@ async def test_blocks_list_and_lift_reach_the_running_server(qp_server):
 # --- check and repair ------------------------------------------------------------------------
 
 
+def named_blob(data: Path, chat_id: str) -> Path:
+    """The blob file the chat's row names."""
+    with sqlite3.connect(data / "qp.sqlite3") as db:
+        ((rev,),) = db.execute("SELECT blob_rev FROM chats WHERE chat_id = ?", (chat_id,))
+    return data / "blobs" / "chats" / chat_id / f"{rev}.json"
+
+
 async def test_check_finds_and_repairs_what_cannot_be_served(qp_server):
     server = qp_server()
     async with aiohttp.ClientSession(server.url) as http:
@@ -149,9 +155,10 @@ async def test_check_finds_and_repairs_what_cannot_be_served(qp_server):
         unreadable = await create(http, make_chat(app="c"))
     server.stop()
     chats = server.data_dir / "blobs" / "chats"
-    (chats / f"{no_blob}.json").unlink()
-    (chats / f"{unreadable}.json").write_text("{not an array")
-    (chats / "orphan.json").write_text("[]")
+    named_blob(server.data_dir, no_blob).unlink()
+    named_blob(server.data_dir, unreadable).write_text("{not an array")
+    (chats / "orphan.json").write_text("[]")  # the worker's key, no row
+    (chats / kept / "stale.json").write_text("[]")  # a revision no row names
     assert qp(server.data_dir, "check").stdout == "nothing to repair\n"  # all younger than 60 s
 
     found = qp(server.data_dir, "check", "--min-age", "0")
@@ -160,14 +167,24 @@ async def test_check_finds_and_repairs_what_cannot_be_served(qp_server):
         [
             f"row-without-blob {no_blob}",
             f"unreadable-blob {unreadable} (not a JSON array)",
-            "blob-without-row orphan",
+            "blob-without-row orphan chats/orphan.json",
+            f"blob-without-row {kept} chats/{kept}/stale.json",
         ]
     )
     repaired = qp(server.data_dir, "check", "--min-age", "0", "--repair")
     assert repaired.returncode == 0
-    assert len(repaired.stdout.splitlines()) == 6
+    assert sorted(repaired.stdout.splitlines()[-3:]) == sorted(
+        [
+            f"removed chat {no_blob} (row-without-blob)",
+            f"removed chat {unreadable} (unreadable-blob)",
+            "deleted 4 blobs no row names",
+        ]
+    )
     again = qp(server.data_dir, "check", "--min-age", "0")
     assert (again.returncode, again.stdout) == (0, "nothing to repair\n")
+    assert sorted(str(p.relative_to(chats)) for p in chats.rglob("*.json")) == [
+        str(named_blob(server.data_dir, kept).relative_to(chats))
+    ]
     server.start()
     async with aiohttp.ClientSession(server.url) as http:
         assert (await call(http, "GET", f"/api/chats/{kept}"))[0] == 200
@@ -175,78 +192,32 @@ async def test_check_finds_and_repairs_what_cannot_be_served(qp_server):
             assert (await call(http, "GET", f"/api/chats/{gone}"))[0] == 404
 
 
-# --- interrupted writes ------------------------------------------------------------------------
-
-
-def interrupt(db_path: Path, chat_id: str, pending: dict, **row: object) -> None:
-    """Leave a row as a write stopped between its SQL step and its blob would."""
-    sets = ", ".join(f"{column} = ?" for column in row)
-    with sqlite3.connect(db_path) as db:
-        db.execute(
-            f"UPDATE chats SET {sets}{', ' if sets else ''}pending = ? WHERE chat_id = ?",
-            (*row.values(), json.dumps(pending), chat_id),
-        )
-
-
-async def test_a_restart_finishes_or_undoes_interrupted_writes(qp_server):
+async def test_check_repair_leaves_a_write_in_flight_to_its_bound(qp_server):
+    """A blob whose write has not committed yet (its intent is recorded) is not removed,
+    however old: the write may still commit it."""
     server = qp_server()
     async with aiohttp.ClientSession(server.url) as http:
-        updated = await create(http, make_chat(app="w", model="old", messages=["old"]))
-        undone = await create(http, make_chat(app="w", model="old", messages=["old"]))
-        created = await create(http, make_chat(app="w", model="new", messages=["new"]))
-        half_created = await create(http, make_chat(app="w", model="new", messages=["new"]))
-        _, before = await call(http, "GET", f"/api/chats/{undone}")
+        kept = await create(http, make_chat(app="c"))
     server.stop()
-    db = server.data_dir / "qp.sqlite3"
-    chats = server.data_dir / "blobs" / "chats"
-    with sqlite3.connect(db) as conn:
-        previous = dict(
-            zip(
-                [
-                    "chat_id",
-                    "app",
-                    "model",
-                    "prompt_tokens",
-                    "completion_tokens",
-                    "estimated_cost",
-                    "created_at",
-                    "updated_at",
-                ],
-                conn.execute(
-                    "SELECT chat_id, app, model, prompt_tokens, completion_tokens,"
-                    " estimated_cost, created_at, updated_at FROM chats WHERE chat_id = ?",
-                    (undone,),
-                ).fetchone(),
-                strict=True,
-            )
-        )
-    new_blob = b'["new"]'
-    digest = hashlib.sha256(new_blob).hexdigest()
-    # The update reached the blob store before the stop: it is finished.
-    (chats / f"{updated}.json").write_bytes(new_blob)
-    interrupt(db, updated, {"op": "update", "sha256": digest, "previous": {}}, model="new")
-    # The update did not: it is undone, the row put back as it was.
-    interrupt(db, undone, {"op": "update", "sha256": digest, "previous": previous}, model="new")
-    # A create whose blob is there is finished; one whose blob is not is undone.
-    interrupt(db, created, {"op": "create", "sha256": hashlib.sha256(b'["new"]').hexdigest()})
-    (chats / f"{half_created}.json").unlink()
-    interrupt(db, half_created, {"op": "create", "sha256": digest})
-
-    checked = qp(server.data_dir, "check", "--min-age", "0")
-    assert checked.returncode == 1
-    # Writes whose blob was stored need nothing but their bookkeeping: not reported.
-    assert sorted(checked.stdout.splitlines()) == sorted(
-        [f"interrupted-write {undone} (update)", f"interrupted-write {half_created} (create)"]
+    in_flight = server.data_dir / "blobs" / "chats" / kept / "in-flight.json"
+    in_flight.write_text("[]")
+    with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
+        db.execute("INSERT INTO chat_writes VALUES ('in-flight', ?, strftime('%s'))", (kept,))
+    checked = qp(server.data_dir, "check", "--min-age", "0", "--repair")
+    assert (checked.returncode, checked.stdout) == (0, "nothing to repair\n")
+    assert in_flight.exists()
+    given_up = qp(
+        server.data_dir,
+        "check",
+        "--min-age",
+        "0",
+        "--repair",
+        QP_WRITE_ABANDON_SECONDS="0.001",
+        QP_S3_TIMEOUT="0.0001",
     )
-    server.start()
-    assert "4 chat writes a stop interrupted: 2 finished, 2 undone" in server.log()
-    async with aiohttp.ClientSession(server.url) as http:
-        _, chat = await call(http, "GET", f"/api/chats/{updated}")
-        assert (chat["model"], chat["messages"]) == ("new", ["new"])
-        assert await call(http, "GET", f"/api/chats/{undone}") == (200, before)
-        assert (await call(http, "GET", f"/api/chats/{created}"))[1]["messages"] == ["new"]
-        assert (await call(http, "GET", f"/api/chats/{half_created}"))[0] == 404
-    assert qp(server.data_dir, "check", "--min-age", "0").stdout == "nothing to repair\n"
+    assert given_up.stdout == "nothing to repair\ndeleted 1 blobs no row names\n"
+    assert not in_flight.exists()
+    assert named_blob(server.data_dir, kept).exists()
 
 
 # --- moving from the worker: import-d1 and copy-blobs ------------------------------------------
@@ -313,6 +284,33 @@ async def test_a_worker_export_imports_into_servable_chats_idempotently(qp_serve
             i for i, c in expected.items() if c["app"] == "o'brien-lab"
         }
     assert qp(data, "check", "--min-age", "0").stdout == "nothing to repair\n"
+
+    # Going back: one chat written again through the server lives at a key of its own,
+    # and the worker's layout brings every chat's current messages back to its key.
+    sample = "AxXTjIlpWsbgd0DbuAzbR"
+    async with aiohttp.ClientSession(server.url) as http:
+        chat = make_chat(sample, app=expected[sample]["app"], messages=["written again"])
+        assert (await call(http, "PUT", f"/api/chats/{sample}", json={"chat": chat}))[0] == 200
+    server.stop()
+    assert not (data / "blobs" / "chats" / f"{sample}.json").exists()
+    back = tmp_path / "back-to-the-worker"
+    written = qp(
+        data,
+        "copy-blobs",
+        "--layout",
+        "worker",
+        "--from",
+        f"file://{data / 'blobs'}",
+        "--to",
+        f"file://{back}",
+    )
+    assert (written.returncode, written.stdout) == (0, "24 copied, 0 already there\n")
+    assert sorted(p.name for p in (back / "chats").iterdir()) == sorted(
+        f"{chat_id}.json" for chat_id in expected
+    )
+    for chat_id, chat in expected.items():
+        messages = ["written again"] if chat_id == sample else chat["messages"]
+        assert json.loads((back / "chats" / f"{chat_id}.json").read_bytes()) == messages
 
 
 def chat_rows(data: Path) -> list[tuple]:

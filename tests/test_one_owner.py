@@ -1,12 +1,9 @@
 """One owner per database: a second server refuses to start, `check --repair` beside a live
-server touches only what is provably abandoned, and no acknowledged write is ever lost."""
+server touches nothing a write may still commit, and no acknowledged write is ever lost."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import sqlite3
-import time
 
 import aiohttp
 import pytest
@@ -56,62 +53,10 @@ async def test_check_repair_beside_a_live_server_under_load_loses_nothing(qp_ser
     def repair() -> None:
         repaired = run_qp(server.data_dir, "check", "--repair", "--min-age", min_age)
         assert repaired.returncode == 0, repaired.stderr
-        assert repaired.stdout == "nothing to repair\n"
-        assert f"a qp-server (pid {server.process.pid}) is serving" in repaired.stderr
+        # Garbage of the server's own commits may be deleted too; nothing is found.
+        assert repaired.stdout.splitlines()[0] == "nothing to repair"
 
     await under_write_load(server, repair)
-
-
-def leave_pending(db_path, chat_id: str, note: dict, **row: object) -> None:
-    """Leave a row as a writer that stopped between its SQL step and its blob would."""
-    sets = "".join(f"{column} = ?, " for column in row)
-    with sqlite3.connect(db_path) as db:
-        db.execute(
-            f"UPDATE chats SET {sets}pending = ? WHERE chat_id = ?",
-            (*row.values(), json.dumps(note), chat_id),
-        )
-
-
-def row_of(db_path, chat_id: str) -> dict:
-    with sqlite3.connect(db_path) as db:
-        db.row_factory = sqlite3.Row
-        found = db.execute(
-            "SELECT chat_id, app, model, prompt_tokens, completion_tokens, estimated_cost,"
-            " created_at, updated_at FROM chats WHERE chat_id = ?",
-            (chat_id,),
-        ).fetchone()
-    return dict(found)
-
-
-async def test_check_repair_beside_a_live_server_undoes_only_abandoned_writes(qp_server):
-    server = qp_server(QP_S3_TIMEOUT="1")  # its writes end within 11 s; repair waits 16 s
-    db_path = server.data_dir / "qp.sqlite3"
-    async with aiohttp.ClientSession(server.url) as http:
-        old = await create(http, make_chat(app="live", model="kept"))
-        young = await create(http, make_chat(app="live", model="kept"))
-        _, before = await call(http, "GET", f"/api/chats/{old}")
-        for chat_id, age in ((old, 100.0), (young, 5.0)):
-            previous = row_of(db_path, chat_id)
-            note = {"op": "update", "sha256": "0" * 64, "at": time.time() - age}
-            leave_pending(db_path, chat_id, {**note, "previous": previous}, model="half-written")
-
-        repaired = await asyncio.to_thread(
-            run_qp, server.data_dir, "check", "--repair", "--min-age", "0"
-        )
-        assert repaired.returncode == 0, repaired.stderr
-        assert repaired.stdout.splitlines() == [
-            f"interrupted-write {old} (update)",
-            "interrupted writes: 0 finished, 1 undone",
-        ]
-        assert "writes younger than 16 s may be in flight" in repaired.stderr
-        # The server notices the outside change within a second and serves the row put back.
-        for _ in range(40):
-            if await call(http, "GET", f"/api/chats/{old}") == (200, before):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the abandoned write was not undone")
-    assert row_of(db_path, young)["model"] == "half-written"  # young: maybe in flight
 
 
 async def test_check_refuses_to_repair_another_blob_store_than_the_live_servers(

@@ -23,8 +23,10 @@ from qp.storage.blobs import BlobStore
 log = logging.getLogger("qp.chats.garbage")
 
 DEFAULT_ABANDON_SECONDS = 900.0
-# Blobs deleted per sweep, and deletions at once just after commits (more wait the sweep).
+# Writes given up and blobs deleted per batch, batches per sweep (10,000 blobs a minute at
+# most), and deletions at once just after commits (more wait for the sweep).
 SWEEP_LIMIT = 500
+SWEEP_BATCHES = 20
 MAX_DELETING_NOW = 32
 
 
@@ -52,11 +54,20 @@ class ChatGarbage:
         await self._collect_quietly([(chat_id, rev)])
 
     async def sweep(self) -> int:
-        """Give up on writes older than the bound, then delete garbage blobs (at most
-        SWEEP_LIMIT); answers how many blobs were deleted."""
+        """Give up on writes older than the bound, then delete garbage blobs, in batches
+        of SWEEP_LIMIT, at most SWEEP_BATCHES of each; answers how many were deleted."""
         now = time.time()
-        await self._rows.expire_writes(now - self.abandon_seconds, now, SWEEP_LIMIT)
-        return await self._collect(await self._rows.garbage(SWEEP_LIMIT))
+        for _ in range(SWEEP_BATCHES):
+            given_up = await self._rows.expire_writes(now - self.abandon_seconds, now, SWEEP_LIMIT)
+            if given_up < SWEEP_LIMIT:
+                break
+        deleted = 0
+        for _ in range(SWEEP_BATCHES):
+            batch = await self._collect(await self._rows.garbage(SWEEP_LIMIT))
+            deleted += batch
+            if batch < SWEEP_LIMIT:
+                break
+        return deleted
 
     async def close(self) -> None:
         await asyncio.gather(*self._deleting, return_exceptions=True)

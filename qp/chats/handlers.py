@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Container, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 from aiohttp import hdrs, web
@@ -68,7 +68,7 @@ async def create_chat(request: web.Request) -> web.Response:
 
 async def get_chat(request: web.Request) -> web.StreamResponse:
     chat_id = request.match_info["chat_id"]
-    current = _entity_tags(request.headers.get(hdrs.IF_NONE_MATCH)) or ()
+    current = _entity_tags(request.headers.get(hdrs.IF_NONE_MATCH), weak=True) or ()
     async with request.app[BYTE_BUDGET].hold(READ_HOLD_BYTES):
         store = request.app[CHAT_STORE]
         chat = await store.open_chat(chat_id, current) if is_valid_chat_id(chat_id) else None
@@ -96,7 +96,7 @@ async def update_chat(request: web.Request) -> web.Response:
             raise ApiError(400, "Invalid chat id")
         if chat.chat_id != chat_id:
             raise ApiError(400, "Chat ID mismatch")
-        if_match = _entity_tags(request.headers.get(hdrs.IF_MATCH))
+        if_match = _entity_tags(request.headers.get(hdrs.IF_MATCH), weak=False)
         try:
             with _charged(request, chat):
                 version = await request.app[CHAT_STORE].update(
@@ -175,15 +175,25 @@ def _etag(version: str) -> str:
     return f'"{version}"'
 
 
-def _entity_tags(header: str | None) -> frozenset[str] | None:
-    """The versions an If-Match or If-None-Match header names (weak or strong alike); None
-    when it is absent or `*` (any version: a PUT needs its chat to exist anyway)."""
+class _EveryVersion:
+    """`If-None-Match: *`: whatever version the chat has, the client has it."""
+
+    def __contains__(self, version: object) -> bool:
+        return True
+
+
+def _entity_tags(header: str | None, *, weak: bool) -> Container[str] | None:
+    """The versions an If-None-Match (`weak`: W/ tags compare too) or If-Match (strong
+    comparison: a weak tag matches nothing) header names; None when absent, and for `*`
+    in If-Match (any version: a PUT needs its chat to exist anyway)."""
     if header is None:
         return None
     tags = {tag.strip() for tag in header.split(",")}
     if "*" in tags:
-        return None
-    return frozenset(tag.removeprefix("W/").strip('"') for tag in tags if tag)
+        return _EveryVersion() if weak else None
+    if weak:
+        tags = {tag.removeprefix("W/") for tag in tags}
+    return frozenset(tag[1:-1] for tag in tags if len(tag) >= 2 and tag[0] == tag[-1] == '"')
 
 
 def _total_cap(policy: Policy) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Collection
+from collections.abc import Container
 
 from qp.chats.model import (
     ChatChanged,
@@ -61,6 +61,15 @@ UPDATE = """
 """
 ADD_GARBAGE = """
     INSERT INTO chat_garbage (chat_id, rev, since) VALUES (?, ?, ?)
+    ON CONFLICT (chat_id, rev) DO NOTHING
+"""
+# A blob found that no row names: garbage only while no row names it and no write that
+# may still commit it is in flight (that write's intent was recorded before its blob).
+ADD_UNNAMED = """
+    INSERT INTO chat_garbage (chat_id, rev, since)
+    SELECT CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS DOUBLE PRECISION)
+    WHERE NOT EXISTS (SELECT 1 FROM chats WHERE chat_id = ? AND COALESCE(blob_rev, '') = ?)
+      AND NOT EXISTS (SELECT 1 FROM chat_writes WHERE rev = ?)
     ON CONFLICT (chat_id, rev) DO NOTHING
 """
 DELETE = "DELETE FROM chats WHERE chat_id = ? RETURNING messages_bytes, blob_rev"
@@ -169,7 +178,7 @@ class ChatRows:
         rev: str,
         now: str,
         superseded_at: float,
-        if_match: Collection[str] | None,
+        if_match: Container[str] | None,
     ) -> ChatRow:
         """Make the row name `rev` (model, usage, updated_at too), consuming the write's
         intent, and put the revision it names now in the garbage; answers the row as it
@@ -249,6 +258,10 @@ class ChatRows:
         intent is deleted and its revision put in the garbage, in one transaction (a
         commit can no longer consume it). Answers how many."""
 
+        # Read first: most sweeps find none, and then take no write transaction.
+        if not await self.db.fetchall(EXPIRED_WRITES, (started_before, 1)):
+            return 0
+
         async def expire(tx: Transaction) -> int:
             expired = 0
             for rev, chat_id in await tx.fetchall(EXPIRED_WRITES, (started_before, limit)):
@@ -271,11 +284,18 @@ class ChatRows:
             )
 
     async def add_garbage(self, blobs: list[tuple[str, str]], at: float) -> None:
-        """Blobs found that no row names (`check --repair`, an upgrade), to be collected."""
+        """Blobs no row names any more (a database copied), to be collected."""
         if blobs:
             await self.db.execute_write_many(
                 ADD_GARBAGE, [(chat_id, rev, at) for chat_id, rev in blobs], maintenance=True
             )
+
+    async def add_unnamed(self, blobs: list[tuple[str, str]], at: float) -> None:
+        """Blobs `check` found that no row names, to be collected, each only while no row
+        names it and no write in flight may commit it."""
+        if blobs:
+            params = [(c, r, at, c, r, r) for c, r in blobs]
+            await self.db.execute_write_many(ADD_UNNAMED, params, maintenance=True)
 
     async def known_unnamed(self) -> set[tuple[str, str]]:
         """(chat id, rev) of the blobs the tables know no row names yet: writes in flight

@@ -18,7 +18,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection
+from collections.abc import AsyncGenerator, Awaitable, Callable, Container
 from dataclasses import dataclass
 
 from qp.chats.cache import ChatCache
@@ -139,7 +139,7 @@ class ChatStore:
         chat_id: str,
         chat: ChatInput,
         max_total_bytes: int = 0,
-        if_match: Collection[str] | None = None,
+        if_match: Container[str] | None = None,
     ) -> str:
         """Replace messages, model and usage; answers the new version. ChatNotFound;
         ChatChanged when `if_match` is given and names no current version."""
@@ -236,7 +236,7 @@ class ChatStore:
 
     # --- reads ---------------------------------------------------------------------------
 
-    async def open_chat(self, chat_id: str, current: Collection[str] = ()) -> OpenedChat | None:
+    async def open_chat(self, chat_id: str, current: Container[str] = ()) -> OpenedChat | None:
         """The chat, or None when its row or messages are missing. When its version is
         one of `current` (the client's copies), its body is not read."""
         cached = await self._cached(chat_id)

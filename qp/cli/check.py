@@ -52,8 +52,10 @@ async def find_problems(db: Database, blobs: BlobStore, min_age: float) -> list[
         parsed = parse_blob_key(blob.key)
         if parsed is not None:
             stored[parsed] = blob
-    named = await rows_of.all_named()
+    # The writes in flight before the rows: one that commits between the two reads is
+    # then in one or the other.
     known = await rows_of.known_unnamed()
+    named = await rows_of.all_named()
     findings: list[Finding] = []
     for chat_id, (rev, updated_at) in sorted(named.items()):
         if epoch_seconds(updated_at) > cutoff:
@@ -64,11 +66,18 @@ async def find_problems(db: Database, blobs: BlobStore, min_age: float) -> list[
         content = await blobs.get(blob_key(chat_id, rev))
         if content is not None and not is_messages_array(content):
             findings.append(Finding("unreadable-blob", chat_id, rev, "not a JSON array"))
-    for (chat_id, rev), blob in sorted(stored.items()):
-        if named.get(chat_id, ("-", ""))[0] == rev or (chat_id, rev) in known:
-            continue
-        if blob.modified <= cutoff:
-            findings.append(Finding("blob-without-row", chat_id, rev))
+    unnamed = {
+        key
+        for key, blob in stored.items()
+        if named.get(key[0], ("-", ""))[0] != key[1]
+        and key not in known
+        and blob.modified <= cutoff
+    }
+    if unnamed:
+        # Listed again: one deleted meanwhile (garbage collected after a commit the tables
+        # above already showed) is no finding.
+        still = {parsed async for b in blobs.listing("chats/") if (parsed := parse_blob_key(b.key))}
+        findings += [Finding("blob-without-row", *key) for key in sorted(unnamed & still)]
     return findings
 
 
@@ -80,7 +89,7 @@ async def repair(
     rows = ChatRows(db)
     done: list[str] = []
     unnamed = [(f.chat_id, f.rev) for f in findings if f.kind == "blob-without-row"]
-    await rows.add_garbage(unnamed, time.time())
+    await rows.add_unnamed(unnamed, time.time())
     for finding in findings:
         if finding.kind == "blob-without-row":
             continue

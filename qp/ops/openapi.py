@@ -215,6 +215,29 @@ CHAT_ID_PARAMETER = {
     "schema": {"type": "string"},
 }
 CHAT_BODY = {"required": True, "content": {"application/json": {"schema": _ref("ChatBody")}}}
+# The chat's revision (a worker's chat not yet updated: its updatedAt), quoted.
+ETAG = {
+    "ETag": {
+        "required": True,
+        "description": "The chat's revision",
+        "schema": {"type": "string", "pattern": '^"[^"]+"$'},
+    }
+}
+
+
+def _condition(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+def _with_etag(answer: dict[str, Any]) -> dict[str, Any]:
+    return {**answer, "headers": ETAG}
+
 
 PATHS: dict[str, Any] = {
     "/api/chats": {
@@ -262,8 +285,16 @@ PATHS: dict[str, Any] = {
         "get": {
             "operationId": "getChat",
             "summary": "One chat",
+            "parameters": [
+                _condition(
+                    "If-None-Match",
+                    "Entity tags of copies the client holds: 304 when one names the"
+                    " chat's current revision",
+                )
+            ],
             "responses": {
-                "200": _json(_ref("Chat"), "The chat"),
+                "200": _with_etag(_json(_ref("Chat"), "The chat")),
+                "304": {"description": "The client's copy is current: no body", "headers": ETAG},
                 "404": _error("Chat not found"),
                 **COMMON,
             },
@@ -271,18 +302,28 @@ PATHS: dict[str, Any] = {
         "put": {
             "operationId": "updateChat",
             "summary": "Replace a chat's messages, model and usage",
+            "parameters": [
+                _condition(
+                    "If-Match",
+                    "Store only if this names the chat's current revision (its ETag), else"
+                    " 412; `*` or none: the last write wins",
+                )
+            ],
             "requestBody": CHAT_BODY,
             "responses": {
-                "200": _json(
-                    {
-                        "type": "object",
-                        "required": ["success"],
-                        "properties": {"success": {"const": True}},
-                    },
-                    "Stored",
+                "200": _with_etag(
+                    _json(
+                        {
+                            "type": "object",
+                            "required": ["success"],
+                            "properties": {"success": {"const": True}},
+                        },
+                        "Stored; ETag is the new revision",
+                    )
                 ),
                 **BODY_ERRORS,
                 "404": _error("Chat not found"),
+                "412": _error("Chat changed: If-Match names no current revision; nothing stored"),
                 **COMMON,
                 "507": _error("Insufficient storage"),
             },

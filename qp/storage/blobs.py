@@ -78,6 +78,12 @@ class StoredBlob:
     modified: float  # epoch seconds
 
 
+def shown_key(key: str) -> str:
+    """A key as failures name it: its first folder only (a chat's key holds its id, a
+    bearer secret that never goes to a log)."""
+    return f"{key.split('/', 1)[0]}/..." if "/" in key else key
+
+
 def os_failure(action: str, key: str, err: OSError) -> StorageUnavailable:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         reason = FULL
@@ -85,7 +91,9 @@ def os_failure(action: str, key: str, err: OSError) -> StorageUnavailable:
         reason = READ_ONLY
     else:
         reason = UNAVAILABLE
-    return StorageUnavailable("Storage", f"{action} {key}: {err.strerror or err}", reason)
+    return StorageUnavailable(
+        "Storage", f"{action} {shown_key(key)}: {err.strerror or err}", reason
+    )
 
 
 class FileBlobStore:

@@ -24,6 +24,7 @@ from qp.storage.blobs import (
     StoreNotReady,
     check_key,
     os_failure,
+    shown_key,
 )
 
 # What a request to S3 can fail with when the store is down, slow or refusing.
@@ -40,6 +41,7 @@ SPOOL_CHUNK = 256 * 1024
 
 
 def _s3_failure(action: str, key: str, err: Exception) -> StorageUnavailable:
+    key = shown_key(key)
     if isinstance(err, TimeoutError):
         return StorageUnavailable("Storage", f"{action} {key}: no answer in time")
     reason = UNAVAILABLE

@@ -40,7 +40,7 @@ READER_COUNT = 4
 BUSY_TIMEOUT_MS = 5000
 
 T = TypeVar("T")
-# Called when a maintenance write (a delete, an undo, start-up) fails for lack of space:
+# Called when a maintenance write (a delete, a collection, start-up) fails for lack of space:
 # frees some room and answers whether it did, so the write is tried once more.
 MakeRoom = Callable[[], bool]
 
@@ -213,7 +213,7 @@ class SqliteDatabase(StatementHelpers):
 
         Not `durable`: committed without an fsync of the log (synchronous=NORMAL), which the
         next durable commit makes (WAL keeps commits in order); a process crash keeps it.
-        A `maintenance` write (a delete, an undo) that fails for lack of space is tried once
+        A `maintenance` write (a delete, a collection) that fails for lack of space is tried once
         more after the reserve's room is given back; client writes never take that room.
         """
         async with self._write_lock:
