@@ -162,6 +162,8 @@ async def test_two_processes_migrating_at_once_make_the_schema_once(postgres):
         "blocks",
         "budget_accounts",
         "budget_reservations",
+        "chat_garbage",
+        "chat_writes",
         "chats",
         "completions",
         "prices",
@@ -181,7 +183,7 @@ async def test_a_database_from_a_newer_server_is_refused(tmp_path, postgres):
         url.rsplit("/", 1)[1],
     )
     line = refusal(run_server_once(tmp_path / "data", QP_DATABASE=url))
-    assert "SchemaTooNew: schema version 99 is newer than this server's (2)" in line
+    assert f"SchemaTooNew: schema version 99 is newer than this server's ({SCHEMA_VERSION})" in line
 
 
 def listener_session(postgres: PostgresServer, database: str) -> str:
@@ -448,6 +450,10 @@ async def test_the_tools_writes_reach_the_running_server_within_a_second(tmp_pat
                 if body.get("message") != "IP blocked due to excessive violations":
                     break
                 await asyncio.sleep(0.05)
-            assert (status, body["message"]) == (429, "Rate limit exceeded: 5 requests per minute")
+            # (Unless the minute ended meanwhile: then the client is simply served again.)
+            assert (status, body.get("message")) in (
+                (429, "Rate limit exceeded: 5 requests per minute"),
+                (404, None),
+            ), body
     finally:
         server.stop()

@@ -133,7 +133,7 @@ def test_no_configuration_serves_on_8787_with_data_under_dot_data(tmp_path):
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.status == 200
         assert (tmp_path / "data" / "qp.sqlite3").is_file()
-        assert len(list((tmp_path / "data" / "blobs" / "chats").glob("*.json"))) == 1
+        assert len(list((tmp_path / "data" / "blobs" / "chats").rglob("*.json"))) == 1
     finally:
         process.terminate()
         process.wait(10)
