@@ -102,8 +102,8 @@ def named_blob(tmp_path: Path) -> str:
 
 
 async def drain(store: ChatStore) -> None:
-    """Let the deletions begun just after commits finish."""
-    await store.garbage.close()
+    """Let the deletions that follow commits happen now."""
+    await store.garbage.flush()
 
 
 async def test_a_read_during_an_update_gets_the_old_chat_whole_without_waiting(store, blobs):

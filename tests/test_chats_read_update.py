@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 
 from tests.helpers import ISO_MS, big_chat, body_of_size, call, create, make_chat, unique_id
@@ -332,3 +333,21 @@ async def test_if_none_match_star_is_304_and_a_weak_if_match_never_matches(http,
     )
     assert (status, body) == (412, {"error": "Chat changed"})
     assert (await call(http, "GET", f"/api/chats/{chat_id}"))[1]["model"] == "m1"
+
+
+async def test_the_blob_an_update_supersedes_is_deleted_a_moment_later(http, server, app_name):
+    chat_id = await create(http, make_chat(app=app_name, messages=["one"]))
+    old_key = server.blob_key_of(chat_id)
+    chat = make_chat(chat_id, app=app_name, messages=["two"])
+    assert (await call(http, "PUT", f"/api/chats/{chat_id}", json={"chat": chat}))[0] == 200
+    new_key = server.blob_key_of(chat_id)
+    assert new_key != old_key
+
+    def garbage() -> list:
+        return server.database.rows("SELECT * FROM chat_garbage WHERE chat_id = ?", (chat_id,))
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while server.backend.read_blob(old_key) is not None or garbage():
+        assert asyncio.get_running_loop().time() < deadline, "the superseded blob stayed"
+        await asyncio.sleep(0.05)
+    assert orjson.loads(server.backend.read_blob(new_key)) == ["two"]

@@ -4,30 +4,29 @@ A blob becomes garbage when a commit supersedes it, a delete removes its row, or
 is given up (`QP_WRITE_ABANDON_SECONDS` after it began without committing: its intent row
 is deleted first, in the same transaction that lists it as garbage, so its writer can no
 longer commit it). The tables say which blobs those are, so nothing lists the bucket: a
-collection costs one query and one blob delete per blob, whatever the bucket holds.
-Superseded blobs are deleted just after their commit; a sweep (housekeeping) takes the
-rest, and the writes given up.
+collection costs a query and one delete request per 1,000 blobs (S3's DeleteObjects),
+whatever the bucket holds. Superseded blobs are deleted a moment after their commit, many
+to a request; a sweep (housekeeping) takes the rest, and the writes given up.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from qp.chats.model import blob_key
 from qp.chats.sql import ChatRows
 from qp.errors import StorageUnavailable
+from qp.storage.batches import BatchWriter
 from qp.storage.blobs import BlobStore
 
 log = logging.getLogger("qp.chats.garbage")
 
 DEFAULT_ABANDON_SECONDS = 900.0
-# Writes given up and blobs deleted per batch, batches per sweep (10,000 blobs a minute at
-# most), and deletions at once just after commits (more wait for the sweep).
+# Writes given up and blobs deleted per batch, and batches per sweep (10,000 blobs a
+# minute at most).
 SWEEP_LIMIT = 500
 SWEEP_BATCHES = 20
-MAX_DELETING_NOW = 32
 
 
 class ChatGarbage:
@@ -37,21 +36,20 @@ class ChatGarbage:
         self._rows = rows
         self._blobs = blobs
         self.abandon_seconds = abandon_seconds
-        self._deleting: set[asyncio.Task[None]] = set()
+        # Blobs superseded by commits, deleted a moment later many to a request, then their
+        # rows forgotten (a batch that fails is left to the sweep).
+        self._superseded: BatchWriter[tuple[str, str]] = BatchWriter(
+            self._delete_superseded, "superseded chat blobs (left for the sweep)"
+        )
 
     def collect_soon(self, chat_id: str, rev: str) -> None:
-        """Delete a blob a commit has just made garbage, in the background (the sweep
-        takes it if too many are being deleted already, or if this fails)."""
-        if len(self._deleting) >= MAX_DELETING_NOW:
-            return
-        task = asyncio.ensure_future(self._collect_quietly([(chat_id, rev)]))
-        self._deleting.add(task)
-        task.add_done_callback(self._deleting.discard)
+        """Delete a blob a commit has just made garbage, in the background, with others."""
+        self._superseded.add((chat_id, rev))
 
     async def collect_now(self, chat_id: str, rev: str) -> None:
         """Delete a blob a commit has just made garbage, before answering (a failure leaves
         it to the sweep)."""
-        await self._collect_quietly([(chat_id, rev)])
+        await self._delete_quietly(chat_id, rev)
 
     async def sweep(self) -> int:
         """Give up on writes older than the bound, then delete garbage blobs, in batches
@@ -69,22 +67,27 @@ class ChatGarbage:
                 break
         return deleted
 
-    async def close(self) -> None:
-        await asyncio.gather(*self._deleting, return_exceptions=True)
+    async def flush(self) -> None:
+        """Delete now the superseded blobs waiting to be deleted."""
+        await self._superseded.flush()
 
-    async def _collect_quietly(self, garbage: list[tuple[str, str]]) -> None:
+    async def close(self) -> None:
+        await self._superseded.close()
+
+    async def _delete_superseded(self, garbage: list[tuple[str, str]]) -> None:
+        await self._blobs.delete_many([blob_key(chat_id, rev) for chat_id, rev in garbage])
+        await self._rows.forget_garbage(garbage)
+
+    async def _delete_quietly(self, chat_id: str, rev: str) -> None:
         try:
-            await self._collect(garbage)
+            await self._blobs.delete(blob_key(chat_id, rev))
         except StorageUnavailable as err:
-            log.info("a superseded chat blob is left for the next sweep: %s", err)
+            log.info("a deleted chat's blob is left for the next sweep: %s", err)
+            return
+        await self._rows.forget_garbage([(chat_id, rev)])
 
     async def _collect(self, garbage: list[tuple[str, str]]) -> int:
         """Delete the blobs, then forget their rows (a delete of a missing blob is fine)."""
-        deleted: list[tuple[str, str]] = []
-        try:
-            for chat_id, rev in garbage:
-                await self._blobs.delete(blob_key(chat_id, rev))
-                deleted.append((chat_id, rev))
-        finally:
-            await self._rows.forget_garbage(deleted)
-        return len(deleted)
+        if garbage:
+            await self._delete_superseded(garbage)
+        return len(garbage)

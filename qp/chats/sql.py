@@ -145,10 +145,7 @@ class ChatRows:
         """Record a write's intent before its blob is put. Its commit need not wait for the
         disk: an intent a database crash forgets only leaves a blob `check` finds."""
 
-        async def begin(tx: Transaction) -> None:
-            await tx.execute(BEGIN_WRITE, (rev, chat_id, started_at))
-
-        await self.db.write(begin, durable=False)
+        await self.db.execute_write(BEGIN_WRITE, (rev, chat_id, started_at), durable=False)
 
     async def commit_create(
         self, chat_id: str, chat: ChatInput, rev: str, now: str, max_chats_per_app: int

@@ -1,6 +1,6 @@
 """BatchWriter: items handed over now, written in the background, many to a transaction.
 
-For writes nobody has to wait for (ledger rows, marking chat writes as settled): the disk
+For writes nobody has to wait for (ledger rows, deleting superseded chat blobs): the disk
 sync happens at most FLUSH_SECONDS later, off the path of the requests that follow.
 Items queued at shutdown are written before the database closes, for CLOSE_SECONDS at
 most.

@@ -59,6 +59,10 @@ class BlobStore(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
+    async def delete_many(self, keys: list[str]) -> None:
+        """Delete every key (missing ones too), in as few requests as the store allows."""
+        ...
+
     async def ping(self) -> None: ...
 
     async def probe_write(self) -> None:
@@ -153,6 +157,18 @@ class FileBlobStore:
             await asyncio.to_thread(path.unlink, missing_ok=True)
         except OSError as err:
             raise os_failure("delete", key, err) from err
+
+    async def delete_many(self, keys: list[str]) -> None:
+        paths = [self._path(key) for key in keys]
+
+        def unlink_all() -> None:
+            for path in paths:
+                path.unlink(missing_ok=True)
+
+        try:
+            await asyncio.to_thread(unlink_all)
+        except OSError as err:
+            raise os_failure("delete", keys[0], err) from err
 
     async def ping(self) -> None:
         if not await asyncio.to_thread(_writable_folder, self.root):

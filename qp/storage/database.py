@@ -52,7 +52,7 @@ class Statements(Protocol):
         ...
 
     async def execute_write(
-        self, sql: str, params: Parameters = (), *, maintenance: bool = False
+        self, sql: str, params: Parameters = (), *, maintenance: bool = False, durable: bool = True
     ) -> int: ...
 
     async def execute_write_many(
@@ -125,14 +125,14 @@ class StatementHelpers:
         raise NotImplementedError
 
     async def execute_write(
-        self, sql: str, params: Parameters = (), *, maintenance: bool = False
+        self, sql: str, params: Parameters = (), *, maintenance: bool = False, durable: bool = True
     ) -> int:
         """Run one statement as its own transaction; answers the rows it changed."""
 
         async def execute(tx: Transaction) -> int:
             return await tx.execute(sql, params)
 
-        return await self.write(execute, maintenance=maintenance)
+        return await self.write(execute, maintenance=maintenance, durable=durable)
 
     async def execute_write_many(
         self,

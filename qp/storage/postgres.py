@@ -235,15 +235,19 @@ class PostgresDatabase(StatementHelpers):
                 return await _transaction(conn, fn, not self._serving)
 
     async def execute_write(
-        self, sql: str, params: Parameters = (), *, maintenance: bool = False
+        self, sql: str, params: Parameters = (), *, maintenance: bool = False, durable: bool = True
     ) -> int:
-        """One statement, committed on its own (no BEGIN and COMMIT round trips)."""
+        """One statement, committed on its own (no BEGIN and COMMIT round trips; on a
+        connection whose commits do not wait for the disk, unless `durable`)."""
         if not self._serving:
-            return await super().execute_write(sql, params, maintenance=maintenance)
+            return await super().execute_write(
+                sql, params, maintenance=maintenance, durable=durable
+            )
         self._refuse_if_damaged()
         text, args = _statement(sql, params)
+        pool = self._pool if durable else self._quick_pool
         with unavailable_on_failure():
-            async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 return _changed(await conn.execute(text, *args))
 
     async def execute_write_returning(

@@ -37,6 +37,7 @@ _S3_FAILURES = (
 )
 
 DEFAULT_S3_TIMEOUT = 30.0
+DELETE_BATCH = 1000
 SPOOL_CHUNK = 256 * 1024
 
 
@@ -202,6 +203,26 @@ class S3BlobStore:
                 await self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except _S3_FAILURES as err:
             raise _s3_failure("delete", key, err) from err
+
+    async def delete_many(self, keys: list[str]) -> None:
+        """One DeleteObjects request per 1,000 keys (the most S3 takes at once)."""
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            objects = [{"Key": self._key(key)} for key in batch]
+            try:
+                async with asyncio.timeout(self.timeout):
+                    answer = await self._client.delete_objects(
+                        Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True}
+                    )
+            except _S3_FAILURES as err:
+                raise _s3_failure("delete", batch[0], err) from err
+            if answer.get("Errors"):
+                error = answer["Errors"][0]
+                raise StorageUnavailable(
+                    "Storage",
+                    f"delete {shown_key(batch[0])}: {len(answer['Errors'])} keys refused"
+                    f" ({error.get('Code')})",
+                )
 
     async def ping(self) -> None:
         try:
