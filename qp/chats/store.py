@@ -22,7 +22,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Container
 from dataclasses import dataclass
 
 from qp.chats.cache import ChatCache
-from qp.chats.garbage import ChatGarbage
+from qp.chats.garbage import DEFAULT_ABANDON_SECONDS, ChatGarbage
 from qp.chats.model import (
     ChatChanged,
     ChatExists,
@@ -77,7 +77,7 @@ class ChatStore:
         *,
         space: DiskSpace | None = None,
         alone: Callable[[], bool] = lambda: True,
-        abandon_seconds: float | None = None,
+        abandon_seconds: float = DEFAULT_ABANDON_SECONDS,
     ):
         self._db = db
         self._rows = ChatRows(db)
@@ -89,11 +89,7 @@ class ChatStore:
         self._versions = CurrentVersions(self._rows)
         db.subscribe(self._changed_elsewhere)
         self._space = space
-        self.garbage = (
-            ChatGarbage(self._rows, blobs)
-            if abandon_seconds is None
-            else ChatGarbage(self._rows, blobs, abandon_seconds)
-        )
+        self.garbage = ChatGarbage(self._rows, blobs, abandon_seconds)
         # Lists left early: closing what was opened ahead of them.
         self._closing: set[asyncio.Task[None]] = set()
         # FULL or READ_ONLY after a write failed so; cleared by the next write that works.
