@@ -15,6 +15,7 @@ import pytest
 
 from qp.chats.cache import ChatCache
 from qp.chats.model import ChatExists, parse_chat
+from qp.chats.sql import ONE
 from qp.chats.store import ChatStore
 from qp.errors import StorageUnavailable
 from qp.storage.blobs import BlobReader, FileBlobStore
@@ -242,3 +243,40 @@ def test_a_blob_file_is_synced_then_renamed_then_its_folder_synced(tmp_path, mon
         "r1.json",
         "r2.json",
     ]
+
+
+class HeldDatabase(SqliteDatabase):
+    """A real SQLite database whose next read of a chat's row, once held, has read the row
+    but waits for `release()` before it answers."""
+
+    holding = False
+    entered: asyncio.Event
+    released: asyncio.Event
+
+    def hold(self) -> None:
+        self.holding, self.entered, self.released = True, asyncio.Event(), asyncio.Event()
+
+    async def fetchall(self, sql: str, params=()) -> list:
+        rows = await super().fetchall(sql, params)
+        if self.holding and sql == ONE:
+            self.holding = False
+            self.entered.set()
+            await self.released.wait()
+        return rows
+
+
+async def test_a_read_that_began_before_an_update_never_caches_the_old_chat(tmp_path, blobs):
+    db = await HeldDatabase.open(tmp_path / "cached.sqlite3")
+    store = ChatStore(db, blobs, ChatCache(10**6))
+    try:
+        await store.create(version(1), max_chats_per_app=10)
+        db.hold()
+        reading = asyncio.create_task(read(store))
+        await db.entered.wait()  # the read has v1's row; v1's blob is not deleted yet
+        await store.update("the-chat", version(2))
+        db.released.set()
+        assert await reading == ("v1", ["v1"] * 3)  # it began before the update
+        assert await read(store) == ("v2", ["v2"] * 3)  # and left nothing old in the cache
+    finally:
+        await store.close()
+        await db.close()

@@ -239,12 +239,13 @@ class ChatStore:
         if cached is not None:
             rendered, version = cached
             return OpenedChat(version, None if version in current else rendered)
+        ticket = self._cache.ticket()  # before the row: a write committed after it shows
         row = await self._rows.one(chat_id)
         if row is None:
             return None
         if row.version in current:
             return OpenedChat(row.version, None)
-        return await self._open_current(row)
+        return await self._open_current(row, ticket)
 
     async def get_json(self, chat_id: str) -> bytes | None:
         """The chat's JSON, whole (the operators' tools; not for large chats on a server)."""
@@ -259,13 +260,14 @@ class ChatStore:
         """The app's newest chats by updated_at, one at a time (skipping any whose messages
         are missing), each as `open_chat` gives it. The next LIST_READ_AHEAD are opened
         meanwhile, so a list from S3 costs a few round trips, not one per chat."""
+        ticket = self._cache.ticket()
         rows = iter(await self._rows.newest(app, limit))
         opening: collections.deque[asyncio.Task[OpenedChat | None]] = collections.deque()
 
         def open_next() -> None:
             row = next(rows, None)
             if row is not None:
-                opening.append(asyncio.ensure_future(self._open_listed(row)))
+                opening.append(asyncio.ensure_future(self._open_listed(row, ticket)))
 
         for _ in range(LIST_READ_AHEAD):
             open_next()
@@ -286,11 +288,11 @@ class ChatStore:
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
 
-    async def _open_listed(self, row: ChatRow) -> OpenedChat | None:
+    async def _open_listed(self, row: ChatRow, ticket: int) -> OpenedChat | None:
         entry = self._cache.get(row.chat_id)
         if entry is not None and entry[1] == row.version:
             return OpenedChat(row.version, entry[0])
-        return await self._open_current(row)
+        return await self._open_current(row, ticket)
 
     async def apps(self, limit: int) -> list[tuple[str, int, str]]:
         """(app, chats, latest updated_at) of the `limit` apps with the most chats."""
@@ -313,9 +315,10 @@ class ChatStore:
         """Drop every cached chat (another process changed the database)."""
         self._cache.clear()
 
-    async def _open_current(self, row: ChatRow) -> OpenedChat | None:
-        """Open the blob `row` names; if it has gone (superseded meanwhile), the row again."""
-        ticket = self._cache.ticket()
+    async def _open_current(self, row: ChatRow, ticket: int) -> OpenedChat | None:
+        """Open the blob `row` names; if it has gone (superseded meanwhile), the row again.
+        `ticket` was taken before `row` was read, so what a later write replaced is never
+        cached."""
         for _ in range(READ_ATTEMPTS):
             body = await self._open(row, ticket)
             if body is not None:
