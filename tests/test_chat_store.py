@@ -280,3 +280,23 @@ async def test_a_read_that_began_before_an_update_never_caches_the_old_chat(tmp_
     finally:
         await store.close()
         await db.close()
+
+
+async def test_a_write_cancelled_while_it_waits_to_begin_leaves_later_writes_working(tmp_path):
+    """aiosqlite runs a BEGIN whose waiter was cancelled anyway: it must still be ended."""
+    db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
+    other = sqlite3.connect(tmp_path / "qp.sqlite3", isolation_level=None, timeout=10)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the writer's BEGIN waits for this one
+        waiting = asyncio.create_task(db.probe_write())
+        for _ in range(20):  # let it reach its BEGIN
+            await asyncio.sleep(0)
+        waiting.cancel()
+        other.execute("COMMIT")  # the cancelled BEGIN now goes through, in its thread
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await db.execute_write("INSERT INTO settings (name, value) VALUES ('after', 'ok')")
+        assert await db.fetchall("SELECT value FROM settings WHERE name = 'after'") == [("ok",)]
+    finally:
+        other.close()
+        await db.close()

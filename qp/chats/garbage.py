@@ -43,8 +43,11 @@ class ChatGarbage:
         )
 
     def collect_soon(self, chat_id: str, rev: str) -> None:
-        """Delete a blob a commit has just made garbage, in the background, with others."""
-        self._superseded.add((chat_id, rev))
+        """Delete a blob a commit has just made garbage, in the background, with others.
+        The worker's key (rev "") waits for the sweep, which deletes it only while no row
+        names it: an import may name it again."""
+        if rev:
+            self._superseded.add((chat_id, rev))
 
     async def collect_now(self, chat_id: str, rev: str) -> None:
         """Delete a blob a commit has just made garbage, before answering (a failure leaves

@@ -76,7 +76,14 @@ DELETE = "DELETE FROM chats WHERE chat_id = ? RETURNING messages_bytes, blob_rev
 # Removing a row that cannot be served, only while it still names the blob found broken.
 DELETE_BROKEN = "DELETE FROM chats WHERE chat_id = ? AND COALESCE(blob_rev, '') = ?"
 EXPIRED_WRITES = "SELECT rev, chat_id FROM chat_writes WHERE started_at < ? LIMIT ?"
-GARBAGE = "SELECT chat_id, rev FROM chat_garbage ORDER BY since LIMIT ?"
+# A garbage blob the rows name again (the worker's key, by an import) is not deleted.
+GARBAGE = """
+    SELECT chat_id, rev FROM chat_garbage AS g
+    WHERE NOT EXISTS (
+        SELECT 1 FROM chats AS c WHERE c.chat_id = g.chat_id AND COALESCE(c.blob_rev, '') = g.rev
+    )
+    ORDER BY since LIMIT ?
+"""
 FORGET_GARBAGE = "DELETE FROM chat_garbage WHERE chat_id = ? AND rev = ?"
 WRITES_IN_FLIGHT = "SELECT chat_id, rev FROM chat_writes"
 ALL_GARBAGE = "SELECT chat_id, rev FROM chat_garbage"

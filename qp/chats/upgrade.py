@@ -46,9 +46,10 @@ async def resolve_old_writes(db: Statements, blobs: BlobStore) -> tuple[int, int
         intent = _read(note)
         stored = await blobs.get(blob_key(row.chat_id, None))
         digest = hashlib.sha256(stored).hexdigest() if stored is not None else None
-        if intent is None or digest == intent.get("sha256"):
-            if intent is None:
-                log.error("a chat row's old pending note cannot be read; the row is kept")
+        if intent is None:
+            log.error("a chat row's old pending note cannot be read; the row is kept as is")
+            await db.execute_write(FINISH, (row.chat_id, note))
+        elif digest == intent["sha256"]:
             await db.execute_write(FINISH, (row.chat_id, note))
             finished += 1
         elif await _undo(db, row, note, intent):
@@ -75,8 +76,6 @@ async def _undo(db: Statements, row: ChatRow, note: str, intent: dict[str, Any])
 async def _undo_in(tx: Transaction, row: ChatRow, note: str, intent: dict[str, Any]) -> bool:
     previous = intent.get("previous")
     if intent.get("op") == "create" or not isinstance(previous, dict):
-        if intent.get("op") != "create":
-            log.error("an interrupted update has no earlier row to go back to; row removed")
         changed_rows = await tx.execute(UNDO_CREATE, (row.chat_id, note))
         # Whatever the worker's key holds is not this chat's any more.
         await tx.execute(ADD_GARBAGE, (row.chat_id, "", time.time()))
@@ -97,9 +96,33 @@ async def _undo_in(tx: Transaction, row: ChatRow, note: str, intent: dict[str, A
     return changed_rows > 0
 
 
+# What an update's note must say of the row as it was, to put it back.
+_PREVIOUS = {
+    "model": (str,),
+    "prompt_tokens": (int, float),
+    "completion_tokens": (int, float),
+    "estimated_cost": (int, float),
+    "updated_at": (str,),
+    "messages_bytes": (int, type(None)),
+}
+
+
 def _read(note: str) -> dict[str, Any] | None:
+    """The note's intent, or None for one that is not a whole note of the old writer's
+    (that row is then kept as it is, its note cleared: nothing to go back to)."""
     try:
         intent = orjson.loads(note)
     except orjson.JSONDecodeError:
         return None
-    return intent if isinstance(intent, dict) and intent.get("op") in ("create", "update") else None
+    if not isinstance(intent, dict) or not isinstance(intent.get("sha256"), str):
+        return None
+    if intent.get("op") == "create":
+        return intent
+    previous = intent.get("previous")
+    if intent.get("op") != "update" or not isinstance(previous, dict):
+        return None
+    for name, types in _PREVIOUS.items():
+        value = previous.get(name)
+        if not isinstance(value, types) or isinstance(value, bool):
+            return None
+    return intent

@@ -243,15 +243,16 @@ class SqliteDatabase(StatementHelpers):
             self._durable = None  # unknown until the pragma is done, even if cancelled
             await writer.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             self._durable = durable
-        await writer.execute("BEGIN IMMEDIATE")
         try:
+            await writer.execute("BEGIN IMMEDIATE")
             result = await fn(SqliteTransaction(writer))
             await writer.execute("COMMIT")
         except BaseException:
-            # SQLite may have rolled back already (a full disk does that to a commit).
-            if writer.in_transaction:
-                with suppress(sqlite3.Error):
-                    await writer.execute("ROLLBACK")
+            # Whatever was begun ends here, even when the wait was cancelled (aiosqlite runs
+            # the BEGIN anyway; the ROLLBACK is queued after it). SQLite may have rolled
+            # back already (a full disk does that to a commit): then it has nothing to do.
+            with suppress(sqlite3.Error):
+                await writer.execute("ROLLBACK")
             raise
         return result
 
