@@ -186,6 +186,11 @@ class ChatStore:
                 await self._abandon(chat_id, rev, refusal)
                 raise
             except WriteAbandoned:
+                # Given up by the sweep, which may have deleted the blob before this put
+                # landed: it is garbage again, as it can never be committed now.
+                with contextlib.suppress(StorageUnavailable):
+                    await self._rows.add_garbage([(chat_id, rev)], time.time())
+                    self.garbage.collect_soon(chat_id, rev)
                 raise StorageUnavailable(
                     "Storage", "the write was given up before it could commit"
                 ) from None
