@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +202,139 @@ def ledger(server: AppServer | QPServer) -> list[dict]:
     with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
         db.row_factory = sqlite3.Row
         return [dict(row) for row in db.execute(query)]
+
+
+async def wait_until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    """Until `condition()` holds, checked every 50 ms; fails naming `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: still not so after {seconds} s"
+        await asyncio.sleep(0.05)
+
+
+class CrashWriteLoad:
+    """Clients creating and updating chats until stopped, or until the server they write to
+    is gone (killed under them): every version of each chat sent, and the last one
+    acknowledged. Each chat is written by one client, one version at a time, so it can
+    only ever hold a version that was sent, and none older than the last acknowledged.
+    Version n's model, usage and messages all say n (messages padded by `pad` bytes times
+    1 to 3), so a chat mixing two writes shows."""
+
+    def __init__(self, url: str, workers: int = 8, prefix: str = "crash", pad: int = 0):
+        self.url = url
+        self.workers = workers
+        self.prefix = prefix
+        self.pad = pad
+        self.sent: dict[str, set[int]] = {}
+        self.acknowledged: dict[str, int] = {}
+        # Writes not acknowledged: the status, or the name of the client's error.
+        self.failures: list[str] = []
+        self.acknowledgements = 0
+        self._progress = asyncio.Condition()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> CrashWriteLoad:
+        self._http = aiohttp.ClientSession(self.url)
+        self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Let each client finish the write it is making (or lose it with its server)."""
+        self._stop.set()
+        try:
+            await asyncio.wait_for(asyncio.gather(*self._tasks), 60)
+        finally:
+            if self._http is not None:
+                await self._http.close()
+
+    def version(self, chat_id: str, n: int) -> dict:
+        chat = chat_version(chat_id, n, self.prefix)
+        if self.pad:
+            filler = "x" * (self.pad * (n % 3 + 1))
+            chat["messages"].append({"role": "assistant", "content": filler})
+        return chat
+
+    async def wait_acknowledged(self, count: int, seconds: float = 20) -> None:
+        """Until the server has acknowledged `count` writes in all."""
+        async with self._progress:
+            try:
+                await asyncio.wait_for(
+                    self._progress.wait_for(lambda: self.acknowledgements >= count), seconds
+                )
+            except TimeoutError:
+                raise AssertionError(
+                    f"{self.acknowledgements} writes acknowledged after {seconds} s, not"
+                    f" {count}; refused: {self.failures[-5:]}"
+                ) from None
+
+    def cut_off(self) -> set[str]:
+        """Chats whose latest write was sent and never acknowledged."""
+        return {
+            chat_id
+            for chat_id, versions in self.sent.items()
+            if max(versions) > self.acknowledged.get(chat_id, -1)
+        }
+
+    def whole_version(self, chat_id: str, chat: dict, at_least: int | None = None) -> int:
+        """The version a GET's body holds, after checking it is that version whole, one that
+        was sent, and no older than the last acknowledged (or `at_least`)."""
+        n = int(chat["model"][1:])
+        assert n in self.sent[chat_id], f"{chat_id}: v{n}, but only {self.sent[chat_id]} sent"
+        expected = self.version(chat_id, n)
+        fields = ("chatId", "app", "model", "totalUsage", "messages")
+        assert {key: chat.get(key) for key in fields} == {key: expected[key] for key in fields}, (
+            f"{chat_id} is not one whole write: model {chat['model']}"
+        )
+        least = self.acknowledged.get(chat_id, 0) if at_least is None else at_least
+        assert n >= least, f"{chat_id}: acknowledged v{least}, now v{n}"
+        return n
+
+    async def check_read_back(self, http: aiohttp.ClientSession) -> dict[str, int]:
+        """Every chat sent reads back whole (a create never acknowledged may be missing);
+        answers each chat's version."""
+        assert len(self.acknowledged) > 10, "the load did not get going"
+        found: dict[str, int] = {}
+        for chat_id in sorted(self.sent):
+            status, chat = await call(http, "GET", f"/api/chats/{chat_id}")
+            if status == 404 and chat_id not in self.acknowledged:
+                continue
+            assert status == 200, f"{chat_id}: acknowledged, now {status} {chat}"
+            found[chat_id] = self.whole_version(chat_id, chat)
+        return found
+
+    async def _worker(self, number: int) -> None:
+        assert self._http is not None
+        mine: list[str] = []
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            if not mine or n % 3 == 0:
+                chat_id, version = f"{self.prefix}-{number}-{n}", 0
+                method, path = "POST", "/api/chats"
+            else:
+                chat_id = mine[n % len(mine)]
+                version = max(self.sent[chat_id]) + 1
+                method, path = "PUT", f"/api/chats/{chat_id}"
+            self.sent.setdefault(chat_id, set()).add(version)
+            body = {"chat": self.version(chat_id, version)}
+            try:
+                async with self._http.request(method, path, json=body) as response:
+                    await response.read()
+                    status = response.status
+            except aiohttp.ClientError as err:
+                self.failures.append(type(err).__name__)
+                return  # the server is gone
+            if status != 200:
+                self.failures.append(str(status))
+                continue
+            if method == "POST":
+                mine.append(chat_id)
+            self.acknowledged[chat_id] = version
+            async with self._progress:
+                self.acknowledgements += 1
+                self._progress.notify_all()

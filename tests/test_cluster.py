@@ -12,10 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
+from tests.app_server import Database
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import ADMIN_KEY, call, completion_request, create, make_chat
+from tests.helpers import (
+    ADMIN_KEY,
+    CrashWriteLoad,
+    call,
+    chat_version,
+    completion_request,
+    create,
+    make_chat,
+    run_qp,
+    unique_id,
+)
 from tests.processes import (
     NEEDS_NGINX,
     ROOT,
@@ -25,6 +37,7 @@ from tests.processes import (
     SeaweedFS,
     free_ports,
 )
+from tests.slow_s3 import SlowS3
 
 pytestmark = NEEDS_NGINX
 SITE = ROOT / "deploy" / "nginx-cluster.conf"
@@ -49,7 +62,10 @@ class Cluster:
     one: QPServer
     two: QPServer
     nginx: Nginx
-    database: str
+    database: Database
+    # What both processes were started with, and their blobs' prefix in the bucket.
+    env: dict[str, str]
+    prefix: str
 
     def stop(self) -> None:
         self.nginx.stop()
@@ -67,24 +83,35 @@ def fake() -> Iterator[FakeOpenRouter]:
 
 
 @pytest.fixture
+def slow_s3(seaweed: SeaweedFS) -> Iterator[SlowS3]:
+    proxy = SlowS3(seaweed.endpoint_url).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
 def start_cluster(
     tmp_path: Path, postgres: PostgresServer, seaweed: SeaweedFS, shared_bucket: str
 ) -> Iterator:
     started: list[Cluster] = []
 
-    def start(**env: str) -> Cluster:
+    def start(s3_of_one: str | None = None, **env: str) -> Cluster:
+        """Two processes on one database and bucket prefix; the first reaches S3 at
+        `s3_of_one` (a SlowS3 in front of SeaweedFS), if given."""
         url = postgres.create_database()
+        prefix = f"cluster-{uuid.uuid4().hex[:8]}"
         shared = {
             "QP_DATABASE": url,
-            **seaweed.server_env(shared_bucket, f"cluster-{uuid.uuid4().hex[:8]}"),
+            **seaweed.server_env(shared_bucket, prefix),
             "ADMIN_KEY": ADMIN_KEY,
             **env,
         }
-        one = QPServer(tmp_path / "one", shared).start()
+        through = {"QP_S3_ENDPOINT_URL": s3_of_one} if s3_of_one else {}
+        one = QPServer(tmp_path / "one", {**shared, **through}).start()
         two = QPServer(tmp_path / "two", shared).start()
         (port,) = free_ports()
         nginx = Nginx(tmp_path / "nginx", cluster_site(port, [one.port, two.port]), port)
-        cluster = Cluster(one, two, nginx, url.rsplit("/", 1)[1])
+        cluster = Cluster(one, two, nginx, Database(tmp_path, url), shared, prefix)
         started.append(cluster)
         nginx.start()
         return cluster
@@ -193,134 +220,137 @@ async def test_a_budget_of_10_reservations_admits_exactly_10_of_100_concurrent(s
     assert sorted(statuses) == [200] * 10 + [402] * 90
 
 
-def dead_owner_rows(postgres: PostgresServer, database: str, owner: str) -> dict[str, str]:
-    rows = postgres.psql(
-        f"SELECT chat_id || ' ' || pending FROM chats WHERE pending LIKE '%\"{owner}\"%'",
-        database,
-    )
-    return dict(line.split(" ", 1) for line in rows.splitlines() if line)
+# The dead process's lease, in seconds (the shortest start-up allows).
+LEASE_SECONDS = 3.0
+# How long past the dead process's lease the survivor's answers are still watched.
+PAST_THE_LEASE = 2.0
+LOST = {"ServerDisconnectedError", "ClientOSError", "ClientConnectorError"}
 
 
-def leases(postgres: PostgresServer, database: str) -> dict[str, float]:
-    rows = postgres.psql("SELECT owner || ' ' || expires_at FROM write_leases", database)
-    return {line.split()[0]: float(line.split()[1]) for line in rows.splitlines() if line}
-
-
-async def test_a_killed_process_leaves_every_acknowledged_write_and_its_own_to_its_lease(
-    start_cluster, postgres
+async def test_after_a_process_is_killed_mid_write_the_other_serves_only_whole_writes(
+    start_cluster,
 ):
-    """One process is SIGKILLed under concurrent writes through nginx: nginx moves on to the
-    other, every acknowledged write is there, and the survivor leaves the dead process's
-    pending writes alone until its lease expires, then finishes or undoes each."""
-    cluster = start_cluster(QP_WRITE_LEASE_SECONDS="3")
-    acknowledged: dict[str, int] = {}  # chat id -> last version acknowledged
-    sent: dict[str, set[int]] = {}  # chat id -> every version sent
-    failures: list[str] = []
+    """One process is SIGKILLed under writes made straight to it, while others go through
+    nginx: from the kill until past its lease, every chat read through the survivor is one
+    whole write, no older than the last acknowledged, and never goes back; nginx moves the
+    writes through it on to the survivor, and every acknowledged write reads back."""
+    cluster = start_cluster(
+        QP_WRITE_LEASE_SECONDS=f"{LEASE_SECONDS:g}", QP_MAX_CHATS_PER_APP="100000"
+    )
+    straight = CrashWriteLoad(cluster.one.url, workers=8, prefix="straight", pad=2000)
+    through_nginx = CrashWriteLoad(cluster.nginx.url, workers=4, prefix="nginx")
+    seen: dict[str, int] = {}  # chat id -> the version the survivor last answered
 
-    async def write(http: aiohttp.ClientSession, chat_id: str, stop: asyncio.Event) -> None:
-        """Update the chat again and again until told to stop or cut off."""
-        while not stop.is_set():
-            version = max(sent[chat_id]) + 1
-            sent[chat_id].add(version)
-            chat = make_chat(chat_id, app="kill", model=f"v{version}", messages=[f"v{version}"])
-            try:
-                status = await put(http, chat)
-            except aiohttp.ClientError as err:
-                failures.append(type(err).__name__)
-                return
-            if status == 200:
-                acknowledged[chat_id] = version
-            else:
-                failures.append(str(status))
+    async def read(http: aiohttp.ClientSession, load: CrashWriteLoad, chat_id: str) -> None:
+        # What is known before the GET is sent (a create acknowledged while it is on its
+        # way may still be missing to it).
+        at_least = max(load.acknowledged.get(chat_id, 0), seen.get(chat_id, 0))
+        there = chat_id in load.acknowledged or chat_id in seen
+        status, chat = await call(http, "GET", f"/api/chats/{chat_id}")
+        if status == 404 and not there:
+            return  # a create not committed yet, or cut off by the kill
+        assert status == 200, f"{chat_id}: {status} {chat}"
+        seen[chat_id] = load.whole_version(chat_id, chat, at_least)
 
+    async with aiohttp.ClientSession(cluster.two.url) as two, through_nginx:
+        async with straight:
+            await straight.wait_acknowledged(60)
+            await through_nginx.wait_acknowledged(20)
+            cluster.one.kill()
+            killed_at = time.monotonic()
+        acknowledged_at_kill = through_nginx.acknowledgements
+        rounds = 0
+        while time.monotonic() < killed_at + LEASE_SECONDS + PAST_THE_LEASE:
+            await asyncio.gather(
+                *(read(two, straight, chat_id) for chat_id in list(straight.sent)),
+                *(read(two, through_nginx, chat_id) for chat_id in list(through_nginx.sent)),
+            )
+            rounds += 1
+        await through_nginx.stop()
+        # The survivor answered all along, and outlived the dead process's lease.
+        assert rounds >= 5
+        leases = cluster.database.rows("SELECT expires_at FROM write_leases")
+        assert sorted(row["expires_at"] < time.time() for row in leases) == [False, True]
+        # The kill landed mid-write: writes it cut off left their intents.
+        intents = {
+            row["chat_id"] for row in cluster.database.rows("SELECT chat_id FROM chat_writes")
+        }
+        assert intents & straight.cut_off(), "no write was cut off between intent and commit"
+        assert intents <= set(straight.sent) | set(through_nginx.sent)
+        # Those never committed: their chats are as last acknowledged (a create's, absent).
+        for chat_id in intents & set(straight.sent):
+            assert seen.get(chat_id) == straight.acknowledged.get(chat_id), chat_id
+        # Straight writes lost their connection; those nginx had sent to the dead process
+        # got its 502; nginx sent the rest to the survivor.
+        assert straight.failures and set(straight.failures) <= LOST
+        assert set(through_nginx.failures) <= {"502"}
+        assert through_nginx.acknowledgements > acknowledged_at_kill
+        # Nothing wrote the straight chats after the kill: they read as the survivor served
+        # them all along.
+        versions = await straight.check_read_back(two)
+        assert versions == {chat_id: seen[chat_id] for chat_id in versions}
+        assert set(versions) == set(seen) & set(straight.sent)
+        await through_nginx.check_read_back(two)
+
+
+async def test_a_put_of_the_killed_process_that_lands_late_changes_nothing_visible(
+    start_cluster, slow_s3, seaweed, shared_bucket, tmp_path
+):
+    """The first process reaches S3 through SlowS3, which holds its PUT's answer once
+    SeaweedFS has stored it; the process is SIGKILLed, then the answer let go. Through the
+    survivor the chat stays exactly the last acknowledged version, before and after the
+    dead process's lease; the dead write's blob stays known to the tables, as an intent."""
+    cluster = start_cluster(
+        s3_of_one=slow_s3.endpoint_url, QP_WRITE_LEASE_SECONDS=f"{LEASE_SECONDS:g}"
+    )
+    chat_id = unique_id()
+    versions = [chat_version(chat_id, n, "late") for n in range(3)]
     async with (
-        aiohttp.ClientSession(cluster.nginx.url) as http,
         aiohttp.ClientSession(cluster.one.url) as one,
+        aiohttp.ClientSession(cluster.two.url) as two,
     ):
-        chat_ids = [
-            await create(http, make_chat(app="kill", model="v0", messages=["v0"])) for _ in range(8)
-        ]
-        for chat_id in chat_ids:
-            acknowledged[chat_id], sent[chat_id] = 0, {0}
-        # Through nginx, so both processes write each chat in turn.
-        stop = asyncio.Event()
-        writers = [asyncio.ensure_future(write(http, chat_id, stop)) for chat_id in chat_ids]
-        await asyncio.sleep(1.0)
-        stop.set()
-        await asyncio.gather(*writers)
-        assert failures == []
-        # Then straight to the first process, which is killed mid-stream: its writes in
-        # flight are cut off, and those it acknowledged in its last half second are not
-        # settled yet (their notes are cleared in batches). Nothing writes those chats
-        # afterwards, so their notes stay for the survivor to find.
-        # Meanwhile other chats are written through nginx, before, during and after the kill.
-        through_nginx = [
-            await create(http, make_chat(app="kill", model="v0", messages=["v0"])) for _ in range(4)
-        ]
-        for chat_id in through_nginx:
-            acknowledged[chat_id], sent[chat_id] = 0, {0}
-        before_straight = sum(acknowledged[chat_id] for chat_id in chat_ids)
-        stop, stop_nginx = asyncio.Event(), asyncio.Event()
-        writers = [asyncio.ensure_future(write(one, chat_id, stop)) for chat_id in chat_ids]
-        nginx_writers = [
-            asyncio.ensure_future(write(http, chat_id, stop_nginx)) for chat_id in through_nginx
-        ]
-        # Killed once it has acknowledged a few straight writes (and goes on writing): the
-        # latest are always in its batch of notes still to clear.
-        deadline = time.monotonic() + 10
-        while sum(acknowledged[chat_id] for chat_id in chat_ids) < before_straight + 16:
-            assert time.monotonic() < deadline, "the first process acknowledged nothing"
-            await asyncio.sleep(0.01)
-        stop.set()
+        await create(one, versions[0])
+        async with one.put(f"/api/chats/{chat_id}", json={"chat": versions[1]}) as response:
+            assert (response.status, await response.json()) == (200, {"success": True})
+            etag = response.headers["ETag"]
+        async with two.get(f"/api/chats/{chat_id}") as response:
+            assert (response.status, response.headers["ETag"]) == (200, etag)
+            acknowledged = await response.read()
+        whole = orjson.loads(acknowledged)
+        assert (whole["model"], whole["messages"]) == ("v1", versions[1]["messages"])
+
+        answers = slow_s3.hold("PUT")
+        landed = len(slow_s3.rule("PUT").landed)
+        late = asyncio.ensure_future(put(one, versions[2]))
+        assert await asyncio.to_thread(slow_s3.wait_landed, "PUT", landed + 1, 10)
         cluster.one.kill()
-        killed_at = time.time()
-        await asyncio.gather(*writers)
-        acknowledged_at_kill = dict(acknowledged)
-        await asyncio.sleep(0.5)
-        stop_nginx.set()
-        await asyncio.gather(*nginx_writers)
-        # nginx moved on: the writes through it went on, served by the survivor.
-        for chat_id in through_nginx:
-            assert acknowledged[chat_id] > acknowledged_at_kill[chat_id]
-        await asyncio.sleep(max(0.0, killed_at + 1.2 - time.time()))
-        after = leases(postgres, cluster.database)
-    # The dead process's lease is the one that stopped being renewed: it ends first.
-    dead = min(after, key=after.__getitem__)
-    expires = after[dead]
-    assert len(after) == 2 and max(after.values()) > expires
-    assert expires - killed_at <= 3.0
-    left = dead_owner_rows(postgres, cluster.database, dead)
-    assert left, "the dead process left no write pending (the load did not reach it)"
-    # Until its lease expires, the survivor leaves them exactly as they are (the writers
-    # have stopped: nothing else writes those chats).
-    while time.time() < expires - 0.2:
-        looked = time.time()
-        still = dead_owner_rows(postgres, cluster.database, dead)
-        if looked < expires:
-            assert still == left, "the survivor touched them before the lease expired"
-        await asyncio.sleep(0.2)
-    # Then it finishes or undoes every one of them, within its next sweeps.
-    deadline = time.monotonic() + 10
-    while dead_owner_rows(postgres, cluster.database, dead):
-        assert time.monotonic() < deadline, "the dead process's writes were never resolved"
-        await asyncio.sleep(0.2)
-    # Only the writes cut off by the kill failed: straight ones lost their connection, ones
-    # through nginx that had reached the dead process got nginx's 502.
-    assert set(failures) <= {
-        "ClientOSError",
-        "ClientConnectorError",
-        "ServerDisconnectedError",
-        "502",
-    }
-    async with aiohttp.ClientSession(cluster.two.url) as two:
-        for chat_id, version in acknowledged.items():
-            status, chat = await call(two, "GET", f"/api/chats/{chat_id}")
-            assert status == 200
-            stored = int(chat["model"][1:])
-            # The row and the messages are of one write, at least the last acknowledged
-            # one (a later write cut off by the kill may have been finished).
-            assert chat["messages"] == [f"v{stored}"]
-            assert stored >= version and stored in sent[chat_id]
+        killed_at = time.monotonic()
+        answers.set()
+        with pytest.raises(aiohttp.ClientError):
+            await late
+        # The dead write's blob is stored whole, under a revision no row names.
+        key = slow_s3.rule("PUT").landed[landed].split("/", 2)[2]
+        dead_rev = key.rsplit("/", 1)[1].removesuffix(".json")
+        assert key == f"{cluster.prefix}/chats/{chat_id}/{dead_rev}.json"
+        stored = seaweed.get_object(shared_bucket, key)
+        assert stored is not None and orjson.loads(stored) == versions[2]["messages"]
+        assert f'"{dead_rev}"' != etag
+
+        reads = 0
+        while time.monotonic() < killed_at + LEASE_SECONDS + PAST_THE_LEASE or reads < 10:
+            async with two.get(f"/api/chats/{chat_id}") as response:
+                assert (response.status, response.headers["ETag"]) == (200, etag)
+                assert await response.read() == acknowledged
+            reads += 1
+        headers = {"If-None-Match": etag}
+        async with two.get(f"/api/chats/{chat_id}", headers=headers) as response:
+            assert (response.status, await response.read()) == (304, b"")
+    # Given up only past QP_WRITE_ABANDON_SECONDS, the dead write is still an intent: its
+    # blob is neither served nor taken for one nothing knows.
+    intents = cluster.database.rows("SELECT chat_id, rev FROM chat_writes")
+    assert intents == [{"chat_id": chat_id, "rev": dead_rev}]
+    found = run_qp(tmp_path / "cli", "check", "--min-age", "0", **cluster.env)
+    assert (found.returncode, found.stdout) == (0, "nothing to repair\n"), found.stderr
 
 
 def test_the_readme_names_the_cluster_site_file():
