@@ -59,7 +59,7 @@ class S3BlobStore:
     """Blobs in an S3-compatible bucket, under an optional key prefix.
 
     Every call has a deadline (`timeout`, QP_S3_TIMEOUT): a store that accepts connections
-    and never answers costs a request that long at most, never a chat's lock forever.
+    and never answers costs a request that long at most.
     """
 
     def __init__(
