@@ -111,12 +111,13 @@ class Database:
         parts = sql.split("?")
         assert len(parts) == len(params) + 1, "one parameter per ?"
         text = parts[0] + "".join(
-            _literal(value) + part for value, part in zip(params, parts[1:], strict=True)
+            sql_literal(value) + part for value, part in zip(params, parts[1:], strict=True)
         )
         return psql(self.postgres_url, text)
 
 
-def _literal(value: Any) -> str:
+def sql_literal(value: Any) -> str:
+    """A value as SQL text, for statements sent through psql."""
     if value is None:
         return "NULL"
     if isinstance(value, int | float):

@@ -24,6 +24,7 @@ from tests.app_server import AppServer, Backend, Database, StartServer
 from tests.fake_openrouter import FakeOpenRouter
 from tests.helpers import ADMIN_KEY
 from tests.processes import CHROMIUM, TEST_DEFAULTS, PostgresServer, QPServer, SeaweedFS
+from tests.slow_s3 import SlowS3
 
 BACKENDS = ["file", "s3"]
 DATABASES = ["sqlite", "postgres"]
@@ -64,6 +65,14 @@ def seaweed(tmp_path_factory) -> Iterator[SeaweedFS]:
     weed = SeaweedFS(tmp_path_factory.mktemp("seaweed")).start()
     yield weed
     weed.stop()
+
+
+@pytest.fixture
+def slow_s3(seaweed: SeaweedFS) -> Iterator[SlowS3]:
+    """A proxy in front of SeaweedFS whose answers a test delays or holds."""
+    proxy = SlowS3(seaweed.endpoint_url).start()
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture(scope="module")

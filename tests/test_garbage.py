@@ -10,7 +10,6 @@ import asyncio
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -35,13 +34,6 @@ BOUND = {
     "QP_WRITE_ABANDON_SECONDS": f"{ABANDON_SECONDS:g}",
 }
 STORAGE_UNAVAILABLE = (503, {"error": "Storage unavailable"})
-
-
-@pytest.fixture
-def slow_s3(seaweed: SeaweedFS) -> Iterator[SlowS3]:
-    proxy = SlowS3(seaweed.endpoint_url).start()
-    yield proxy
-    proxy.stop()
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +26,6 @@ from tests.slow_s3 import SlowS3
 STORAGE_UNAVAILABLE = (503, {"error": "Storage unavailable"})
 SUCCESS = (200, {"success": True})
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture
-def slow_s3(seaweed: SeaweedFS) -> Iterator[SlowS3]:
-    proxy = SlowS3(seaweed.endpoint_url).start()
-    yield proxy
-    proxy.stop()
 
 
 @dataclass

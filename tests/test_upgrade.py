@@ -17,6 +17,7 @@ import pytest
 
 from qp.storage import postgres_schema
 from qp.storage.migrations import MIGRATIONS
+from tests.app_server import sql_literal
 from tests.helpers import call, make_chat
 from tests.processes import PostgresServer, QPServer
 
@@ -121,18 +122,10 @@ def old_postgres(postgres: PostgresServer) -> str:
         statements += list(postgres_schema.STEPS[step])
     statements.append(f"INSERT INTO qp_schema (version) VALUES ({OLD_POSTGRES_VERSION})")
     for row in old_rows():
-        values = ", ".join(_literal(value) for value in row)
+        values = ", ".join(sql_literal(value) for value in row)
         statements.append(f"INSERT INTO chats ({COLUMNS}) VALUES ({values})")
     postgres.psql(";\n".join(statements), url.rsplit("/", 1)[1])
     return url
-
-
-def _literal(value: object) -> str:
-    if value is None:
-        return "NULL"
-    if isinstance(value, int | float):
-        return repr(value)
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
