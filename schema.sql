@@ -62,7 +62,9 @@ CREATE INDEX idx_chat_garbage_since ON chat_garbage(since);
 -- estimate (the reservation: no better figure could be had); NULL when nothing was billed.
 -- cost_owed_until / cost_next_lookup: set while the cost of a server- or app-paid stream
 -- that ended without usage is still to be looked up by its generation id (until then, and
--- when to try next); cleared once it is found or given up.
+-- when to try next); cleared once it is found or given up. reservation_id: the budget
+-- reservation on a shared database (PostgreSQL): a row its sweep wrote at the estimate
+-- (outcome abandoned) is replaced by the completion's own row, never doubled.
 CREATE TABLE completions (
   id INTEGER PRIMARY KEY,
   started_at TEXT NOT NULL,
@@ -80,7 +82,8 @@ CREATE TABLE completions (
   generation_id TEXT,
   cost_source TEXT,
   cost_owed_until TEXT,
-  cost_next_lookup TEXT
+  cost_next_lookup TEXT,
+  reservation_id INTEGER
 );
 
 CREATE INDEX idx_completions_started_at ON completions(started_at);
@@ -90,6 +93,7 @@ CREATE INDEX idx_completions_client_started_at ON completions(client_hash, start
 -- The cost lookups still owed, soonest first.
 CREATE INDEX idx_completions_cost_next_lookup ON completions(cost_next_lookup)
   WHERE cost_next_lookup IS NOT NULL;
+CREATE UNIQUE INDEX idx_completions_reservation ON completions(reservation_id);
 
 -- Installation settings, e.g. the random salt for client-address hashes.
 CREATE TABLE settings (
@@ -115,4 +119,4 @@ CREATE TABLE prices (
 );
 
 -- The schema version this file describes (SCHEMA_VERSION in qp/storage/migrations.py).
-PRAGMA user_version = 7;
+PRAGMA user_version = 8;

@@ -48,6 +48,8 @@ class Script:
     # Bill the stream per token as OpenRouter does (see FakeOpenRouter.bill); in its
     # chunks GEN_ID is the generation id and a chunk USAGE the usage of what was sent.
     billed: bool = False
+    # A chunk GATE waits here until this is set (a test lets the stream go on).
+    gate: threading.Event | None = None
 
 
 @dataclass
@@ -81,14 +83,17 @@ PROMPT_PRICE = 0.000001
 COMPLETION_PRICE = 0.000004
 
 
-def billed_stream(tokens: int, then: float = 0.0, die: bool = False) -> Script:
-    """A billed stream of `tokens` content chunks at once; then, after `then` seconds, its
-    usage and the end, or with `die`, a dropped connection."""
+def billed_stream(
+    tokens: int, then: float = 0.0, die: bool = False, gate: threading.Event | None = None
+) -> Script:
+    """A billed stream of `tokens` content chunks at once; then, after `then` seconds (and
+    once `gate` is set, if given), its usage and the end, or with `die`, a dropped
+    connection."""
     token = b'data: {"id":"GEN_ID","choices":[{"delta":{"content":"tok "}}]}\n\n'
-    chunks = [(0.0, token)] * tokens
+    chunks = [(0.0, token)] * tokens + ([(0.0, b"GATE")] if gate is not None else [])
     if not die:
         chunks += [(then, b"USAGE"), (0.0, b"data: [DONE]\n\n")]
-    return Script(chunks=chunks, die=die, billed=True)
+    return Script(chunks=chunks, die=die, billed=True, gate=gate)
 
 
 class FakeOpenRouter:
@@ -163,6 +168,9 @@ class FakeOpenRouter:
             await response.prepare(request)
             for delay, chunk in script.chunks:
                 await asyncio.sleep(delay)
+                if chunk == b"GATE" and script.gate is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, script.gate.wait, 60)
+                    continue
                 if seen.generation_id is not None:
                     chunk = self._billed_chunk(seen, chunk)
                 await response.write(chunk)

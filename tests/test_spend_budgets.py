@@ -13,14 +13,14 @@ import orjson
 import pytest
 from aiohttp import web
 
-from qp.appkeys import PRICES
+from qp.appkeys import BUDGETS, PRICES
 from qp.spend.budgets import DAY, MONTH, BudgetBook, Refusal, Reservation, Scope
 from qp.spend.prices import parse_model_list
 from qp.spend.shared_budgets import SharedBudgetBook
 from qp.storage.postgres import PostgresDatabase
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import SYSTEM, call, ledger, run_qp, wait_for_log
+from tests.helpers import SYSTEM, call, ledger, run_qp, wait_for_log, wait_until
 
 pytestmark = pytest.mark.on_both_databases
 
@@ -74,6 +74,13 @@ async def ask(server: AppServer, request: dict, headers: dict | None = None) -> 
         return response.status, response.headers.get("Retry-After"), body
 
 
+def nothing_reserved(server: AppServer) -> bool:
+    """Every reservation settled: in memory, or in the shared database's rows."""
+    if server.database.postgres_url is None:
+        return server.app[BUDGETS].standing(Scope("server", "", DAY))[1] == 0
+    return not server.database.rows("SELECT id FROM budget_reservations")
+
+
 def tomorrow() -> str:
     return (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT00:00:00.000Z")
 
@@ -98,7 +105,9 @@ async def test_a_daily_cap_worth_ten_reservations_lets_exactly_ten_of_a_hundred_
     seconds_to_midnight = (datetime.fromisoformat(tomorrow()) - datetime.now(UTC)).total_seconds()
     assert abs(int(refused[1]) - seconds_to_midnight) < 5
     assert orjson.loads(refused[2]) == exhausted("The server's daily budget")
-    # The ten cost 0.0042 together: the room freed holds nine more reservations, not ten.
+    # The ten cost 0.0042 together: the room freed holds nine more reservations, not ten
+    # (once each has been settled, a moment after its client read the end).
+    await wait_until(lambda: nothing_reserved(server), 10, "the ten settled")
     answers = await asyncio.gather(*(ask(server, completion()) for _ in range(10)))
     assert sorted(status for status, _, _ in answers) == [200] * 9 + [402]
 

@@ -127,7 +127,8 @@ async def _spending(
         raise ApiError(429, "Too many open completions")
     try:
         book = request.app[BUDGETS]
-        held = await book.reserve(budget_scopes(policy, record.payer, record.app, client), estimate)
+        scopes = budget_scopes(policy, record.payer, record.app, client)
+        held = await book.reserve(scopes, estimate, record)
         if isinstance(held, Refusal):
             log.warning("completion refused: the %s budget is used up", held.scope.label)
             request.app[METRICS].budget_refusals.labels(held.scope.label).inc()
@@ -137,6 +138,7 @@ async def _spending(
                 headers={"Retry-After": str(held.retry_after)},
                 message=held.message,
             )
+        record.reservation_id = held.row_id
         try:
             yield spending
         finally:

@@ -8,11 +8,24 @@ from typing import Any
 from qp.completions.usage import CompletionRecord
 from qp.storage.database import Database
 
-INSERT = """
-    INSERT INTO completions (started_at, app, model, payer, prompt_tokens, completion_tokens,
-                             cost, status, outcome, duration_ms, client_left, client_hash,
-                             generation_id, cost_source, cost_owed_until, cost_next_lookup)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+_COLUMNS = """started_at, app, model, payer, prompt_tokens, completion_tokens, cost, status,
+               outcome, duration_ms, client_left, client_hash, generation_id, cost_source,
+               cost_owed_until, cost_next_lookup"""
+# A row as it was (copying a database: the reservations it named stay behind).
+INSERT = f"INSERT INTO completions ({_COLUMNS}) VALUES ({', '.join('?' * 16)})"
+# A completion's own row: it replaces the row a sweep wrote at the estimate for its
+# reservation, if any (the process was taken for dead while it still streamed).
+INSERT_RECORD = f"""
+    INSERT INTO completions ({_COLUMNS}, reservation_id) VALUES ({", ".join("?" * 17)})
+    ON CONFLICT (reservation_id) DO UPDATE SET
+      {", ".join(f"{name} = excluded.{name}" for name in _COLUMNS.replace(",", " ").split())}
+"""
+# The row a sweep writes for a reservation whose completion never reported (its process
+# died): what it held is taken as spent. The completion's own row, if it ever comes, wins.
+INSERT_SWEPT = f"""
+    INSERT INTO completions ({_COLUMNS}, reservation_id)
+    VALUES (?, ?, ?, ?, NULL, NULL, ?, 0, 'abandoned', 0, 0, ?, NULL, 'estimate', NULL, NULL, ?)
+    ON CONFLICT (reservation_id) DO NOTHING
 """
 # A page of rows by id (copying a database): the INSERT's columns, then the id.
 PAGE_AFTER = """
@@ -88,7 +101,7 @@ class UsageTotal:
 
 async def insert_records(db: Database, records: list[CompletionRecord]) -> None:
     await db.execute_write_many(
-        INSERT,
+        INSERT_RECORD,
         [
             (
                 record.started_at,
@@ -107,6 +120,7 @@ async def insert_records(db: Database, records: list[CompletionRecord]) -> None:
                 record.cost_source,
                 record.cost_owed_until,
                 record.cost_next_lookup,
+                record.reservation_id,
             )
             for record in records
         ],

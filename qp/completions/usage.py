@@ -40,6 +40,8 @@ class CompletionRecord:
     # Set while the cost is to be looked up by the generation id: until when, and next.
     cost_owed_until: str | None = None
     cost_next_lookup: str | None = None
+    # Its budget reservation's row on a shared database (qp/spend/shared_budgets.py).
+    reservation_id: int | None = None
 
 
 # Upstream's generation id, in the first chunk already: what its cost is looked up by.

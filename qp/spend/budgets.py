@@ -26,6 +26,7 @@ from qp.storage.database import Database
 from qp.timestamps import format_epoch
 
 if TYPE_CHECKING:
+    from qp.completions.usage import CompletionRecord
     from qp.policy.policy import Policy
 
 DAY = "day"
@@ -157,10 +158,14 @@ class BudgetBook:
         self._account(scope, self._clock()).spent = spent
 
     async def reserve(
-        self, scopes: Iterable[tuple[Scope, float]], amount: float
+        self,
+        scopes: Iterable[tuple[Scope, float]],
+        amount: float,
+        record: CompletionRecord | None = None,
     ) -> Reservation | Refusal:
-        """Reserve `amount` in every (scope, cap) at once, or refuse naming the first scope
-        without room. No await inside: concurrent requests see each other's reservations."""
+        """Reserve `amount` for the completion of `record` in every (scope, cap) at once, or
+        refuse naming the first scope without room. No await inside: concurrent requests
+        see each other's reservations."""
         now = self._clock()
         capped = list(scopes)
         for scope, cap in capped:

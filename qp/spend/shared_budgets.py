@@ -3,9 +3,16 @@ them: the accounts (spent and reserved per scope and period) and each reservatio
 flight are rows, and a reservation is one transaction that reserves in every scope only
 while each has room (the UPDATEs hold the accounts' rows until it commits).
 
-A reservation names its process's write lease; one whose process died is settled at its
-estimate by whichever process sweeps it, as an unanswered completion would be. What
-`/api/usage` and the metrics show of the accounts is taken from the database every few
+Each reservation is settled exactly once: settling deletes its row, and the accounts change
+only in the transaction that deleted it (a second settlement finds no row and changes
+nothing). A reservation nobody will settle is swept: one whose process's lease expired (it
+died, or is paused, with the completion in flight) is taken as spent at its estimate, with
+a ledger row saying so; one of this process that no request of its holds (its answer was
+lost on the way back) is released. A swept row is kept a while marked swept, so a
+settlement that comes late (the paused process resumed) replaces the estimate by the real
+cost instead of adding to it, and its ledger row replaces the sweep's.
+
+What `/api/usage` and the metrics show of the accounts is taken from the database every few
 seconds and before each report (`refresh`).
 """
 
@@ -20,6 +27,8 @@ from typing import Any
 
 import orjson
 
+from qp.completions.ledger import INSERT_SWEPT
+from qp.completions.usage import CompletionRecord
 from qp.errors import StorageUnavailable
 from qp.spend.budgets import (
     CAP_TOLERANCE_USD,
@@ -33,7 +42,7 @@ from qp.spend.budgets import (
     period_bounds,
     spent_in_periods,
 )
-from qp.storage.database import Database
+from qp.storage.database import Database, Transaction
 from qp.storage.leases import live_owners
 
 log = logging.getLogger("qp.spend.shared_budgets")
@@ -73,8 +82,8 @@ RESERVE = f"""
           AND a.period_start = h.period_start
         RETURNING a.kind
     ), noted AS (
-        INSERT INTO budget_reservations (owner, amount, accounts)
-        SELECT :owner, :amount, :accounts FROM verdict WHERE fits
+        INSERT INTO budget_reservations (owner, amount, accounts, record)
+        SELECT :owner, :amount, :accounts, :record FROM verdict WHERE fits
         RETURNING id
     )
     SELECT kind, name, period, spent, reserved, room, (SELECT id FROM noted) FROM held
@@ -83,27 +92,39 @@ OPEN_ACCOUNT = """
     INSERT INTO budget_accounts (kind, name, period, period_start) VALUES (?, ?, ?, ?)
     ON CONFLICT (kind, name, period, period_start) DO NOTHING
 """
-# Replace a reservation by what its completion cost, in one statement; answers each
-# account as it is after.
-SETTLE = f"""
-    WITH {_WANTED}, settled AS (
+# Settling or sweeping a reservation: its row first (so two settlements of one reservation
+# queue on it, and the second finds it gone or swept), then its accounts.
+FORGET = "DELETE FROM budget_reservations WHERE id = ? RETURNING swept_at"
+SWEEP = """
+    UPDATE budget_reservations SET swept_at = ? WHERE id = ? AND swept_at IS NULL
+    RETURNING amount
+"""
+# Take `release` off what the accounts hold reserved and add `spend` to what they spent;
+# answers each account as it is after.
+MOVE = f"""
+    WITH {_WANTED}, moved AS (
         UPDATE budget_accounts a
-        SET reserved = GREATEST(0, a.reserved - :amount), spent = GREATEST(0, a.spent + :cost)
+        SET reserved = GREATEST(0, a.reserved - :release), spent = GREATEST(0, a.spent + :spend)
         FROM held h
         WHERE a.kind = h.kind AND a.name = h.name AND a.period = h.period
           AND a.period_start = h.period_start
         RETURNING a.kind, a.name, a.period, a.spent, a.reserved
-    ), forgotten AS (
-        DELETE FROM budget_reservations WHERE id = :id
     )
-    SELECT kind, name, period, spent, reserved FROM settled
+    SELECT kind, name, period, spent, reserved FROM moved
 """
 ADJUST = """
     UPDATE budget_accounts SET spent = GREATEST(0, spent + :delta)
     WHERE kind = :kind AND name = :name AND period = :period AND period_start = :start
     RETURNING spent, reserved
 """
-RESERVATIONS = "SELECT id, owner, amount, accounts FROM budget_reservations"
+# The reservations to sweep: those of processes whose lease expired, and this process's
+# own made before `made_before` (the ones its requests hold are left out by the caller).
+UNSETTLED = """
+    SELECT id, owner, amount, accounts, record FROM budget_reservations
+    WHERE swept_at IS NULL
+      AND (NOT (owner = ANY(:live::text[])) OR (owner = :me AND created_at < :made_before))
+"""
+FORGET_SWEPT = "DELETE FROM budget_reservations WHERE swept_at < ?"
 # The server's and apps' accounts in their current periods (clients' are many: they stay in
 # the database).
 STANDING = """
@@ -119,6 +140,11 @@ FORGET_ENDED = """
 """
 REFRESH_SECONDS = 5.0
 FORGET_EVERY_ROUNDS = 120
+# A reservation of this process that no request holds is released once it is this old
+# (younger, its request may be between the database's answer and taking it).
+ORPHAN_SECONDS = 30.0
+# A swept reservation is remembered this long for a settlement that comes late.
+SWEPT_KEPT_SECONDS = 2 * 86400.0
 
 
 class SharedBudgetBook(BudgetBook):
@@ -135,8 +161,12 @@ class SharedBudgetBook(BudgetBook):
         super().__init__(clock, on_passed)
         self._db = db
         self._owner = owner
+        # The rows of the reservations this process's requests hold (not settled yet).
+        self._held: set[int] = set()
         # Settlements the database refused (it was down): tried again by `refresh`.
         self._unsettled: list[tuple[Reservation, float]] = []
+        # Releases of reservations whose request left while they were being made.
+        self._releasing: set[asyncio.Task[None]] = set()
 
     async def seed(self) -> None:
         """Accounts for the current periods that do not exist yet start from what the
@@ -155,7 +185,10 @@ class SharedBudgetBook(BudgetBook):
         await self.refresh()
 
     async def reserve(
-        self, scopes: Iterable[tuple[Scope, float]], amount: float
+        self,
+        scopes: Iterable[tuple[Scope, float]],
+        amount: float,
+        record: CompletionRecord | None = None,
     ) -> Reservation | Refusal:
         now = self._clock()
         held = [(scope, self._period(scope.period, now)[0], cap) for scope, cap in scopes]
@@ -164,7 +197,22 @@ class SharedBudgetBook(BudgetBook):
                 return self._refusal(scope, now)
         if not held:
             return Reservation(amount)
+        # A request whose client leaves while the reservation is being made is cancelled
+        # then, not the reserving: what it reserved is released once that is known.
+        reserving = asyncio.ensure_future(self._reserve(held, amount, record, now))
+        try:
+            return await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            reserving.add_done_callback(self._release_unclaimed)
+            raise
 
+    async def _reserve(
+        self,
+        held: list[tuple[Scope, float, float]],
+        amount: float,
+        record: CompletionRecord | None,
+        now: float,
+    ) -> Reservation | Refusal:
         accounts = orjson.dumps([list(_key(scope, start).values()) for scope, start, _ in held])
         reserving = {
             **_arrays(held),
@@ -172,6 +220,7 @@ class SharedBudgetBook(BudgetBook):
             "amount": amount,
             "owner": self._owner,
             "accounts": accounts.decode(),
+            "record": None if record is None else _swept_record(record),
         }
         rows = await self._db.execute_write_returning(RESERVE, reserving, durable=False)
         if len(rows) < len(held):  # the first request of a period: open its accounts
@@ -188,10 +237,21 @@ class SharedBudgetBook(BudgetBook):
                 if spent + reserved + amount > room:
                     return self._refusal(scope, now)
             raise StorageUnavailable("Database", "a budget reservation was not noted")
+        row_id = int(rows[0][-1])
+        self._held.add(row_id)
         for scope, start, _ in held:
             spent, reserved, _, _ = found[scope]
             self._mirror(scope, start, spent, reserved + amount)
-        return Reservation(amount, held, row_id=int(rows[0][-1]))
+        return Reservation(amount, held, row_id=row_id)
+
+    def _release_unclaimed(self, reserving: asyncio.Future[Reservation | Refusal]) -> None:
+        if reserving.cancelled() or reserving.exception() is not None:
+            return
+        reservation = reserving.result()
+        if isinstance(reservation, Reservation):
+            release = asyncio.ensure_future(self.settle(reservation, 0.0))
+            self._releasing.add(release)
+            release.add_done_callback(self._releasing.discard)
 
     def _mirror(self, scope: Scope, start: float, spent: float, reserved: float) -> None:
         """Take what the database answered of an account (the metrics read the mirror)."""
@@ -225,13 +285,26 @@ class SharedBudgetBook(BudgetBook):
             self._unsettled.append((reservation, cost))
 
     async def _settle(self, reservation: Reservation, cost: float) -> None:
-        settling = {
-            **_arrays(reservation.held),
-            "amount": reservation.amount,
-            "cost": cost,
-            "id": reservation.row_id,
-        }
-        rows = await self._db.execute_write_returning(SETTLE, settling, durable=False)
+        """Replace the reservation by what its completion cost, if nothing settled it yet;
+        if a sweep took it as spent at its estimate, correct the estimate to `cost`. Safe
+        to repeat: a settlement that reached the database changes nothing the second time."""
+        row_id = reservation.row_id
+        assert row_id is not None
+
+        spend = cost
+
+        async def settling(tx: Transaction) -> list[tuple[Any, ...]]:
+            nonlocal spend
+            forgotten = await tx.fetchall(FORGET, (row_id,))
+            if not forgotten:
+                return []  # settled already
+            release = reservation.amount
+            if forgotten[0][0] is not None:  # swept: its estimate was taken as spent
+                release, spend = 0.0, cost - reservation.amount
+            return await tx.fetchall(MOVE, _moving(reservation.held, release, spend))
+
+        rows = await self._db.write(settling, durable=False)
+        self._held.discard(row_id)
         standing = {
             Scope(kind, name, period): (spent, reserved)
             for kind, name, period, spent, reserved in rows
@@ -240,7 +313,7 @@ class SharedBudgetBook(BudgetBook):
             if scope in standing:
                 spent, reserved = standing[scope]
                 self._mirror(scope, start, spent, reserved)
-                self._tell_passed(scope, start, float(spent) - cost, float(spent), cap)
+                self._tell_passed(scope, start, float(spent) - spend, float(spent), cap)
 
     async def adjust(self, scopes: Iterable[tuple[Scope, float]], delta: float, at: float) -> None:
         now = self._clock()
@@ -269,7 +342,7 @@ class SharedBudgetBook(BudgetBook):
             account.spent, account.reserved = float(spent), float(reserved)
 
     async def keep_fresh(self) -> None:
-        """Every few seconds: settle the reservations of processes gone, and take the
+        """Every few seconds: sweep the reservations nobody will settle, and take the
         accounts again (a task that must never die)."""
         rounds = 0
         while True:
@@ -277,8 +350,16 @@ class SharedBudgetBook(BudgetBook):
             rounds += 1
             try:
                 owners = await live_owners(self._db)
-                if owners is not None and await self.settle_abandoned(owners):
-                    log.warning("settled at their estimate the reservations of a server gone")
+                if owners is not None:
+                    dead, orphans = await self.sweep(owners)
+                    if dead:
+                        log.warning(
+                            "%d budget reservations of a server gone taken as spent at their"
+                            " estimate",
+                            dead,
+                        )
+                    if orphans:
+                        log.warning("%d budget reservations no request held released", orphans)
                 await self.refresh()
                 if rounds % FORGET_EVERY_ROUNDS == 0:
                     await self.forget_ended()
@@ -286,26 +367,62 @@ class SharedBudgetBook(BudgetBook):
                 log.warning("the shared budgets wait for the database: %s", err)
 
     async def forget_ended(self) -> None:
-        """Delete the accounts of days that ended over a day ago and months over 40 days."""
+        """Delete the accounts of days that ended over a day ago and months over 40 days,
+        and the swept reservations no late settlement will come for any more."""
         now = self._clock()
         day, _ = self._period(DAY, now)
         month, _ = self._period(MONTH, now)
         await self._db.execute_write(FORGET_ENDED, (day - 86400, month - 40 * 86400))
+        await self._db.execute_write(FORGET_SWEPT, (time.time() - SWEPT_KEPT_SECONDS,))
 
-    async def settle_abandoned(self, live_owners: set[str]) -> int:
-        """Settle at their estimate the reservations of processes whose lease expired (they
-        died with the completion in flight); answers how many."""
-        settled = 0
-        for row_id, owner, amount, accounts in await self._db.fetchall(RESERVATIONS):
-            if owner in live_owners:
+    async def sweep(self, live_owners: set[str]) -> tuple[int, int]:
+        """Take as spent at their estimate the reservations of processes whose lease
+        expired (they died or stopped with the completion in flight), each with a ledger
+        row; release this process's own that no request holds. Answers how many of each
+        this call swept (another process sweeping the same rows sweeps each only once)."""
+        unsettled = await self._db.fetchall(
+            UNSETTLED,
+            {
+                "live": sorted(live_owners),
+                "me": self._owner,
+                "made_before": time.time() - ORPHAN_SECONDS,
+            },
+        )
+        dead = orphans = 0
+        for row_id, owner, amount, accounts, record in unsettled:
+            if row_id in self._held:
                 continue
             held = [
                 (Scope(kind, name, period), float(start), math.inf)
                 for kind, name, period, start in orjson.loads(accounts)
             ]
-            await self._settle(Reservation(float(amount), held, row_id=int(row_id)), float(amount))
-            settled += 1
-        return settled
+            spent = owner != self._owner
+            if await self._sweep(int(row_id), held, float(amount), record if spent else None):
+                dead, orphans = (dead + 1, orphans) if spent else (dead, orphans + 1)
+        return dead, orphans
+
+    async def _sweep(
+        self,
+        row_id: int,
+        held: list[tuple[Scope, float, float]],
+        amount: float,
+        record: str | None,
+    ) -> bool:
+        """Sweep one reservation, unless another process did first: with `record` (its
+        process is gone), as spent at its estimate with that ledger row; else released."""
+
+        async def sweeping(tx: Transaction) -> bool:
+            if not await tx.fetchall(SWEEP, (time.time(), row_id)):
+                return False
+            await tx.fetchall(MOVE, _moving(held, amount, amount if record else 0.0))
+            if record is not None:
+                started_at, app, model, payer, client_hash = orjson.loads(record)
+                await tx.execute(
+                    INSERT_SWEPT, (started_at, app, model, payer, amount, client_hash, row_id)
+                )
+            return True
+
+        return await self._db.write(sweeping)
 
 
 def _arrays(held: list[tuple[Scope, float, float]]) -> dict[str, list[Any]]:
@@ -317,6 +434,16 @@ def _arrays(held: list[tuple[Scope, float, float]]) -> dict[str, list[Any]]:
         "starts": [start for _, start, _ in held],
         "rooms": [cap + CAP_TOLERANCE_USD for _, _, cap in held],
     }
+
+
+def _moving(held: list[tuple[Scope, float, float]], release: float, spend: float) -> dict[str, Any]:
+    return {**_arrays(held), "release": release, "spend": spend}
+
+
+def _swept_record(record: CompletionRecord) -> str:
+    """What a sweep writes in the ledger of the completion (never its messages)."""
+    skeleton = [record.started_at, record.app, record.model, record.payer, record.client_hash]
+    return orjson.dumps(skeleton).decode()
 
 
 def _key(scope: Scope, start: float) -> dict[str, object]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import aiosqlite
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # MIGRATIONS[n]: the statements that take a database from version n - 1 to version n.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -102,6 +102,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         )
         """,
         "CREATE INDEX idx_chat_garbage_since ON chat_garbage(since)",
+    ),
+    # The ledger row of a completion names its budget reservation on a shared database
+    # (PostgreSQL's step 4): a row swept at its estimate is replaced by the real one.
+    8: (
+        "ALTER TABLE completions ADD COLUMN reservation_id INTEGER",
+        "CREATE UNIQUE INDEX idx_completions_reservation ON completions(reservation_id)",
     ),
 }
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))

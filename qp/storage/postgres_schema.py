@@ -13,7 +13,7 @@ import asyncpg
 
 from qp.storage.migrations import SchemaTooNew
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # pg_advisory_xact_lock key taken while the schema is brought up to date ("qp-mig").
 MIGRATION_LOCK = 0x71702D6D6967
 
@@ -142,6 +142,18 @@ STEPS: dict[int, tuple[str, ...]] = {
         )
         """,
         "CREATE INDEX idx_chat_garbage_since ON chat_garbage(since)",
+    ),
+    # Reservations settled exactly once: each remembers when it was made and, once swept
+    # (its process gone or its request lost), when, so that a late settlement corrects the
+    # estimate instead of adding to it; what its ledger row is if it is swept; and the
+    # ledger row of a completion names its reservation (as SQLite's step 8).
+    4: (
+        "ALTER TABLE budget_reservations ADD COLUMN created_at DOUBLE PRECISION NOT NULL"
+        " DEFAULT extract(epoch FROM clock_timestamp())",
+        "ALTER TABLE budget_reservations ADD COLUMN swept_at DOUBLE PRECISION",
+        "ALTER TABLE budget_reservations ADD COLUMN record TEXT",
+        "ALTER TABLE completions ADD COLUMN reservation_id BIGINT",
+        "CREATE UNIQUE INDEX idx_completions_reservation ON completions(reservation_id)",
     ),
 }
 
