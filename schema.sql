@@ -56,7 +56,8 @@ CREATE INDEX idx_chat_garbage_since ON chat_garbage(since);
 -- payer: who paid (server: OPENROUTER_API_KEY, app: OPENROUTER_API_KEY_{APP}, user: the
 -- client's own x-openrouter-key). status: the HTTP status the client got. outcome:
 -- completed, client_left, upstream_error, upstream_idle, upstream_died, unreachable, timeout,
--- shutdown (still streaming when the server's shutdown timeout ended). client_hash: the
+-- shutdown (still streaming when the server's shutdown timeout ended), abandoned (written
+-- by a sweep: its process's lease expired mid-completion). client_hash: the
 -- client's salted address hash (never the address). generation_id: upstream's `gen-...` id.
 -- cost_source: stream (usage seen in the stream), generation (looked up afterwards) or
 -- estimate (the reservation: no better figure could be had); NULL when nothing was billed.
