@@ -212,3 +212,15 @@ async def test_a_reservation_of_this_process_no_request_holds_is_released(shared
     await book.refresh()
     assert book.standing(SERVER_DAY) == (0.0, 0.0)
     assert await shared_db.fetchall("SELECT COUNT(*) FROM completions") == [(0,)]
+
+
+async def test_a_dead_processs_reservation_from_before_records_is_still_taken_as_spent(shared_db):
+    """A reservation made before reservations kept their ledger row's skeleton (an
+    upgrade with completions in flight) is swept as spent all the same, with no row."""
+    held = await SharedBudgetBook(shared_db, "old-process").reserve([(SERVER_DAY, 10.0)], 0.25)
+    assert isinstance(held, Reservation)
+    book = SharedBudgetBook(shared_db, "me")
+    assert await book.sweep({"me"}) == (1, 0)
+    await book.refresh()
+    assert book.standing(SERVER_DAY) == (0.25, 0.0)
+    assert await shared_db.fetchall("SELECT COUNT(*) FROM completions") == [(0,)]

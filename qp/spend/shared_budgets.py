@@ -396,9 +396,9 @@ class SharedBudgetBook(BudgetBook):
                 (Scope(kind, name, period), float(start), math.inf)
                 for kind, name, period, start in orjson.loads(accounts)
             ]
-            spent = owner != self._owner
-            if await self._sweep(int(row_id), held, float(amount), record if spent else None):
-                dead, orphans = (dead + 1, orphans) if spent else (dead, orphans + 1)
+            gone = owner != self._owner
+            if await self._sweep(int(row_id), held, float(amount), gone, record):
+                dead, orphans = (dead + 1, orphans) if gone else (dead, orphans + 1)
         return dead, orphans
 
     async def _sweep(
@@ -406,16 +406,18 @@ class SharedBudgetBook(BudgetBook):
         row_id: int,
         held: list[tuple[Scope, float, float]],
         amount: float,
+        gone: bool,
         record: str | None,
     ) -> bool:
-        """Sweep one reservation, unless another process did first: with `record` (its
-        process is gone), as spent at its estimate with that ledger row; else released."""
+        """Sweep one reservation, unless another process did first: when its process is
+        `gone`, as spent at its estimate, with a ledger row made of its `record` (a
+        reservation from before reservations kept one has none); else released."""
 
         async def sweeping(tx: Transaction) -> bool:
             if not await tx.fetchall(SWEEP, (time.time(), row_id)):
                 return False
-            await tx.fetchall(MOVE, _moving(held, amount, amount if record else 0.0))
-            if record is not None:
+            await tx.fetchall(MOVE, _moving(held, amount, amount if gone else 0.0))
+            if gone and record is not None:
                 started_at, app, model, payer, client_hash = orjson.loads(record)
                 await tx.execute(
                     INSERT_SWEPT, (started_at, app, model, payer, amount, client_hash, row_id)
