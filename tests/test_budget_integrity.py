@@ -29,6 +29,8 @@ RESERVE = 0.01  # each completion reserves this (the fake lists no prices)
 # The shortest lease start-up allows: a paused process is taken for dead soon after.
 LEASE_SECONDS = 3.0
 SERVER_DAY = Scope("server", "", DAY)
+# The reservations neither settled nor swept.
+OPEN = "SELECT id FROM budget_reservations WHERE settled_at IS NULL AND swept_at IS NULL"
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ async def test_clients_that_hang_up_at_any_moment_leave_no_reservation_behind(st
     assert ORPHAN_SECONDS > 15  # so what follows cannot pass by the sweep of orphans
 
     def settled() -> bool:
-        left = database.rows("SELECT COUNT(*) AS n FROM budget_reservations")[0]["n"]
+        left = len(database.rows(OPEN))
         spent, reserved = standing(database)
         return left == 0 and reserved == 0 and spent == pytest.approx(ledger_cost(database))
 
@@ -131,7 +133,7 @@ async def test_a_paused_process_settles_once_correcting_the_estimate_its_sweep_t
                 return r.status, await r.read()
 
         asking = asyncio.ensure_future(ask())
-        reserved = lambda: database.rows("SELECT id FROM budget_reservations")  # noqa: E731
+        reserved = lambda: database.rows(OPEN)  # noqa: E731
         await wait_until(lambda: bool(reserved()), 10, "the completion's reservation")
         one.signal(signal.SIGSTOP)
         try:
@@ -224,3 +226,37 @@ async def test_a_dead_processs_reservation_from_before_records_is_still_taken_as
     await book.refresh()
     assert book.standing(SERVER_DAY) == (0.25, 0.0)
     assert await shared_db.fetchall("SELECT COUNT(*) FROM completions") == [(0,)]
+
+
+async def test_a_settlement_whose_reservation_was_lost_adds_only_the_cost(shared_db):
+    """A database crash forgot a reservation committed without waiting for the disk, and
+    what it reserved with it: its settlement adds the cost, releases nothing, and a second
+    settlement of it changes nothing."""
+    book = SharedBudgetBook(shared_db, "one")
+    kept = await book.reserve([(SERVER_DAY, 10.0)], 0.5)
+    held = await book.reserve([(SERVER_DAY, 10.0)], 0.25)
+    assert isinstance(kept, Reservation) and isinstance(held, Reservation)
+    await shared_db.execute_write("DELETE FROM budget_reservations WHERE id = ?", (held.row_id,))
+    await shared_db.execute_write("UPDATE budget_accounts SET reserved = reserved - 0.25")
+    await book.settle(held, 0.1)
+    await book.settle(Reservation(held.amount, held.held, row_id=held.row_id), 0.1)
+    await book.refresh()
+    assert book.standing(SERVER_DAY) == pytest.approx((0.1, 0.5))
+
+
+async def test_a_sweep_takes_the_cost_the_ledger_already_has(shared_db):
+    """The completion's ledger row was written, its settlement was not (the process died
+    between): the sweep takes the ledger's cost, not the estimate, and writes no row."""
+    dead = SharedBudgetBook(shared_db, "dead-process")
+    record = CompletionRecord("2026-12-02T00:00:00.000Z", "nwb-assistant", "m", "server")
+    held = await dead.reserve([(SERVER_DAY, 10.0)], 0.25, record)
+    assert isinstance(held, Reservation)
+    record.cost, record.outcome, record.reservation_id = 0.05, "completed", held.row_id
+    await insert_records(shared_db, [record])
+    book = SharedBudgetBook(shared_db, "me")
+    assert await book.sweep({"me"}) == (1, 0)
+    await book.refresh()
+    assert book.standing(SERVER_DAY) == pytest.approx((0.05, 0.0))
+    assert await shared_db.fetchall("SELECT cost, outcome FROM completions") == [
+        (0.05, "completed")
+    ]

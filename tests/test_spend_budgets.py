@@ -78,7 +78,7 @@ def nothing_reserved(server: AppServer) -> bool:
     """Every reservation settled: in memory, or in the shared database's rows."""
     if server.database.postgres_url is None:
         return server.app[BUDGETS].standing(Scope("server", "", DAY))[1] == 0
-    return not server.database.rows("SELECT id FROM budget_reservations")
+    return not server.database.rows("SELECT id FROM budget_reservations WHERE settled_at IS NULL")
 
 
 def tomorrow() -> str:

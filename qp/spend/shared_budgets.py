@@ -3,9 +3,10 @@ them: the accounts (spent and reserved per scope and period) and each reservatio
 flight are rows, and a reservation is one transaction that reserves in every scope only
 while each has room (the UPDATEs hold the accounts' rows until it commits).
 
-Each reservation is settled exactly once: settling deletes its row, and the accounts change
-only in the transaction that deleted it (a second settlement finds no row and changes
-nothing). A reservation nobody will settle is swept: one whose process's lease expired (it
+Each reservation is settled exactly once: settling marks its row settled, and the accounts
+change only in the transaction that marked it (a second settlement finds it settled and
+changes nothing; one that finds no row knows the reservation was lost in a database crash,
+and adds only the cost). A reservation nobody will settle is swept: one whose process's lease expired (it
 died, or is paused, with the completion in flight) is taken as spent at its estimate, with
 a ledger row saying so; one of this process that no request of its holds (its answer was
 lost on the way back) is released. A swept row is kept a while marked swept, so a
@@ -93,11 +94,27 @@ OPEN_ACCOUNT = """
     ON CONFLICT (kind, name, period, period_start) DO NOTHING
 """
 # Settling or sweeping a reservation: its row first (so two settlements of one reservation
-# queue on it, and the second finds it gone or swept), then its accounts.
-FORGET = "DELETE FROM budget_reservations WHERE id = ? RETURNING swept_at"
+# queue on it, and the second finds it settled or swept), then its accounts. A settled row
+# is kept a while, so that a settlement that finds no row at all knows the reservation was
+# lost (a database crash forgot a commit that did not wait for the disk).
+SETTLE = """
+    WITH old AS (
+        SELECT id, swept_at, settled_at FROM budget_reservations WHERE id = ? FOR UPDATE
+    )
+    UPDATE budget_reservations r SET settled_at = ? FROM old WHERE r.id = old.id
+    RETURNING old.swept_at, old.settled_at
+"""
+SETTLE_LOST = """
+    INSERT INTO budget_reservations (id, owner, amount, accounts, settled_at)
+    OVERRIDING SYSTEM VALUE VALUES (?, ?, ?, ?, ?)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+"""
+# A sweep takes what the ledger says the completion cost, if its row is there already.
 SWEEP = """
-    UPDATE budget_reservations SET swept_at = ? WHERE id = ? AND swept_at IS NULL
-    RETURNING amount
+    UPDATE budget_reservations r SET swept_at = ?
+    WHERE id = ? AND swept_at IS NULL AND settled_at IS NULL
+    RETURNING (SELECT cost FROM completions c WHERE c.reservation_id = r.id)
 """
 # Take `release` off what the accounts hold reserved and add `spend` to what they spent;
 # answers each account as it is after.
@@ -121,10 +138,10 @@ ADJUST = """
 # own made before `made_before` (the ones its requests hold are left out by the caller).
 UNSETTLED = """
     SELECT id, owner, amount, accounts, record FROM budget_reservations
-    WHERE swept_at IS NULL
+    WHERE swept_at IS NULL AND settled_at IS NULL
       AND (NOT (owner = ANY(:live::text[])) OR (owner = :me AND created_at < :made_before))
 """
-FORGET_SWEPT = "DELETE FROM budget_reservations WHERE swept_at < ?"
+FORGET_SETTLED = "DELETE FROM budget_reservations WHERE swept_at < ? OR settled_at < ?"
 # The server's and apps' accounts in their current periods (clients' are many: they stay in
 # the database).
 STANDING = """
@@ -143,7 +160,9 @@ FORGET_EVERY_ROUNDS = 120
 # A reservation of this process that no request holds is released once it is this old
 # (younger, its request may be between the database's answer and taking it).
 ORPHAN_SECONDS = 30.0
-# A swept reservation is remembered this long for a settlement that comes late.
+# A settled reservation is remembered this long (a settlement retried while the database
+# was down finds it settled), and a swept one this long (for a settlement that comes late).
+SETTLED_KEPT_SECONDS = 86400.0
 SWEPT_KEPT_SECONDS = 2 * 86400.0
 
 
@@ -295,11 +314,19 @@ class SharedBudgetBook(BudgetBook):
 
         async def settling(tx: Transaction) -> list[tuple[Any, ...]]:
             nonlocal spend
-            forgotten = await tx.fetchall(FORGET, (row_id,))
-            if not forgotten:
-                return []  # settled already
             release = reservation.amount
-            if forgotten[0][0] is not None:  # swept: its estimate was taken as spent
+            found = await tx.fetchall(SETTLE, (row_id, time.time()))
+            if not found:  # lost, and what it reserved with it: only the cost is new
+                accounts = orjson.dumps(
+                    [list(_key(scope, start).values()) for scope, start, _ in reservation.held]
+                )
+                lost = (row_id, self._owner, reservation.amount, accounts.decode(), time.time())
+                if not await tx.fetchall(SETTLE_LOST, lost):
+                    return []
+                release = 0.0
+            elif found[0][1] is not None:
+                return []  # settled already
+            elif found[0][0] is not None:  # swept: its estimate was taken as spent
                 release, spend = 0.0, cost - reservation.amount
             return await tx.fetchall(MOVE, _moving(reservation.held, release, spend))
 
@@ -373,7 +400,10 @@ class SharedBudgetBook(BudgetBook):
         day, _ = self._period(DAY, now)
         month, _ = self._period(MONTH, now)
         await self._db.execute_write(FORGET_ENDED, (day - 86400, month - 40 * 86400))
-        await self._db.execute_write(FORGET_SWEPT, (time.time() - SWEPT_KEPT_SECONDS,))
+        await self._db.execute_write(
+            FORGET_SETTLED,
+            (time.time() - SWEPT_KEPT_SECONDS, time.time() - SETTLED_KEPT_SECONDS),
+        )
 
     async def sweep(self, live_owners: set[str]) -> tuple[int, int]:
         """Take as spent at their estimate the reservations of processes whose lease
@@ -414,8 +444,13 @@ class SharedBudgetBook(BudgetBook):
         reservation from before reservations kept one has none); else released."""
 
         async def sweeping(tx: Transaction) -> bool:
-            if not await tx.fetchall(SWEEP, (time.time(), row_id)):
+            found = await tx.fetchall(SWEEP, (time.time(), row_id))
+            if not found:
                 return False
+            ((in_ledger,),) = found
+            if in_ledger is not None:  # its completion's row came before its settlement
+                await tx.fetchall(MOVE, _moving(held, amount, float(in_ledger)))
+                return True
             await tx.fetchall(MOVE, _moving(held, amount, amount if gone else 0.0))
             if gone and record is not None:
                 started_at, app, model, payer, client_hash = orjson.loads(record)

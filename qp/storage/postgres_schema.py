@@ -143,15 +143,19 @@ STEPS: dict[int, tuple[str, ...]] = {
         """,
         "CREATE INDEX idx_chat_garbage_since ON chat_garbage(since)",
     ),
-    # Reservations settled exactly once: each remembers when it was made and, once swept
-    # (its process gone or its request lost), when, so that a late settlement corrects the
-    # estimate instead of adding to it; what its ledger row is if it is swept; and the
-    # ledger row of a completion names its reservation (as SQLite's step 8).
+    # Reservations settled exactly once: each remembers when it was made, and when it was
+    # settled or swept (its process gone or its request lost), so that a second settlement
+    # changes nothing and a late one corrects the estimate instead of adding to it; what its
+    # ledger row is if it is swept; and the ledger row of a completion names its
+    # reservation (as SQLite's step 8).
     4: (
         "ALTER TABLE budget_reservations ADD COLUMN created_at DOUBLE PRECISION NOT NULL"
         " DEFAULT extract(epoch FROM clock_timestamp())",
         "ALTER TABLE budget_reservations ADD COLUMN swept_at DOUBLE PRECISION",
+        "ALTER TABLE budget_reservations ADD COLUMN settled_at DOUBLE PRECISION",
         "ALTER TABLE budget_reservations ADD COLUMN record TEXT",
+        "CREATE INDEX idx_budget_reservations_open ON budget_reservations(owner)"
+        " WHERE swept_at IS NULL AND settled_at IS NULL",
         "ALTER TABLE completions ADD COLUMN reservation_id BIGINT",
         "CREATE UNIQUE INDEX idx_completions_reservation ON completions(reservation_id)",
     ),
