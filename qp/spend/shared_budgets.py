@@ -8,8 +8,8 @@ change only in the transaction that marked it (a second settlement finds it sett
 changes nothing; one that finds no row knows the reservation was lost in a database crash,
 and adds only the cost). A reservation nobody will settle is swept: one whose process's
 lease expired (it died, or is paused, with the completion in flight) is taken as spent at
-its estimate, with a ledger row saying so; one of this process that no request of its holds (its answer was
-lost on the way back) is released. A swept row is kept a while marked swept, so a
+its estimate, with a ledger row saying so; one of this process that no request of its
+holds (its answer was lost on the way back) is released. A swept row is kept a while, so a
 settlement that comes late (the paused process resumed) replaces the estimate by the real
 cost instead of adding to it, and its ledger row replaces the sweep's.
 
