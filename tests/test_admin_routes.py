@@ -8,7 +8,17 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tests.app_server import AppServer, StartServer
-from tests.helpers import ADMIN_KEY, ISO_MS, call, completion_request, create, make_chat
+from tests.helpers import (
+    ADMIN_KEY,
+    ISO_MS,
+    a_fresh_hour,
+    block_by_refusals,
+    call,
+    completion_request,
+    create,
+    make_chat,
+    served_once_then_limited_not_blocked,
+)
 
 pytestmark = pytest.mark.on_both_databases
 
@@ -337,6 +347,20 @@ async def test_a_block_is_listed_and_lifted_and_the_client_served_again(start_se
         404,
         {"error": "Block not found"},
     )
+
+
+async def test_a_lifted_client_starts_afresh_and_its_next_refusal_does_not_block_it(
+    start_server, admin
+):
+    server = await start_server(QP_RATE_LIMIT_CHATS="1/hour")
+    client = {"X-Forwarded-For": "203.0.113.51"}
+    await a_fresh_hour()
+    await block_by_refusals(server.client, client)
+    _, found = await call(server.client, "GET", "/api/admin/blocks", headers=admin)
+    lift = f"/api/admin/blocks/{found['blocks'][0]['client']}"
+    assert await call(server.client, "DELETE", lift, headers=admin) == (200, {"success": True})
+    await served_once_then_limited_not_blocked(server.client, client)
+    assert (await call(server.client, "GET", "/api/admin/blocks", headers=admin))[1]["blocks"] == []
 
 
 @pytest.mark.parametrize("client", ["nothing", "A" * 64, "a" * 63, "g" * 64])

@@ -25,8 +25,8 @@ from qp.completions.reports import cost_by_source, cost_per_day, cost_since, out
 from qp.config import describe
 from qp.errors import ApiError, json_response
 from qp.ops.health import health_checks
+from qp.protection import blocks as client_blocks
 from qp.protection.admin import require_admin
-from qp.protection.blocks import active_blocks, delete_block
 from qp.spend.budgets import budget_report
 from qp.timestamps import format_epoch, format_iso
 
@@ -165,7 +165,7 @@ async def blocks(request: web.Request) -> web.Response:
     """The blocks in force, and rate-limit refusals per hour for the last 48 hours."""
     app = request.app
     require_admin(request, app[CONFIG].admin_key)
-    found = await active_blocks(app[DATABASE], format_epoch(app[CLOCK]()))
+    found = await client_blocks.active_blocks(app[DATABASE], format_epoch(app[CLOCK]()))
     refusals = app[RATE_LIMITER].refusals_per_hour.last(HOURS_SHOWN)
     return json_response(
         {
@@ -184,7 +184,8 @@ async def lift_block(request: web.Request) -> web.Response:
     app = request.app
     require_admin(request, app[CONFIG].admin_key)
     client = request.match_info["client"]
-    if not _CLIENT_HASH.fullmatch(client) or not await delete_block(app[DATABASE], client):
+    if not _CLIENT_HASH.fullmatch(client) or not await client_blocks.lift_block(
+        app[DATABASE], app[RATE_LIMITER], client
+    ):
         raise ApiError(404, "Block not found")
-    await app[RATE_LIMITER].lift(client)
     return json_response({"success": True})

@@ -23,6 +23,7 @@ SAVE = """
     ON CONFLICT (client_hash) DO UPDATE SET
         blocked_at = excluded.blocked_at, blocked_until = excluded.blocked_until
 """
+FIND = "SELECT 1 FROM blocks WHERE client_hash = ?"
 DELETE = "DELETE FROM blocks WHERE client_hash = ?"
 # The topic other processes hear when a block is made or lifted.
 CHANGED = "blocks"
@@ -43,14 +44,25 @@ async def save_block(db: Database, client_hash: str, blocked_at: str, blocked_un
     await db.write(save)
 
 
-async def delete_block(db: Database, client_hash: str) -> bool:
+async def lift_block(db: Database, limiter: RateLimiter, client_hash: str) -> bool:
+    """Lift a client's block, the one way every operator's tool does it (the admin route
+    behind the page, `python -m qp blocks lift`); False when there is none. The client's
+    counts and refusals are forgotten first, while the block still holds (nothing counts
+    it anew meanwhile), so its next refusal cannot block it again; then the block goes
+    and the other processes are told, and forget what they counted of it."""
+    if await db.fetchone(FIND, (client_hash,)) is None:
+        return False
+    await limiter.forget(client_hash)
+
     async def delete(tx: Transaction) -> bool:
         if await tx.execute(DELETE, (client_hash,)) == 0:
-            return False
+            return False  # lifted meanwhile by someone else
         await tx.notify(CHANGED)
         return True
 
-    return await db.write(delete)
+    lifted = await db.write(delete)
+    limiter.unblock(client_hash)
+    return lifted
 
 
 async def load_blocks(db: Database) -> dict[str, float]:

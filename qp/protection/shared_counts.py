@@ -15,7 +15,7 @@ from qp.protection.rate_limits import (
     REFUSAL_MEMORY_SECONDS,
     RateLimit,
 )
-from qp.storage.database import Database
+from qp.storage.database import Database, Transaction
 
 # A window without a limit: more requests than any hour holds.
 UNLIMITED = 2**31 - 1
@@ -87,8 +87,14 @@ class SharedCounts:
         return int(rows[0][0])
 
     async def forget(self, client: str) -> None:
-        await self._db.execute_write(FORGET_COUNTS, (client,))
-        await self._db.execute_write(FORGET_REFUSALS, (client,))
+        async def forget(tx: Transaction) -> None:
+            await tx.execute(FORGET_COUNTS, (client,))
+            await tx.execute(FORGET_REFUSALS, (client,))
+
+        await self._db.write(forget)
+
+    def forget_here(self, client: str) -> None:
+        """Nothing: this process holds nothing of it."""
 
     async def expire(self, now: float) -> None:
         """Delete the counts of hours that are over and refusals older than an hour."""
