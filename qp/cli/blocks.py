@@ -19,7 +19,7 @@ async def blocks_list(args: argparse.Namespace, config: Config) -> int:
 
 async def blocks_lift(args: argparse.Namespace, config: Config) -> int:
     async with opened(config) as (db, _, _):
-        limiter = await open_rate_limiter(db)
+        limiter = await open_rate_limiter(db, config.rate_limit_clients)
         if not await lift_block(db, limiter, args.client_hash):
             raise CommandFailed(f"no block for {args.client_hash}")
     print(f"lifted the block on {args.client_hash} (a running server follows within a second)")

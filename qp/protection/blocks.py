@@ -73,16 +73,17 @@ async def load_blocks(db: Database) -> dict[str, float]:
     }
 
 
-async def open_rate_limiter(db: Database) -> RateLimiter:
+async def open_rate_limiter(db: Database, max_clients: int) -> RateLimiter:
     """A limiter that starts with the blocks in force and saves new ones to the database;
     on a shared database it counts there, and takes the blocks again whenever another
-    process changed them."""
+    process changed them. It keeps at most `max_clients` counters, wherever it counts."""
     blocks = await load_blocks(db)
 
     async def keep(client: str, until: float) -> None:
         await save_block(db, client, utc_now_iso(), format_epoch(until))
 
-    limiter = RateLimiter(blocks, keep, counts=SharedCounts(db) if db.shared else None)
+    counts = SharedCounts(db, max_clients) if db.shared else None
+    limiter = RateLimiter(blocks, keep, max_clients=max_clients, counts=counts)
     if db.shared:
         db.subscribe(BlocksFollower(db, limiter).heard)
     return limiter
