@@ -287,6 +287,29 @@ async def test_a_client_lifted_on_the_page_is_not_blocked_again_by_its_next_refu
         server.stop()
 
 
+async def test_the_blocks_beyond_the_first_page_come_with_more_blocks(browser, tmp_path):
+    server = QPServer(tmp_path / "qp", {"ADMIN_KEY": ADMIN_KEY}).start()
+    try:
+        since, until = "2026-11-01T00:00:00.000Z", "2999-01-01T00:00:00.000Z"
+        with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
+            db.executemany(
+                "INSERT INTO blocks VALUES (?, ?, ?)",
+                [(f"{n:064x}", since, until) for n in range(101)],
+            )
+        page = Page(await browser.new_page(), server)
+        await page.sign_in()
+        await page.show("clients")
+        rows = page.page.locator("#blocks-table tbody tr")
+        assert await rows.count() == 100
+        await page.page.click("#blocks-more")
+        await page.page.wait_for_selector("#blocks-more[hidden]", state="attached")
+        assert await rows.count() == 101
+        assert await rows.last.get_attribute("data-client") == f"{100:064x}"
+        assert page.errors == [] and page.dialogs == []
+    finally:
+        server.stop()
+
+
 async def test_health_shows_the_checks_and_the_masked_settings(admin_page):
     page = admin_page.page
     await admin_page.sign_in()

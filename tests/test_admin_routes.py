@@ -363,6 +363,47 @@ async def test_a_lifted_client_starts_afresh_and_its_next_refusal_does_not_block
     assert (await call(server.client, "GET", "/api/admin/blocks", headers=admin))[1]["blocks"] == []
 
 
+def add_blocks(server: AppServer, count: int, until: str = "2999-01-01T00:00:00.000Z") -> None:
+    """`count` blocks in the database behind the server's back, by hash 0 ... count - 1."""
+    since = "2026-11-01T00:00:00.000Z"
+    values = ", ".join(f"('{n:064x}', '{since}', '{until}')" for n in range(count))
+    server.database.execute_many(f"INSERT INTO blocks VALUES {values}", [()])
+
+
+async def test_the_blocks_come_a_page_of_100_at_a_time_by_client_hash(start_server, admin):
+    server = await start_server()
+    add_blocks(server, 250)
+    # An ended block (the last hash of all) is in no page.
+    server.database.execute_many(
+        "INSERT INTO blocks VALUES (?, ?, ?)",
+        [("f" * 64, "2026-01-01T00:00:00.000Z", "2026-01-02T00:00:00.000Z")],
+    )
+    pages, after = [], ""
+    for _ in range(3):
+        status, page = await call(
+            server.client, "GET", f"/api/admin/blocks?after={after}", headers=admin
+        )
+        assert status == 200
+        pages.append([block["client"] for block in page["blocks"]])
+        after = page["next"]
+    assert [len(clients) for clients in pages] == [100, 100, 50]
+    assert [client for clients in pages for client in clients] == [f"{n:064x}" for n in range(250)]
+    assert after is None
+    assert page["blocks"][0] == {
+        "client": f"{200:064x}",
+        "since": "2026-11-01T00:00:00.000Z",
+        "until": "2999-01-01T00:00:00.000Z",
+    }
+
+
+@pytest.mark.parametrize("after", ["x", "A" * 64, "a" * 63, "a" * 65])
+async def test_a_blocks_cursor_that_is_not_a_client_hash_is_400(http, admin, after):
+    assert await call(http, "GET", f"/api/admin/blocks?after={after}", headers=admin) == (
+        400,
+        {"error": "Invalid after parameter"},
+    )
+
+
 @pytest.mark.parametrize("client", ["nothing", "A" * 64, "a" * 63, "g" * 64])
 async def test_lifting_a_block_that_is_not_there_is_404(http, admin, client):
     assert await call(http, "DELETE", f"/api/admin/blocks/{client}", headers=admin) == (

@@ -18,6 +18,12 @@ ACTIVE = """
     SELECT client_hash, blocked_at, blocked_until FROM blocks WHERE blocked_until > ?
     ORDER BY blocked_until
 """
+# A page of the blocks in force, by client hash after a cursor (the primary key's order).
+PAGE = """
+    SELECT client_hash, blocked_at, blocked_until FROM blocks
+    WHERE client_hash > ? AND blocked_until > ?
+    ORDER BY client_hash LIMIT ?
+"""
 SAVE = """
     INSERT INTO blocks (client_hash, blocked_at, blocked_until) VALUES (?, ?, ?)
     ON CONFLICT (client_hash) DO UPDATE SET
@@ -34,6 +40,16 @@ log = logging.getLogger("qp.protection.blocks")
 async def active_blocks(db: Database, now: str) -> list[tuple[str, str, str]]:
     """(client hash, blocked at, blocked until) of the blocks not yet over."""
     return [(row[0], row[1], row[2]) for row in await db.fetchall(ACTIVE, (now,))]
+
+
+async def blocks_page(
+    db: Database, now: str, after: str, limit: int
+) -> tuple[list[tuple[str, str, str]], str | None]:
+    """Up to `limit` blocks in force whose client hash sorts after `after`, and the cursor
+    of the next page (None: this was the last)."""
+    rows = await db.fetchall(PAGE, (after, now, limit + 1))
+    found = [(row[0], row[1], row[2]) for row in rows[:limit]]
+    return found, found[-1][0] if len(rows) > limit else None
 
 
 async def save_block(db: Database, client_hash: str, blocked_at: str, blocked_until: str) -> None:
