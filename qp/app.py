@@ -146,7 +146,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         app[PRICES] = prices = PriceList(db)
         await prices.load()
         app[IP_SALT] = config.ip_salt or await _installation_salt(db)
-        app[RATE_LIMITER] = limiter = await open_rate_limiter(db)
+        app[RATE_LIMITER] = limiter = await open_rate_limiter(db, config.rate_limit_clients)
         metrics.watch_rate_limiter(limiter)
         chores = Housekeeping(db, store, limiter, space, claims, claim_record(config))
         task = asyncio.create_task(chores.run())

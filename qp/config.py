@@ -26,6 +26,11 @@ DEFAULT_S3_TIMEOUT = 30.0
 DEFAULT_MIN_FREE_MB = 256
 DEFAULT_MAX_CONNECTIONS = 2048
 DEFAULT_MAX_INFLIGHT_MB = 256
+# Rate-limit counters (one per client and class) kept at most (QP_RATE_LIMIT_CLIENTS), in
+# memory or in PostgreSQL's rate_counts.
+DEFAULT_RATE_LIMIT_CLIENTS = 100_000
+MIN_RATE_LIMIT_CLIENTS = 100
+MAX_RATE_LIMIT_CLIENTS = 100_000_000
 # Seconds a chat write may take from its intent to its commit (QP_WRITE_ABANDON_SECONDS);
 # past it, the write is given up and its blob deleted. At least this many S3 timeouts, so
 # that a put the server gave up on has landed (or never will) before its blob is deleted.
@@ -74,6 +79,8 @@ class Config:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     # Bytes of chats and request bodies held in memory at once (QP_MAX_INFLIGHT_MB).
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_MB * 1024 * 1024
+    # Rate-limit counters kept at most (QP_RATE_LIMIT_CLIENTS); past it some are forgotten.
+    rate_limit_clients: int = DEFAULT_RATE_LIMIT_CLIENTS
     # Bearer token /metrics asks for (QP_METRICS_TOKEN); None: loopback peers only.
     metrics_token: str | None = field(default=None, repr=False)
     # Where spend alerts are POSTed (QP_ALERT_WEBHOOK_URL); it may hold a secret token.
@@ -130,6 +137,16 @@ def _lease_seconds(environ: Mapping[str, str]) -> float:
             f"QP_WRITE_LEASE_SECONDS must be at least {MIN_WRITE_LEASE_SECONDS:g}, got {seconds:g}"
         )
     return seconds
+
+
+def _rate_limit_clients(environ: Mapping[str, str]) -> int:
+    value = _int(environ, "QP_RATE_LIMIT_CLIENTS", DEFAULT_RATE_LIMIT_CLIENTS)
+    if not MIN_RATE_LIMIT_CLIENTS <= value <= MAX_RATE_LIMIT_CLIENTS:
+        raise ConfigError(
+            f"QP_RATE_LIMIT_CLIENTS must be from {MIN_RATE_LIMIT_CLIENTS} to"
+            f" {MAX_RATE_LIMIT_CLIENTS}, got {value}"
+        )
+    return value
 
 
 def _log_format(environ: Mapping[str, str]) -> str:
@@ -225,6 +242,7 @@ def load_config(
         max_inflight_bytes=_int(environ, "QP_MAX_INFLIGHT_MB", DEFAULT_MAX_INFLIGHT_MB, 1)
         * 1024
         * 1024,
+        rate_limit_clients=_rate_limit_clients(environ),
         metrics_token=environ.get("QP_METRICS_TOKEN") or None,
         alert_webhook_url=_webhook(environ),
     )
@@ -306,6 +324,7 @@ def describe(config: Config, policy: Policy, environ: Mapping[str, str] | None =
         f"# min_free_mb = {config.min_free_bytes // (1024 * 1024)}",
         f"# max_connections = {config.max_connections}",
         f"# max_inflight_mb = {config.max_inflight_bytes // (1024 * 1024)}",
+        f"# rate_limit_clients = {config.rate_limit_clients}",
         f"# metrics_token = {secret(config.metrics_token)}",
         f"# alert_webhook_url = {secret(config.alert_webhook_url)}",
         f"# log_format = {show(config.log_format)}",

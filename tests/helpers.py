@@ -338,3 +338,50 @@ class CrashWriteLoad:
             async with self._progress:
                 self.acknowledgements += 1
                 self._progress.notify_all()
+
+
+# --- blocks -----------------------------------------------------------------------------
+
+BLOCKED_BODY = "IP blocked due to excessive violations"
+
+
+async def a_fresh_hour(seconds: float = 60) -> None:
+    """Wait for the next hour if this one ends within `seconds`: a test counting
+    against an hourly limit must not see its window roll over midway."""
+    left = 3600 - time.time() % 3600
+    if left < seconds:
+        await asyncio.sleep(left + 0.1)
+
+
+async def block_by_refusals(http: aiohttp.ClientSession, client: dict[str, str]) -> None:
+    """Block a client that may make one chats request an hour: one served, ten refused."""
+    assert (await call(http, "GET", "/api/chats/nothing", headers=client))[0] == 404
+    for _ in range(10):
+        assert (await call(http, "GET", "/api/chats/nothing", headers=client))[0] == 429
+    status, body = await call(http, "GET", "/api/chats/nothing", headers=client)
+    assert (status, body["message"]) == (429, BLOCKED_BODY)
+
+
+async def served_once_then_limited_not_blocked(
+    http: aiohttp.ClientSession, client: dict[str, str], wait: bool = False
+) -> None:
+    """A lifted client (one chats request an hour) starts afresh: its one request is
+    served, the next ones are refused by the limit, and none blocks it again. `wait`: the
+    block was lifted elsewhere, and is still in force here until the server hears of it
+    (a blocked client's requests are not counted, so asking meanwhile costs nothing)."""
+    deadline = time.monotonic() + 10
+    answer = await call(http, "GET", "/api/chats/nothing", headers=client)
+    while wait and answer[0] == 429 and answer[1]["message"] == BLOCKED_BODY:
+        assert time.monotonic() < deadline, "the server kept the lifted block"
+        await asyncio.sleep(0.05)
+        answer = await call(http, "GET", "/api/chats/nothing", headers=client)
+    assert answer == (404, {"error": "Chat not found"})
+    for _ in range(2):
+        assert await call(http, "GET", "/api/chats/nothing", headers=client) == (
+            429,
+            {
+                "error": "Rate limit exceeded",
+                "retryAfter": 3600,
+                "message": "Rate limit exceeded: 1 requests per hour",
+            },
+        )

@@ -15,7 +15,16 @@ import aiohttp
 import pytest
 
 from qp.timestamps import format_iso
-from tests.helpers import ADMIN_KEY, SYSTEM, call, create, make_chat
+from tests.helpers import (
+    ADMIN_KEY,
+    SYSTEM,
+    a_fresh_hour,
+    block_by_refusals,
+    call,
+    create,
+    make_chat,
+    served_once_then_limited_not_blocked,
+)
 from tests.processes import NEEDS_CHROMIUM, QPServer
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -253,6 +262,52 @@ async def test_a_blocked_client_is_lifted_and_served_again(admin_page, api, seed
         status, _ = await call(http, "GET", "/api/chats/nothing", headers=BLOCKED)
     assert status == 404  # served again: a chat that is not there, not a 429
     assert admin_page.errors == []
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_a_client_lifted_on_the_page_is_not_blocked_again_by_its_next_refusal(
+    browser, tmp_path, request, database
+):
+    env = {"ADMIN_KEY": ADMIN_KEY, "QP_RATE_LIMIT_CHATS": "1/hour"}
+    if database == "postgres":
+        env["QP_DATABASE"] = request.getfixturevalue("postgres").create_database()
+    server = QPServer(tmp_path / "qp", env).start()
+    try:
+        await a_fresh_hour()
+        async with aiohttp.ClientSession(server.url) as http:
+            await block_by_refusals(http, BLOCKED)
+            page = Page(await browser.new_page(), server)
+            await page.sign_in()
+            await page.show("clients")
+            await page.page.locator("#blocks-table tbody tr button").click()
+            await page.page.wait_for_selector("#no-blocks:not([hidden])")
+            await served_once_then_limited_not_blocked(http, BLOCKED)
+        assert page.errors == [] and page.dialogs == []
+    finally:
+        server.stop()
+
+
+async def test_the_blocks_beyond_the_first_page_come_with_more_blocks(browser, tmp_path):
+    server = QPServer(tmp_path / "qp", {"ADMIN_KEY": ADMIN_KEY}).start()
+    try:
+        since, until = "2026-11-01T00:00:00.000Z", "2999-01-01T00:00:00.000Z"
+        with sqlite3.connect(server.data_dir / "qp.sqlite3") as db:
+            db.executemany(
+                "INSERT INTO blocks VALUES (?, ?, ?)",
+                [(f"{n:064x}", since, until) for n in range(101)],
+            )
+        page = Page(await browser.new_page(), server)
+        await page.sign_in()
+        await page.show("clients")
+        rows = page.page.locator("#blocks-table tbody tr")
+        assert await rows.count() == 100
+        await page.page.click("#blocks-more")
+        await page.page.wait_for_selector("#blocks-more[hidden]", state="attached")
+        assert await rows.count() == 101
+        assert await rows.last.get_attribute("data-client") == f"{100:064x}"
+        assert page.errors == [] and page.dialogs == []
+    finally:
+        server.stop()
 
 
 async def test_health_shows_the_checks_and_the_masked_settings(admin_page):

@@ -8,7 +8,17 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tests.app_server import AppServer, StartServer
-from tests.helpers import ADMIN_KEY, ISO_MS, call, completion_request, create, make_chat
+from tests.helpers import (
+    ADMIN_KEY,
+    ISO_MS,
+    a_fresh_hour,
+    block_by_refusals,
+    call,
+    completion_request,
+    create,
+    make_chat,
+    served_once_then_limited_not_blocked,
+)
 
 pytestmark = pytest.mark.on_both_databases
 
@@ -336,6 +346,61 @@ async def test_a_block_is_listed_and_lifted_and_the_client_served_again(start_se
     assert await call(server.client, "DELETE", lift, headers=admin) == (
         404,
         {"error": "Block not found"},
+    )
+
+
+async def test_a_lifted_client_starts_afresh_and_its_next_refusal_does_not_block_it(
+    start_server, admin
+):
+    server = await start_server(QP_RATE_LIMIT_CHATS="1/hour")
+    client = {"X-Forwarded-For": "203.0.113.51"}
+    await a_fresh_hour()
+    await block_by_refusals(server.client, client)
+    _, found = await call(server.client, "GET", "/api/admin/blocks", headers=admin)
+    lift = f"/api/admin/blocks/{found['blocks'][0]['client']}"
+    assert await call(server.client, "DELETE", lift, headers=admin) == (200, {"success": True})
+    await served_once_then_limited_not_blocked(server.client, client)
+    assert (await call(server.client, "GET", "/api/admin/blocks", headers=admin))[1]["blocks"] == []
+
+
+def add_blocks(server: AppServer, count: int, until: str = "2999-01-01T00:00:00.000Z") -> None:
+    """`count` blocks in the database behind the server's back, by hash 0 ... count - 1."""
+    since = "2026-11-01T00:00:00.000Z"
+    values = ", ".join(f"('{n:064x}', '{since}', '{until}')" for n in range(count))
+    server.database.execute_many(f"INSERT INTO blocks VALUES {values}", [()])
+
+
+async def test_the_blocks_come_a_page_of_100_at_a_time_by_client_hash(start_server, admin):
+    server = await start_server()
+    add_blocks(server, 250)
+    # An ended block (the last hash of all) is in no page.
+    server.database.execute_many(
+        "INSERT INTO blocks VALUES (?, ?, ?)",
+        [("f" * 64, "2026-01-01T00:00:00.000Z", "2026-01-02T00:00:00.000Z")],
+    )
+    pages, after = [], ""
+    for _ in range(3):
+        status, page = await call(
+            server.client, "GET", f"/api/admin/blocks?after={after}", headers=admin
+        )
+        assert status == 200
+        pages.append([block["client"] for block in page["blocks"]])
+        after = page["next"]
+    assert [len(clients) for clients in pages] == [100, 100, 50]
+    assert [client for clients in pages for client in clients] == [f"{n:064x}" for n in range(250)]
+    assert after is None
+    assert page["blocks"][0] == {
+        "client": f"{200:064x}",
+        "since": "2026-11-01T00:00:00.000Z",
+        "until": "2999-01-01T00:00:00.000Z",
+    }
+
+
+@pytest.mark.parametrize("after", ["x", "A" * 64, "a" * 63, "a" * 65])
+async def test_a_blocks_cursor_that_is_not_a_client_hash_is_400(http, admin, after):
+    assert await call(http, "GET", f"/api/admin/blocks?after={after}", headers=admin) == (
+        400,
+        {"error": "Invalid after parameter"},
     )
 
 

@@ -11,7 +11,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import ADMIN_KEY, call, create, make_chat, run_qp
+from tests.helpers import (
+    ADMIN_KEY,
+    a_fresh_hour,
+    block_by_refusals,
+    call,
+    create,
+    make_chat,
+    run_qp,
+    served_once_then_limited_not_blocked,
+)
 from tests.processes import ROOT
 
 FIXTURE = ROOT / "tests" / "fixtures" / "worker-export"
@@ -135,6 +144,26 @@ async def test_blocks_list_and_lift_reach_the_running_server(qp_server):
             raise AssertionError("the running server kept the lifted block")
         assert qp(server.data_dir, "blocks", "list").stdout.splitlines()[1:] == []
     one_line_error(qp(server.data_dir, "blocks", "lift", client_hash), "no block")
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_blocks_lift_gives_fresh_counts_so_the_next_refusal_does_not_block_again(
+    qp_server, request, database
+):
+    env = {"QP_RATE_LIMIT_CHATS": "1/hour"}
+    if database == "postgres":
+        env["QP_DATABASE"] = request.getfixturevalue("postgres").create_database()
+    server = qp_server(**env)
+    client = {"X-Forwarded-For": "198.51.100.20"}
+    await a_fresh_hour()
+    async with aiohttp.ClientSession(server.url) as http:
+        await block_by_refusals(http, client)
+        listing = qp(server.data_dir, "blocks", "list", **env)
+        client_hash = listing.stdout.splitlines()[1].split()[0]
+        lifted = qp(server.data_dir, "blocks", "lift", client_hash, **env)
+        assert lifted.returncode == 0, lifted.stderr
+        await served_once_then_limited_not_blocked(http, client, wait=True)
+        assert qp(server.data_dir, "blocks", "list", **env).stdout.splitlines()[1:] == []
 
 
 # --- check and repair ------------------------------------------------------------------------

@@ -384,7 +384,7 @@ def test_an_interrupted_migrate_db_carries_on_where_it_stopped(tmp_path, postgre
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tools_env(data)
     )
     try:
-        mark = "SELECT value FROM settings WHERE name = 'migrate_db:ledger_after'"
+        mark = "SELECT value FROM settings WHERE name LIKE 'migrate_db:ledger_after:%'"
         while not in_target(mark):
             assert copying.poll() is None, copying.communicate()
             time.sleep(0.01)
@@ -400,8 +400,162 @@ def test_an_interrupted_migrate_db_carries_on_where_it_stopped(tmp_path, postgre
     assert done.stdout.startswith(f"carried on copying 0 chats, {30_000 - copied} ledger rows")
     total = in_target("SELECT COUNT(*), ROUND(SUM(cost)::numeric, 6) FROM completions")
     assert total == f"30000|{round(sum(row[6] for row in rows), 6):.6f}"
-    marks = in_target("SELECT COUNT(*) FROM settings WHERE name LIKE 'migrate_db:%'")
-    assert marks == "0"
+    assert in_target("SELECT COUNT(*) FROM settings WHERE name = 'migrate_db:source'") == "0"
+    # Run again, appending: each row was copied once, and is not copied again.
+    again = run_qp(
+        tmp_path / "tools", "migrate-db", "--from", source, "--to", url, "--append", "--no-progress"
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("copied 0 chats, 0 ledger rows and 0 blocks")
+    assert in_target("SELECT COUNT(*) FROM completions") == "30000"
+
+
+def sqlite_source(data: Path, chats: int, ledger: int, blocks: int) -> str:
+    """A SQLite database holding that many chats' rows, ledger rows and blocks: its URL."""
+    assert run_qp(data, "blocks", "list").returncode == 0  # makes the schema
+    with sqlite3.connect(data / "qp.sqlite3") as db:
+        db.executemany(
+            "INSERT INTO chats (chat_id, app, model, created_at, updated_at)"
+            " VALUES (?, 'a', 'm', '2026-11-01T10:00:00.000Z', '2026-11-01T10:00:00.000Z')",
+            [(f"chat{n}",) for n in range(chats)],
+        )
+        db.executemany(LEDGER_ROW, [("m",)] * ledger)
+        db.executemany(
+            "INSERT INTO blocks VALUES (?, '2026-11-01T10:00:00.000Z', '2999-01-01T00:00:00.000Z')",
+            [(f"{n:064x}",) for n in range(blocks)],
+        )
+    return f"sqlite:///{data / 'qp.sqlite3'}"
+
+
+LEDGER_ROW = (
+    "INSERT INTO completions (started_at, app, model, payer, status, outcome, duration_ms)"
+    " VALUES ('2026-11-01T10:00:00.000Z', 'a', ?, 'server', 200, 'completed', 1)"
+)
+
+
+def migrate_db(tmp_path: Path, source: str, target: str, *more: str) -> subprocess.CompletedProcess:
+    return run_qp(
+        tmp_path / "tools", "migrate-db", "--from", source, "--to", target, "--no-progress", *more
+    )
+
+
+def test_migrate_db_appending_twice_copies_each_row_once(tmp_path, postgres):
+    source = sqlite_source(tmp_path / "data", chats=2, ledger=3, blocks=1)
+    url = postgres.create_database()
+    database = url.rsplit("/", 1)[1]
+    first = migrate_db(tmp_path, source, url)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("copied 2 chats, 3 ledger rows and 1 blocks")
+    with sqlite3.connect(tmp_path / "data" / "qp.sqlite3") as db:
+        db.execute(LEDGER_ROW, ("new",))
+    for copied in (1, 0):  # the new row, then nothing
+        again = migrate_db(tmp_path, source, url, "--append")
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.startswith(f"copied 2 chats, {copied} ledger rows and 1 blocks")
+    held = (
+        "SELECT (SELECT COUNT(*) FROM chats), (SELECT COUNT(*) FROM completions),"
+        " (SELECT COUNT(*) FROM blocks)"
+    )
+    assert postgres.psql(held, database) == "2|4|1"
+
+
+@pytest.mark.parametrize("spelling", ["same", "other"])
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_migrate_db_refuses_the_same_database_as_source_and_target(
+    tmp_path, postgres, database, spelling
+):
+    if database == "sqlite":
+        source = sqlite_source(tmp_path / "data", chats=1, ledger=3, blocks=0)
+        (tmp_path / "link").symlink_to(tmp_path / "data")
+        target = source if spelling == "same" else str(tmp_path / "link" / "qp.sqlite3")
+    else:
+        source = postgres.create_database()
+        assert run_qp(tmp_path / "data", "blocks", "list", QP_DATABASE=source).returncode == 0
+        postgres.psql(";".join([LEDGER_ROW.replace("?", "'m'")] * 3), source.rsplit("/", 1)[1])
+        target = source if spelling == "same" else source.replace("127.0.0.1", "localhost")
+    done = migrate_db(tmp_path, source, target, "--append")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "python -m qp: error: the source and the target are the same database (or copies"
+        " of one): give --to another database"
+    )
+    if database == "sqlite":
+        with sqlite3.connect(tmp_path / "data" / "qp.sqlite3") as db:
+            assert db.execute("SELECT COUNT(*) FROM completions").fetchone() == (3,)
+    else:
+        assert postgres.psql("SELECT COUNT(*) FROM completions", source.rsplit("/", 1)[1]) == "3"
+
+
+@pytest.mark.parametrize(
+    ("kind", "statement"),
+    [
+        ("1 chats", "INSERT INTO chats (chat_id, app, model) VALUES ('c1', 'a', 'm')"),
+        ("1 ledger rows", LEDGER_ROW.replace("?", "'m'")),
+        ("1 blocks", "INSERT INTO blocks VALUES ('b1', '2026-01-01', '2999-01-01')"),
+        (
+            "1 budget accounts",
+            "INSERT INTO budget_accounts (kind, name, period, period_start)"
+            " VALUES ('server', '', 'day', 0)",
+        ),
+        ("1 prices", "INSERT INTO prices VALUES ('m', 0.1, 0.2, '2026-01-01')"),
+    ],
+)
+def test_migrate_db_refuses_a_target_holding_any_one_thing(tmp_path, postgres, kind, statement):
+    source = sqlite_source(tmp_path / "data", chats=1, ledger=1, blocks=1)
+    url = postgres.create_database()
+    assert run_qp(tmp_path / "target", "blocks", "list", QP_DATABASE=url).returncode == 0
+    postgres.psql(statement, url.rsplit("/", 1)[1])
+    done = migrate_db(tmp_path, source, url)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"python -m qp: error: the target is not empty ({kind}): give --append to add to it"
+    )
+    assert postgres.psql("SELECT COUNT(*) FROM chats", url.rsplit("/", 1)[1]) == (
+        "1" if kind == "1 chats" else "0"
+    )
+
+
+def test_migrate_db_refuses_a_sqlite_target_holding_one_ledger_row(tmp_path):
+    source = sqlite_source(tmp_path / "data", chats=1, ledger=0, blocks=0)
+    target = sqlite_source(tmp_path / "target", chats=0, ledger=1, blocks=0)
+    done = migrate_db(tmp_path, source, target)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "python -m qp: error: the target is not empty (1 ledger rows): give --append to add to it"
+    )
+
+
+def test_migrate_db_names_the_rows_holding_a_nul_and_copies_the_rest(tmp_path, postgres):
+    source = sqlite_source(tmp_path / "data", chats=1, ledger=1, blocks=1)
+    with sqlite3.connect(tmp_path / "data" / "qp.sqlite3") as db:
+        db.execute(
+            "INSERT INTO chats (chat_id, app, model, created_at, updated_at) VALUES"
+            " ('evil', 'a', ?, '2026-11-01T10:00:00.000Z', '2026-11-01T10:00:00.000Z')",
+            ("evil\x00model",),
+        )
+        db.execute(LEDGER_ROW, ("evil\x00model",))
+        db.execute(LEDGER_ROW, ("m",))
+    url = postgres.create_database()
+    done = migrate_db(tmp_path, source, url)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "not copied: chats row 'evil': it holds a NUL character",
+        "not copied: completions row id 2: it holds a NUL character",
+    ]
+    assert done.stdout.strip() == (
+        f"copied 1 chats, 2 ledger rows and 1 blocks from {source} to"
+        f" {url.replace(PostgresServer.PASSWORD, '********')}; 2 rows not copied (named above)"
+    )
+    held = (
+        "SELECT (SELECT string_agg(chat_id, ',') FROM chats),"
+        " (SELECT string_agg(model, ',' ORDER BY id) FROM completions)"
+    )
+    assert postgres.psql(held, url.rsplit("/", 1)[1]) == "chat0|m,m"
+    # Run again: the ledger's rows are not copied twice, the chat is named again.
+    again = migrate_db(tmp_path, source, url, "--append")
+    assert again.returncode == 1
+    assert again.stdout.startswith("copied 1 chats, 0 ledger rows and 1 blocks")
+    assert again.stderr.splitlines() == ["not copied: chats row 'evil': it holds a NUL character"]
 
 
 def tools_env(data: Path) -> dict[str, str]:

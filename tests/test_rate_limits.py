@@ -10,7 +10,8 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import pytest
 
-from tests.helpers import ADMIN_KEY, call, make_chat
+from qp.appkeys import RATE_LIMITER
+from tests.helpers import ADMIN_KEY, a_fresh_hour, call, make_chat
 from tests.processes import QPServer
 
 ADMIN = {"x-admin-key": ADMIN_KEY}
@@ -205,3 +206,29 @@ async def test_a_peer_on_the_unix_socket_is_trusted(tmp_path):
             assert await allowed(http, xff("203.0.113.8"))
     finally:
         server.stop()
+
+
+@pytest.mark.on_both_databases
+async def test_the_counts_kept_are_bounded_and_the_least_recent_go_first(
+    start_server, database_name
+):
+    server = await start_server(QP_RATE_LIMIT_CHATS="2/hour", QP_RATE_LIMIT_CLIENTS="100")
+    await a_fresh_hour()
+    for n in range(400):  # a flood from 400 addresses, each counted once
+        address = {"X-Forwarded-For": f"10.0.{n // 256}.{n % 256}"}
+        assert (await call(server.client, "GET", "/api/chats/x", headers=address))[0] == 404
+    limiter = server.app[RATE_LIMITER]
+    if database_name == "postgres":
+        # 100 rounded up to whole buckets of 16: 7 buckets.
+        (kept,) = server.database.rows("SELECT COUNT(*) AS n FROM rate_counts")
+        assert 0 < kept["n"] <= 112
+    else:
+        assert limiter.tracked == 100
+    assert limiter.forgotten >= 400 - 112
+    # The most recent client is still counted: its second request is its last this hour.
+    latest = {"X-Forwarded-For": "10.0.1.143"}
+    assert (await call(server.client, "GET", "/api/chats/x", headers=latest))[0] == 404
+    assert await call(server.client, "GET", "/api/chats/x", headers=latest) == (
+        429,
+        per_minute(2, "hour"),
+    )

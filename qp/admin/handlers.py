@@ -25,8 +25,8 @@ from qp.completions.reports import cost_by_source, cost_per_day, cost_since, out
 from qp.config import describe
 from qp.errors import ApiError, json_response
 from qp.ops.health import health_checks
+from qp.protection import blocks as client_blocks
 from qp.protection.admin import require_admin
-from qp.protection.blocks import active_blocks, delete_block
 from qp.spend.budgets import budget_report
 from qp.timestamps import format_epoch, format_iso
 
@@ -46,6 +46,8 @@ OUTCOME_GROUPS = {
 }
 OUTCOME_NAMES = ("completed", "clientLeft", "upstreamError", "timeout", "other")
 _CLIENT_HASH = re.compile(r"[0-9a-f]{64}")
+# Blocks in one answer of /api/admin/blocks; `next` names the page after it.
+BLOCKS_PER_PAGE = 100
 _DAYS = re.compile(r"[0-9]{1,3}")
 
 
@@ -162,16 +164,23 @@ async def apps(request: web.Request) -> web.Response:
 
 
 async def blocks(request: web.Request) -> web.Response:
-    """The blocks in force, and rate-limit refusals per hour for the last 48 hours."""
+    """A page of the blocks in force (BLOCKS_PER_PAGE, by client hash from `after`), the
+    cursor of the next, and rate-limit refusals per hour for the last 48 hours."""
     app = request.app
     require_admin(request, app[CONFIG].admin_key)
-    found = await active_blocks(app[DATABASE], format_epoch(app[CLOCK]()))
+    after = request.query.get("after", "")
+    if after and not _CLIENT_HASH.fullmatch(after):
+        raise ApiError(400, "Invalid after parameter")
+    found, following = await client_blocks.blocks_page(
+        app[DATABASE], format_epoch(app[CLOCK]()), after, BLOCKS_PER_PAGE
+    )
     refusals = app[RATE_LIMITER].refusals_per_hour.last(HOURS_SHOWN)
     return json_response(
         {
             "blocks": [
                 {"client": client, "since": since, "until": until} for client, since, until in found
             ],
+            "next": following,
             "refusals": [
                 {"hour": format_epoch(hour), "refusals": count} for hour, count in refusals
             ],
@@ -184,7 +193,8 @@ async def lift_block(request: web.Request) -> web.Response:
     app = request.app
     require_admin(request, app[CONFIG].admin_key)
     client = request.match_info["client"]
-    if not _CLIENT_HASH.fullmatch(client) or not await delete_block(app[DATABASE], client):
+    if not _CLIENT_HASH.fullmatch(client) or not await client_blocks.lift_block(
+        app[DATABASE], app[RATE_LIMITER], client
+    ):
         raise ApiError(404, "Block not found")
-    await app[RATE_LIMITER].lift(client)
     return json_response({"success": True})

@@ -70,6 +70,7 @@ SCHEMAS: dict[str, Any] = {
                 "type": "array",
                 "items": _object({"client": {"type": "string"}, "since": TIME, "until": TIME}),
             },
+            "next": {"type": ["string", "null"]},
             "refusals": {"type": "array", "items": _object({"hour": TIME, "refusals": COUNT})},
         }
     ),
@@ -127,7 +128,10 @@ PATHS: dict[str, Any] = {
     ),
     "/api/admin/apps": _get("adminApps", "Every app with its chat count (admin)", "AdminApps"),
     "/api/admin/blocks": _get(
-        "adminBlocks", "The blocks in force, refusals per hour (admin)", "AdminBlocks"
+        "adminBlocks",
+        "A page of the blocks in force, refusals per hour (admin)",
+        "AdminBlocks",
+        **{"400": _json(ERROR, "Invalid after parameter")},
     ),
     "/api/admin/blocks/{client}": {
         "delete": {
@@ -165,5 +169,13 @@ PATHS["/api/admin/spend"]["get"]["parameters"] = [
         "payer",
         {"type": "string"},
         "`operator` (the server's and apps' keys, default) or `all`; anything else is 400.",
+    ),
+]
+PATHS["/api/admin/blocks"]["get"]["parameters"] = [
+    _query(
+        "after",
+        {"type": "string"},
+        "The `next` of the page before (a client hash, 64 lowercase hex digits); none: the"
+        " first page. Anything else is 400.",
     ),
 ]

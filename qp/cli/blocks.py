@@ -6,7 +6,7 @@ import argparse
 
 from qp.cli.common import CommandFailed, Subcommands, opened, table
 from qp.config import Config
-from qp.protection.blocks import active_blocks, delete_block
+from qp.protection.blocks import active_blocks, lift_block, open_rate_limiter
 from qp.timestamps import utc_now_iso
 
 
@@ -19,7 +19,8 @@ async def blocks_list(args: argparse.Namespace, config: Config) -> int:
 
 async def blocks_lift(args: argparse.Namespace, config: Config) -> int:
     async with opened(config) as (db, _, _):
-        if not await delete_block(db, args.client_hash):
+        limiter = await open_rate_limiter(db, config.rate_limit_clients)
+        if not await lift_block(db, limiter, args.client_hash):
             raise CommandFailed(f"no block for {args.client_hash}")
     print(f"lifted the block on {args.client_hash} (a running server follows within a second)")
     return 0

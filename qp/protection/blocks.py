@@ -18,11 +18,18 @@ ACTIVE = """
     SELECT client_hash, blocked_at, blocked_until FROM blocks WHERE blocked_until > ?
     ORDER BY blocked_until
 """
+# A page of the blocks in force, by client hash after a cursor (the primary key's order).
+PAGE = """
+    SELECT client_hash, blocked_at, blocked_until FROM blocks
+    WHERE client_hash > ? AND blocked_until > ?
+    ORDER BY client_hash LIMIT ?
+"""
 SAVE = """
     INSERT INTO blocks (client_hash, blocked_at, blocked_until) VALUES (?, ?, ?)
     ON CONFLICT (client_hash) DO UPDATE SET
         blocked_at = excluded.blocked_at, blocked_until = excluded.blocked_until
 """
+FIND = "SELECT 1 FROM blocks WHERE client_hash = ?"
 DELETE = "DELETE FROM blocks WHERE client_hash = ?"
 # The topic other processes hear when a block is made or lifted.
 CHANGED = "blocks"
@@ -35,6 +42,16 @@ async def active_blocks(db: Database, now: str) -> list[tuple[str, str, str]]:
     return [(row[0], row[1], row[2]) for row in await db.fetchall(ACTIVE, (now,))]
 
 
+async def blocks_page(
+    db: Database, now: str, after: str, limit: int
+) -> tuple[list[tuple[str, str, str]], str | None]:
+    """Up to `limit` blocks in force whose client hash sorts after `after`, and the cursor
+    of the next page (None: this was the last)."""
+    rows = await db.fetchall(PAGE, (after, now, limit + 1))
+    found = [(row[0], row[1], row[2]) for row in rows[:limit]]
+    return found, found[-1][0] if len(rows) > limit else None
+
+
 async def save_block(db: Database, client_hash: str, blocked_at: str, blocked_until: str) -> None:
     async def save(tx: Transaction) -> None:
         await tx.execute(SAVE, (client_hash, blocked_at, blocked_until))
@@ -43,14 +60,25 @@ async def save_block(db: Database, client_hash: str, blocked_at: str, blocked_un
     await db.write(save)
 
 
-async def delete_block(db: Database, client_hash: str) -> bool:
+async def lift_block(db: Database, limiter: RateLimiter, client_hash: str) -> bool:
+    """Lift a client's block, the one way every operator's tool does it (the admin route
+    behind the page, `python -m qp blocks lift`); False when there is none. The client's
+    counts and refusals are forgotten first, while the block still holds (nothing counts
+    it anew meanwhile), so its next refusal cannot block it again; then the block goes
+    and the other processes are told, and forget what they counted of it."""
+    if await db.fetchone(FIND, (client_hash,)) is None:
+        return False
+    await limiter.forget(client_hash)
+
     async def delete(tx: Transaction) -> bool:
         if await tx.execute(DELETE, (client_hash,)) == 0:
-            return False
+            return False  # lifted meanwhile by someone else
         await tx.notify(CHANGED)
         return True
 
-    return await db.write(delete)
+    lifted = await db.write(delete)
+    limiter.unblock(client_hash)
+    return lifted
 
 
 async def load_blocks(db: Database) -> dict[str, float]:
@@ -61,16 +89,17 @@ async def load_blocks(db: Database) -> dict[str, float]:
     }
 
 
-async def open_rate_limiter(db: Database) -> RateLimiter:
+async def open_rate_limiter(db: Database, max_clients: int) -> RateLimiter:
     """A limiter that starts with the blocks in force and saves new ones to the database;
     on a shared database it counts there, and takes the blocks again whenever another
-    process changed them."""
+    process changed them. It keeps at most `max_clients` counters, wherever it counts."""
     blocks = await load_blocks(db)
 
     async def keep(client: str, until: float) -> None:
         await save_block(db, client, utc_now_iso(), format_epoch(until))
 
-    limiter = RateLimiter(blocks, keep, counts=SharedCounts(db) if db.shared else None)
+    counts = SharedCounts(db, max_clients) if db.shared else None
+    limiter = RateLimiter(blocks, keep, max_clients=max_clients, counts=counts)
     if db.shared:
         db.subscribe(BlocksFollower(db, limiter).heard)
     return limiter

@@ -77,7 +77,13 @@ class Counts(Protocol):
         ...
 
     async def forget(self, client: str) -> None:
-        """Forget the client's counts and refusals (its block was lifted)."""
+        """Forget the client's counts and refusals wherever they are kept (its block is
+        being lifted)."""
+        ...
+
+    def forget_here(self, client: str) -> None:
+        """Forget what this process holds of the client (another process lifted its block
+        and forgot the rest)."""
         ...
 
     async def expire(self, now: float) -> None:
@@ -150,17 +156,27 @@ class RateLimiter:
             await self._save_block(client, until)
         return refusal
 
-    async def lift(self, client: str) -> None:
-        """Forget a client's block, its refusals and its counts: an operator lifted it."""
-        self._blocks.pop(client, None)
+    async def forget(self, client: str) -> None:
+        """Forget a client's counts and refusals: its block is being lifted (see
+        qp/protection/blocks.py `lift_block`)."""
         await self._counts.forget(client)
+
+    def unblock(self, client: str) -> None:
+        """Serve a client again at once: its block was lifted."""
+        self._blocks.pop(client, None)
+        self._counts.forget_here(client)
 
     async def expire(self) -> None:
         await self._counts.expire(self._clock())
 
     def replace_blocks(self, blocks: dict[str, float]) -> None:
         """Take the blocks in force as the database has them (an operator lifted one,
-        another process made one)."""
+        another process made one). A client whose block ended early was lifted: what this
+        process counted of it is forgotten too, as where it was lifted."""
+        now = self._clock()
+        for client, until in self._blocks.items():
+            if client not in blocks and until > now:
+                self._counts.forget_here(client)
         self._blocks = blocks
 
     @property
@@ -241,6 +257,9 @@ class MemoryCounts:
         """Nothing: each count drops a few counters that are over (`_purge`)."""
 
     async def forget(self, client: str) -> None:
+        self.forget_here(client)
+
+    def forget_here(self, client: str) -> None:
         self._refusals.pop(client, None)
         for key in [key for key in self._counters if key[0] == client]:
             del self._counters[key]

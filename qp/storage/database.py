@@ -89,6 +89,11 @@ class Database(Statements, Protocol):
 
     async def probe_write(self) -> None: ...
 
+    async def tables(self) -> set[str]:
+        """The names of the tables it holds (they differ by backend: PostgreSQL's shared
+        counts and budget accounts are kept in memory on SQLite)."""
+        ...
+
     async def changed_elsewhere(self) -> bool:
         """True when another process changed the database since the last call."""
         ...

@@ -41,6 +41,7 @@ QUICK_POOL_SIZE = 5
 QUICK_SETTINGS = {"synchronous_commit": "off"}
 CONNECT_TIMEOUT = 10.0
 STATEMENT_TIMEOUT = 30.0
+TABLES = "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
 # The channel every change is announced on (its payload the topic; see the docstring).
 CHANGES = "qp_changes"
 _PLACEHOLDER = re.compile(r"'(?:[^']|'')*'|\?|(?<!:):([A-Za-z_][A-Za-z0-9_]*)")
@@ -335,6 +336,9 @@ class PostgresDatabase(StatementHelpers):
         with unavailable_on_failure():
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 return await PostgresTransaction(conn).fetchall(sql, params)
+
+    async def tables(self) -> set[str]:
+        return {row[0] for row in await self.fetchall(TABLES)}
 
     async def probe_write(self) -> None:
         await self.execute_write(

@@ -13,7 +13,7 @@ import asyncpg
 
 from qp.storage.migrations import SchemaTooNew
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # pg_advisory_xact_lock key taken while the schema is brought up to date ("qp-mig").
 MIGRATION_LOCK = 0x71702D6D6967
 
@@ -158,6 +158,13 @@ STEPS: dict[int, tuple[str, ...]] = {
         " WHERE swept_at IS NULL AND settled_at IS NULL",
         "ALTER TABLE completions ADD COLUMN reservation_id BIGINT",
         "CREATE UNIQUE INDEX idx_completions_reservation ON completions(reservation_id)",
+    ),
+    # The rate-limit counts bounded: each (client, class) falls in a bucket of a few rows
+    # (qp/protection/shared_counts.py). Rows from before it are in bucket 0, trimmed too.
+    5: (
+        "ALTER TABLE rate_counts ADD COLUMN bucket INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX idx_rate_counts_bucket ON rate_counts(bucket, minute)",
+        "CREATE INDEX idx_rate_counts_client ON rate_counts(client_hash)",
     ),
 }
 

@@ -45,6 +45,7 @@ T = TypeVar("T")
 MakeRoom = Callable[[], bool]
 
 TAKEN_OVER = "taken-over"
+TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"
 
 
 def failure_reason(err: sqlite3.Error) -> str:
@@ -338,6 +339,9 @@ class SqliteDatabase(StatementHelpers):
         async with self.reader() as conn:
             rows = await conn.execute_fetchall(sql, params)
         return [tuple(row) for row in rows]
+
+    async def tables(self) -> set[str]:
+        return {row[0] for row in await self.fetchall(TABLES)}
 
     async def probe_write(self) -> None:
         """One small real commit: does the database take writes (again)?"""

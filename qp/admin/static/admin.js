@@ -388,28 +388,42 @@
 
   // Clients -----------------------------------------------------------------------------
 
+  function blockRow(block) {
+    const lift = el("button", {type: "button"}, "Lift");
+    lift.setAttribute("aria-label", `Lift the block on ${block.client.slice(0, 12)}`);
+    lift.addEventListener("click", async () => {
+      lift.disabled = true;
+      try {
+        await api(`/api/admin/blocks/${encodeURIComponent(block.client)}`, "DELETE");
+        await loadClients();
+      } catch (error) {
+        lift.disabled = false;
+        showProblem(error);
+      }
+    });
+    return el("tr", {"data-client": block.client},
+      el("td", {}, el("code", {title: block.client}, `${block.client.slice(0, 12)}…`)),
+      el("td", {}, when(block.since)),
+      el("td", {}, when(block.until)),
+      el("td", {}, lift));
+  }
+
+  // The blocks come a page at a time; "More blocks" asks for the page after the last.
+  let blocksNext = null;
+
+  async function moreBlocks() {
+    const page = await api(`/api/admin/blocks?after=${encodeURIComponent(blocksNext)}`);
+    $("blocks-table").tBodies[0].append(...page.blocks.map(blockRow));
+    blocksNext = page.next;
+    $("blocks-more").hidden = blocksNext === null;
+  }
+
   async function loadClients() {
-    const {blocks, refusals} = await api("/api/admin/blocks");
+    const {blocks, refusals, next} = await api("/api/admin/blocks");
     const table = $("blocks-table");
-    table.tBodies[0].replaceChildren(...blocks.map((block) => {
-      const lift = el("button", {type: "button"}, "Lift");
-      lift.setAttribute("aria-label", `Lift the block on ${block.client.slice(0, 12)}`);
-      lift.addEventListener("click", async () => {
-        lift.disabled = true;
-        try {
-          await api(`/api/admin/blocks/${encodeURIComponent(block.client)}`, "DELETE");
-          await loadClients();
-        } catch (error) {
-          lift.disabled = false;
-          showProblem(error);
-        }
-      });
-      return el("tr", {"data-client": block.client},
-        el("td", {}, el("code", {title: block.client}, `${block.client.slice(0, 12)}…`)),
-        el("td", {}, when(block.since)),
-        el("td", {}, when(block.until)),
-        el("td", {}, lift));
-    }));
+    table.tBodies[0].replaceChildren(...blocks.map(blockRow));
+    blocksNext = next;
+    $("blocks-more").hidden = next === null;
     table.hidden = blocks.length === 0;
     $("no-blocks").hidden = blocks.length > 0;
     window.QPCharts.stackedBars($("chart-refusals"), {
@@ -459,6 +473,7 @@
     $("spend-by").addEventListener("change", () => loadSpend().catch(showProblem));
     $("spend-payer").addEventListener("change", () => loadSpend().catch(showProblem));
     $("health-refresh").addEventListener("click", () => loadHealth().catch(showProblem));
+    $("blocks-more").addEventListener("click", () => moreBlocks().catch(showProblem));
     $("chat-close").addEventListener("click", () => { $("chat-detail").hidden = true; });
     $("chat-delete").addEventListener("click", () => {
       $("chat-delete").hidden = true;
