@@ -116,6 +116,7 @@ SWEEP = """
     WHERE id = ? AND swept_at IS NULL AND settled_at IS NULL
     RETURNING (SELECT cost FROM completions c WHERE c.reservation_id = r.id)
 """
+SETTLED_BY_SWEEP = "UPDATE budget_reservations SET settled_at = ? WHERE id = ?"
 # Take `release` off what the accounts hold reserved and add `spend` to what they spent;
 # answers each account as it is after.
 MOVE = f"""
@@ -448,7 +449,10 @@ class SharedBudgetBook(BudgetBook):
             if not found:
                 return False
             ((in_ledger,),) = found
-            if in_ledger is not None:  # its completion's row came before its settlement
+            if in_ledger is not None:
+                # Its completion's row came before its settlement: that is the settlement
+                # (one that still comes finds it settled and changes nothing).
+                await tx.execute(SETTLED_BY_SWEEP, (time.time(), row_id))
                 await tx.fetchall(MOVE, _moving(held, amount, float(in_ledger)))
                 return True
             await tx.fetchall(MOVE, _moving(held, amount, amount if gone else 0.0))
