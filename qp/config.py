@@ -37,6 +37,14 @@ MIN_ABANDON_S3_TIMEOUTS = 2
 DEFAULT_WRITE_LEASE_SECONDS = 15.0
 MIN_WRITE_LEASE_SECONDS = 3.0
 APP_KEY_PREFIX = "OPENROUTER_API_KEY_"
+# Upper bounds of the numbers above: far past any sensible setting, and within what the
+# code and the database hold (the lease's and a write's bound are seconds in a DOUBLE).
+MAX_MEGABYTES = 1024 * 1024
+MAX_CONNECTIONS = 1_000_000
+MAX_SHUTDOWN_TIMEOUT = 86400.0
+MAX_S3_TIMEOUT = 3600.0
+MAX_WRITE_LEASE_SECONDS = 3600.0
+MAX_WRITE_ABANDON_SECONDS = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -80,22 +88,29 @@ class Config:
     alert_webhook_url: str | None = field(default=None, repr=False)
 
 
-def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def _int(environ: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
     raw = environ.get(name, "").strip()
     if not raw:
         return default
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        value = low - 1
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {_quoted(raw)}")
     return value
 
 
 def _seconds(
-    environ: Mapping[str, str], name: str, default: float, *, zero_allowed: bool = True
+    environ: Mapping[str, str],
+    name: str,
+    default: float,
+    high: float,
+    *,
+    low: float = 0.0,
+    low_allowed: bool = True,
 ) -> float:
+    """Seconds from `low` (or above it, unless `low_allowed`) to `high`."""
     raw = _nonempty(environ, name)
     if raw is None:
         return default
@@ -103,17 +118,23 @@ def _seconds(
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not (value >= 0 if zero_allowed else value > 0) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}")
+    if not (value >= low if low_allowed else value > low) or not value <= high:  # NaN fails
+        bounds = f"from {low:g} to" if low_allowed else f"above {low:g}, at most"
+        raise ConfigError(
+            f"{name} must be a number of seconds {bounds} {high:g}, got {_quoted(raw)}"
+        )
     return value
 
 
 def _abandon_seconds(environ: Mapping[str, str], s3_timeout: float) -> float:
     """A write is given up only once any put it made has certainly landed or failed."""
-    seconds = _seconds(
-        environ, "QP_WRITE_ABANDON_SECONDS", DEFAULT_WRITE_ABANDON_SECONDS, zero_allowed=False
-    )
     least = MIN_ABANDON_S3_TIMEOUTS * s3_timeout
+    seconds = _seconds(
+        environ,
+        "QP_WRITE_ABANDON_SECONDS",
+        DEFAULT_WRITE_ABANDON_SECONDS,
+        MAX_WRITE_ABANDON_SECONDS,
+    )
     if seconds < least:
         raise ConfigError(
             f"QP_WRITE_ABANDON_SECONDS must be at least {MIN_ABANDON_S3_TIMEOUTS} times"
@@ -122,20 +143,10 @@ def _abandon_seconds(environ: Mapping[str, str], s3_timeout: float) -> float:
     return seconds
 
 
-def _lease_seconds(environ: Mapping[str, str]) -> float:
-    """A lease renewed every second must last a few seconds, or it lapses between renewals."""
-    seconds = _seconds(environ, "QP_WRITE_LEASE_SECONDS", DEFAULT_WRITE_LEASE_SECONDS)
-    if seconds < MIN_WRITE_LEASE_SECONDS:
-        raise ConfigError(
-            f"QP_WRITE_LEASE_SECONDS must be at least {MIN_WRITE_LEASE_SECONDS:g}, got {seconds:g}"
-        )
-    return seconds
-
-
 def _log_format(environ: Mapping[str, str]) -> str:
     value = (_nonempty(environ, "QP_LOG_FORMAT") or "text").lower()
     if value not in LOG_FORMATS:
-        raise ConfigError(f"QP_LOG_FORMAT must be text or json, got {value!r}")
+        raise ConfigError(f"QP_LOG_FORMAT must be text or json, got {_quoted(value)}")
     return value
 
 
@@ -143,9 +154,9 @@ def _port(name: str, raw: str) -> int:
     try:
         port = int(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a port number, got {raw!r}") from None
+        port = -1
     if not 0 <= port <= 65535:
-        raise ConfigError(f"{name} must be a port number from 0 to 65535, got {port}")
+        raise ConfigError(f"{name} must be a port number from 0 to 65535, got {_quoted(raw)}")
     return port
 
 
@@ -154,6 +165,11 @@ def _webhook(environ: Mapping[str, str]) -> str | None:
     if url is not None and not url.startswith(("http://", "https://")):
         raise ConfigError("QP_ALERT_WEBHOOK_URL: must be an http:// or https:// URL")
     return url
+
+
+def _quoted(raw: str) -> str:
+    """A value as a message quotes it: cut short past 40 characters (a line stays a line)."""
+    return repr(raw if len(raw) <= 40 else raw[:40] + "...")
 
 
 def _nonempty(environ: Mapping[str, str], name: str) -> str | None:
@@ -195,7 +211,9 @@ def load_config(
         listen_port = _port("QP_PORT", raw_port) if raw_port else DEFAULT_PORT
     storage_url = _nonempty(environ, "QP_STORAGE") or f"file://{data_dir / 'blobs'}"
     config_path = Path(raw) if (raw := _nonempty(environ, "QP_CONFIG")) else None
-    s3_timeout = _seconds(environ, "QP_S3_TIMEOUT", DEFAULT_S3_TIMEOUT, zero_allowed=False)
+    s3_timeout = _seconds(
+        environ, "QP_S3_TIMEOUT", DEFAULT_S3_TIMEOUT, MAX_S3_TIMEOUT, low_allowed=False
+    )
     return Config(
         host=host or _nonempty(environ, "QP_HOST") or DEFAULT_HOST,
         port=listen_port,
@@ -212,17 +230,32 @@ def load_config(
             for name, value in environ.items()
             if name.startswith(APP_KEY_PREFIX) and value
         },
-        cache_bytes=_int(environ, "QP_CACHE_MB", DEFAULT_CACHE_MB) * 1024 * 1024,
+        cache_bytes=_int(environ, "QP_CACHE_MB", DEFAULT_CACHE_MB, 0, MAX_MEGABYTES) * 1024 * 1024,
         config_path=config_path,
         ip_salt=environ.get("QP_IP_SALT") or None,
-        shutdown_timeout=_seconds(environ, "QP_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT),
+        shutdown_timeout=_seconds(
+            environ, "QP_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT
+        ),
         log_format=_log_format(environ),
         s3_timeout=s3_timeout,
-        write_lease_seconds=_lease_seconds(environ),
+        # A lease renewed every second must last a few seconds, or it lapses between renewals.
+        write_lease_seconds=_seconds(
+            environ,
+            "QP_WRITE_LEASE_SECONDS",
+            DEFAULT_WRITE_LEASE_SECONDS,
+            MAX_WRITE_LEASE_SECONDS,
+            low=MIN_WRITE_LEASE_SECONDS,
+        ),
         write_abandon_seconds=_abandon_seconds(environ, s3_timeout),
-        min_free_bytes=_int(environ, "QP_MIN_FREE_MB", DEFAULT_MIN_FREE_MB) * 1024 * 1024,
-        max_connections=_int(environ, "QP_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1),
-        max_inflight_bytes=_int(environ, "QP_MAX_INFLIGHT_MB", DEFAULT_MAX_INFLIGHT_MB, 1)
+        min_free_bytes=_int(environ, "QP_MIN_FREE_MB", DEFAULT_MIN_FREE_MB, 0, MAX_MEGABYTES)
+        * 1024
+        * 1024,
+        max_connections=_int(
+            environ, "QP_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1, MAX_CONNECTIONS
+        ),
+        max_inflight_bytes=_int(
+            environ, "QP_MAX_INFLIGHT_MB", DEFAULT_MAX_INFLIGHT_MB, 1, MAX_MEGABYTES
+        )
         * 1024
         * 1024,
         metrics_token=environ.get("QP_METRICS_TOKEN") or None,
