@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from qp.errors import ConfigError
 from qp.logs import LOG_FORMATS
@@ -55,9 +57,9 @@ class Config:
     data_dir: Path = Path("data")
     database_path: Path = Path("data/qp.sqlite3")
     # PostgreSQL instead of SQLite (QP_DATABASE=postgresql://...): its URL, password and all.
-    postgres_url: str | None = None
+    postgres_url: str | None = field(default=None, repr=False)
     storage_url: str = "file://data/blobs"
-    s3_endpoint_url: str | None = None
+    s3_endpoint_url: str | None = field(default=None, repr=False)
     aws_region: str | None = None
     admin_key: str | None = field(default=None, repr=False)
     # OPENROUTER_API_KEY, and OPENROUTER_API_KEY_{APP} by variable name.
@@ -190,7 +192,8 @@ def validate_storage_url(url: str, name: str = "QP_STORAGE") -> str:
         return url
     scheme = url.split("://", 1)[0] if "://" in url else url
     raise ConfigError(
-        f"{name}: unknown storage scheme {scheme!r} in {url!r} (use file://PATH or s3://BUCKET[/PREFIX])"
+        f"{name}: unknown storage scheme {scheme!r} in {mask_url(url)!r}"
+        " (use file://PATH or s3://BUCKET[/PREFIX])"
     )
 
 
@@ -289,16 +292,75 @@ def database_shown(config: Config) -> str:
     return mask_url(config.postgres_url) if config.postgres_url else str(config.database_path)
 
 
+MASK = "********"
+# Query parameters whose values are secrets, by a part of their name: libpq's password and
+# sslpassword, and the usual names of tokens, keys and signatures (access_token, api_key,
+# X-Amz-Signature, X-Amz-Credential, client_secret, auth, ...).
+_SECRET_PARAMETER = re.compile(r"pass|pwd|token|secret|key|sig|auth|cred|session", re.IGNORECASE)
+
+
 def mask_url(url: str) -> str:
-    """The URL with any password in it masked, for logs and messages."""
+    """The URL with every secret in it masked, for logs and messages: the password of its
+    user info, and the value of every query (or fragment) parameter named like a secret."""
+    return _masked(url)[0]
+
+
+def redact(text: str, url: str | None) -> str:
+    """`text` (an error from a driver or an SDK, which may echo its URL or a part of it)
+    with every secret of `url` masked, as written or percent-decoded."""
+    if url is None:
+        return text
+    text = text.replace(url, mask_url(url))
+    secrets = {form for secret in _masked(url)[1] for form in (secret, unquote(secret))}
+    # A driver may cut a badly written URL at these and echo a piece ("port: 'pa'").
+    secrets |= {piece for secret in secrets for piece in re.split("[/?#@:]", secret) if piece}
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
+
+
+def _masked(url: str) -> tuple[str, list[str]]:
+    """The URL masked, and the secrets masked in it."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return url
-    authority, slash, tail = rest.partition("/")
-    userinfo, at, host = authority.rpartition("@")
-    if at and ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":********"
-    return f"{scheme}{sep}{userinfo}{at}{host}{slash}{tail}"
+        return url, []
+    secrets: list[str] = []
+    userinfo, at, rest = _user_info(rest)
+    user, colon, password = userinfo.partition(":")
+    if colon:
+        secrets.append(password)
+        userinfo = f"{user}:{MASK}"
+    rest, hash_, fragment = rest.partition("#")
+    path, question, query = rest.partition("?")
+    query, fragment = _mask_parameters(query, secrets), _mask_parameters(fragment, secrets)
+    return f"{scheme}{sep}{userinfo}{at}{path}{question}{query}{hash_}{fragment}", secrets
+
+
+def _user_info(rest: str) -> tuple[str, str, str]:
+    """(user info, "@", the rest) of what follows `scheme://`, or ("", "", rest). It ends at
+    the last "@" before the path; a password written with a bare "/", "?" or "#" in it is
+    still found, up to the first "=" of a query (a query's value may hold an "@")."""
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, end)
+    if at < 0:
+        question = rest.find("?")
+        equals = rest.find("=", question) if question >= 0 else -1
+        at = rest.rfind("@", 0, equals if equals >= 0 else len(rest))
+    if at < 0:
+        return "", "", rest
+    return rest[:at], "@", rest[at + 1 :]
+
+
+def _mask_parameters(query: str, secrets: list[str]) -> str:
+    """`name=value&...` with the values of secret-named parameters masked (and noted)."""
+    parts = []
+    for part in query.split("&"):
+        name, equals, value = part.partition("=")
+        if equals and value and _SECRET_PARAMETER.search(unquote(name)):
+            secrets.append(value)
+            value = MASK
+        parts.append(f"{name}{equals}{value}")
+    return "&".join(parts)
 
 
 SECRET = "******** (set)"
@@ -322,8 +384,8 @@ def describe(config: Config, policy: Policy, environ: Mapping[str, str] | None =
         f"# unix_socket = {show(config.unix_socket)}",
         f"# data_dir = {show(config.data_dir)}",
         f"# database = {show(database_shown(config))}",
-        f"# storage = {show(config.storage_url)}",
-        f"# s3_endpoint_url = {show(config.s3_endpoint_url)}",
+        f"# storage = {show(mask_url(config.storage_url))}",
+        f"# s3_endpoint_url = {show(config.s3_endpoint_url and mask_url(config.s3_endpoint_url))}",
         f"# aws_region = {show(config.aws_region)}",
         f"# aws_access_key_id = {secret(environ.get('AWS_ACCESS_KEY_ID'))}",
         f"# aws_secret_access_key = {secret(environ.get('AWS_SECRET_ACCESS_KEY'))}",
@@ -345,4 +407,10 @@ def describe(config: Config, policy: Policy, environ: Mapping[str, str] | None =
         "# The policy in force (defaults, then the file, then QP_* variables):",
         "",
     ]
-    return "\n".join(lines) + policy_as_toml(policy)
+    # The upstream's URLs are the operator's, and may carry a token of theirs.
+    shown = replace(
+        policy,
+        openrouter_url=mask_url(policy.openrouter_url),
+        openrouter_api_base=mask_url(policy.openrouter_api_base),
+    )
+    return "\n".join(lines) + policy_as_toml(shown)

@@ -11,7 +11,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from qp.config import Config, database_shown
+from qp.config import Config, database_shown, mask_url, redact
 from qp.storage.blobs import BlobStore, FileBlobStore, StoreNotReady, file_store_root
 from qp.storage.claim import Claim, ClaimHeld
 from qp.storage.database import Database
@@ -113,6 +113,7 @@ async def open_database(
             return await PostgresDatabase.open(config.postgres_url, serving=serving)
         except (*POSTGRES_FAILURES, ValueError, SchemaTooNew) as err:
             problem = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            problem = redact(problem, config.postgres_url)
             raise StartupError(f"QP_DATABASE {database_shown(config)}: {problem}") from None
     make_room = space.release_reserve if space is not None else None
     try:
@@ -142,5 +143,6 @@ async def open_storage(
             s3_timeout=config.s3_timeout,
         )
     except StoreNotReady as err:
-        raise StartupError(f"QP_STORAGE {config.storage_url}: {err}") from None
+        problem = redact(str(err), config.s3_endpoint_url)
+        raise StartupError(f"QP_STORAGE {mask_url(config.storage_url)}: {problem}") from None
     return db, blobs

@@ -111,7 +111,11 @@ def _seconds(value: Any) -> float:
 
 def _url(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith(("http://", "https://")):
-        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        # Not the value itself: a URL may carry a password or a token.
+        got = repr(value) if not isinstance(value, str) else "text with no http(s) scheme"
+        if isinstance(value, str) and "://" in value:
+            got = f"{value.partition('://')[0]}://..."
+        raise ValueError(f"must be an http:// or https:// URL, got {got}")
     return value
 
 
