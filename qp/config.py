@@ -28,6 +28,12 @@ DEFAULT_S3_TIMEOUT = 30.0
 DEFAULT_MIN_FREE_MB = 256
 DEFAULT_MAX_CONNECTIONS = 2048
 DEFAULT_MAX_INFLIGHT_MB = 256
+# PostgreSQL connections of a process (QP_DATABASE_POOL, QP_DATABASE_QUICK_POOL): the
+# requests' pool, the pool of writes whose commits need not wait for the disk; a server
+# keeps two more, its lease's and its listener's.
+DEFAULT_DATABASE_POOL = 20
+DEFAULT_DATABASE_QUICK_POOL = 5
+MAX_DATABASE_POOL = 1000
 # Seconds a chat write may take from its intent to its commit (QP_WRITE_ABANDON_SECONDS);
 # past it, the write is given up and its blob deleted. At least this many S3 timeouts, so
 # that a put the server gave up on has landed (or never will) before its blob is deleted.
@@ -58,6 +64,8 @@ class Config:
     database_path: Path = Path("data/qp.sqlite3")
     # PostgreSQL instead of SQLite (QP_DATABASE=postgresql://...): its URL, password and all.
     postgres_url: str | None = field(default=None, repr=False)
+    database_pool: int = DEFAULT_DATABASE_POOL
+    database_quick_pool: int = DEFAULT_DATABASE_QUICK_POOL
     storage_url: str = "file://data/blobs"
     s3_endpoint_url: str | None = field(default=None, repr=False)
     aws_region: str | None = None
@@ -223,6 +231,12 @@ def load_config(
         unix_socket=unix_socket or _nonempty(environ, "QP_UNIX_SOCKET"),
         data_dir=data_dir,
         **_database(_nonempty(environ, "QP_DATABASE"), data_dir),
+        database_pool=_int(
+            environ, "QP_DATABASE_POOL", DEFAULT_DATABASE_POOL, 1, MAX_DATABASE_POOL
+        ),
+        database_quick_pool=_int(
+            environ, "QP_DATABASE_QUICK_POOL", DEFAULT_DATABASE_QUICK_POOL, 1, MAX_DATABASE_POOL
+        ),
         storage_url=validate_storage_url(storage_url),
         s3_endpoint_url=_nonempty(environ, "QP_S3_ENDPOINT_URL"),
         aws_region=_nonempty(environ, "AWS_REGION") or _nonempty(environ, "AWS_DEFAULT_REGION"),
@@ -384,6 +398,8 @@ def describe(config: Config, policy: Policy, environ: Mapping[str, str] | None =
         f"# unix_socket = {show(config.unix_socket)}",
         f"# data_dir = {show(config.data_dir)}",
         f"# database = {show(database_shown(config))}",
+        f"# database_pool = {config.database_pool}",
+        f"# database_quick_pool = {config.database_quick_pool}",
         f"# storage = {show(mask_url(config.storage_url))}",
         f"# s3_endpoint_url = {show(config.s3_endpoint_url and mask_url(config.s3_endpoint_url))}",
         f"# aws_region = {show(config.aws_region)}",

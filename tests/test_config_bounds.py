@@ -28,6 +28,8 @@ ENV_NUMBERS = [
     "QP_S3_TIMEOUT",
     "QP_WRITE_LEASE_SECONDS",
     "QP_WRITE_ABANDON_SECONDS",
+    "QP_DATABASE_POOL",
+    "QP_DATABASE_QUICK_POOL",
 ]
 # The policy's numbers: every setting whose value is an int or a float.
 POLICY_NUMBERS = [
