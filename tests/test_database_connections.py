@@ -117,7 +117,7 @@ async def test_the_lease_renews_and_changes_are_heard_while_requests_fill_the_po
     database = url.rsplit("/", 1)[1]
     server = QPServer(
         tmp_path / "qp",
-        {"QP_DATABASE": url, "QP_DATABASE_POOL": "2", "QP_WRITE_LEASE_SECONDS": "3"},
+        {"QP_DATABASE": url, "QP_DATABASE_POOL": "2", "QP_WRITE_LEASE_SECONDS": "5"},
     ).start()
     monitor = await asyncpg.connect(url)
     lock = None
@@ -138,7 +138,8 @@ async def test_the_lease_renews_and_changes_are_heard_while_requests_fill_the_po
             await waiting_on_the_lock(monitor, 2)  # the whole pool, and six reads queued
             await lock.execute("UPDATE chats SET model = 'second' WHERE chat_id = $1", chat_id)
             await monitor.execute("SELECT pg_notify('qp_changes', $1)", f"chat:{chat_id}")
-            # Three times the lease, the pool full all along: the lease never lapses.
+            # Past the lease (and short of the pool's 10 s wait for a connection), the pool
+            # full all along: the lease never lapses.
             expiries = []
             until = time.monotonic() + 9
             while time.monotonic() < until:
@@ -158,3 +159,44 @@ async def test_the_lease_renews_and_changes_are_heard_while_requests_fill_the_po
         server.stop()
     assert "Traceback" not in server.log()
     assert "cannot renew the process lease" not in server.log()
+
+
+async def test_a_lost_listener_reconnects_while_requests_fill_the_pool(tmp_path, postgres):
+    url = postgres.create_database()
+    database = url.rsplit("/", 1)[1]
+    server = QPServer(tmp_path / "qp", {"QP_DATABASE": url, "QP_DATABASE_POOL": "2"}).start()
+    monitor = await asyncpg.connect(url)
+    lock = await held_lock(postgres, database)
+    listening = (
+        "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%'"
+        " AND datname = current_database()"
+    )
+    try:
+        async with aiohttp.ClientSession(server.url) as http:
+            reads = [
+                asyncio.ensure_future(call(http, "GET", f"/api/chats/waiting-{n}"))
+                for n in range(8)
+            ]
+            await waiting_on_the_lock(monitor, 2)
+            first = await monitor.fetchval(listening)
+            await monitor.execute("SELECT pg_terminate_backend($1, 5000)", first)
+            # It listens again within a few housekeeping rounds, the pool still full (the
+            # pool's wait for a connection is 10 s).
+            deadline = time.monotonic() + 7
+            while (again := await monitor.fetchval(listening)) in (None, first):
+                assert time.monotonic() < deadline, "no new listener while the pool was full"
+                await asyncio.sleep(0.1)
+            assert (
+                await monitor.fetchval(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                )
+                == 2
+            )
+            await lock.execute("COMMIT")
+            await asyncio.gather(*reads)
+    finally:
+        await lock.close()
+        await monitor.close()
+        server.stop()
+    assert again != first
+    assert "listening for other processes' changes to" in server.log()
