@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from qp.errors import ConfigError
 from qp.logs import LOG_FORMATS
@@ -31,6 +33,12 @@ DEFAULT_MAX_INFLIGHT_MB = 256
 DEFAULT_RATE_LIMIT_CLIENTS = 100_000
 MIN_RATE_LIMIT_CLIENTS = 100
 MAX_RATE_LIMIT_CLIENTS = 100_000_000
+# PostgreSQL connections of a process (QP_DATABASE_POOL, QP_DATABASE_QUICK_POOL): the
+# requests' pool, the pool of writes whose commits need not wait for the disk; a server
+# keeps two more, its lease's and its listener's.
+DEFAULT_DATABASE_POOL = 20
+DEFAULT_DATABASE_QUICK_POOL = 5
+MAX_DATABASE_POOL = 1000
 # Seconds a chat write may take from its intent to its commit (QP_WRITE_ABANDON_SECONDS);
 # past it, the write is given up and its blob deleted. At least this many S3 timeouts, so
 # that a put the server gave up on has landed (or never will) before its blob is deleted.
@@ -42,6 +50,14 @@ MIN_ABANDON_S3_TIMEOUTS = 2
 DEFAULT_WRITE_LEASE_SECONDS = 15.0
 MIN_WRITE_LEASE_SECONDS = 3.0
 APP_KEY_PREFIX = "OPENROUTER_API_KEY_"
+# Upper bounds of the numbers above: far past any sensible setting, and within what the
+# code and the database hold (the lease's and a write's bound are seconds in a DOUBLE).
+MAX_MEGABYTES = 1024 * 1024
+MAX_CONNECTIONS = 1_000_000
+MAX_SHUTDOWN_TIMEOUT = 86400.0
+MAX_S3_TIMEOUT = 3600.0
+MAX_WRITE_LEASE_SECONDS = 3600.0
+MAX_WRITE_ABANDON_SECONDS = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -52,9 +68,11 @@ class Config:
     data_dir: Path = Path("data")
     database_path: Path = Path("data/qp.sqlite3")
     # PostgreSQL instead of SQLite (QP_DATABASE=postgresql://...): its URL, password and all.
-    postgres_url: str | None = None
+    postgres_url: str | None = field(default=None, repr=False)
+    database_pool: int = DEFAULT_DATABASE_POOL
+    database_quick_pool: int = DEFAULT_DATABASE_QUICK_POOL
     storage_url: str = "file://data/blobs"
-    s3_endpoint_url: str | None = None
+    s3_endpoint_url: str | None = field(default=None, repr=False)
     aws_region: str | None = None
     admin_key: str | None = field(default=None, repr=False)
     # OPENROUTER_API_KEY, and OPENROUTER_API_KEY_{APP} by variable name.
@@ -87,22 +105,29 @@ class Config:
     alert_webhook_url: str | None = field(default=None, repr=False)
 
 
-def _int(environ: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+def _int(environ: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
     raw = environ.get(name, "").strip()
     if not raw:
         return default
     try:
         value = int(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+        value = low - 1
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {_quoted(raw)}")
     return value
 
 
 def _seconds(
-    environ: Mapping[str, str], name: str, default: float, *, zero_allowed: bool = True
+    environ: Mapping[str, str],
+    name: str,
+    default: float,
+    high: float,
+    *,
+    low: float = 0.0,
+    low_allowed: bool = True,
 ) -> float:
+    """Seconds from `low` (or above it, unless `low_allowed`) to `high`."""
     raw = _nonempty(environ, name)
     if raw is None:
         return default
@@ -110,17 +135,23 @@ def _seconds(
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not (value >= 0 if zero_allowed else value > 0) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}")
+    if not (value >= low if low_allowed else value > low) or not value <= high:  # NaN fails
+        bounds = f"from {low:g} to" if low_allowed else f"above {low:g}, at most"
+        raise ConfigError(
+            f"{name} must be a number of seconds {bounds} {high:g}, got {_quoted(raw)}"
+        )
     return value
 
 
 def _abandon_seconds(environ: Mapping[str, str], s3_timeout: float) -> float:
     """A write is given up only once any put it made has certainly landed or failed."""
-    seconds = _seconds(
-        environ, "QP_WRITE_ABANDON_SECONDS", DEFAULT_WRITE_ABANDON_SECONDS, zero_allowed=False
-    )
     least = MIN_ABANDON_S3_TIMEOUTS * s3_timeout
+    seconds = _seconds(
+        environ,
+        "QP_WRITE_ABANDON_SECONDS",
+        DEFAULT_WRITE_ABANDON_SECONDS,
+        MAX_WRITE_ABANDON_SECONDS,
+    )
     if seconds < least:
         raise ConfigError(
             f"QP_WRITE_ABANDON_SECONDS must be at least {MIN_ABANDON_S3_TIMEOUTS} times"
@@ -129,30 +160,10 @@ def _abandon_seconds(environ: Mapping[str, str], s3_timeout: float) -> float:
     return seconds
 
 
-def _lease_seconds(environ: Mapping[str, str]) -> float:
-    """A lease renewed every second must last a few seconds, or it lapses between renewals."""
-    seconds = _seconds(environ, "QP_WRITE_LEASE_SECONDS", DEFAULT_WRITE_LEASE_SECONDS)
-    if seconds < MIN_WRITE_LEASE_SECONDS:
-        raise ConfigError(
-            f"QP_WRITE_LEASE_SECONDS must be at least {MIN_WRITE_LEASE_SECONDS:g}, got {seconds:g}"
-        )
-    return seconds
-
-
-def _rate_limit_clients(environ: Mapping[str, str]) -> int:
-    value = _int(environ, "QP_RATE_LIMIT_CLIENTS", DEFAULT_RATE_LIMIT_CLIENTS)
-    if not MIN_RATE_LIMIT_CLIENTS <= value <= MAX_RATE_LIMIT_CLIENTS:
-        raise ConfigError(
-            f"QP_RATE_LIMIT_CLIENTS must be from {MIN_RATE_LIMIT_CLIENTS} to"
-            f" {MAX_RATE_LIMIT_CLIENTS}, got {value}"
-        )
-    return value
-
-
 def _log_format(environ: Mapping[str, str]) -> str:
     value = (_nonempty(environ, "QP_LOG_FORMAT") or "text").lower()
     if value not in LOG_FORMATS:
-        raise ConfigError(f"QP_LOG_FORMAT must be text or json, got {value!r}")
+        raise ConfigError(f"QP_LOG_FORMAT must be text or json, got {_quoted(value)}")
     return value
 
 
@@ -160,9 +171,9 @@ def _port(name: str, raw: str) -> int:
     try:
         port = int(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a port number, got {raw!r}") from None
+        port = -1
     if not 0 <= port <= 65535:
-        raise ConfigError(f"{name} must be a port number from 0 to 65535, got {port}")
+        raise ConfigError(f"{name} must be a port number from 0 to 65535, got {_quoted(raw)}")
     return port
 
 
@@ -171,6 +182,11 @@ def _webhook(environ: Mapping[str, str]) -> str | None:
     if url is not None and not url.startswith(("http://", "https://")):
         raise ConfigError("QP_ALERT_WEBHOOK_URL: must be an http:// or https:// URL")
     return url
+
+
+def _quoted(raw: str) -> str:
+    """A value as a message quotes it: cut short past 40 characters (a line stays a line)."""
+    return repr(raw if len(raw) <= 40 else raw[:40] + "...")
 
 
 def _nonempty(environ: Mapping[str, str], name: str) -> str | None:
@@ -191,7 +207,8 @@ def validate_storage_url(url: str, name: str = "QP_STORAGE") -> str:
         return url
     scheme = url.split("://", 1)[0] if "://" in url else url
     raise ConfigError(
-        f"{name}: unknown storage scheme {scheme!r} in {url!r} (use file://PATH or s3://BUCKET[/PREFIX])"
+        f"{name}: unknown storage scheme {scheme!r} in {mask_url(url)!r}"
+        " (use file://PATH or s3://BUCKET[/PREFIX])"
     )
 
 
@@ -212,13 +229,21 @@ def load_config(
         listen_port = _port("QP_PORT", raw_port) if raw_port else DEFAULT_PORT
     storage_url = _nonempty(environ, "QP_STORAGE") or f"file://{data_dir / 'blobs'}"
     config_path = Path(raw) if (raw := _nonempty(environ, "QP_CONFIG")) else None
-    s3_timeout = _seconds(environ, "QP_S3_TIMEOUT", DEFAULT_S3_TIMEOUT, zero_allowed=False)
+    s3_timeout = _seconds(
+        environ, "QP_S3_TIMEOUT", DEFAULT_S3_TIMEOUT, MAX_S3_TIMEOUT, low_allowed=False
+    )
     return Config(
         host=host or _nonempty(environ, "QP_HOST") or DEFAULT_HOST,
         port=listen_port,
         unix_socket=unix_socket or _nonempty(environ, "QP_UNIX_SOCKET"),
         data_dir=data_dir,
         **_database(_nonempty(environ, "QP_DATABASE"), data_dir),
+        database_pool=_int(
+            environ, "QP_DATABASE_POOL", DEFAULT_DATABASE_POOL, 1, MAX_DATABASE_POOL
+        ),
+        database_quick_pool=_int(
+            environ, "QP_DATABASE_QUICK_POOL", DEFAULT_DATABASE_QUICK_POOL, 1, MAX_DATABASE_POOL
+        ),
         storage_url=validate_storage_url(storage_url),
         s3_endpoint_url=_nonempty(environ, "QP_S3_ENDPOINT_URL"),
         aws_region=_nonempty(environ, "AWS_REGION") or _nonempty(environ, "AWS_DEFAULT_REGION"),
@@ -229,20 +254,41 @@ def load_config(
             for name, value in environ.items()
             if name.startswith(APP_KEY_PREFIX) and value
         },
-        cache_bytes=_int(environ, "QP_CACHE_MB", DEFAULT_CACHE_MB) * 1024 * 1024,
+        cache_bytes=_int(environ, "QP_CACHE_MB", DEFAULT_CACHE_MB, 0, MAX_MEGABYTES) * 1024 * 1024,
         config_path=config_path,
         ip_salt=environ.get("QP_IP_SALT") or None,
-        shutdown_timeout=_seconds(environ, "QP_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT),
+        shutdown_timeout=_seconds(
+            environ, "QP_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT
+        ),
         log_format=_log_format(environ),
         s3_timeout=s3_timeout,
-        write_lease_seconds=_lease_seconds(environ),
+        # A lease renewed every second must last a few seconds, or it lapses between renewals.
+        write_lease_seconds=_seconds(
+            environ,
+            "QP_WRITE_LEASE_SECONDS",
+            DEFAULT_WRITE_LEASE_SECONDS,
+            MAX_WRITE_LEASE_SECONDS,
+            low=MIN_WRITE_LEASE_SECONDS,
+        ),
         write_abandon_seconds=_abandon_seconds(environ, s3_timeout),
-        min_free_bytes=_int(environ, "QP_MIN_FREE_MB", DEFAULT_MIN_FREE_MB) * 1024 * 1024,
-        max_connections=_int(environ, "QP_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1),
-        max_inflight_bytes=_int(environ, "QP_MAX_INFLIGHT_MB", DEFAULT_MAX_INFLIGHT_MB, 1)
+        min_free_bytes=_int(environ, "QP_MIN_FREE_MB", DEFAULT_MIN_FREE_MB, 0, MAX_MEGABYTES)
         * 1024
         * 1024,
-        rate_limit_clients=_rate_limit_clients(environ),
+        max_connections=_int(
+            environ, "QP_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1, MAX_CONNECTIONS
+        ),
+        max_inflight_bytes=_int(
+            environ, "QP_MAX_INFLIGHT_MB", DEFAULT_MAX_INFLIGHT_MB, 1, MAX_MEGABYTES
+        )
+        * 1024
+        * 1024,
+        rate_limit_clients=_int(
+            environ,
+            "QP_RATE_LIMIT_CLIENTS",
+            DEFAULT_RATE_LIMIT_CLIENTS,
+            MIN_RATE_LIMIT_CLIENTS,
+            MAX_RATE_LIMIT_CLIENTS,
+        ),
         metrics_token=environ.get("QP_METRICS_TOKEN") or None,
         alert_webhook_url=_webhook(environ),
     )
@@ -274,16 +320,75 @@ def database_shown(config: Config) -> str:
     return mask_url(config.postgres_url) if config.postgres_url else str(config.database_path)
 
 
+MASK = "********"
+# Query parameters whose values are secrets, by a part of their name: libpq's password and
+# sslpassword, and the usual names of tokens, keys and signatures (access_token, api_key,
+# X-Amz-Signature, X-Amz-Credential, client_secret, auth, ...).
+_SECRET_PARAMETER = re.compile(r"pass|pwd|token|secret|key|sig|auth|cred|session", re.IGNORECASE)
+
+
 def mask_url(url: str) -> str:
-    """The URL with any password in it masked, for logs and messages."""
+    """The URL with every secret in it masked, for logs and messages: the password of its
+    user info, and the value of every query (or fragment) parameter named like a secret."""
+    return _masked(url)[0]
+
+
+def redact(text: str, url: str | None) -> str:
+    """`text` (an error from a driver or an SDK, which may echo its URL or a part of it)
+    with every secret of `url` masked, as written or percent-decoded."""
+    if url is None:
+        return text
+    text = text.replace(url, mask_url(url))
+    secrets = {form for secret in _masked(url)[1] for form in (secret, unquote(secret))}
+    # A driver may cut a badly written URL at these and echo a piece ("port: 'pa'").
+    secrets |= {piece for secret in secrets for piece in re.split("[/?#@:]", secret) if piece}
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
+
+
+def _masked(url: str) -> tuple[str, list[str]]:
+    """The URL masked, and the secrets masked in it."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return url
-    authority, slash, tail = rest.partition("/")
-    userinfo, at, host = authority.rpartition("@")
-    if at and ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":********"
-    return f"{scheme}{sep}{userinfo}{at}{host}{slash}{tail}"
+        return url, []
+    secrets: list[str] = []
+    userinfo, at, rest = _user_info(rest)
+    user, colon, password = userinfo.partition(":")
+    if colon:
+        secrets.append(password)
+        userinfo = f"{user}:{MASK}"
+    rest, hash_, fragment = rest.partition("#")
+    path, question, query = rest.partition("?")
+    query, fragment = _mask_parameters(query, secrets), _mask_parameters(fragment, secrets)
+    return f"{scheme}{sep}{userinfo}{at}{path}{question}{query}{hash_}{fragment}", secrets
+
+
+def _user_info(rest: str) -> tuple[str, str, str]:
+    """(user info, "@", the rest) of what follows `scheme://`, or ("", "", rest). It ends at
+    the last "@" before the path; a password written with a bare "/", "?" or "#" in it is
+    still found, up to the first "=" of a query (a query's value may hold an "@")."""
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, end)
+    if at < 0:
+        question = rest.find("?")
+        equals = rest.find("=", question) if question >= 0 else -1
+        at = rest.rfind("@", 0, equals if equals >= 0 else len(rest))
+    if at < 0:
+        return "", "", rest
+    return rest[:at], "@", rest[at + 1 :]
+
+
+def _mask_parameters(query: str, secrets: list[str]) -> str:
+    """`name=value&...` with the values of secret-named parameters masked (and noted)."""
+    parts = []
+    for part in query.split("&"):
+        name, equals, value = part.partition("=")
+        if equals and value and _SECRET_PARAMETER.search(unquote(name)):
+            secrets.append(value)
+            value = MASK
+        parts.append(f"{name}{equals}{value}")
+    return "&".join(parts)
 
 
 SECRET = "******** (set)"
@@ -307,8 +412,10 @@ def describe(config: Config, policy: Policy, environ: Mapping[str, str] | None =
         f"# unix_socket = {show(config.unix_socket)}",
         f"# data_dir = {show(config.data_dir)}",
         f"# database = {show(database_shown(config))}",
-        f"# storage = {show(config.storage_url)}",
-        f"# s3_endpoint_url = {show(config.s3_endpoint_url)}",
+        f"# database_pool = {config.database_pool}",
+        f"# database_quick_pool = {config.database_quick_pool}",
+        f"# storage = {show(mask_url(config.storage_url))}",
+        f"# s3_endpoint_url = {show(config.s3_endpoint_url and mask_url(config.s3_endpoint_url))}",
         f"# aws_region = {show(config.aws_region)}",
         f"# aws_access_key_id = {secret(environ.get('AWS_ACCESS_KEY_ID'))}",
         f"# aws_secret_access_key = {secret(environ.get('AWS_SECRET_ACCESS_KEY'))}",
@@ -331,4 +438,10 @@ def describe(config: Config, policy: Policy, environ: Mapping[str, str] | None =
         "# The policy in force (defaults, then the file, then QP_* variables):",
         "",
     ]
-    return "\n".join(lines) + policy_as_toml(policy)
+    # The upstream's URLs are the operator's, and may carry a token of theirs.
+    shown = replace(
+        policy,
+        openrouter_url=mask_url(policy.openrouter_url),
+        openrouter_api_base=mask_url(policy.openrouter_api_base),
+    )
+    return "\n".join(lines) + policy_as_toml(shown)

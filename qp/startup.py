@@ -11,14 +11,14 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from qp.config import Config, database_shown
+from qp.config import Config, database_shown, mask_url, redact
 from qp.storage.blobs import BlobStore, FileBlobStore, StoreNotReady, file_store_root
 from qp.storage.claim import Claim, ClaimHeld
 from qp.storage.database import Database
 from qp.storage.disk import DiskSpace
 from qp.storage.migrations import SchemaTooNew
 from qp.storage.postgres import FAILURES as POSTGRES_FAILURES
-from qp.storage.postgres import PostgresDatabase
+from qp.storage.postgres import PostgresDatabase, describe_failure
 from qp.storage.s3 import DEFAULT_S3_TIMEOUT, S3BlobStore
 from qp.storage.sqlite import READER_COUNT, SqliteDatabase
 
@@ -110,9 +110,14 @@ async def open_database(
     the other servers' changes unless `serving` is false: the operators' tools), else SQLite."""
     if config.postgres_url is not None:
         try:
-            return await PostgresDatabase.open(config.postgres_url, serving=serving)
+            return await PostgresDatabase.open(
+                config.postgres_url,
+                config.database_pool,
+                config.database_quick_pool,
+                serving=serving,
+            )
         except (*POSTGRES_FAILURES, ValueError, SchemaTooNew) as err:
-            problem = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            problem = redact(describe_failure(err), config.postgres_url)
             raise StartupError(f"QP_DATABASE {database_shown(config)}: {problem}") from None
     make_room = space.release_reserve if space is not None else None
     try:
@@ -142,5 +147,6 @@ async def open_storage(
             s3_timeout=config.s3_timeout,
         )
     except StoreNotReady as err:
-        raise StartupError(f"QP_STORAGE {config.storage_url}: {err}") from None
+        problem = redact(str(err), config.s3_endpoint_url)
+        raise StartupError(f"QP_STORAGE {mask_url(config.storage_url)}: {problem}") from None
     return db, blobs

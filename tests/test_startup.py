@@ -42,7 +42,7 @@ def assert_refused(result: subprocess.CompletedProcess, *words: str) -> None:
         ([], {"QP_PORT": "70000"}, ["QP_PORT", "70000"]),
         ([], {"QP_STORAGE": "ftp://somewhere"}, ["QP_STORAGE", "ftp"]),
         ([], {"QP_STORAGE": "blobs"}, ["QP_STORAGE", "blobs"]),
-        ([], {"QP_WRITE_LEASE_SECONDS": "1"}, ["QP_WRITE_LEASE_SECONDS", "at least 3"]),
+        ([], {"QP_WRITE_LEASE_SECONDS": "1"}, ["QP_WRITE_LEASE_SECONDS", "from 3 to 3600"]),
         ([], {"QP_WRITE_LEASE_SECONDS": "soon"}, ["QP_WRITE_LEASE_SECONDS", "soon"]),
         ([], {"QP_STORAGE": "s3://"}, ["QP_STORAGE", "bucket"]),
         ([], {"QP_MAX_CHATS_PER_APP": "many"}, ["QP_MAX_CHATS_PER_APP", "many"]),

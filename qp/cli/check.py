@@ -20,7 +20,7 @@ from qp.chats.model import blob_key, is_messages_array, parse_blob_key
 from qp.chats.sql import ChatRows
 from qp.chats.store import ChatStore
 from qp.cli.common import CommandFailed, Subcommands, open_in
-from qp.config import Config
+from qp.config import Config, mask_url
 from qp.startup import lock_files, storage_identity
 from qp.storage.blobs import BlobStore
 from qp.storage.claim import holder_of
@@ -143,7 +143,8 @@ def _refuse_another_store(config: Config) -> None:
     if storage is not None and storage != storage_identity(config.storage_url):
         raise CommandFailed(
             f"a qp-server (pid {holder.get('pid', 'unknown')}) serves this database with"
-            f" QP_STORAGE={storage}, not {config.storage_url}: run with the server's environment"
+            f" QP_STORAGE={mask_url(storage)}, not {mask_url(config.storage_url)}:"
+            " run with the server's environment"
         )
 
 

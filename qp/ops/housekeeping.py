@@ -53,6 +53,8 @@ class Housekeeping:
         while True:
             await asyncio.sleep(self.ROUND_SECONDS)
             rounds += 1
+            # First, and on a connection of its own: never behind the chores that need the pool.
+            await self._chore("listen for other processes' changes", self._db.keep_watching)
             await self._chore("follow outside changes", self._follow_changes_made_elsewhere)
             await self._chore("check the database file", self._check_files)
             if rounds % self.EXPIRE_EVERY_ROUNDS == 0:
@@ -88,7 +90,6 @@ class Housekeeping:
     async def _check_files(self) -> None:
         """The database file still ours and whole; the lock files still ours."""
         self._db.check_file()
-        await self._db.keep_watching()
         for claim in self._claims:
             if claim.still_held():
                 continue

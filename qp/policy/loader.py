@@ -47,28 +47,45 @@ def _phrase_groups(value: Any) -> tuple[tuple[str, ...], ...]:
     return groups
 
 
-def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"must be a whole number of at least 1, got {value!r}")
-    return value
+def _whole(low: int, high: int, off: str = "") -> Callable[[Any], int]:
+    """A check of a whole number from `low` to `high` (`off`: what 0 means, if anything)."""
+
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"must be a whole number from {low} to {high}{off}, got {value!r}")
+        return value
+
+    return check
 
 
-def _quantity(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"must be a whole number of at least 0 (0: off), got {value!r}")
-    return value
+def _amount(unit: str) -> Callable[[Any], float]:
+    """A check of an amount from 0 (off) to MAX_AMOUNT, in `unit`."""
+
+    def check(value: Any) -> float:
+        number = not isinstance(value, bool) and isinstance(value, int | float)
+        if not number or not 0 <= value <= MAX_AMOUNT:  # NaN fails this too
+            raise ValueError(f"must be {unit} from 0 to {MAX_AMOUNT:.0f} (0: off), got {value!r}")
+        return float(value)
+
+    return check
 
 
-def _gigabytes(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
-        raise ValueError(f"must be a number of GiB, at least 0 (0: off), got {value!r}")
-    return float(value)
-
-
-def _prefix(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 128:
-        raise ValueError(f"must be a prefix length from 1 to 128, got {value!r}")
-    return value
+# The bounds of the policy's numbers: what any sensible setting needs, and what the
+# database's columns and Python's floats hold exactly (rate counts are INTEGER columns;
+# a cap of MAX_AMOUNT GiB in bytes fits a BIGINT).
+MAX_COUNT = 1_000_000_000
+MAX_BODY_BYTES = 1024**3
+MAX_DAILY_BYTES = 1024**4
+MAX_AMOUNT = 1e9
+MAX_SECONDS = 86400.0
+_count = _whole(1, MAX_COUNT)
+_quantity = _whole(0, MAX_COUNT, " (0: off)")
+_tokens = _whole(0, MAX_COUNT)
+_body_bytes = _whole(1, MAX_BODY_BYTES)
+_daily_bytes = _whole(0, MAX_DAILY_BYTES, " (0: off)")
+_prefix = _whole(1, 128)
+_gigabytes = _amount("a number of GiB")
+_usd = _amount("an amount in USD")
 
 
 def _apps(value: Any) -> tuple[str, ...]:
@@ -81,21 +98,25 @@ def _apps(value: Any) -> tuple[str, ...]:
 
 
 def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"must be a number of seconds above 0, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value <= MAX_SECONDS
+    ):
+        raise ValueError(
+            f"must be a number of seconds above 0, at most {MAX_SECONDS:g}, got {value!r}"
+        )
     return float(value)
 
 
 def _url(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith(("http://", "https://")):
-        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        # Not the value itself: a URL may carry a password or a token.
+        got = repr(value) if not isinstance(value, str) else "text with no http(s) scheme"
+        if isinstance(value, str) and "://" in value:
+            got = f"{value.partition('://')[0]}://..."
+        raise ValueError(f"must be an http:// or https:// URL, got {got}")
     return value
-
-
-def _usd(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e9:
-        raise ValueError(f"must be an amount in USD, at least 0 (0: off), got {value!r}")
-    return float(value)
 
 
 def _app_caps(value: Any) -> tuple[tuple[str, float], ...]:
@@ -187,7 +208,7 @@ SETTINGS = (
         None,
         "max_chat_bytes_per_client_daily",
         "QP_MAX_CHAT_BYTES_PER_CLIENT_DAILY",
-        _quantity,
+        _daily_bytes,
         _number,
     ),
     Setting(
@@ -207,7 +228,7 @@ SETTINGS = (
         "keepalive_timeout", None, "keepalive_timeout", "QP_KEEPALIVE_TIMEOUT", _seconds, _number
     ),
     Setting("max_chats_per_app", "chats", "max_per_app", "QP_MAX_CHATS_PER_APP", _count, _number),
-    Setting("max_chat_body_bytes", "chats", "max_body_bytes", None, _count),
+    Setting("max_chat_body_bytes", "chats", "max_body_bytes", None, _body_bytes),
     Setting("chats_rate_limit", "chats", "rate_limit", "QP_RATE_LIMIT_CHATS", _rate_limit),
     Setting("openrouter_url", "completion", "openrouter_url", "QP_OPENROUTER_URL", _url),
     Setting(
@@ -222,7 +243,7 @@ SETTINGS = (
     Setting(
         "completion_rate_limit", "completion", "rate_limit", "QP_RATE_LIMIT_COMPLETION", _rate_limit
     ),
-    Setting("max_completion_body_bytes", "completion", "max_body_bytes", None, _count),
+    Setting("max_completion_body_bytes", "completion", "max_body_bytes", None, _body_bytes),
     Setting("max_messages", "completion", "max_messages", None, _count),
     Setting("max_message_chars", "completion", "max_message_chars", None, _count),
     Setting(
@@ -287,7 +308,7 @@ SETTINGS = (
         "budgets",
         "reserve_completion_tokens",
         "QP_BUDGET_RESERVE_COMPLETION_TOKENS",
-        _quantity,
+        _tokens,
         _number,
     ),
     Setting(

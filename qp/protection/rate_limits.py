@@ -19,7 +19,10 @@ from typing import Protocol
 REFUSALS_BEFORE_BLOCK = 10
 REFUSAL_MEMORY_SECONDS = 3600
 BLOCK_SECONDS = 24 * 3600
-_LIMIT_PART = re.compile(r"\s*(\d+)\s*/\s*(minute|hour)\s*")
+_LIMIT_PART = re.compile(r"\s*([0-9]+)\s*/\s*(minute|hour)\s*")
+# The most requests a window may allow: PostgreSQL counts them in INTEGER columns
+# (qp/protection/shared_counts.py), whose largest value is 2**31 - 1.
+MAX_PER_WINDOW = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,10 @@ class RateLimit:
             match = _LIMIT_PART.fullmatch(part)
             if not match or match.group(2) in counts:
                 raise ValueError(f"{text!r} is not N/minute,M/hour or off")
-            counts[match.group(2)] = int(match.group(1))
+            digits = match.group(1).lstrip("0") or "0"
+            if len(digits) > len(str(MAX_PER_WINDOW)) or int(digits) > MAX_PER_WINDOW:
+                raise ValueError(f"{text!r}: a window allows from 0 to {MAX_PER_WINDOW} requests")
+            counts[match.group(2)] = int(digits)
         return cls(counts.get("minute"), counts.get("hour"))
 
     @property

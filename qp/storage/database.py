@@ -46,9 +46,18 @@ ChangeListener = Callable[[str], None]
 class Statements(Protocol):
     """Transactions and queries."""
 
-    async def write(self, fn: WriteFn[T], *, maintenance: bool = False, durable: bool = True) -> T:
+    async def write(
+        self,
+        fn: WriteFn[T],
+        *,
+        maintenance: bool = False,
+        durable: bool = True,
+        reserved: bool = False,
+    ) -> T:
         """`fn` as one transaction. `durable=False`: its commit need not wait for the disk
-        (what a database crash may forget: it is made durable by the next durable commit)."""
+        (what a database crash may forget: it is made durable by the next durable commit).
+        `reserved`: on capacity kept apart from request traffic, which never waits behind
+        it (the process lease's renewals; SQLite has one writer and no leases)."""
         ...
 
     async def execute_write(
@@ -123,7 +132,14 @@ class StatementHelpers:
     """The one-statement helpers, the same for every backend: each backend gives `write`
     and `fetchall`."""
 
-    async def write(self, fn: WriteFn[T], *, maintenance: bool = False, durable: bool = True) -> T:
+    async def write(
+        self,
+        fn: WriteFn[T],
+        *,
+        maintenance: bool = False,
+        durable: bool = True,
+        reserved: bool = False,
+    ) -> T:
         raise NotImplementedError
 
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:

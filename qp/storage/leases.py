@@ -22,7 +22,7 @@ import time
 import uuid
 
 from qp.errors import StorageUnavailable
-from qp.storage.database import Database
+from qp.storage.database import Database, Transaction
 
 log = logging.getLogger("qp.storage.leases")
 
@@ -65,8 +65,14 @@ class ProcessLease:
         if not self._db.shared:
             return
         started = time.monotonic()
-        await self._db.execute_write(RENEW, (self.owner, time.time() + self.seconds))
-        ((others,),) = await self._db.fetchall(OTHERS, (self.owner, time.time()))
+
+        async def renew_and_look(tx: Transaction) -> int:
+            await tx.execute(RENEW, (self.owner, time.time() + self.seconds))
+            ((others,),) = await tx.fetchall(OTHERS, (self.owner, time.time()))
+            return int(others)
+
+        # On the lease's own connection: requests waiting for one never delay a renewal.
+        others = await self._db.write(renew_and_look, reserved=True)
         self._alone_until = started + ALONE_TRUST_SECONDS if others == 0 else 0.0
 
     async def join(self) -> None:
@@ -85,7 +91,7 @@ class ProcessLease:
                 await self.renew()
                 renewals += 1
                 if renewals % FORGET_EVERY_RENEWALS == 0:
-                    await self._db.execute_write(FORGET_EXPIRED, (time.time() - KEPT_SECONDS,))
+                    await self._db.write(self._forget_expired, reserved=True)
                 if failing:
                     log.warning("the process lease is renewed again")
                 failing = False
@@ -94,6 +100,10 @@ class ProcessLease:
                     log.error("cannot renew the process lease: %s", err)
                 failing = True
             await asyncio.sleep(RENEW_SECONDS)
+
+    @staticmethod
+    async def _forget_expired(tx: Transaction) -> None:
+        await tx.execute(FORGET_EXPIRED, (time.time() - KEPT_SECONDS,))
 
     async def release(self) -> None:
         """At a clean stop: the lease ends now, so nothing of ours waits for it to expire."""

@@ -3,6 +3,11 @@ write a transaction on one of them. Plumbing only, like qp/storage/sqlite.py: th
 keep their SQL, written with `?` and `:name` placeholders, which are turned into asyncpg's
 `$n` here (once per statement, cached).
 
+Connections: a pool for requests (QP_DATABASE_POOL, 20), a quick pool for the writes whose
+commits need not wait for the disk (QP_DATABASE_QUICK_POOL, 5), and for a server one
+connection kept for its process lease, so that requests waiting for a connection never
+delay a renewal, and one that listens (below): up to 27 a process by default.
+
 Several server processes may share one database. Each server keeps one more connection
 that LISTENs on a channel: the features announce what they change there (`chat:ID`,
 `blocks`) and the operators' tools announce every write (an empty topic: anything may have
@@ -158,6 +163,7 @@ class PostgresDatabase(StatementHelpers):
         self,
         pool: asyncpg.Pool,
         quick_pool: asyncpg.Pool,
+        reserved_pool: asyncpg.Pool | None,
         listener: asyncpg.Connection | None,
         url: str,
         *,
@@ -167,6 +173,8 @@ class PostgresDatabase(StatementHelpers):
         # For writes a database crash may forget (rate counts, budget reservations): their
         # commits do not wait for the disk, so their rows' locks are held a moment only.
         self._quick_pool = quick_pool
+        # One connection of a server's own for its process lease (tools hold no lease).
+        self._reserved_pool = reserved_pool or pool
         self._listener = listener
         self.url = url
         self.damage: str | None = None
@@ -177,15 +185,21 @@ class PostgresDatabase(StatementHelpers):
 
     @classmethod
     async def open(
-        cls, url: str, pool_size: int = POOL_SIZE, *, serving: bool = True
+        cls,
+        url: str,
+        pool_size: int = POOL_SIZE,
+        quick_pool_size: int = QUICK_POOL_SIZE,
+        *,
+        serving: bool = True,
     ) -> PostgresDatabase:
-        """Connect, bring the schema up to date, open the pool; a server (`serving`) also
-        listens for the changes other processes announce."""
+        """Connect, bring the schema up to date, open the pools; a server (`serving`) also
+        keeps a connection for its lease and listens for the changes others announce."""
         first = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
         pools: list[asyncpg.Pool] = []
+        sizes = [(pool_size, {}), (quick_pool_size, QUICK_SETTINGS)]
         try:
             await migrate(first)
-            for size, settings in ((pool_size, {}), (QUICK_POOL_SIZE, QUICK_SETTINGS)):
+            for size, settings in sizes + ([(1, {})] if serving else []):
                 pools.append(
                     await asyncpg.create_pool(
                         url,
@@ -197,7 +211,8 @@ class PostgresDatabase(StatementHelpers):
                         server_settings=settings,
                     )
                 )
-            database = cls(pools[0], pools[1], None, url, serving=serving)
+            reserved = pools[2] if serving else None
+            database = cls(pools[0], pools[1], reserved, None, url, serving=serving)
             if serving:
                 await database._listen(first)
             else:
@@ -216,7 +231,7 @@ class PostgresDatabase(StatementHelpers):
 
     async def close(self) -> None:
         try:
-            for pool in (self._pool, self._quick_pool):
+            for pool in dict.fromkeys((self._pool, self._quick_pool, self._reserved_pool)):
                 try:
                     await asyncio.wait_for(pool.close(), CONNECT_TIMEOUT)
                 except TimeoutError:
@@ -226,11 +241,19 @@ class PostgresDatabase(StatementHelpers):
                 listener, self._listener = self._listener, None
                 await listener.close()
 
-    async def write(self, fn: WriteFn[T], *, maintenance: bool = False, durable: bool = True) -> T:
+    async def write(
+        self,
+        fn: WriteFn[T],
+        *,
+        maintenance: bool = False,
+        durable: bool = True,
+        reserved: bool = False,
+    ) -> T:
         """Run `fn(transaction)` as one transaction: committed if it returns, else undone
-        (on a connection whose commits do not wait for the disk, unless `durable`)."""
+        (on a connection whose commits do not wait for the disk, unless `durable`; on the
+        process lease's own, if `reserved`)."""
         self._refuse_if_damaged()
-        pool = self._pool if durable else self._quick_pool
+        pool = self._reserved_pool if reserved else self._pool if durable else self._quick_pool
         with unavailable_on_failure():
             async with pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
                 return await _transaction(conn, fn, not self._serving)
@@ -358,8 +381,15 @@ def unavailable_on_failure() -> Iterator[None]:
     try:
         yield
     except FAILURES as err:
-        raise StorageUnavailable("Database", _describe(err), failure_reason(err)) from err
+        raise StorageUnavailable("Database", describe_failure(err), failure_reason(err)) from err
 
 
-def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+def describe_failure(err: BaseException) -> str:
+    """The failure in one line; for a refused connection, why it may be."""
+    described = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    if isinstance(err, asyncpg.TooManyConnectionsError):
+        described += (
+            " (PostgreSQL's max_connections or the role's CONNECTION LIMIT is reached; each"
+            " server opens up to QP_DATABASE_POOL + QP_DATABASE_QUICK_POOL + 2 connections)"
+        )
+    return described.replace("\n", " ")

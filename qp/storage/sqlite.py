@@ -209,7 +209,14 @@ class SqliteDatabase(StatementHelpers):
         finally:
             self._file.close()
 
-    async def write(self, fn: WriteFn[T], *, maintenance: bool = False, durable: bool = True) -> T:
+    async def write(
+        self,
+        fn: WriteFn[T],
+        *,
+        maintenance: bool = False,
+        durable: bool = True,
+        reserved: bool = False,
+    ) -> T:
         """Run `fn(conn)` as one transaction on the writer: committed if it returns, else undone.
 
         Not `durable`: committed without an fsync of the log (synchronous=NORMAL), which the
