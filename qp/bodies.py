@@ -68,7 +68,7 @@ async def read_body(request: web.Request, limit: int, policy: Policy) -> bytes:
 
 
 def _too_slow() -> ApiError:
-    return ApiError(408, "Request timeout", message="The request body came too slowly")
+    return ApiError(408, "Request timeout", close=True, message="The request body came too slowly")
 
 
 async def read_json(request: web.Request, limit: int, policy: Policy) -> Any:
