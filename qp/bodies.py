@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from aiohttp import StreamReader, web
 
-from qp.errors import ApiError, too_large
+from qp.errors import BAD_REQUEST, ApiError, too_large
 from qp.policy.policy import Policy
 
 # Parsed into Python objects, JSON takes up to this many times its size (`[{},{},...]`:
@@ -58,6 +58,10 @@ async def read_body(request: web.Request, limit: int, policy: Policy) -> bytes:
                 chunk = await request.content.readany()
         except TimeoutError:
             raise _too_slow() from None
+        except web.RequestPayloadError:
+            # A body aiohttp could not decode (its Content-Encoding, its chunks): what the
+            # HTTP parser answers for a request it cannot read.
+            raise ApiError(400, BAD_REQUEST, close=True) from None
         if not chunk:
             break
         size += len(chunk)
@@ -68,7 +72,7 @@ async def read_body(request: web.Request, limit: int, policy: Policy) -> bytes:
 
 
 def _too_slow() -> ApiError:
-    return ApiError(408, "Request timeout", message="The request body came too slowly")
+    return ApiError(408, "Request timeout", close=True, message="The request body came too slowly")
 
 
 async def read_json(request: web.Request, limit: int, policy: Policy) -> Any:

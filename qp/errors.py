@@ -12,15 +12,23 @@ log = logging.getLogger("qp.errors")
 
 
 class ApiError(Exception):
-    """An answer other than success: a status and the exact JSON body the contract names."""
+    """An answer other than success: a status and the exact JSON body the contract names.
+    `close`: the connection is closed after it (the rest of the body is not worth reading)."""
 
     def __init__(
-        self, status: int, error: str, headers: dict[str, str] | None = None, **extra: Any
+        self,
+        status: int,
+        error: str,
+        headers: dict[str, str] | None = None,
+        *,
+        close: bool = False,
+        **extra: Any,
     ):
         super().__init__(error)
         self.status = status
         self.body: dict[str, Any] = {"error": error, **extra}
         self.headers = headers or {}
+        self.close = close
 
 
 class ConfigError(Exception):
@@ -43,6 +51,21 @@ class StorageUnavailable(Exception):
         super().__init__(f"{what}: {detail}" if detail else what)
         self.what = what
         self.reason = reason
+
+
+class UnstorableValue(Exception):
+    """The database cannot hold a value it was given (a NUL, text that is not UTF-8, a
+    number out of its column's range): a data error, never an outage. A request meeting one
+    is answered 400; a background write drops only the item that holds it.
+
+    The message names the error's kind (and SQLSTATE), never the value: it may be a chat id.
+    """
+
+    def __init__(self, what: str, err: BaseException):
+        code = getattr(err, "sqlstate", None)
+        kind = f"{type(err).__name__} ({code})" if code else type(err).__name__
+        super().__init__(f"{what} refused a value: {kind}")
+        self.what = what
 
 
 def json_response(
@@ -76,6 +99,8 @@ def too_large(what: str, size: int, limit: int) -> ApiError:
 
 
 NOT_FOUND = "Not found"
+# A request the HTTP parser (or aiohttp's body decoding) could not read.
+BAD_REQUEST = "Bad request"
 STORAGE_UNAVAILABLE = {"error": "Storage unavailable"}
 
 

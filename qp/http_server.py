@@ -25,8 +25,9 @@ from aiohttp.web_protocol import RequestHandler
 
 from qp.appkeys import IP_SALT, METRICS, POLICY, RATE_LIMITER
 from qp.config import Config
-from qp.errors import json_response, too_many_requests
+from qp.errors import BAD_REQUEST, StorageUnavailable, json_response, too_many_requests
 from qp.logs import CLIENT_HASH, MALFORMED, AccessLogger
+from qp.middlewares import storage_unavailable
 from qp.protection.client_address import hash_client, peer_address
 
 log = logging.getLogger("qp.http")
@@ -94,14 +95,19 @@ class GuardedRequestHandler(RequestHandler):
             client = hash_client(peer_address(request, policy.trusted), app[IP_SALT])
             request[CLIENT_HASH] = client
             limit = policy.rate_limit(MALFORMED_RATE_CLASS)
-            refusal = await app[RATE_LIMITER].check(client, MALFORMED_RATE_CLASS, limit)
             log.warning("refused a request the HTTP parser could not read (%d)", err_info.status)
-            if refusal is not None:
-                app[METRICS].rate_limit_refusals.labels("malformed", refusal.reason).inc()
-                error = too_many_requests(refusal.retry_after, refusal.message)
-                response = json_response(error.body, error.status, error.headers)
+            try:
+                refusal = await app[RATE_LIMITER].check(client, MALFORMED_RATE_CLASS, limit)
+            except StorageUnavailable as err:
+                # The shared counts are out of reach: a 503, as for any request then.
+                response = storage_unavailable(request, err)
             else:
-                response = json_response({"error": "Bad request"}, err_info.status)
+                if refusal is not None:
+                    app[METRICS].rate_limit_refusals.labels("malformed", refusal.reason).inc()
+                    error = too_many_requests(refusal.retry_after, refusal.message)
+                    response = json_response(error.body, error.status, error.headers)
+                else:
+                    response = json_response({"error": BAD_REQUEST}, err_info.status)
             response.force_close()
             return response
 

@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 
 from qp.completions.usage import CompletionRecord
 from qp.protection.rate_limits import RateLimiter
+from qp.storage.batches import DROP_REASONS
 
 # Label values that come from clients (app names, methods) are capped, so nobody can grow
 # the metrics without bound; past the cap they count as "other".
@@ -81,8 +82,9 @@ class Metrics:
         )
         self.batch_drops = Counter(
             "qp_batch_items_dropped",
-            "Background writes given up (ledger rows), by batch",
-            ["batch"],
+            "Background writes given up (ledger rows), by batch and why (unavailable: the"
+            " database stayed away; refused: it could not store the item; queue_full)",
+            ["batch", "reason"],
             registry=r,
         )
         self.loop_lag = Histogram(
@@ -154,9 +156,16 @@ class Metrics:
         """Expose the limiter's table: clients tracked, and those forgotten past its cap."""
         self.registry.register(_RateLimiterCollector(limiter))
 
-    def counter_of_drops(self, batch: str) -> Callable[[int], None]:
-        """What a BatchWriter calls with the number of items it gave up."""
-        return self.batch_drops.labels(batch).inc
+    def counter_of_drops(self, batch: str) -> Callable[[int, str], None]:
+        """What a BatchWriter calls with the number of items it gave up, and why (each
+        why shown from the start, at 0)."""
+        for reason in DROP_REASONS:
+            self.batch_drops.labels(batch, reason)
+
+        def dropped(count: int, reason: str) -> None:
+            self.batch_drops.labels(batch, reason).inc(count)
+
+        return dropped
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

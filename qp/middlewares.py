@@ -16,10 +16,12 @@ from aiohttp import web
 
 from qp.appkeys import IP_SALT, METRICS, POLICY, RATE_CLASSES, RATE_LIMITER
 from qp.errors import (
+    BAD_REQUEST,
     NOT_FOUND,
     STORAGE_UNAVAILABLE,
     ApiError,
     StorageUnavailable,
+    UnstorableValue,
     json_response,
     too_many_requests,
 )
@@ -56,13 +58,16 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as err:
         response = json_response(err.body, err.status, err.headers)
-        if err.status == 408:
-            response.force_close()  # the rest of a slow body is not worth waiting for
+        if err.close:
+            response.force_close()  # the rest of the body is not worth waiting for
         return response
     except StorageUnavailable as err:
-        # One answer whichever part failed: the client can only wait and retry.
-        log.error("%s %s: %s", method_name(request), route_name(request), err)
-        return json_response(STORAGE_UNAVAILABLE, 503, {"Retry-After": "5"})
+        return storage_unavailable(request, err)
+    except UnstorableValue as err:
+        # A value the checks at the door let through and the database refused: the
+        # request's fault, not an outage (the message names the error, not the value).
+        log.warning("%s %s: %s", method_name(request), route_name(request), err)
+        return json_response({"error": _invalid_data(route_name(request))}, 400)
     except web.HTTPNotFound:
         return json_response({"error": NOT_FOUND}, 404)
     except web.HTTPMethodNotAllowed as err:
@@ -76,6 +81,25 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("unhandled error in %s %s", method_name(request), route_name(request))
         return json_response({"error": "Internal server error"}, 500)
+
+
+def storage_unavailable(request: web.BaseRequest, err: StorageUnavailable) -> web.Response:
+    """The 503 of a failed database or blob store, logged: one answer whichever part
+    failed, since the client can only wait and retry."""
+    log.error("%s %s: %s", method_name(request), route_name(request), err)
+    return json_response(STORAGE_UNAVAILABLE, 503, {"Retry-After": "5"})
+
+
+# The contract's 400 for data a route's store refused, by route; others: BAD_REQUEST.
+_INVALID_DATA = {
+    "/api/chats": "Invalid chat data",
+    "/api/chats/{chat_id}": "Invalid chat data",
+    "/api/completion": "Invalid completion request",
+}
+
+
+def _invalid_data(route: str) -> str:
+    return _INVALID_DATA.get(route, BAD_REQUEST)
 
 
 UNROUTED_RATE_CLASS = "chats"

@@ -17,21 +17,21 @@ class QuickBatchWriter(BatchWriter):
 
 async def test_an_item_the_database_cannot_take_is_dropped_and_the_rest_written():
     written: list[str] = []
-    drops: list[int] = []
+    drops: list[tuple[int, str]] = []
 
     async def write(batch: list[str]) -> None:
         if "unstorable" in batch:
             raise OverflowError("Python int too large to convert to SQLite INTEGER")
         written.extend(batch)
 
-    writer = QuickBatchWriter(write, "rows", drops.append)
+    writer = QuickBatchWriter(write, "rows", lambda count, reason: drops.append((count, reason)))
     for item in ("a", "unstorable", "b"):
         writer.add(item)
     await writer.flush()
     writer.add("c")  # the writer lives on
     await writer.flush()
     await writer.close()
-    assert (written, drops, writer.dropped) == (["a", "b", "c"], [1], 1)
+    assert (written, drops, writer.dropped) == (["a", "b", "c"], [(1, "refused")], 1)
 
 
 async def test_a_batch_the_database_refuses_is_retried_then_dropped():
@@ -43,10 +43,11 @@ async def test_a_batch_the_database_refuses_is_retried_then_dropped():
         if down:
             raise StorageUnavailable("Database", "database is locked")
 
-    writer = QuickBatchWriter(write, "rows")
+    drops: list[tuple[int, str]] = []
+    writer = QuickBatchWriter(write, "rows", lambda count, reason: drops.append((count, reason)))
     writer.add("a")
     await writer.flush()
-    assert (attempts, writer.dropped) == ([["a"]] * 3, 1)
+    assert (attempts, writer.dropped, drops) == ([["a"]] * 3, 1, [(1, "unavailable")])
     down = False
     writer.add("b")
     await writer.flush()

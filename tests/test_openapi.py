@@ -4,6 +4,7 @@ document rules out refused."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,10 @@ import aiohttp
 import pytest
 
 from tests.helpers import ADMIN_KEY, call
+from tests.processes import ROOT
 
 SCHEMATHESIS = Path(sys.executable).parent / "st"
+HOOKS = "tests.schemathesis_hooks"
 CHECKS = (
     "not_a_server_error,status_code_conformance,content_type_conformance,"
     "response_headers_conformance,response_schema_conformance,negative_data_rejection"
@@ -42,9 +45,16 @@ async def test_the_document_is_served_as_openapi_3_1(qp_server):
     }
 
 
-@pytest.mark.parametrize("seed", ["1", "2"])
-def test_schemathesis_finds_nothing(qp_server, fake, seed, tmp_path):
-    server = qp_server(QP_OPENROUTER_URL=fake.url, OPENROUTER_API_KEY="fuzz-key")
+@pytest.mark.parametrize(
+    ("database", "seed"), [("sqlite", "1"), ("sqlite", "2"), ("postgres", "1")]
+)
+def test_schemathesis_finds_nothing(qp_server, fake, database, seed, tmp_path, request):
+    """Strings poisoned with NULs and lone surrogates included (tests/schemathesis_hooks.py),
+    on both databases: PostgreSQL's text refuses a NUL that SQLite would take."""
+    env = {"QP_OPENROUTER_URL": fake.url, "OPENROUTER_API_KEY": "fuzz-key"}
+    if database == "postgres":
+        env["QP_DATABASE"] = request.getfixturevalue("postgres").create_database()
+    server = qp_server(**env)
     result = subprocess.run(
         [
             str(SCHEMATHESIS),
@@ -71,6 +81,7 @@ def test_schemathesis_finds_nothing(qp_server, fake, seed, tmp_path):
         text=True,
         timeout=300,
         cwd=tmp_path,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": HOOKS, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert " passed" in result.stdout

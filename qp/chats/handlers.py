@@ -30,8 +30,9 @@ from qp.chats.store import LIST_READ_AHEAD
 from qp.chats.stream import CHUNK_BYTES, ChatStream
 from qp.errors import ApiError, StorageUnavailable, json_bytes_response, json_response
 from qp.logs import CLIENT_HASH
-from qp.policy.policy import Policy
+from qp.policy.policy import INVALID_APP, Policy
 from qp.protection.admin import require_admin
+from qp.text import is_storable_text
 
 log = logging.getLogger("qp.chats.handlers")
 
@@ -118,6 +119,8 @@ async def list_chats(request: web.Request) -> web.StreamResponse:
     app = request.query.get("app")
     if not app:
         raise ApiError(400, "App parameter required")
+    if not is_storable_text(app):
+        raise ApiError(400, INVALID_APP)
     async with (
         request.app[BYTE_BUDGET].hold(LIST_HOLD_BYTES),
         contextlib.aclosing(request.app[CHAT_STORE].newest_chats(app)) as chats,

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from qp.errors import ApiError, too_large
+from qp.text import is_storable_text
 
 CHAT_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 CHAT_ID_ALPHABET = string.ascii_letters + string.digits
@@ -146,6 +147,7 @@ def parse_chat(
         id_ok
         and isinstance(chat.get("app"), str)
         and isinstance(chat.get("model"), str)
+        and is_storable_text(chat["model"])
         and isinstance(chat.get("messages"), list)
         and isinstance(usage, dict)
         and _is_number(usage.get("promptTokens"))

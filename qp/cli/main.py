@@ -16,7 +16,7 @@ from qp.cli import blocks, budgets, chats, check, copy_blobs, import_d1, migrate
 from qp.cli.common import PROGRAM, CommandFailed
 from qp.cli.import_d1 import DumpRefused
 from qp.config import ConfigError, load_config
-from qp.errors import StorageUnavailable
+from qp.errors import StorageUnavailable, UnstorableValue
 from qp.startup import StartupError
 from qp.storage.migrations import SchemaTooNew
 
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         DumpRefused,
         SchemaTooNew,
         StorageUnavailable,
+        UnstorableValue,
         sqlite3.Error,
     ) as err:
         print(f"{PROGRAM}: error: {err}", file=sys.stderr)

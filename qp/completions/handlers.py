@@ -38,10 +38,11 @@ from qp.completions.request import (
 from qp.completions.usage import CompletionRecord
 from qp.errors import ApiError, json_response
 from qp.logs import CLIENT_HASH
-from qp.policy.policy import Policy
+from qp.policy.policy import INVALID_APP, Policy
 from qp.protection.admin import require_admin
 from qp.spend.budgets import Refusal, budget_report, budget_scopes, estimate_cost
 from qp.spend.lookups import owed_lookup_times
+from qp.text import is_storable_text
 from qp.timestamps import parse_iso, utc_now_iso
 
 log = logging.getLogger("qp.completions")
@@ -178,6 +179,8 @@ async def usage_report(request: web.Request) -> web.Response:
     """Totals by app, model and payer, optionally for one app and from a date on."""
     require_admin(request, request.app[CONFIG].admin_key)
     app = request.query.get("app") or None
+    if app is not None and not is_storable_text(app):
+        raise ApiError(400, INVALID_APP)
     since = None
     if request.query.get("since"):
         since = parse_iso(request.query["since"])

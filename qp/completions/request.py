@@ -10,7 +10,8 @@ import orjson
 
 from qp.config import APP_KEY_PREFIX
 from qp.errors import ApiError
-from qp.policy.policy import Policy
+from qp.policy.policy import INVALID_APP, Policy
+from qp.text import is_storable_text
 
 Payer = Literal["server", "app", "user"]
 
@@ -30,15 +31,17 @@ def parse_completion(body: Any, policy: Policy) -> CompletionRequest:
     if not (
         isinstance(body, dict)
         and isinstance(body.get("model"), str)
+        and is_storable_text(body["model"])
         and isinstance(body.get("systemMessage"), str)
         and isinstance(body.get("messages"), list)
         and (body.get("tools") is None or isinstance(body["tools"], list))
+        and _is_provider(body.get("provider"))
         and _encodable(body)
     ):
         raise ApiError(400, "Invalid completion request")
     app = body.get("app")
     if app is not None and not isinstance(app, str):
-        raise ApiError(400, "Invalid app")
+        raise ApiError(400, INVALID_APP)
     if app:
         policy.check_app(app)
     messages = body["messages"]
@@ -65,6 +68,12 @@ def parse_completion(body: Any, policy: Policy) -> CompletionRequest:
         app=app or None,
         provider=body.get("provider"),
     )
+
+
+def _is_provider(provider: Any) -> bool:
+    """A provider named by a string holds no NUL (it names one of upstream's providers);
+    any other JSON value goes upstream as it came."""
+    return not isinstance(provider, str) or is_storable_text(provider)
 
 
 def _encodable(body: dict[str, Any]) -> bool:

@@ -55,6 +55,8 @@ ADMIN: list[dict[str, list[str]]] = [{"adminKey": []}]
 TOKENS = {"type": "number", "minimum": -INT64_MAX - 1, "maximum": INT64_MAX}
 COST = {"type": "number", "minimum": -COST_MAX - 1, "maximum": COST_MAX}
 APP = {"type": "string", "maxLength": MAX_APP_CHARS, "pattern": APP_PATTERN}
+# Text the server stores: no NUL (nor, in JSON, a lone surrogate, which no UTF-8 body holds).
+STORED_TEXT = {"type": "string", "pattern": "^[^\\u0000]*$"}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -107,7 +109,7 @@ SCHEMAS: dict[str, Any] = {
                 ],
             },
             "app": APP,
-            "model": {"type": "string"},
+            "model": STORED_TEXT,
             "messages": {"type": "array"},
             "totalUsage": _ref("Usage"),
         },
@@ -125,12 +127,12 @@ SCHEMAS: dict[str, Any] = {
         " 500 KiB.",
         "required": ["model", "systemMessage", "messages"],
         "properties": {
-            "model": {"type": "string"},
+            "model": STORED_TEXT,
             "systemMessage": {"type": "string"},
             "messages": {"type": "array", "description": "At most 50 (else 413)."},
             "tools": {"anyOf": [{"type": "array"}, {"type": "null"}]},
             "app": {"anyOf": [APP, {"type": "null"}]},
-            "provider": {},
+            "provider": {"description": "A string holds no NUL (400 otherwise)."},
         },
     },
     "UsageTotals": {
@@ -269,12 +271,12 @@ PATHS: dict[str, Any] = {
                     "name": "app",
                     "in": "query",
                     "required": True,
-                    "schema": {"type": "string", "minLength": 1},
+                    "schema": {**STORED_TEXT, "minLength": 1},
                 }
             ],
             "responses": {
                 "200": _json({"type": "array", "items": _ref("Chat")}, "The chats"),
-                "400": _error("App parameter required"),
+                "400": _error("App parameter required, or Invalid app (a NUL)"),
                 "401": _error("Unauthorized"),
                 **COMMON,
             },
@@ -385,7 +387,7 @@ PATHS: dict[str, Any] = {
             "summary": "Completions, tokens and cost by app, model and payer (admin)",
             "security": ADMIN,
             "parameters": [
-                {"name": "app", "in": "query", "required": False, "schema": {"type": "string"}},
+                {"name": "app", "in": "query", "required": False, "schema": STORED_TEXT},
                 {
                     "name": "since",
                     "in": "query",
@@ -396,7 +398,7 @@ PATHS: dict[str, Any] = {
             ],
             "responses": {
                 "200": _json(_ref("UsageReport"), "The totals"),
-                "400": _error("Invalid since parameter"),
+                "400": _error("Invalid since parameter, or Invalid app (a NUL)"),
                 "401": _error("Unauthorized"),
                 **COMMON,
             },

@@ -16,16 +16,18 @@ from qp.errors import ApiError
 from qp.protection.client_address import TrustedProxies, parse_networks
 from qp.protection.cors import OriginMatcher
 from qp.protection.rate_limits import RateLimit
+from qp.text import is_storable_text
 
 KIB = 1024
 MIB = 1024 * KIB
 MAX_APP_CHARS = 100
+INVALID_APP = "Invalid app"
 # Printable text: no control characters (C0, DEL, C1); they end lines in logs and labels.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def is_app_name(app: str) -> bool:
-    return len(app) <= MAX_APP_CHARS and _CONTROL.search(app) is None
+    return len(app) <= MAX_APP_CHARS and _CONTROL.search(app) is None and is_storable_text(app)
 
 
 DEFAULT_ALLOWED_ORIGINS = (
@@ -189,7 +191,7 @@ class Policy:
         """400 `Invalid app` unless at most MAX_APP_CHARS printable characters; 400 `Unknown
         app` when the operator lists the apps and this is not one of them."""
         if not is_app_name(app):
-            raise ApiError(400, "Invalid app")
+            raise ApiError(400, INVALID_APP)
         if self.apps and app not in self.app_set:
             raise ApiError(400, "Unknown app")
 

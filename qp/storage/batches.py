@@ -7,7 +7,9 @@ most.
 
 The background task must never die: a batch the database refuses (down, full) is retried
 a few times and then dropped; a batch it cannot take (a value it cannot store) is written
-item by item and the items it still refuses are dropped. Every drop is logged and counted.
+item by item and the items it still refuses are dropped, the rest kept. Every drop is
+logged (by the error's kind: an item's values may be keys or chat ids) and counted, by
+why: UNAVAILABLE, REFUSED, QUEUE_FULL.
 """
 
 from __future__ import annotations
@@ -18,10 +20,17 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-from qp.errors import StorageUnavailable
+from qp.errors import StorageUnavailable, UnstorableValue
 
 log = logging.getLogger("qp.storage.batches")
 T = TypeVar("T")
+
+# Why items were dropped: the database stayed away (or the server was closing), it refused
+# their values, or too many waited.
+UNAVAILABLE = "unavailable"
+REFUSED = "refused"
+QUEUE_FULL = "queue_full"
+DROP_REASONS = (UNAVAILABLE, REFUSED, QUEUE_FULL)
 
 
 class BatchWriter(Generic[T]):
@@ -36,7 +45,7 @@ class BatchWriter(Generic[T]):
         self,
         write_batch: Callable[[list[T]], Awaitable[None]],
         what: str,
-        on_drop: Callable[[int], None] | None = None,
+        on_drop: Callable[[int, str], None] | None = None,
     ):
         self._write_batch = write_batch
         self._what = what
@@ -49,7 +58,7 @@ class BatchWriter(Generic[T]):
 
     def add(self, item: T) -> None:
         if self._queue.qsize() >= self.MAX_QUEUED:
-            self._drop(1, "the queue is full")
+            self._drop(1, QUEUE_FULL, "the queue is full")
             return
         self._queue.put_nowait(item)
 
@@ -81,7 +90,7 @@ class BatchWriter(Generic[T]):
             try:
                 await self._write(batch)
             except Exception as err:  # the task must live on, whatever a batch does
-                self._drop(len(batch), f"{type(err).__name__}: {err}")
+                self._drop(len(batch), REFUSED, type(err).__name__)
             finally:
                 for _ in batch:
                     self._queue.task_done()
@@ -93,21 +102,22 @@ class BatchWriter(Generic[T]):
                 return
             except StorageUnavailable as err:
                 if wait is None or self._closing:
-                    self._drop(len(batch), str(err))
+                    self._drop(len(batch), UNAVAILABLE, str(err))
                     return
                 log.warning("%d %s not written yet (%s); retrying", len(batch), self._what, err)
                 await asyncio.sleep(wait)
             except Exception as err:
                 # Something in the batch the database cannot take: the rest still goes in.
                 if len(batch) == 1:
-                    self._drop(1, f"{type(err).__name__}: {err}")
+                    why = str(err) if isinstance(err, UnstorableValue) else type(err).__name__
+                    self._drop(1, REFUSED, why)
                     return
                 for item in batch:
                     await self._write([item])
                 return
 
-    def _drop(self, count: int, why: str) -> None:
+    def _drop(self, count: int, reason: str, why: str) -> None:
         self.dropped += count
         if self._on_drop is not None:
-            self._on_drop(count)
+            self._on_drop(count, reason)
         log.error("%d %s dropped: %s", count, self._what, why)

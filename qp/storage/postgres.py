@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from qp.config import mask_url
-from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable
+from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable, UnstorableValue
 from qp.storage.database import ChangeListener, Parameters, StatementHelpers, WriteFn
 from qp.storage.postgres_schema import migrate
 
@@ -119,6 +119,10 @@ def failure_reason(err: BaseException) -> str:
 # What a database failure looks like from asyncpg: the server's errors, a connection that
 # broke or timed out, a pool closing.
 FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# A value the database cannot take, not a failure: class 22 (a NUL, text that is not
+# UTF-8, a number out of range; asyncpg reports arguments it cannot encode the same way)
+# and class 23 (a constraint the row breaks).
+DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 
 
 class PostgresTransaction:
@@ -377,9 +381,12 @@ class PostgresDatabase(StatementHelpers):
 
 @contextmanager
 def unavailable_on_failure() -> Iterator[None]:
-    """A failure of PostgreSQL or of the way to it, raised as StorageUnavailable."""
+    """A failure of PostgreSQL or of the way to it, raised as StorageUnavailable; a value
+    it refused, as UnstorableValue."""
     try:
         yield
+    except DATA_ERRORS as err:
+        raise UnstorableValue("Database", err) from err
     except FAILURES as err:
         raise StorageUnavailable("Database", describe_failure(err), failure_reason(err)) from err
 

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable
+from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable, UnstorableValue
 from qp.storage.database import ChangeListener, Parameters, StatementHelpers, WriteFn
 from qp.storage.file_watch import DAMAGED, DatabaseFile
 from qp.storage.migrations import migrate
@@ -56,6 +56,11 @@ def failure_reason(err: sqlite3.Error) -> str:
     if code & 0xFF in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM):
         return READ_ONLY
     return UNAVAILABLE
+
+
+# A value SQLite cannot take, not a failure: text that is not UTF-8 (a lone surrogate), an
+# integer beyond 64 bits, a string or blob too big, a constraint the row breaks.
+DATA_ERRORS = (UnicodeEncodeError, OverflowError, sqlite3.DataError, sqlite3.IntegrityError)
 
 
 def _is_corruption(err: sqlite3.Error) -> bool:
@@ -237,6 +242,8 @@ class SqliteDatabase(StatementHelpers):
                     if not (maintenance and failure_reason(err) == FULL and self._room()):
                         raise
                     result = await self._transaction(fn, durable)
+            except DATA_ERRORS as err:
+                raise UnstorableValue("Database", err) from err
             except sqlite3.Error as err:
                 self._note_corruption(err)
                 raise StorageUnavailable("Database", str(err), failure_reason(err)) from err
@@ -312,6 +319,8 @@ class SqliteDatabase(StatementHelpers):
         conn = await self._readers.get()
         try:
             yield conn
+        except DATA_ERRORS as err:
+            raise UnstorableValue("Database", err) from err
         except sqlite3.Error as err:
             self._note_corruption(err)
             raise StorageUnavailable("Database", str(err), failure_reason(err)) from err
