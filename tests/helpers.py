@@ -338,3 +338,12 @@ class CrashWriteLoad:
             async with self._progress:
                 self.acknowledgements += 1
                 self._progress.notify_all()
+
+
+def unhealthy(database: str = "ok", storage: str = "ok") -> tuple[int, dict]:
+    """What /healthz answers when a check fails: (status, body)."""
+    return 503, {
+        "error": "Service unavailable",
+        "status": "unavailable",
+        "checks": {"database": database, "storage": storage},
+    }
