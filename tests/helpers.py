@@ -385,3 +385,12 @@ async def served_once_then_limited_not_blocked(
                 "message": "Rate limit exceeded: 1 requests per hour",
             },
         )
+
+
+def unhealthy(database: str = "ok", storage: str = "ok") -> tuple[int, dict]:
+    """What /healthz answers when a check fails: (status, body)."""
+    return 503, {
+        "error": "Service unavailable",
+        "status": "unavailable",
+        "checks": {"database": database, "storage": storage},
+    }

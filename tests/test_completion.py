@@ -597,6 +597,7 @@ async def test_usage_the_ledger_cannot_store_is_null_and_the_ledger_goes_on(fake
             await stream(http, completion(f"script:{script}", app="odd-usage"))
         for _ in range(3):
             await stream(http, completion(app="odd-usage"))
+        assert await call(http, "GET", "/healthz") == (200, {"status": "ok"})
         status, report = await call(http, "GET", "/api/usage?app=odd-usage", headers=admin)
     assert status == 200
     assert report["overall"] == {

@@ -13,20 +13,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import ADMIN_KEY, call, create, make_chat, run_qp
+from tests.helpers import ADMIN_KEY, call, create, make_chat, run_qp, unhealthy, wait_for_log
 from tests.processes import QPServer, SmallDisk
 
 STORAGE_UNAVAILABLE = (503, {"error": "Storage unavailable"})
 INSUFFICIENT_STORAGE = (507, {"error": "Insufficient storage"})
 ADMIN = {"x-admin-key": ADMIN_KEY}
-
-
-def unhealthy(database: str = "ok", storage: str = "ok") -> tuple[int, dict]:
-    return 503, {
-        "error": "Service unavailable",
-        "status": "unavailable",
-        "checks": {"database": database, "storage": storage},
-    }
 
 
 @pytest.fixture
@@ -85,6 +77,7 @@ async def test_a_full_disk_answers_503_keeps_what_was_saved_and_deletes_still_wo
             {"error": "Chat not found"},
         )
         assert await call(http, "GET", "/healthz") == unhealthy(storage="full")
+        await wait_for_log(disk_server, "POST /api/chats: Database: database or disk is full")
 
         # The operator makes room through qp itself: the admin route, then the tool.
         assert await call(http, "DELETE", f"/api/chats/{by_admin}", headers=ADMIN) == (
@@ -98,6 +91,7 @@ async def test_a_full_disk_answers_503_keeps_what_was_saved_and_deletes_still_wo
         assert (await wait_for(http, f"/api/chats/{by_tool}", (404, {"error": "Chat not found"})))[
             0
         ] == 404
+        await wait_for_log(disk_server, "the disk is full: gave back 1024 KiB of the reserve")
         checked = await asyncio.to_thread(run_qp, disk_server.data_dir, "check")
         assert (checked.returncode, checked.stdout) == (0, "nothing to repair\n"), checked.stderr
 
@@ -126,6 +120,8 @@ async def test_a_restart_on_a_full_disk_serves_reads_and_refuses_writes(disk, di
         new = make_chat("after-restart", app="restart")
         assert await call(http, "POST", "/api/chats", json={"chat": new}) == STORAGE_UNAVAILABLE
         assert await call(http, "GET", "/healthz") == unhealthy(storage="full")
+    read_only = "the disk is full: the database is open read-only; restart with room to write"
+    assert (read_only in disk_server.log()) == (reserve == "gone")
     checked = await asyncio.to_thread(run_qp, disk_server.data_dir, "check")
     assert "Traceback" not in checked.stderr
     assert (checked.returncode, checked.stdout) == (0, "nothing to repair\n"), checked.stderr
@@ -161,6 +157,10 @@ async def test_below_the_free_space_floor_new_chats_and_updates_get_507(qp_serve
             {"success": True},
         )
         assert await call(http, "GET", "/healthz") == unhealthy(storage="full")
+    # A 507 is the operator's floor, not a failure: the access log only.
+    assert [
+        line for line in server.log().splitlines() if " WARNING " in line or " ERROR " in line
+    ] == []
 
 
 def chattr(flag: str, *paths: Path) -> None:
@@ -187,6 +187,9 @@ async def test_read_only_blob_files_answer_503_and_the_server_lives_on(qp_server
             assert await call(http, "POST", "/api/chats", json={"chat": new}) == STORAGE_UNAVAILABLE
             assert await call(http, "GET", f"/api/chats/{kept}") == (200, before)
             assert await call(http, "GET", "/healthz") == unhealthy(storage="read-only")
+            log = server.log()
+            assert "PUT /api/chats/{chat_id}: Storage: write chats/" in log
+            assert ": Operation not permitted\n" in log
         finally:
             chattr("-i", *locked)
         assert (await call(http, "POST", "/api/chats", json={"chat": new}))[0] == 200
@@ -234,7 +237,10 @@ async def test_a_database_file_damaged_under_the_server_takes_no_more_writes(qp_
         assert await call(http, "GET", "/healthz") == unhealthy(database=state)
     assert server.process.poll() is None
     log = server.log()
-    assert f"the database file {server.data_dir / 'qp.sqlite3'} was {state}" in log
+    assert (
+        f"the database file {server.data_dir / 'qp.sqlite3'} was {state} while the server ran:"
+        " writes are refused until it is restored and the server restarted"
+    ) in log
     assert "Traceback" not in log
 
 

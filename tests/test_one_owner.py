@@ -4,12 +4,22 @@ server touches nothing a write may still commit, and no acknowledged write is ev
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import aiohttp
 import pytest
 
-from tests.helpers import ADMIN_KEY, WriteLoad, call, create, make_chat, run_qp
-from tests.processes import run_server_once
+from tests.helpers import (
+    ADMIN_KEY,
+    WriteLoad,
+    call,
+    create,
+    make_chat,
+    run_qp,
+    unhealthy,
+    wait_for_log,
+)
+from tests.processes import QPServer, run_server_once
 
 ROUNDS = 3
 
@@ -73,12 +83,58 @@ async def test_check_refuses_to_repair_another_blob_store_than_the_live_servers(
 
 async def test_a_removed_lock_file_is_claimed_again(qp_server):
     server = qp_server()
-    (server.data_dir / "qp.sqlite3.lock").unlink()
-    await asyncio.sleep(1.5)  # the server checks its claim every second
+    lock = server.data_dir / "qp.sqlite3.lock"
+    lock.unlink()
+    await wait_for_log(server, f"lock file {lock} was removed or replaced; claimed again")
     second = await asyncio.to_thread(run_server_once, server.data_dir, "--port", "0")
     assert (second.returncode, second.stderr) == (1, refusal_line(server))
     async with aiohttp.ClientSession(server.url) as http:
         assert (await call(http, "POST", "/api/chats", json={"chat": make_chat()}))[0] == 200
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+async def test_a_server_whose_lock_file_another_server_took_refuses_every_write(
+    qp_server, tmp_path, request, database
+):
+    on_postgres = database == "postgres"
+    env = (
+        {"QP_DATABASE": request.getfixturevalue("postgres").create_database()}
+        if on_postgres
+        else {}
+    )
+    old = qp_server(**env)
+    # On PostgreSQL the one lock file is the file blob folder's.
+    lock = old.data_dir / ("blobs/.qp-server.lock" if on_postgres else "qp.sqlite3.lock")
+    async with aiohttp.ClientSession(old.url) as http:
+        kept = await create(http, make_chat(app="taken", messages=["kept"]))
+        _, before = await call(http, "GET", f"/api/chats/{kept}")
+        # Stopped, the old server cannot claim the file again before the newcomer does.
+        old.signal(signal.SIGSTOP)
+        try:
+            lock.unlink()
+            # On SQLite the newcomer shares the database only (the blob folder is locked).
+            own = tmp_path / "newcomer"
+            blobs = {} if on_postgres else {"QP_STORAGE": f"file://{own / 'blobs'}"}
+            own.mkdir()
+            newcomer = QPServer(old.data_dir, {**old.env, **blobs}, log_dir=own).start()
+        finally:
+            old.signal(signal.SIGCONT)
+        try:
+            await wait_for_log(
+                old,
+                f"{lock} was taken by another process:"
+                " writes are refused until the server is restarted",
+            )
+            new = make_chat(app="taken")
+            assert await call(http, "POST", "/api/chats", json={"chat": new}) == (
+                503,
+                {"error": "Storage unavailable"},
+            )
+            assert await call(http, "GET", f"/api/chats/{kept}") == (200, before)
+            assert await call(http, "GET", "/healthz") == unhealthy(database="taken-over")
+        finally:
+            newcomer.stop()
+    assert "Traceback" not in old.log()
 
 
 async def test_a_second_server_on_the_same_blob_folder_refuses(qp_server, tmp_path):

@@ -24,7 +24,7 @@ import pytest
 from qp.config import ConfigError, load_config
 from qp.storage.postgres import translate
 from qp.storage.postgres_schema import SCHEMA_VERSION, migrate
-from tests.helpers import ADMIN_KEY, SYSTEM, call, create, make_chat, run_qp
+from tests.helpers import ADMIN_KEY, SYSTEM, call, create, make_chat, run_qp, wait_until
 from tests.processes import ROOT, PostgresServer, QPServer, free_ports, run_server_once
 
 
@@ -230,7 +230,7 @@ async def test_a_lost_listening_connection_drops_the_cache_and_listens_again(
     assert (await call(server.client, "GET", f"/api/chats/{chat_id}"))[1]["model"] == "third"
 
 
-async def test_postgresql_down_is_503_and_back_is_served_again(start_server, tmp_path):
+async def test_postgresql_down_is_503_and_back_is_served_again(start_server, tmp_path, caplog):
     """PostgreSQL crashes under a running server: writes and uncached reads answer 503 (no
     500, nothing half done); once it is back, the server connects again and
     every acknowledged write is there."""
@@ -247,6 +247,7 @@ async def test_postgresql_down_is_503_and_back_is_served_again(start_server, tmp
         assert (await call(server.client, "GET", f"/api/chats/{ids[0]}"))[0] == 503
         status, health = await call(server.client, "GET", "/healthz")
         assert (status, health["checks"]["database"]) == (503, "unavailable")
+        assert "POST /api/chats: Database: ConnectionRefusedError: " in caplog.text
         own.resume()
         for _ in range(100):
             status, _ = await call(server.client, "POST", "/api/chats", json={"chat": make_chat()})
@@ -256,6 +257,71 @@ async def test_postgresql_down_is_503_and_back_is_served_again(start_server, tmp
         assert status == 200
         for chat_id in ids:
             assert (await call(server.client, "GET", f"/api/chats/{chat_id}"))[0] == 200
+    finally:
+        own.stop()
+        shutil.rmtree(own.data_dir, ignore_errors=True)
+
+
+async def test_a_write_whose_commit_fails_is_503_and_changes_nothing(
+    start_server, postgres, caplog
+):
+    """The connection is lost at the commit of an update: 503, the chat as it was, the
+    database itself healthy."""
+    url = postgres.create_database()
+    database = url.rsplit("/", 1)[1]
+    server = await start_server(QP_DATABASE=url)
+    chat_id = await create(server.client, make_chat(app="commit", model="before"))
+    _, before = await call(server.client, "GET", f"/api/chats/{chat_id}")
+    # Run at the commit (a deferred trigger), it ends the session that commits.
+    lose_the_connection_at_commit = """
+        CREATE FUNCTION lose_the_connection() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NULL; END $$;
+        CREATE CONSTRAINT TRIGGER at_commit AFTER INSERT OR UPDATE ON chats
+        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION lose_the_connection();
+    """
+    await asyncio.to_thread(postgres.psql, lose_the_connection_at_commit, database)
+    update = make_chat(chat_id, app="commit", model="after")
+    assert await call(server.client, "PUT", f"/api/chats/{chat_id}", json={"chat": update}) == (
+        503,
+        {"error": "Storage unavailable"},
+    )
+    await asyncio.to_thread(postgres.psql, "DROP TRIGGER at_commit ON chats", database)
+    assert await call(server.client, "GET", f"/api/chats/{chat_id}") == (200, before)
+    assert await call(server.client, "GET", "/healthz") == (200, {"status": "ok"})
+    assert "PUT /api/chats/{chat_id}: Database: " in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+async def test_a_ledger_postgresql_cannot_take_is_retried_then_dropped_and_counted(
+    start_server, fake, caplog
+):
+    """PostgreSQL goes away after a completion was answered: its ledger row is retried,
+    then given up, said so in the log and counted in /metrics."""
+    own = PostgresServer(Path(tempfile.mkdtemp(prefix="qp-pg-ledger-"))).start()
+    try:
+        server = await start_server(
+            QP_DATABASE=own.create_database(),
+            QP_OPENROUTER_URL=fake.url,
+            OPENROUTER_API_KEY="server-key",
+        )
+        own.stop("immediate")
+        request = {
+            "model": "openai/gpt-4.1-mini",
+            "systemMessage": SYSTEM,
+            "messages": [{"role": "user", "content": "hello"}],
+            "app": "nwb-assistant",
+        }
+        async with server.client.post("/api/completion", json=request) as response:
+            assert response.status == 200
+            await response.read()
+        dropped = "1 ledger rows dropped: Database: "
+        await wait_until(lambda: dropped in caplog.text, 20, "the ledger row given up")
+        assert "1 ledger rows not written yet (Database: " in caplog.text
+        assert "); retrying" in caplog.text
+        metrics = await server.client.get("/metrics")
+        assert 'qp_batch_items_dropped_total{batch="ledger"} 1.0' in await metrics.text()
+        status, health = await call(server.client, "GET", "/healthz")
+        assert (status, health["checks"]["database"]) == (503, "unavailable")
     finally:
         own.stop()
         shutil.rmtree(own.data_dir, ignore_errors=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import ADMIN_KEY, call, create, make_chat
+from tests.helpers import ADMIN_KEY, call, create, make_chat, unhealthy
 from tests.processes import QPServer, SeaweedFS
 
 STORAGE_UNAVAILABLE = (503, {"error": "Storage unavailable"})
@@ -147,8 +147,12 @@ async def test_a_stalled_s3_answers_503_in_time_and_releases_the_chat(own_seawee
                 started = time.monotonic()
                 assert await call(http, "GET", f"/api/chats/{chat_id}") == STORAGE_UNAVAILABLE
                 assert time.monotonic() - started < 2 + 3
+                assert await call(http, "GET", "/healthz") == unhealthy(storage="unavailable")
             finally:
                 own_seaweed.process.send_signal(signal.SIGCONT)
+            log = server.log()
+            assert "PUT /api/chats/{chat_id}: Storage: put chats/" in log
+            assert ": no answer in time\n" in log
 
             # The SQL changes were undone: the chat as it was, the new one never made.
             for _ in range(50):

@@ -21,8 +21,9 @@ HEALTH_CHECK_SECONDS = 5.0
 
 async def healthz(request: web.Request) -> web.Response:
     """200 when the database and the blob store answer and take writes; 503 naming what
-    does not, and why: `unavailable`, `full`, `read-only`, or for the database file
-    `deleted`, `replaced` or `damaged`."""
+    does not, and why: `unavailable`, `full`, `read-only`, for the database file
+    `deleted`, `replaced` or `damaged`, and `taken-over` once another server took a lock
+    file of this one's."""
     checks = await health_checks(request.app)
     if all(state == "ok" for state in checks.values()):
         return json_response({"status": "ok"})

@@ -85,6 +85,10 @@ class Statements(Protocol):
     async def fetchone(self, sql: str, params: Parameters = ()) -> tuple[Any, ...] | None: ...
 
 
+# The damage of a server whose lock file another server took (refuse_writes), either backend.
+TAKEN_OVER = "taken-over"
+
+
 class Database(Statements, Protocol):
     """One database: transactions, one-statement helpers, and its health."""
 
@@ -109,7 +113,10 @@ class Database(Statements, Protocol):
 
     def check_file(self) -> str | None: ...
 
-    def refuse_writes(self, why: str) -> None: ...
+    def refuse_writes(self, why: str) -> None:
+        """From now on every write is refused (damage TAKEN_OVER): another server took a
+        lock file of this one's."""
+        ...
 
     async def keep_watching(self) -> None:
         """Listen again for other processes' changes if the way to hear them was lost

@@ -35,7 +35,13 @@ import asyncpg
 
 from qp.config import mask_url
 from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable, UnstorableValue
-from qp.storage.database import ChangeListener, Parameters, StatementHelpers, WriteFn
+from qp.storage.database import (
+    TAKEN_OVER,
+    ChangeListener,
+    Parameters,
+    StatementHelpers,
+    WriteFn,
+)
 from qp.storage.postgres_schema import migrate
 
 log = logging.getLogger("qp.storage.postgres")
@@ -334,7 +340,7 @@ class PostgresDatabase(StatementHelpers):
 
     def refuse_writes(self, why: str) -> None:
         if self.damage is None:
-            self.damage = "taken-over"
+            self.damage = TAKEN_OVER
             log.error("%s: writes are refused until the server is restarted", why)
 
     async def changed_elsewhere(self) -> bool:

@@ -30,7 +30,13 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable, UnstorableValue
-from qp.storage.database import ChangeListener, Parameters, StatementHelpers, WriteFn
+from qp.storage.database import (
+    TAKEN_OVER,
+    ChangeListener,
+    Parameters,
+    StatementHelpers,
+    WriteFn,
+)
 from qp.storage.file_watch import DAMAGED, DatabaseFile
 from qp.storage.migrations import migrate
 
@@ -44,7 +50,6 @@ T = TypeVar("T")
 # frees some room and answers whether it did, so the write is tried once more.
 MakeRoom = Callable[[], bool]
 
-TAKEN_OVER = "taken-over"
 TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"
 
 
@@ -289,7 +294,6 @@ class SqliteDatabase(StatementHelpers):
         self._refuse_if_damaged()
 
     def refuse_writes(self, why: str) -> None:
-        """From now on every write is refused: another process took the database over."""
         if self.damage is None:
             self.damage = TAKEN_OVER
             log.error("%s: writes are refused until the server is restarted", why)
