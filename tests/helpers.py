@@ -27,6 +27,9 @@ ISO_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 SYSTEM = "You help with NWB files. " + " ".join(
     group[0] for group in DEFAULT_REQUIRED_PHRASE_GROUPS
 )
+# A chat of 1,000 bytes of messages (stored as sent: orjson's encoding of the array).
+KILOBYTE_OF_MESSAGES = ["x" * 996]
+STORAGE_FULL = (507, {"error": "Insufficient storage"})
 
 
 def unique_id() -> str:
@@ -64,6 +67,11 @@ def make_chat(
     if chat_id is not None:
         chat["chatId"] = chat_id
     return chat
+
+
+def storage_cap(size: float) -> str:
+    """QP_MAX_TOTAL_STORAGE_GB for a cap of `size` bytes."""
+    return repr(size / 2**30)
 
 
 def run_qp(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:

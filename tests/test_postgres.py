@@ -23,7 +23,7 @@ import pytest
 
 from qp.config import ConfigError, load_config
 from qp.storage.postgres import translate
-from qp.storage.postgres_schema import SCHEMA_VERSION, migrate
+from qp.storage.postgres_schema import SCHEMA_VERSION, STEPS, migrate
 from tests.helpers import ADMIN_KEY, SYSTEM, call, create, make_chat, run_qp
 from tests.processes import ROOT, PostgresServer, QPServer, free_ports, run_server_once
 
@@ -162,6 +162,7 @@ async def test_two_processes_migrating_at_once_make_the_schema_once(postgres):
         "blocks",
         "budget_accounts",
         "budget_reservations",
+        "chat_bytes",
         "chat_garbage",
         "chat_writes",
         "chats",
@@ -174,6 +175,37 @@ async def test_two_processes_migrating_at_once_make_the_schema_once(postgres):
         "write_leases",
     ]
     assert [row[0] for row in versions] == [SCHEMA_VERSION]
+
+
+async def test_the_count_of_bytes_stored_starts_from_the_rows_and_follows_every_change(postgres):
+    url = postgres.create_database()
+    conn = await asyncpg.connect(url)
+    try:
+        for step in range(1, 4):  # a database as version 3 (before the count) left it
+            for statement in STEPS[step]:
+                await conn.execute(statement)
+        await conn.execute("CREATE TABLE qp_schema (version INTEGER NOT NULL)")
+        await conn.execute("INSERT INTO qp_schema (version) VALUES (3)")
+        insert = "INSERT INTO chats (chat_id, app, model, messages_bytes) VALUES ($1, 'a', 'm', $2)"
+        await conn.executemany(insert, [("one", 100), ("two", 250), ("imported", None)])
+        await migrate(conn)
+        total = "SELECT SUM(bytes) FROM chat_bytes"
+        assert (
+            await conn.fetchval(total),
+            await conn.fetchval("SELECT COUNT(*) FROM chat_bytes"),
+        ) == (
+            350,
+            64,
+        )
+        await conn.execute("UPDATE chats SET messages_bytes = 40 WHERE chat_id = 'imported'")
+        await conn.execute("UPDATE chats SET messages_bytes = 200 WHERE chat_id = 'two'")
+        await conn.execute("DELETE FROM chats WHERE chat_id = 'one'")
+        await conn.execute(insert, "three", 5)
+        await conn.execute("UPDATE chats SET model = 'n'")
+        await conn.execute("UPDATE chats SET messages_bytes = NULL WHERE chat_id = 'three'")
+        assert await conn.fetchval(total) == 240
+    finally:
+        await conn.close()
 
 
 async def test_a_database_from_a_newer_server_is_refused(tmp_path, postgres):
