@@ -351,6 +351,8 @@ async def test_the_total_storage_cap_holds_under_concurrent_creates(start_server
     assert server.database.rows("SELECT SUM(messages_bytes) AS total FROM chats") == [
         {"total": 4000}
     ]
+    # No intent left: a write refused at its commit (its blob put) made its blob garbage.
+    assert server.database.rows("SELECT rev FROM chat_writes") == []
 
 
 async def test_an_update_gets_507_only_when_it_would_grow_the_total_past_the_cap(

@@ -240,6 +240,8 @@ async def test_a_total_storage_cap_of_4_chats_admits_exactly_4_across_both(start
     # What the processes count is what the rows hold.
     (counted,) = cluster.database.rows("SELECT SUM(bytes) AS total FROM chat_bytes")
     assert counted == {"total": 4000}
+    # No intent left: a write refused at its commit (its blob put) made its blob garbage.
+    assert cluster.database.rows("SELECT rev FROM chat_writes") == []
 
 
 async def test_a_delete_on_one_process_makes_room_on_the_other_at_once(start_cluster):
