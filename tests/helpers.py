@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +217,15 @@ async def wait_until(condition: Callable[[], bool], seconds: float, what: str) -
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, f"{what}: still not so after {seconds} s"
+        await asyncio.sleep(0.05)
+
+
+async def eventually(probe: Callable[[], Awaitable[bool]], what: str, seconds: float = 60) -> None:
+    """Until `await probe()` holds, tried every 50 ms; fails naming `what` after `seconds`
+    (a bound against hanging, far past what anything tested should need under load)."""
+    deadline = time.monotonic() + seconds
+    while not await probe():
+        assert time.monotonic() < deadline, f"{what}: still so after {seconds} s"
         await asyncio.sleep(0.05)
 
 
