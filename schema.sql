@@ -52,6 +52,36 @@ CREATE TABLE chat_garbage (
 
 CREATE INDEX idx_chat_garbage_since ON chat_garbage(since);
 
+-- The bytes of all chats' messages (the sum of messages_bytes), kept by the triggers below
+-- in the transaction of every row change, so the total storage cap is checked in the commit
+-- that would pass it. One row here; PostgreSQL keeps 64 shards, summed.
+CREATE TABLE chat_bytes (
+  shard INTEGER PRIMARY KEY,
+  bytes INTEGER NOT NULL
+);
+
+INSERT INTO chat_bytes (shard, bytes) VALUES (0, 0);
+
+CREATE TRIGGER chat_bytes_of_insert AFTER INSERT ON chats
+WHEN NEW.messages_bytes IS NOT NULL
+BEGIN
+  UPDATE chat_bytes SET bytes = bytes + NEW.messages_bytes WHERE shard = 0;
+END;
+
+CREATE TRIGGER chat_bytes_of_update AFTER UPDATE OF messages_bytes ON chats
+WHEN NEW.messages_bytes IS NOT OLD.messages_bytes
+BEGIN
+  UPDATE chat_bytes
+  SET bytes = bytes + COALESCE(NEW.messages_bytes, 0) - COALESCE(OLD.messages_bytes, 0)
+  WHERE shard = 0;
+END;
+
+CREATE TRIGGER chat_bytes_of_delete AFTER DELETE ON chats
+WHEN OLD.messages_bytes IS NOT NULL
+BEGIN
+  UPDATE chat_bytes SET bytes = bytes - OLD.messages_bytes WHERE shard = 0;
+END;
+
 -- The spend ledger: one row per completion sent upstream. Never message contents or keys.
 -- payer: who paid (server: OPENROUTER_API_KEY, app: OPENROUTER_API_KEY_{APP}, user: the
 -- client's own x-openrouter-key). status: the HTTP status the client got. outcome:
@@ -120,4 +150,4 @@ CREATE TABLE prices (
 );
 
 -- The schema version this file describes (SCHEMA_VERSION in qp/storage/migrations.py).
-PRAGMA user_version = 8;
+PRAGMA user_version = 9;

@@ -1,6 +1,7 @@
 """Benchmark the chat write path before and after copy-on-write (issue 19), in one run.
 
     .venv/bin/python bench/writes.py [--seconds 8] [--connections 32] [--before e664875]
+                                     [--env NAME=VALUE ...]
 
 "before" is the tree at commit e664875, the last before copy-on-write, checked out as a
 detached git worktree in a temporary folder (removed at the end); "after" is this tree as it
@@ -282,7 +283,8 @@ def run(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
             continue
         servers = {}
         for tree, root in roots.items():
-            server = TreeServer(root, work / backend / tree, env_of())
+            extra = dict(setting.split("=", 1) for setting in args.env)
+            server = TreeServer(root, work / backend / tree, {**env_of(), **extra})
             backend_cleanup.callback(server.stop)
             servers[tree] = server.start()
         results[backend] = bench_backend(backend, servers, args.seconds, args.connections)
@@ -333,6 +335,13 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32, help="wrk's (default 32)")
     parser.add_argument(
         "--before", default=BEFORE_COMMIT, help=f"the commit to compare with ({BEFORE_COMMIT})"
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="more environment for both trees' servers, e.g. QP_MAX_TOTAL_STORAGE_GB=100",
     )
     args = parser.parse_args()
     if not shutil.which("wrk"):

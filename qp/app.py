@@ -128,7 +128,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         )
         await db.changed_elsewhere()  # the baseline, taken while the cache is still empty
         stack.push_async_callback(store.close)
-        if await store.count_stored():
+        if await store.unknown_sizes():
             sizes = asyncio.create_task(_learn_sizes(store))
             stack.callback(sizes.cancel)
         app[LEDGER] = ledger = BatchWriter(

@@ -116,5 +116,6 @@ def too_many_requests(retry_after: int, message: str) -> ApiError:
 
 
 def insufficient_storage() -> ApiError:
-    """Free disk below the operator's floor: new chats and updates wait; deletes still work."""
+    """Free disk below the operator's floor, or all chats' messages at the total cap: new
+    chats and updates wait; deletes still work."""
     return ApiError(507, "Insufficient storage")

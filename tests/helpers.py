@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,9 @@ ISO_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 SYSTEM = "You help with NWB files. " + " ".join(
     group[0] for group in DEFAULT_REQUIRED_PHRASE_GROUPS
 )
+# A chat of 1,000 bytes of messages (stored as sent: orjson's encoding of the array).
+KILOBYTE_OF_MESSAGES = ["x" * 996]
+STORAGE_FULL = (507, {"error": "Insufficient storage"})
 
 
 def unique_id() -> str:
@@ -64,6 +67,11 @@ def make_chat(
     if chat_id is not None:
         chat["chatId"] = chat_id
     return chat
+
+
+def storage_cap(size: float) -> str:
+    """QP_MAX_TOTAL_STORAGE_GB for a cap of `size` bytes."""
+    return repr(size / 2**30)
 
 
 def run_qp(data_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -209,6 +217,15 @@ async def wait_until(condition: Callable[[], bool], seconds: float, what: str) -
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, f"{what}: still not so after {seconds} s"
+        await asyncio.sleep(0.05)
+
+
+async def eventually(probe: Callable[[], Awaitable[bool]], what: str, seconds: float = 60) -> None:
+    """Until `await probe()` holds, tried every 50 ms; fails naming `what` after `seconds`
+    (a bound against hanging, far past what anything tested should need under load)."""
+    deadline = time.monotonic() + seconds
+    while not await probe():
+        assert time.monotonic() < deadline, f"{what}: still so after {seconds} s"
         await asyncio.sleep(0.05)
 
 

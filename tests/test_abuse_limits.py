@@ -13,7 +13,15 @@ import pytest
 from qp.errors import ApiError
 from qp.protection.admin import AdminGuard
 from qp.protection.rate_limits import RateLimit, RateLimiter
-from tests.helpers import ADMIN_KEY, call, create, make_chat
+from tests.helpers import (
+    ADMIN_KEY,
+    KILOBYTE_OF_MESSAGES,
+    STORAGE_FULL,
+    call,
+    create,
+    make_chat,
+    storage_cap,
+)
 
 pytestmark = pytest.mark.on_both_databases
 
@@ -77,17 +85,14 @@ async def test_a_client_over_its_daily_bytes_gets_429_until_midnight(qp_server):
 
 
 async def test_over_the_total_storage_cap_writes_get_507_and_deletes_make_room(qp_server):
-    server = qp_server(QP_MAX_TOTAL_STORAGE_GB=str(2500 / 2**30))
-    messages = ["x" * 990]
+    server = qp_server(QP_MAX_TOTAL_STORAGE_GB=storage_cap(2500))
+    messages = KILOBYTE_OF_MESSAGES
     admin = {"x-admin-key": ADMIN_KEY}
     async with aiohttp.ClientSession(server.url) as http:
         first = await create(http, make_chat(app="cap", messages=messages))
         await create(http, make_chat(app="cap", messages=messages))
         third = make_chat(app="cap", messages=messages)
-        assert await call(http, "POST", "/api/chats", json={"chat": third}) == (
-            507,
-            {"error": "Insufficient storage"},
-        )
+        assert await call(http, "POST", "/api/chats", json={"chat": third}) == STORAGE_FULL
         assert (await call(http, "DELETE", f"/api/chats/{first}", headers=admin))[0] == 200
         assert (await call(http, "POST", "/api/chats", json={"chat": third}))[0] == 200
 

@@ -9,7 +9,17 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.helpers import ISO_MS, body_of_size, call, create, make_chat, unique_id
+from tests.helpers import (
+    ISO_MS,
+    KILOBYTE_OF_MESSAGES,
+    STORAGE_FULL,
+    body_of_size,
+    call,
+    create,
+    make_chat,
+    storage_cap,
+    unique_id,
+)
 
 MIB = 1024 * 1024
 
@@ -325,3 +335,59 @@ async def test_chat_limit_holds_under_concurrent_creates(start_server, app_name,
         status, chats = await call(http, "GET", f"/api/chats?app={app_name}", headers=admin)
         assert status == 200
         assert len(chats) == 5
+
+
+async def test_the_total_storage_cap_holds_under_concurrent_creates(start_server, app_name, admin):
+    server = await start_server(QP_MAX_TOTAL_STORAGE_GB=storage_cap(4500))
+    chat = {"chat": make_chat(app=app_name, messages=KILOBYTE_OF_MESSAGES)}
+    async with aiohttp.ClientSession(server.url) as http:
+        results = await asyncio.gather(
+            *(call(http, "POST", "/api/chats", json=chat) for _ in range(40))
+        )
+        assert sorted(status for status, _ in results) == [200] * 4 + [507] * 36
+        assert [result for result in results if result[0] == 507] == [STORAGE_FULL] * 36
+        status, chats = await call(http, "GET", f"/api/chats?app={app_name}", headers=admin)
+        assert (status, len(chats)) == (200, 4)
+    assert server.database.rows("SELECT SUM(messages_bytes) AS total FROM chats") == [
+        {"total": 4000}
+    ]
+    # No intent left: a write refused at its commit (its blob put) made its blob garbage.
+    assert server.database.rows("SELECT rev FROM chat_writes") == []
+
+
+async def test_an_update_gets_507_only_when_it_would_grow_the_total_past_the_cap(
+    start_server, app_name
+):
+    server = await start_server(QP_MAX_TOTAL_STORAGE_GB=storage_cap(3500))
+    async with aiohttp.ClientSession(server.url) as http:
+        chat_ids = [
+            await create(http, make_chat(app=app_name, messages=KILOBYTE_OF_MESSAGES))
+            for _ in range(3)
+        ]
+        # 300 bytes more each: room for one of them.
+        grown = ["x" * 1296]
+        results = await asyncio.gather(
+            *(
+                call(
+                    http,
+                    "PUT",
+                    f"/api/chats/{chat_id}",
+                    json={"chat": make_chat(chat_id, app=app_name, messages=grown)},
+                )
+                for chat_id in chat_ids
+            )
+        )
+        assert (
+            sorted(results, key=lambda result: result[0])
+            == [(200, {"success": True})] + [STORAGE_FULL] * 2
+        )
+        # At the cap, an update that keeps or shrinks its chat is still stored.
+        for chat_id in chat_ids:
+            same = make_chat(chat_id, app=app_name, model="kept", messages=KILOBYTE_OF_MESSAGES)
+            assert await call(http, "PUT", f"/api/chats/{chat_id}", json={"chat": same}) == (
+                200,
+                {"success": True},
+            )
+    assert server.database.rows("SELECT SUM(messages_bytes) AS total FROM chats") == [
+        {"total": 3000}
+    ]

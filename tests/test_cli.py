@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.app_server import Database
 from tests.helpers import (
     ADMIN_KEY,
     a_fresh_hour,
@@ -247,6 +248,32 @@ async def test_check_repair_leaves_a_write_in_flight_to_its_bound(qp_server):
     assert given_up.stdout == "nothing to repair\ndeleted 1 blobs no row names\n"
     assert not in_flight.exists()
     assert named_blob(server.data_dir, kept).exists()
+
+
+@pytest.mark.on_both_databases
+async def test_check_counts_again_a_total_of_bytes_stored_the_rows_do_not_bear_out(
+    qp_server, request, database_name
+):
+    url = request.getfixturevalue("postgres").create_database() if database_name != "sqlite" else ""
+    env = {"QP_DATABASE": url} if url else {}
+    server = qp_server(**env)
+    async with aiohttp.ClientSession(server.url) as http:
+        for _ in range(3):
+            await create(http, make_chat(app="c", messages=["x" * 96]))  # 100 bytes each
+    server.stop()
+    database = Database(server.data_dir, url or None)
+    database.execute_many("UPDATE chat_bytes SET bytes = bytes + ?", [(7,)])
+    counted = database.rows("SELECT SUM(bytes) AS total FROM chat_bytes")[0]["total"]
+    found = qp(server.data_dir, "check", "--min-age", "0", **env)
+    assert (found.returncode, found.stdout) == (
+        1,
+        f"bytes-miscounted (counted {counted}, the rows hold 300)\n",
+    )
+    repaired = qp(server.data_dir, "check", "--min-age", "0", "--repair", **env)
+    assert repaired.stdout.splitlines()[-1] == "counted the bytes stored again"
+    assert database.rows("SELECT SUM(bytes) AS total FROM chat_bytes") == [{"total": 300}]
+    again = qp(server.data_dir, "check", "--min-age", "0", **env)
+    assert (again.returncode, again.stdout) == (0, "nothing to repair\n")
 
 
 # --- moving from the worker: import-d1 and copy-blobs ------------------------------------------

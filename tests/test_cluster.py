@@ -19,6 +19,8 @@ from tests.app_server import Database
 from tests.fake_openrouter import FakeOpenRouter, Script
 from tests.helpers import (
     ADMIN_KEY,
+    KILOBYTE_OF_MESSAGES,
+    STORAGE_FULL,
     CrashWriteLoad,
     call,
     chat_version,
@@ -26,6 +28,7 @@ from tests.helpers import (
     create,
     make_chat,
     run_qp,
+    storage_cap,
     unique_id,
 )
 from tests.processes import (
@@ -218,6 +221,50 @@ async def test_a_budget_of_10_reservations_admits_exactly_10_of_100_concurrent(s
     async with aiohttp.ClientSession(cluster.nginx.url, connector=connector) as http:
         statuses = await asyncio.gather(*(ask(http, n) for n in range(100)))
     assert sorted(statuses) == [200] * 10 + [402] * 90
+
+
+async def test_a_total_storage_cap_of_4_chats_admits_exactly_4_across_both(start_cluster):
+    cluster = start_cluster(QP_MAX_TOTAL_STORAGE_GB=storage_cap(4500))
+    chat = {"chat": make_chat(app="capped", messages=KILOBYTE_OF_MESSAGES)}
+    async with (
+        aiohttp.ClientSession(cluster.one.url) as one,
+        aiohttp.ClientSession(cluster.two.url) as two,
+    ):
+        answers = await asyncio.gather(
+            *(call(http, "POST", "/api/chats", json=chat) for http in [one, two] * 15)
+        )
+    assert sorted(status for status, _ in answers) == [200] * 4 + [507] * 26
+    assert [answer for answer in answers if answer[0] == 507] == [STORAGE_FULL] * 26
+    stored = cluster.database.rows("SELECT messages_bytes FROM chats")
+    assert stored == [{"messages_bytes": 1000}] * 4
+    # What the processes count is what the rows hold.
+    (counted,) = cluster.database.rows("SELECT SUM(bytes) AS total FROM chat_bytes")
+    assert counted == {"total": 4000}
+    # No intent left: a write refused at its commit (its blob put) made its blob garbage.
+    assert cluster.database.rows("SELECT rev FROM chat_writes") == []
+
+
+async def test_a_delete_on_one_process_makes_room_on_the_other_at_once(start_cluster):
+    cluster = start_cluster(QP_MAX_TOTAL_STORAGE_GB=storage_cap(2500))
+    chat = {"chat": make_chat(app="capped", messages=KILOBYTE_OF_MESSAGES)}
+    admin = {"x-admin-key": ADMIN_KEY}
+    async with (
+        aiohttp.ClientSession(cluster.one.url) as one,
+        aiohttp.ClientSession(cluster.two.url) as two,
+    ):
+        first = await create(one, chat["chat"])
+        await create(one, chat["chat"])
+        assert await call(two, "POST", "/api/chats", json=chat) == STORAGE_FULL
+        # An update that would grow a chat past the cap is refused too, on either.
+        bigger = make_chat(first, app="capped", messages=["x" * 1500])
+        assert await call(two, "PUT", f"/api/chats/{first}", json={"chat": bigger}) == STORAGE_FULL
+        deleted = await call(one, "DELETE", f"/api/chats/{first}", headers=admin)
+        assert deleted == (200, {"success": True})
+        assert (await call(two, "POST", "/api/chats", json=chat))[0] == 200
+        assert await call(one, "POST", "/api/chats", json=chat) == STORAGE_FULL
+    assert cluster.database.rows("SELECT SUM(messages_bytes) AS total FROM chats") == [
+        {"total": 2000}
+    ]
 
 
 # The dead process's lease, in seconds (the shortest start-up allows).

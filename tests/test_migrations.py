@@ -64,8 +64,9 @@ FIRST_ROWS = {
 
 
 def structure(path: Path) -> dict[str, object]:
-    """Every table's columns (name, type, not null, default, key) and every index's
-    columns and order, as SQLite reports them: the same for equal schemas, however written."""
+    """Every table's columns (name, type, not null, default, key), every index's columns and
+    order, as SQLite reports them, every trigger's text (its spacing aside), and the rows a
+    new database starts with: the same for equal schemas, however written."""
     with sqlite3.connect(path) as db:
         shape: dict[str, object] = {"version": db.execute("PRAGMA user_version").fetchone()[0]}
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
@@ -77,6 +78,9 @@ def structure(path: Path) -> dict[str, object]:
                     index[2:],
                     [row for row in db.execute(f"PRAGMA index_xinfo({name})")],
                 )
+        for name, sql in db.execute("SELECT name, sql FROM sqlite_master WHERE type='trigger'"):
+            shape[f"trigger {name}"] = " ".join(sql.split())
+        shape["chat_bytes rows"] = db.execute("SELECT * FROM chat_bytes").fetchall()
     return shape
 
 
@@ -130,6 +134,28 @@ async def test_a_database_of_each_earlier_version_migrates_with_its_rows(tmp_pat
         assert rows_of(path, table, FIRST_ROWS[table][1]) == rows, table
     # Columns added since come in empty: not pending, size not known yet.
     assert rows_of(path, "chats", ("pending", "messages_bytes")) == [(None, None)]
+
+
+async def test_the_count_of_bytes_stored_starts_from_the_rows_and_follows_every_change(
+    tmp_path,
+):
+    path = tmp_path / "qp.sqlite3"
+    made_by_version(path, 7)  # before the count
+    insert = "INSERT INTO chats (chat_id, app, model, messages_bytes) VALUES (?, 'a', 'm', ?)"
+    with sqlite3.connect(path) as db:
+        db.executemany(insert, [("one", 100), ("two", 250), ("imported", None)])
+    db = await SqliteDatabase.open(path)
+    await db.close()
+    total = "SELECT SUM(bytes) FROM chat_bytes"
+    with sqlite3.connect(path) as db:
+        assert db.execute(total).fetchone() == (350,)
+        db.execute("UPDATE chats SET messages_bytes = 40 WHERE chat_id = 'imported'")
+        db.execute("UPDATE chats SET messages_bytes = 200 WHERE chat_id = 'two'")
+        db.execute("DELETE FROM chats WHERE chat_id = 'one'")
+        db.execute(insert, ("three", 5))
+        db.execute("UPDATE chats SET model = 'n'")
+        db.execute("UPDATE chats SET messages_bytes = NULL WHERE chat_id = 'three'")
+        assert db.execute(total).fetchone() == (240,)
 
 
 async def test_a_database_of_a_newer_version_is_refused_and_left_as_it_is(tmp_path):

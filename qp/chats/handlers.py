@@ -23,12 +23,19 @@ from qp.chats.model import (
     ChatInput,
     ChatLimitExceeded,
     ChatNotFound,
+    StorageCapReached,
     is_valid_chat_id,
     parse_chat,
 )
 from qp.chats.store import LIST_READ_AHEAD
 from qp.chats.stream import CHUNK_BYTES, ChatStream
-from qp.errors import ApiError, StorageUnavailable, json_bytes_response, json_response
+from qp.errors import (
+    ApiError,
+    StorageUnavailable,
+    insufficient_storage,
+    json_bytes_response,
+    json_response,
+)
 from qp.logs import CLIENT_HASH
 from qp.policy.policy import INVALID_APP, Policy
 from qp.protection.admin import require_admin
@@ -64,6 +71,8 @@ async def create_chat(request: web.Request) -> web.Response:
             ) from None
         except ChatExists:
             raise ApiError(409, "Chat already exists") from None
+        except StorageCapReached:
+            raise insufficient_storage() from None
     return json_response({"chatId": chat_id})
 
 
@@ -107,6 +116,8 @@ async def update_chat(request: web.Request) -> web.Response:
             raise ApiError(404, CHAT_NOT_FOUND) from None
         except ChatChanged:
             raise ApiError(412, CHAT_CHANGED) from None
+        except StorageCapReached:
+            raise insufficient_storage() from None
     response = json_response(SUCCESS)
     response.headers[hdrs.ETAG] = _etag(version)
     return response

@@ -40,6 +40,10 @@ class ChatChanged(Exception):
     """The chat's revision is not the one the client named (If-Match)."""
 
 
+class StorageCapReached(Exception):
+    """The write would take all chats' messages together past the total storage cap."""
+
+
 class WriteAbandoned(Exception):
     """The write took so long that its blob was given up on before it could commit."""
 

@@ -9,6 +9,12 @@ moment it takes effect:
   blobs no row names any more.
 The garbage collector (garbage.py) deletes an intent before it deletes its blob, and a
 commit succeeds only while its intent is there, so the two exclude each other.
+
+The total of all chats' messages is `chat_bytes` (the schema's triggers add each row
+change to it in that change's transaction). With a total storage cap, a commit that grows
+the total takes the cap's lock before its row changes and reads the total after: over the
+cap, it changes nothing. Those commits queue for the lock, every process's alike; the
+others (and all of them without a cap) never wait for it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from qp.chats.model import (
     ChatLimitExceeded,
     ChatNotFound,
     ChatRow,
+    StorageCapReached,
     WriteAbandoned,
 )
 from qp.storage.database import Statements, Transaction
@@ -43,7 +50,8 @@ NEWEST_OF_APP = SELECT + " WHERE app = ? ORDER BY updated_at DESC LIMIT ?"
 COUNT_OF_APP = "SELECT COUNT(*) FROM chats WHERE app = ?"
 BEFORE_CREATE = """
     SELECT (SELECT COUNT(*) FROM chats WHERE app = ?),
-           (SELECT COUNT(*) FROM chats WHERE chat_id = ?)
+           (SELECT COUNT(*) FROM chats WHERE chat_id = ?),
+           (SELECT COALESCE(SUM(bytes), 0) FROM chat_bytes)
 """
 EXISTS = "SELECT 1 FROM chats WHERE chat_id = ?"
 BEGIN_WRITE = "INSERT INTO chat_writes (rev, chat_id, started_at) VALUES (?, ?, ?)"
@@ -52,12 +60,13 @@ INSERT = f"""
     INSERT INTO chats ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (chat_id) DO NOTHING
 """
-# Conditional on the revision read just before, so two commits of one chat never both
-# take the same row for the one they supersede (PostgreSQL re-reads it after a wait).
+# Conditional on the revision (and size) read just before, so two commits of one chat
+# never both take the same row for the one they supersede (PostgreSQL re-reads it after a
+# wait), and the size a commit replaces is the one it counted on.
 UPDATE = """
     UPDATE chats SET model = ?, prompt_tokens = ?, completion_tokens = ?, estimated_cost = ?,
                      updated_at = ?, messages_bytes = ?, blob_rev = ?
-    WHERE chat_id = ? AND COALESCE(blob_rev, '') = ?
+    WHERE chat_id = ? AND COALESCE(blob_rev, '') = ? AND COALESCE(messages_bytes, -1) = ?
 """
 ADD_GARBAGE = """
     INSERT INTO chat_garbage (chat_id, rev, since) VALUES (?, ?, ?)
@@ -72,7 +81,7 @@ ADD_UNNAMED = """
       AND NOT EXISTS (SELECT 1 FROM chat_writes WHERE rev = ?)
     ON CONFLICT (chat_id, rev) DO NOTHING
 """
-DELETE = "DELETE FROM chats WHERE chat_id = ? RETURNING messages_bytes, blob_rev"
+DELETE = "DELETE FROM chats WHERE chat_id = ? RETURNING blob_rev"
 # Removing a row that cannot be served, only while it still names the blob found broken.
 DELETE_BROKEN = "DELETE FROM chats WHERE chat_id = ? AND COALESCE(blob_rev, '') = ?"
 EXPIRED_WRITES = "SELECT rev, chat_id FROM chat_writes WHERE started_at < ? LIMIT ?"
@@ -107,9 +116,20 @@ COPY = f"""
         messages_bytes = excluded.messages_bytes, blob_rev = excluded.blob_rev
     WHERE excluded.updated_at > chats.updated_at
 """
-STORED_BYTES = """
-    SELECT COALESCE(SUM(messages_bytes), 0), COUNT(*) - COUNT(messages_bytes) FROM chats
+STORED_BYTES = "SELECT COALESCE(SUM(bytes), 0) FROM chat_bytes"
+# The total as counted and as the rows hold it, in one statement: of the same moment.
+COUNTED_AND_HELD = """
+    SELECT (SELECT COALESCE(SUM(bytes), 0) FROM chat_bytes),
+           (SELECT COALESCE(SUM(messages_bytes), 0) FROM chats)
 """
+# Counting again: every shard is written first, so a commit meanwhile either committed
+# before (and is in the sum) or waits for this one (and adds to the count after it).
+UNCOUNT = "UPDATE chat_bytes SET bytes = 0"
+COUNT_AGAIN = """
+    UPDATE chat_bytes SET bytes = (SELECT COALESCE(SUM(messages_bytes), 0) FROM chats)
+    WHERE shard = 0
+"""
+UNKNOWN_SIZES = "SELECT COUNT(*) - COUNT(messages_bytes) FROM chats"
 OF_UNKNOWN_SIZE = "SELECT chat_id FROM chats WHERE messages_bytes IS NULL LIMIT ?"
 NOTE_SIZE = "UPDATE chats SET messages_bytes = ? WHERE chat_id = ? AND messages_bytes IS NULL"
 ALL_NAMED = "SELECT chat_id, blob_rev, updated_at FROM chats"
@@ -122,6 +142,10 @@ APPS = """
         GROUP BY app ORDER BY chats DESC, app LIMIT ?
     ) AS most ORDER BY app
 """
+
+
+# Held by each commit that grows the total while a total storage cap is set.
+CAP_LOCK = "chat-bytes"
 
 
 def changed(chat_id: str) -> str:
@@ -143,10 +167,11 @@ class ChatRows:
         """The app's chats, newest `updated_at` first."""
         return [ChatRow(*row) for row in await self.db.fetchall(NEWEST_OF_APP, (app, limit))]
 
-    async def before_create(self, chat_id: str, app: str) -> tuple[int, bool]:
-        """(the app's chats, whether `chat_id` is taken): a create's checks before its blob."""
-        ((count, taken),) = await self.db.fetchall(BEFORE_CREATE, (app, chat_id))
-        return int(count), bool(taken)
+    async def before_create(self, chat_id: str, app: str) -> tuple[int, bool, int]:
+        """(the app's chats, whether `chat_id` is taken, the bytes stored): a create's checks
+        before its blob."""
+        ((count, taken, stored),) = await self.db.fetchall(BEFORE_CREATE, (app, chat_id))
+        return int(count), bool(taken), int(stored)
 
     async def begin_write(self, chat_id: str, rev: str, started_at: float) -> None:
         """Record a write's intent before its blob is put. Its commit need not wait for the
@@ -155,10 +180,17 @@ class ChatRows:
         await self.db.execute_write(BEGIN_WRITE, (rev, chat_id, started_at), durable=False)
 
     async def commit_create(
-        self, chat_id: str, chat: ChatInput, rev: str, now: str, max_chats_per_app: int
+        self,
+        chat_id: str,
+        chat: ChatInput,
+        rev: str,
+        now: str,
+        max_chats_per_app: int,
+        max_total_bytes: int = 0,
     ) -> None:
-        """Insert the row naming `rev`: the app's count check and the insert are one
-        transaction, which also consumes the write's intent (WriteAbandoned without it)."""
+        """Insert the row naming `rev`: the app's count check, the total's (0: no cap;
+        StorageCapReached) and the insert are one transaction, which also consumes the
+        write's intent (WriteAbandoned without it)."""
 
         async def insert(tx: Transaction) -> None:
             if await tx.execute(END_WRITE, (rev,)) == 0:
@@ -167,10 +199,14 @@ class ChatRows:
             ((count,),) = await tx.fetchall(COUNT_OF_APP, (chat.app,))
             if count >= max_chats_per_app:
                 raise ChatLimitExceeded
+            if max_total_bytes:
+                await tx.lock(CAP_LOCK)
             values = (chat.model, chat.prompt_tokens, chat.completion_tokens, chat.estimated_cost)
             size = len(chat.messages_json)
             if not await tx.execute(INSERT, (chat_id, chat.app, *values, now, now, size, rev)):
                 raise ChatExists
+            if max_total_bytes:
+                await _refuse_past(tx, max_total_bytes)
             await tx.notify(changed(chat_id))
 
         await self.db.write(insert)
@@ -183,15 +219,18 @@ class ChatRows:
         now: str,
         superseded_at: float,
         if_match: Container[str] | None,
+        max_total_bytes: int = 0,
     ) -> ChatRow:
         """Make the row name `rev` (model, usage, updated_at too), consuming the write's
         intent, and put the revision it names now in the garbage; answers the row as it
-        was. ChatNotFound, ChatChanged (not a revision of `if_match`), WriteAbandoned."""
+        was. ChatNotFound, ChatChanged (not a revision of `if_match`), WriteAbandoned,
+        StorageCapReached (it would grow the total past `max_total_bytes`; 0: no cap)."""
 
         async def update(tx: Transaction) -> ChatRow:
             if await tx.execute(END_WRITE, (rev,)) == 0:
                 raise WriteAbandoned
             values = (chat.model, chat.prompt_tokens, chat.completion_tokens, chat.estimated_cost)
+            size = len(chat.messages_json)
             while True:
                 rows = await tx.fetchall(ONE, (chat_id,))
                 if not rows:
@@ -199,11 +238,17 @@ class ChatRows:
                 previous = ChatRow(*rows[0])
                 if if_match is not None and previous.version not in if_match:
                     raise ChatChanged
+                grows = max_total_bytes > 0 and size > (previous.messages_bytes or 0)
+                if grows:
+                    await tx.lock(CAP_LOCK)
                 updated_at = later_than(now, previous.updated_at or "")
                 old = previous.blob_rev or ""
-                params = (*values, updated_at, len(chat.messages_json), rev, chat_id, old)
+                was = -1 if previous.messages_bytes is None else previous.messages_bytes
+                params = (*values, updated_at, size, rev, chat_id, old, was)
                 if await tx.execute(UPDATE, params):
                     break
+            if grows:
+                await _refuse_past(tx, max_total_bytes)
             await tx.execute(ADD_GARBAGE, (chat_id, old, superseded_at))
             await tx.notify(changed(chat_id))
             return previous
@@ -222,19 +267,19 @@ class ChatRows:
 
         return await self.db.write(abandon, durable=False)
 
-    async def delete(self, chat_id: str, at: float) -> tuple[int, str] | None:
-        """Remove the row, its revision put in the garbage; answers (the size it said its
-        messages were, its revision) or None when there was no row. Deletes are how an
-        operator makes room on a full disk: they may use the disk reserve."""
+    async def delete(self, chat_id: str, at: float) -> str | None:
+        """Remove the row, its revision put in the garbage; answers that revision, or None
+        when there was no row. Deletes are how an operator makes room on a full disk: they
+        may use the disk reserve."""
 
-        async def delete(tx: Transaction) -> tuple[int, str] | None:
+        async def delete(tx: Transaction) -> str | None:
             rows = await tx.fetchall(DELETE, (chat_id,))
             if not rows:
                 return None
-            size, rev = rows[0][0] or 0, rows[0][1] or ""
+            rev = rows[0][0] or ""
             await tx.execute(ADD_GARBAGE, (chat_id, rev, at))
             await tx.notify(changed(chat_id))
-            return size, rev
+            return rev
 
         return await self.db.write(delete, maintenance=True)
 
@@ -332,10 +377,29 @@ class ChatRows:
         """Upsert rows copied from another database, revisions and all (the newer wins)."""
         await self.db.execute_write_many(COPY, [dataclasses.astuple(row) for row in rows])
 
-    async def stored_bytes(self) -> tuple[int, int]:
-        """Bytes of messages the rows say are stored, and how many rows do not say."""
-        total, unknown = await self.db.fetchone(STORED_BYTES) or (0, 0)
-        return int(total), int(unknown)
+    async def stored_bytes(self) -> int:
+        """Bytes of messages stored, all chats together (as counted)."""
+        ((total,),) = await self.db.fetchall(STORED_BYTES)
+        return int(total)
+
+    async def counted_and_held(self) -> tuple[int, int]:
+        """The bytes of messages stored as counted, and as the rows say (`check`)."""
+        ((counted, held),) = await self.db.fetchall(COUNTED_AND_HELD)
+        return int(counted), int(held)
+
+    async def count_again(self) -> None:
+        """Set the count of bytes stored to what the rows say (`check --repair`)."""
+
+        async def count(tx: Transaction) -> None:
+            await tx.execute(UNCOUNT)
+            await tx.execute(COUNT_AGAIN)
+
+        await self.db.write(count, maintenance=True)
+
+    async def unknown_sizes(self) -> int:
+        """How many rows do not know the size of their messages (imported ones)."""
+        ((unknown,),) = await self.db.fetchall(UNKNOWN_SIZES)
+        return int(unknown)
 
     async def of_unknown_size(self, limit: int) -> list[str]:
         return [row[0] for row in await self.db.fetchall(OF_UNKNOWN_SIZE, (limit,))]
@@ -355,3 +419,11 @@ class ChatRows:
     async def all_named(self) -> dict[str, tuple[str, str]]:
         """Chat id -> (the revision its row names, "" for the worker's key; updated_at)."""
         return {row[0]: (row[1] or "", row[2]) for row in await self.db.fetchall(ALL_NAMED)}
+
+
+async def _refuse_past(tx: Transaction, max_total_bytes: int) -> None:
+    """A commit holding CAP_LOCK, its row changed: StorageCapReached if the total it made
+    is over the cap (which undoes the change)."""
+    ((total,),) = await tx.fetchall(STORED_BYTES)
+    if total > max_total_bytes:
+        raise StorageCapReached

@@ -30,6 +30,7 @@ from qp.chats.model import (
     ChatLimitExceeded,
     ChatNotFound,
     ChatRow,
+    StorageCapReached,
     WriteAbandoned,
     blob_key,
     chat_frame,
@@ -42,7 +43,7 @@ from qp.chats.model import (
 from qp.chats.sql import ChatRows
 from qp.chats.stream import CHUNK_BYTES, ChatStream, read_to_end
 from qp.chats.versions import CurrentVersions
-from qp.errors import FULL, READ_ONLY, StorageUnavailable, insufficient_storage
+from qp.errors import FULL, READ_ONLY, StorageUnavailable
 from qp.storage.blobs import BlobStore
 from qp.storage.database import Database
 from qp.storage.disk import DiskSpace
@@ -94,8 +95,6 @@ class ChatStore:
         self._closing: set[asyncio.Task[None]] = set()
         # FULL or READ_ONLY after a write failed so; cleared by the next write that works.
         self.write_problem: str | None = None
-        # Bytes of messages stored, all chats together, as the rows say (see count_stored).
-        self.stored_bytes = 0
         self._next_probe = 0.0
 
     async def close(self) -> None:
@@ -111,20 +110,27 @@ class ChatStore:
     async def create(
         self, chat: ChatInput, max_chats_per_app: int, max_total_bytes: int = 0
     ) -> str:
-        """Store a new chat; raises ChatLimitExceeded or ChatExists, leaving stored chats
-        alone. `max_total_bytes` (0: none) caps all chats' messages together (507)."""
+        """Store a new chat; raises ChatLimitExceeded, ChatExists or StorageCapReached,
+        leaving stored chats alone. `max_total_bytes` (0: none) caps all chats' messages
+        together."""
         chat_id = chat.chat_id or new_chat_id()
-        self._check_room(len(chat.messages_json), max_total_bytes)
+        size = len(chat.messages_json)
+        if self._space is not None:
+            self._space.check_room()
         # Checked before the blob is put, so a refused create costs no blob; the commit
-        # checks both again, atomically.
-        count, exists = await self._rows.before_create(chat_id, chat.app)
+        # checks them all again, atomically.
+        count, exists, stored = await self._rows.before_create(chat_id, chat.app)
+        if max_total_bytes and stored + size > max_total_bytes:
+            raise StorageCapReached
         if exists:
             raise ChatExists
         if count >= max_chats_per_app:
             raise ChatLimitExceeded
 
         async def commit(rev: str, now: str) -> ChatRow | None:
-            await self._rows.commit_create(chat_id, chat, rev, now, max_chats_per_app)
+            await self._rows.commit_create(
+                chat_id, chat, rev, now, max_chats_per_app, max_total_bytes
+            )
             return None
 
         await self._write(chat_id, chat.messages_json, commit)
@@ -138,24 +144,29 @@ class ChatStore:
         if_match: Container[str] | None = None,
     ) -> str:
         """Replace messages, model and usage; answers the new version. ChatNotFound;
-        ChatChanged when `if_match` is given and names no current version."""
-        self._check_room(len(chat.messages_json), max_total_bytes)
+        ChatChanged when `if_match` is given and names no current version;
+        StorageCapReached when it would grow the total past `max_total_bytes`."""
+        if self._space is not None:
+            self._space.check_room()
         current = await self._rows.one(chat_id)
         if current is None:
             raise ChatNotFound
         if if_match is not None and current.version not in if_match:
             raise ChatChanged
+        growth = len(chat.messages_json) - (current.messages_bytes or 0)
+        if (
+            max_total_bytes
+            and growth > 0
+            and await self._rows.stored_bytes() + growth > max_total_bytes
+        ):
+            raise StorageCapReached
 
         async def commit(rev: str, now: str) -> ChatRow | None:
-            return await self._rows.commit_update(chat_id, chat, rev, now, time.time(), if_match)
+            return await self._rows.commit_update(
+                chat_id, chat, rev, now, time.time(), if_match, max_total_bytes
+            )
 
         return await self._write(chat_id, chat.messages_json, commit)
-
-    def _check_room(self, size: int, max_total_bytes: int) -> None:
-        if self._space is not None:
-            self._space.check_room()
-        if max_total_bytes and self.stored_bytes + size > max_total_bytes:
-            raise insufficient_storage()
 
     async def _write(
         self,
@@ -182,7 +193,13 @@ class ChatStore:
             await self._blobs.put(blob_key(chat_id, rev), messages_json)
             try:
                 previous = await commit(rev, utc_now_iso())
-            except (ChatExists, ChatLimitExceeded, ChatNotFound, ChatChanged) as refusal:
+            except (
+                ChatExists,
+                ChatLimitExceeded,
+                ChatNotFound,
+                ChatChanged,
+                StorageCapReached,
+            ) as refusal:
                 await self._abandon(chat_id, rev, refusal)
                 raise
             except WriteAbandoned:
@@ -201,10 +218,7 @@ class ChatStore:
         finally:
             self._cache.discard(chat_id)
         self.write_problem = None
-        if previous is None:
-            self.stored_bytes += len(messages_json)
-        else:
-            self.stored_bytes += len(messages_json) - (previous.messages_bytes or 0)
+        if previous is not None:
             self.garbage.collect_soon(chat_id, previous.blob_rev or "")
         return rev
 
@@ -231,9 +245,7 @@ class ChatStore:
         finally:
             self._cache.discard(chat_id)
         if deleted is not None:
-            size, rev = deleted
-            self.stored_bytes -= size
-            await asyncio.shield(self.garbage.collect_now(chat_id, rev))
+            await asyncio.shield(self.garbage.collect_now(chat_id, deleted))
 
     # --- reads ---------------------------------------------------------------------------
 
@@ -362,11 +374,9 @@ class ChatStore:
 
     # --- sizes and health ------------------------------------------------------------------
 
-    async def count_stored(self) -> int:
-        """Take the stored total from the rows again (at start, after outside changes);
-        answers how many rows do not know their size."""
-        self.stored_bytes, unknown = await self._rows.stored_bytes()
-        return unknown
+    async def unknown_sizes(self) -> int:
+        """How many rows do not know the size of their messages (imported ones)."""
+        return await self._rows.unknown_sizes()
 
     async def learn_sizes(self) -> int:
         """Fill in the sizes rows do not know (imported ones, at the worker's key) from the
@@ -381,7 +391,6 @@ class ChatStore:
                 sizes.append((blob.size, parsed[0]))
         for start in range(0, len(sizes), 1000):
             await self._rows.note_sizes(sizes[start : start + 1000])
-        await self.count_stored()
         return len(sizes)
 
     async def current_write_problem(self) -> str | None:

@@ -1,5 +1,6 @@
 """`python -m qp check`: what in the database and the blob store cannot be served, and,
-with --repair, its removal.
+with --repair, its removal; and a count of the bytes stored that the rows do not bear out,
+counted again.
 
 Findings younger than `min_age` seconds are left alone, so a check beside a running
 server (or an operator's copy of blobs still in progress) is not mistaken for damage.
@@ -30,7 +31,7 @@ from qp.timestamps import epoch_seconds
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  # row-without-blob, unreadable-blob, blob-without-row
+    kind: str  # row-without-blob, unreadable-blob, blob-without-row, bytes-miscounted
     chat_id: str
     # The revision concerned ("" for the worker's key): a repair applies only to it.
     rev: str = ""
@@ -38,7 +39,8 @@ class Finding:
 
     def __str__(self) -> str:
         where = f" {blob_key(self.chat_id, self.rev)}" if self.kind == "blob-without-row" else ""
-        return f"{self.kind} {self.chat_id}{where}" + (f" ({self.detail})" if self.detail else "")
+        what = f"{self.kind} {self.chat_id}{where}" if self.chat_id else self.kind
+        return what + (f" ({self.detail})" if self.detail else "")
 
 
 async def find_problems(db: Database, blobs: BlobStore, min_age: float) -> list[Finding]:
@@ -78,6 +80,10 @@ async def find_problems(db: Database, blobs: BlobStore, min_age: float) -> list[
         # above already showed) is no finding.
         still = {parsed async for b in blobs.listing("chats/") if (parsed := parse_blob_key(b.key))}
         findings += [Finding("blob-without-row", *key) for key in sorted(unnamed & still)]
+    counted, held = await rows_of.counted_and_held()
+    if counted != held:
+        detail = f"counted {counted}, the rows hold {held}"
+        findings.append(Finding("bytes-miscounted", "", detail=detail))
     return findings
 
 
@@ -91,6 +97,10 @@ async def repair(
     unnamed = [(f.chat_id, f.rev) for f in findings if f.kind == "blob-without-row"]
     await rows.add_unnamed(unnamed, time.time())
     for finding in findings:
+        if finding.kind == "bytes-miscounted":
+            await rows.count_again()
+            done.append("counted the bytes stored again")
+            continue
         if finding.kind == "blob-without-row":
             continue
         key = blob_key(finding.chat_id, finding.rev)
@@ -150,15 +160,15 @@ def _refuse_another_store(config: Config) -> None:
 
 def register(commands: Subcommands) -> None:
     help = (
-        "find rows without messages, unreadable messages and messages no row names;"
-        " exit 1 if there are any"
+        "find rows without messages, unreadable messages, messages no row names and a"
+        " miscounted total of bytes stored; exit 1 if there are any"
     )
     command = commands.add_parser("check", help=help, description=help)
     command.set_defaults(run=check)
     command.add_argument(
         "--repair",
         action="store_true",
-        help="remove what cannot be served, and the blobs no row names",
+        help="remove what cannot be served and the blobs no row names; count the total again",
     )
     command.add_argument(
         "--min-age",

@@ -81,7 +81,6 @@ class Housekeeping:
         if await self._db.changed_elsewhere():
             self._store.forget_all()
             self._limiter.replace_blocks(await load_blocks(self._db))
-            await self._store.count_stored()
 
     async def _collect_garbage(self) -> None:
         """Give up on writes past their bound; delete the blobs no row names."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import aiosqlite
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 # MIGRATIONS[n]: the statements that take a database from version n - 1 to version n.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -108,6 +108,36 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     8: (
         "ALTER TABLE completions ADD COLUMN reservation_id INTEGER",
         "CREATE UNIQUE INDEX idx_completions_reservation ON completions(reservation_id)",
+    ),
+    # The total of all chats' messages, changed by triggers in the transaction of every
+    # row change, whoever makes it (the total storage cap is checked in the commit).
+    9: (
+        "CREATE TABLE chat_bytes (shard INTEGER PRIMARY KEY, bytes INTEGER NOT NULL)",
+        "INSERT INTO chat_bytes (shard, bytes) VALUES (0, 0)",
+        """
+        CREATE TRIGGER chat_bytes_of_insert AFTER INSERT ON chats
+        WHEN NEW.messages_bytes IS NOT NULL
+        BEGIN
+          UPDATE chat_bytes SET bytes = bytes + NEW.messages_bytes WHERE shard = 0;
+        END
+        """,
+        """
+        CREATE TRIGGER chat_bytes_of_update AFTER UPDATE OF messages_bytes ON chats
+        WHEN NEW.messages_bytes IS NOT OLD.messages_bytes
+        BEGIN
+          UPDATE chat_bytes
+          SET bytes = bytes + COALESCE(NEW.messages_bytes, 0) - COALESCE(OLD.messages_bytes, 0)
+          WHERE shard = 0;
+        END
+        """,
+        """
+        CREATE TRIGGER chat_bytes_of_delete AFTER DELETE ON chats
+        WHEN OLD.messages_bytes IS NOT NULL
+        BEGIN
+          UPDATE chat_bytes SET bytes = bytes - OLD.messages_bytes WHERE shard = 0;
+        END
+        """,
+        "UPDATE chat_bytes SET bytes = (SELECT COALESCE(SUM(messages_bytes), 0) FROM chats)",
     ),
 }
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))

@@ -13,7 +13,7 @@ import asyncpg
 
 from qp.storage.migrations import SchemaTooNew
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # pg_advisory_xact_lock key taken while the schema is brought up to date ("qp-mig").
 MIGRATION_LOCK = 0x71702D6D6967
 
@@ -165,6 +165,41 @@ STEPS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE rate_counts ADD COLUMN bucket INTEGER NOT NULL DEFAULT 0",
         "CREATE INDEX idx_rate_counts_bucket ON rate_counts(bucket, minute)",
         "CREATE INDEX idx_rate_counts_client ON rate_counts(client_hash)",
+    ),
+    # The total of all chats' messages, as SQLite's step 9, in 64 shards: a row change adds
+    # to the shard of its connection (pg_backend_pid() % 64), so concurrent commits seldom
+    # wait on one another's shard and a transaction changing many rows holds one. The
+    # trigger comes before the total is taken: it waits for the writes in flight, and
+    # holds off new ones until this step commits, so none is counted twice or missed.
+    6: (
+        "CREATE TABLE chat_bytes (shard INTEGER PRIMARY KEY, bytes BIGINT NOT NULL)",
+        "INSERT INTO chat_bytes (shard, bytes) SELECT n, 0 FROM generate_series(0, 63) AS n",
+        """
+        CREATE FUNCTION count_chat_bytes() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE
+          delta BIGINT := 0;
+        BEGIN
+          IF TG_OP <> 'DELETE' THEN
+            delta := COALESCE(NEW.messages_bytes, 0);
+          END IF;
+          IF TG_OP <> 'INSERT' THEN
+            delta := delta - COALESCE(OLD.messages_bytes, 0);
+          END IF;
+          IF delta <> 0 THEN
+            UPDATE chat_bytes SET bytes = bytes + delta WHERE shard = pg_backend_pid() % 64;
+          END IF;
+          RETURN NULL;
+        END
+        $$
+        """,
+        """
+        CREATE TRIGGER chat_bytes_counted AFTER INSERT OR UPDATE OF messages_bytes OR DELETE
+        ON chats FOR EACH ROW EXECUTE FUNCTION count_chat_bytes()
+        """,
+        """
+        UPDATE chat_bytes SET bytes = (SELECT COALESCE(SUM(messages_bytes), 0) FROM chats)
+        WHERE shard = 0
+        """,
     ),
 }
 
