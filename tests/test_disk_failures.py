@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from qp.config import MAX_MEGABYTES
 from tests.helpers import ADMIN_KEY, call, create, make_chat, run_qp, unhealthy, wait_for_log
 from tests.processes import QPServer, SmallDisk
 
@@ -141,7 +142,9 @@ async def test_below_the_free_space_floor_new_chats_and_updates_get_507(qp_serve
         doomed = await create(http, make_chat(app="floor"))
         _, before = await call(http, "GET", f"/api/chats/{kept}")
     server.stop()
-    server.env["QP_MIN_FREE_MB"] = str(2**40)  # more than any disk has free
+    # The highest floor there is, 1 TiB: more than the test's disk has free.
+    assert shutil.disk_usage(server.data_dir).free < MAX_MEGABYTES * 1024 * 1024
+    server.env["QP_MIN_FREE_MB"] = str(MAX_MEGABYTES)
     server.start()
     async with aiohttp.ClientSession(server.url) as http:
         new = make_chat(app="floor")

@@ -363,7 +363,8 @@ async def test_a_ledger_postgresql_cannot_take_is_retried_then_dropped_and_count
         assert "1 ledger rows not written yet (Database: " in caplog.text
         assert "); retrying" in caplog.text
         metrics = await server.client.get("/metrics")
-        assert 'qp_batch_items_dropped_total{batch="ledger"} 1.0' in await metrics.text()
+        dropped = 'qp_batch_items_dropped_total{batch="ledger",reason="unavailable"} 1.0'
+        assert dropped in await metrics.text()
         status, health = await call(server.client, "GET", "/healthz")
         assert (status, health["checks"]["database"]) == (503, "unavailable")
     finally:
