@@ -264,3 +264,21 @@ async def test_a_sweep_takes_the_cost_the_ledger_already_has(shared_db):
     assert await shared_db.fetchall("SELECT cost, outcome FROM completions") == [
         (0.05, "completed")
     ]
+
+
+async def test_a_sweep_takes_nothing_spent_when_the_ledger_says_nothing_was_billed(shared_db):
+    """Upstream refused the completion (its row has no cost), and the process died before
+    settling: the sweep spends nothing, as the ledger says."""
+    dead = SharedBudgetBook(shared_db, "dead-process")
+    record = CompletionRecord("2026-12-02T00:00:00.000Z", "nwb-assistant", "m", "server")
+    held = await dead.reserve([(SERVER_DAY, 10.0)], 0.25, record)
+    assert isinstance(held, Reservation)
+    record.status, record.outcome, record.reservation_id = 502, "upstream_error", held.row_id
+    await insert_records(shared_db, [record])
+    book = SharedBudgetBook(shared_db, "me")
+    assert await book.sweep({"me"}) == (1, 0)
+    await book.refresh()
+    assert book.standing(SERVER_DAY) == (0.0, 0.0)
+    assert await shared_db.fetchall("SELECT cost, outcome FROM completions") == [
+        (None, "upstream_error")
+    ]

@@ -114,7 +114,8 @@ SETTLE_LOST = """
 SWEEP = """
     UPDATE budget_reservations r SET swept_at = ?
     WHERE id = ? AND swept_at IS NULL AND settled_at IS NULL
-    RETURNING (SELECT cost FROM completions c WHERE c.reservation_id = r.id)
+    RETURNING EXISTS (SELECT 1 FROM completions c WHERE c.reservation_id = r.id),
+              (SELECT COALESCE(cost, 0) FROM completions c WHERE c.reservation_id = r.id)
 """
 SETTLED_BY_SWEEP = "UPDATE budget_reservations SET settled_at = ? WHERE id = ?"
 # Take `release` off what the accounts hold reserved and add `spend` to what they spent;
@@ -448,12 +449,12 @@ class SharedBudgetBook(BudgetBook):
             found = await tx.fetchall(SWEEP, (time.time(), row_id))
             if not found:
                 return False
-            ((in_ledger,),) = found
-            if in_ledger is not None:
+            ((in_ledger, cost),) = found
+            if in_ledger:
                 # Its completion's row came before its settlement: that is the settlement
                 # (one that still comes finds it settled and changes nothing).
                 await tx.execute(SETTLED_BY_SWEEP, (time.time(), row_id))
-                await tx.fetchall(MOVE, _moving(held, amount, float(in_ledger)))
+                await tx.fetchall(MOVE, _moving(held, amount, float(cost)))
                 return True
             await tx.fetchall(MOVE, _moving(held, amount, amount if gone else 0.0))
             if gone and record is not None:
