@@ -234,13 +234,12 @@ class SharedBudgetBook(BudgetBook):
         record: CompletionRecord | None,
         now: float,
     ) -> Reservation | Refusal:
-        accounts = orjson.dumps([list(_key(scope, start).values()) for scope, start, _ in held])
         reserving = {
             **_arrays(held),
             "n": len(held),
             "amount": amount,
             "owner": self._owner,
-            "accounts": accounts.decode(),
+            "accounts": _accounts_json(held),
             "record": None if record is None else _swept_record(record),
         }
         rows = await self._db.execute_write_returning(RESERVE, reserving, durable=False)
@@ -319,10 +318,8 @@ class SharedBudgetBook(BudgetBook):
             release = reservation.amount
             found = await tx.fetchall(SETTLE, (row_id, time.time()))
             if not found:  # lost, and what it reserved with it: only the cost is new
-                accounts = orjson.dumps(
-                    [list(_key(scope, start).values()) for scope, start, _ in reservation.held]
-                )
-                lost = (row_id, self._owner, reservation.amount, accounts.decode(), time.time())
+                accounts = _accounts_json(reservation.held)
+                lost = (row_id, self._owner, reservation.amount, accounts, time.time())
                 if not await tx.fetchall(SETTLE_LOST, lost):
                     return []
                 release = 0.0
@@ -486,6 +483,11 @@ def _swept_record(record: CompletionRecord) -> str:
     """What a sweep writes in the ledger of the completion (never its messages)."""
     skeleton = [record.started_at, record.app, record.model, record.payer, record.client_hash]
     return orjson.dumps(skeleton).decode()
+
+
+def _accounts_json(held: list[tuple[Scope, float, float]]) -> str:
+    """The accounts a reservation holds as its row keeps them (read back by `sweep`)."""
+    return orjson.dumps([list(_key(scope, start).values()) for scope, start, _ in held]).decode()
 
 
 def _key(scope: Scope, start: float) -> dict[str, object]:
