@@ -14,56 +14,44 @@ from functools import partial
 
 from aiohttp import web
 
-from qp.appkeys import (
-    ALERTS,
-    BUDGETS,
-    BYTE_BUDGET,
-    CHAT_STORE,
-    CLOCK,
-    CONFIG,
-    DAILY_QUOTA,
-    DATABASE,
-    DISK_SPACE,
-    IP_SALT,
-    LEDGER,
-    METRICS,
-    OPEN_STREAMS,
-    POLICY,
-    PRICES,
-    RATE_CLASSES,
-    RATE_LIMITER,
-    SHUTTING_DOWN,
-    STARTED_AT,
-    UPSTREAM,
-)
+from qp.appkeys import CLOCK, SHUTTING_DOWN, STARTED_AT
 from qp.chats.cache import ChatCache
-from qp.chats.store import ChatStore
+from qp.chats.store import CHAT_STORE, ChatStore
 from qp.chats.upgrade import resolve_old_writes
-from qp.completions.ledger import insert_records
-from qp.completions.relay import open_upstream_session
-from qp.config import Config
+from qp.completions.relay import UPSTREAM, open_upstream_session
+from qp.config import CONFIG, Config
 from qp.errors import ConfigError, StorageUnavailable
-from qp.metrics import Metrics
+from qp.metrics import METRICS, Metrics
 from qp.middlewares import MIDDLEWARES
 from qp.ops.housekeeping import Housekeeping
 from qp.policy.loader import load_policy
-from qp.policy.policy import Policy, PolicyHolder
+from qp.policy.policy import POLICY, Policy, PolicyHolder
 from qp.protection.admin import ADMIN_GUARD, AdminGuard
 from qp.protection.blocks import open_rate_limiter
-from qp.protection.byte_budget import ByteBudget
-from qp.protection.client_address import installation_salt
+from qp.protection.byte_budget import BYTE_BUDGET, ByteBudget
+from qp.protection.client_address import IP_SALT, installation_salt
 from qp.protection.cors import setup_cors
-from qp.protection.quota import DailyQuota
+from qp.protection.quota import DAILY_QUOTA, DailyQuota
+from qp.protection.rate_limits import RATE_CLASSES, RATE_LIMITER
 from qp.routes import add_routes
-from qp.spend.alerts import Alerts
-from qp.spend.budgets import BudgetBook, OpenStreams, budgets_in_force, open_budget_book
+from qp.spend.alerts import ALERTS, Alerts
+from qp.spend.budgets import (
+    BUDGETS,
+    OPEN_STREAMS,
+    BudgetBook,
+    OpenStreams,
+    budgets_in_force,
+    open_budget_book,
+)
+from qp.spend.ledger import LEDGER, insert_records
 from qp.spend.lookups import CostLookups
-from qp.spend.prices import PriceList
+from qp.spend.prices import PRICES, PriceList
 from qp.spend.shared_budgets import SharedBudgetBook
 from qp.startup import StartupError, claim_record, disk_space, open_storage, take_claims
 from qp.storage.batches import BatchWriter
 from qp.storage.claim import ClaimHeld
-from qp.storage.database import Database
+from qp.storage.database import DATABASE, Database
+from qp.storage.disk import DISK_SPACE
 from qp.storage.leases import ProcessLease
 
 log = logging.getLogger("qp.app")

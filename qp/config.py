@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+
+from aiohttp import web
 
 from qp.errors import ConfigError
 from qp.logs import LOG_FORMATS
+from qp.masking import mask_url
 from qp.policy.loader import policy_as_toml
 from qp.policy.policy import Policy
 
@@ -50,6 +51,13 @@ MIN_ABANDON_S3_TIMEOUTS = 2
 DEFAULT_WRITE_LEASE_SECONDS = 15.0
 MIN_WRITE_LEASE_SECONDS = 3.0
 APP_KEY_PREFIX = "OPENROUTER_API_KEY_"
+
+
+def app_key_variable(app: str) -> str:
+    """`bids-assistant` -> `OPENROUTER_API_KEY_BIDS_ASSISTANT`."""
+    return APP_KEY_PREFIX + app.upper().replace("-", "_")
+
+
 # Upper bounds of the numbers above: far past any sensible setting, and within what the
 # code and the database hold (the lease's and a write's bound are seconds in a DOUBLE).
 MAX_MEGABYTES = 1024 * 1024
@@ -320,77 +328,6 @@ def database_shown(config: Config) -> str:
     return mask_url(config.postgres_url) if config.postgres_url else str(config.database_path)
 
 
-MASK = "********"
-# Query parameters whose values are secrets, by a part of their name: libpq's password and
-# sslpassword, and the usual names of tokens, keys and signatures (access_token, api_key,
-# X-Amz-Signature, X-Amz-Credential, client_secret, auth, ...).
-_SECRET_PARAMETER = re.compile(r"pass|pwd|token|secret|key|sig|auth|cred|session", re.IGNORECASE)
-
-
-def mask_url(url: str) -> str:
-    """The URL with every secret in it masked, for logs and messages: the password of its
-    user info, and the value of every query (or fragment) parameter named like a secret."""
-    return _masked(url)[0]
-
-
-def redact(text: str, url: str | None) -> str:
-    """`text` (an error from a driver or an SDK, which may echo its URL or a part of it)
-    with every secret of `url` masked, as written or percent-decoded."""
-    if url is None:
-        return text
-    text = text.replace(url, mask_url(url))
-    secrets = {form for secret in _masked(url)[1] for form in (secret, unquote(secret))}
-    # A driver may cut a badly written URL at these and echo a piece ("port: 'pa'").
-    secrets |= {piece for secret in secrets for piece in re.split("[/?#@:]", secret) if piece}
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, MASK)
-    return text
-
-
-def _masked(url: str) -> tuple[str, list[str]]:
-    """The URL masked, and the secrets masked in it."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url, []
-    secrets: list[str] = []
-    userinfo, at, rest = _user_info(rest)
-    user, colon, password = userinfo.partition(":")
-    if colon:
-        secrets.append(password)
-        userinfo = f"{user}:{MASK}"
-    rest, hash_, fragment = rest.partition("#")
-    path, question, query = rest.partition("?")
-    query, fragment = _mask_parameters(query, secrets), _mask_parameters(fragment, secrets)
-    return f"{scheme}{sep}{userinfo}{at}{path}{question}{query}{hash_}{fragment}", secrets
-
-
-def _user_info(rest: str) -> tuple[str, str, str]:
-    """(user info, "@", the rest) of what follows `scheme://`, or ("", "", rest). It ends at
-    the last "@" before the path; a password written with a bare "/", "?" or "#" in it is
-    still found, up to the first "=" of a query (a query's value may hold an "@")."""
-    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-    at = rest.rfind("@", 0, end)
-    if at < 0:
-        question = rest.find("?")
-        equals = rest.find("=", question) if question >= 0 else -1
-        at = rest.rfind("@", 0, equals if equals >= 0 else len(rest))
-    if at < 0:
-        return "", "", rest
-    return rest[:at], "@", rest[at + 1 :]
-
-
-def _mask_parameters(query: str, secrets: list[str]) -> str:
-    """`name=value&...` with the values of secret-named parameters masked (and noted)."""
-    parts = []
-    for part in query.split("&"):
-        name, equals, value = part.partition("=")
-        if equals and value and _SECRET_PARAMETER.search(unquote(name)):
-            secrets.append(value)
-            value = MASK
-        parts.append(f"{name}{equals}{value}")
-    return "&".join(parts)
-
-
 SECRET = "******** (set)"
 
 
@@ -445,3 +382,6 @@ def describe(config: Config, policy: Policy, environ: Mapping[str, str] | None =
         openrouter_api_base=mask_url(policy.openrouter_api_base),
     )
     return "\n".join(lines) + policy_as_toml(shown)
+
+
+CONFIG = web.AppKey("config", Config)

@@ -23,12 +23,14 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from qp.appkeys import IP_SALT, METRICS, POLICY, RATE_LIMITER
 from qp.config import Config
 from qp.errors import BAD_REQUEST, StorageUnavailable, json_response, too_many_requests
 from qp.logs import CLIENT_HASH, MALFORMED, AccessLogger
+from qp.metrics import METRICS
 from qp.middlewares import storage_unavailable
-from qp.protection.client_address import hash_client, peer_address
+from qp.policy.policy import POLICY
+from qp.protection.client_address import IP_SALT, hash_client, peer_address
+from qp.protection.rate_limits import RATE_LIMITER
 
 log = logging.getLogger("qp.http")
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from qp.completions.usage import CompletionRecord
 from qp.protection.rate_limits import RateLimiter
+from qp.spend.record import CompletionRecord
 from qp.storage.batches import DROP_REASONS
 
 # Label values that come from clients (app names, methods) are capped, so nobody can grow
@@ -202,3 +203,6 @@ class _RateLimiterCollector(Collector):
             "Rate-limit counters dropped past the table's cap, least recently seen first",
             value=self._limiter.forgotten,
         )
+
+
+METRICS = web.AppKey("metrics", Metrics)

@@ -14,7 +14,6 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from qp.appkeys import IP_SALT, METRICS, POLICY, RATE_CLASSES, RATE_LIMITER
 from qp.errors import (
     BAD_REQUEST,
     NOT_FOUND,
@@ -26,8 +25,10 @@ from qp.errors import (
     too_many_requests,
 )
 from qp.logs import CLIENT_HASH, method_name, route_name
-from qp.metrics import CLIENT_LEFT
-from qp.protection.client_address import client_address, hash_client
+from qp.metrics import CLIENT_LEFT, METRICS
+from qp.policy.policy import POLICY
+from qp.protection.client_address import IP_SALT, client_address, hash_client
+from qp.protection.rate_limits import RATE_CLASSES, RATE_LIMITER
 
 log = logging.getLogger("qp.middlewares")
 

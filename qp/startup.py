@@ -11,7 +11,8 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from qp.config import Config, database_shown, mask_url, redact
+from qp.config import Config, database_shown
+from qp.masking import mask_url, redact
 from qp.storage.blobs import BlobStore, FileBlobStore, StoreNotReady, file_store_root
 from qp.storage.claim import Claim, ClaimHeld
 from qp.storage.database import Database

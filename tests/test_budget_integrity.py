@@ -15,9 +15,9 @@ import aiohttp
 import orjson
 import pytest
 
-from qp.completions.ledger import insert_records
-from qp.completions.usage import CompletionRecord
 from qp.spend.budgets import DAY, Reservation, Scope
+from qp.spend.ledger import insert_records
+from qp.spend.record import CompletionRecord
 from qp.spend.shared_budgets import ORPHAN_SECONDS, SharedBudgetBook
 from qp.storage.postgres import PostgresDatabase
 from tests.app_server import Database

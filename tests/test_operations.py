@@ -12,8 +12,8 @@ import time
 import aiohttp
 import pytest
 
-from qp.completions.usage import CompletionRecord
 from qp.metrics import Metrics
+from qp.spend.record import CompletionRecord
 from tests.fake_openrouter import FakeOpenRouter, Script
 from tests.helpers import ADMIN_KEY, SYSTEM, call, make_chat
 from tests.processes import SeaweedFS

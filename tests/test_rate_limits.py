@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import pytest
 
-from qp.appkeys import RATE_LIMITER
+from qp.protection.rate_limits import RATE_LIMITER
 from tests.helpers import ADMIN_KEY, a_fresh_hour, call, make_chat
 from tests.processes import QPServer
 

@@ -13,9 +13,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from qp.appkeys import BUDGETS, PRICES
-from qp.spend.budgets import DAY, MONTH, BudgetBook, Refusal, Reservation, Scope
-from qp.spend.prices import parse_model_list
+from qp.spend.budgets import BUDGETS, DAY, MONTH, BudgetBook, Refusal, Reservation, Scope
+from qp.spend.prices import PRICES, parse_model_list
 from qp.spend.shared_budgets import SharedBudgetBook
 from qp.storage.postgres import PostgresDatabase
 from tests.app_server import AppServer, StartServer

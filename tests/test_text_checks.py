@@ -13,11 +13,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from qp.appkeys import DATABASE, LEDGER
-from qp.completions.ledger import insert_records
-from qp.completions.usage import CompletionRecord
 from qp.errors import StorageUnavailable, UnstorableValue
 from qp.middlewares import errors
+from qp.spend.ledger import LEDGER, insert_records
+from qp.spend.record import CompletionRecord
+from qp.storage.database import DATABASE
 from tests.app_server import AppServer
 from tests.helpers import ADMIN_KEY, call, completion_request, create, ledger, make_chat
 

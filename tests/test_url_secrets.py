@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from qp import config
-from qp.config import mask_url
+from qp.masking import mask_url
 from tests.helpers import ADMIN_KEY, call, run_qp, wait_for_log
 from tests.processes import PostgresServer, QPServer, run_server_once
 

@@ -9,25 +9,20 @@ from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
-from qp.appkeys import (
-    BUDGETS,
-    CHAT_STORE,
-    CLOCK,
-    CONFIG,
-    DATABASE,
-    METRICS,
-    POLICY,
-    RATE_LIMITER,
-    STARTED_AT,
-)
+from qp.appkeys import CLOCK, STARTED_AT
+from qp.chats.store import CHAT_STORE
 from qp.completions.handlers import flush_ledger
-from qp.completions.reports import cost_by_source, cost_per_day, cost_since, outcomes_per_hour
-from qp.config import describe
+from qp.config import CONFIG, describe
 from qp.errors import ApiError, json_response
+from qp.metrics import METRICS
 from qp.ops.health import health_checks
+from qp.policy.policy import POLICY
 from qp.protection import blocks as client_blocks
 from qp.protection.admin import require_admin
-from qp.spend.budgets import budget_report
+from qp.protection.rate_limits import RATE_LIMITER
+from qp.spend.budgets import BUDGETS, budget_report
+from qp.spend.reports import cost_by_source, cost_per_day, cost_since, outcomes_per_hour
+from qp.storage.database import DATABASE
 from qp.timestamps import format_epoch, format_iso
 
 MAX_DAYS = 366

@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager, contextmanager
 
 from aiohttp import hdrs, web
 
-from qp.appkeys import BYTE_BUDGET, CHAT_STORE, CONFIG, DAILY_QUOTA, POLICY
 from qp.bodies import body_allowance, read_json
 from qp.chats.model import (
     ChatChanged,
@@ -27,8 +26,9 @@ from qp.chats.model import (
     is_valid_chat_id,
     parse_chat,
 )
-from qp.chats.store import LIST_READ_AHEAD
+from qp.chats.store import CHAT_STORE, LIST_READ_AHEAD
 from qp.chats.stream import CHUNK_BYTES, ChatStream
+from qp.config import CONFIG
 from qp.errors import (
     ApiError,
     StorageUnavailable,
@@ -37,8 +37,10 @@ from qp.errors import (
     json_response,
 )
 from qp.logs import CLIENT_HASH
-from qp.policy.policy import INVALID_APP, Policy
+from qp.policy.policy import INVALID_APP, POLICY, Policy
 from qp.protection.admin import require_admin
+from qp.protection.byte_budget import BYTE_BUDGET
+from qp.protection.quota import DAILY_QUOTA
 from qp.text import is_storable_text
 
 log = logging.getLogger("qp.chats.handlers")

@@ -21,6 +21,8 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Container
 from dataclasses import dataclass
 
+from aiohttp import web
+
 from qp.chats.cache import ChatCache
 from qp.chats.garbage import DEFAULT_ABANDON_SECONDS, ChatGarbage
 from qp.chats.model import (
@@ -411,3 +413,6 @@ async def _close_when_opened(opening: list[asyncio.Task[OpenedChat | None]]) -> 
     for opened in await asyncio.gather(*opening, return_exceptions=True):
         if isinstance(opened, OpenedChat) and isinstance(opened.body, ChatStream):
             await opened.body.blob.close()
+
+
+CHAT_STORE = web.AppKey("chat_store", ChatStore)

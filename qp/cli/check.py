@@ -21,7 +21,8 @@ from qp.chats.model import blob_key, is_messages_array, parse_blob_key
 from qp.chats.sql import ChatRows
 from qp.chats.store import ChatStore
 from qp.cli.common import CommandFailed, Subcommands, open_in
-from qp.config import Config, mask_url
+from qp.config import Config
+from qp.masking import mask_url
 from qp.startup import lock_files, storage_identity
 from qp.storage.blobs import BlobStore
 from qp.storage.claim import holder_of

@@ -36,11 +36,12 @@ from tqdm import tqdm
 from qp.chats.sql import ChatRows
 from qp.chats.upgrade import has_old_writes
 from qp.cli.common import CommandFailed, Subcommands
-from qp.completions.ledger import INSERT as LEDGER_INSERT
-from qp.completions.ledger import ledger_page, ledger_size
-from qp.config import Config, ConfigError, load_config, mask_url
+from qp.config import Config, ConfigError, load_config
+from qp.masking import mask_url
 from qp.protection.blocks import active_blocks, save_block
 from qp.protection.client_address import keep_salt, stored_salt
+from qp.spend.ledger import INSERT as LEDGER_INSERT
+from qp.spend.ledger import ledger_page, ledger_size
 from qp.startup import open_database
 from qp.storage.database import Database, Transaction
 from qp.timestamps import utc_now_iso

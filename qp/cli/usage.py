@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from qp.cli.common import CommandFailed, Subcommands, opened, table
-from qp.completions.ledger import usage_totals
 from qp.config import Config
+from qp.spend.ledger import usage_totals
 from qp.timestamps import parse_iso
 
 

@@ -13,35 +13,35 @@ from typing import Any
 
 from aiohttp import web
 
-from qp.appkeys import (
-    BUDGETS,
-    BYTE_BUDGET,
-    CONFIG,
-    DATABASE,
-    LEDGER,
-    METRICS,
-    OPEN_STREAMS,
-    POLICY,
-    PRICES,
-    SHUTTING_DOWN,
-    UPSTREAM,
-)
+from qp.appkeys import SHUTTING_DOWN
 from qp.bodies import body_allowance, read_json
-from qp.completions.ledger import usage_totals
-from qp.completions.relay import Payload, relay_completion
+from qp.completions.relay import UPSTREAM, Payload, relay_completion
 from qp.completions.request import (
     check_system_message,
     choose_key,
     parse_completion,
     upstream_body,
 )
-from qp.completions.usage import CompletionRecord
+from qp.config import CONFIG
 from qp.errors import ApiError, json_response
 from qp.logs import CLIENT_HASH
-from qp.policy.policy import INVALID_APP, Policy
+from qp.metrics import METRICS
+from qp.policy.policy import INVALID_APP, POLICY, Policy
 from qp.protection.admin import require_admin
-from qp.spend.budgets import Refusal, budget_report, budget_scopes, estimate_cost
+from qp.protection.byte_budget import BYTE_BUDGET
+from qp.spend.budgets import (
+    BUDGETS,
+    OPEN_STREAMS,
+    Refusal,
+    budget_report,
+    budget_scopes,
+    estimate_cost,
+)
+from qp.spend.ledger import LEDGER, usage_totals
 from qp.spend.lookups import owed_lookup_times
+from qp.spend.prices import PRICES
+from qp.spend.record import CompletionRecord
+from qp.storage.database import DATABASE
 from qp.text import is_storable_text
 from qp.timestamps import parse_iso, utc_now_iso
 

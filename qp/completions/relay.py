@@ -19,9 +19,10 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from qp.completions.usage import CompletionRecord, UsageScanner
+from qp.completions.usage import UsageScanner
 from qp.errors import ApiError
 from qp.policy.policy import Policy
+from qp.spend.record import CompletionRecord
 
 log = logging.getLogger("qp.completions.relay")
 
@@ -226,3 +227,6 @@ def _abort(request: web.Request) -> None:
     """End the client's stream without its final chunk, so it can tell it was cut short."""
     if request.transport is not None:
         request.transport.close()
+
+
+UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import orjson
 
-from qp.config import APP_KEY_PREFIX
+from qp.config import app_key_variable
 from qp.errors import ApiError
 from qp.policy.policy import INVALID_APP, Policy
 from qp.text import is_storable_text
@@ -129,11 +129,6 @@ def choose_key(
     if server_key:
         return server_key, "server"
     raise ApiError(500, "API key not configured")
-
-
-def app_key_variable(app: str) -> str:
-    """`bids-assistant` -> `OPENROUTER_API_KEY_BIDS_ASSISTANT`."""
-    return APP_KEY_PREFIX + app.upper().replace("-", "_")
 
 
 def check_system_message(completion: CompletionRequest, policy: Policy) -> None:

@@ -1,4 +1,4 @@
-"""The spend ledger's inputs: what one completion cost, read from the stream as it passes."""
+"""What one completion cost and used, read from the stream as it passes."""
 
 from __future__ import annotations
 
@@ -6,42 +6,16 @@ import contextlib
 import logging
 import math
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from qp.spend.record import MAX_TOKENS
 
 log = logging.getLogger("qp.completions.usage")
 
 # A partial SSE line longer than this is not usage accounting; it is dropped, not kept.
 MAX_PARTIAL_LINE = 256 * 1024
-# What the ledger's INTEGER columns hold (SQLite's signed 64 bits).
-MAX_TOKENS = 2**63 - 1
-
-
-@dataclass
-class CompletionRecord:
-    """One ledger row. Never holds message contents or keys."""
-
-    started_at: str
-    app: str | None
-    model: str
-    payer: str
-    status: int = 0
-    outcome: str = "pending"
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    cost: float | None = None
-    duration_ms: int = 0
-    client_left: bool = False
-    client_hash: str | None = None
-    generation_id: str | None = None
-    cost_source: str | None = None  # stream, generation, estimate; None: nothing billed
-    # Set while the cost is to be looked up by the generation id: until when, and next.
-    cost_owed_until: str | None = None
-    cost_next_lookup: str | None = None
-    # Its budget reservation's row on a shared database (qp/spend/shared_budgets.py).
-    reservation_id: int | None = None
 
 
 # Upstream's generation id, in the first chunk already: what its cost is looked up by.

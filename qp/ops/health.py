@@ -12,8 +12,12 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from qp.appkeys import CHAT_STORE, CONFIG, DATABASE, DISK_SPACE, METRICS
+from qp.chats.store import CHAT_STORE
+from qp.config import CONFIG
 from qp.errors import FULL, UNAVAILABLE, ApiError, StorageUnavailable, json_response
+from qp.metrics import METRICS
+from qp.storage.database import DATABASE
+from qp.storage.disk import DISK_SPACE
 
 log = logging.getLogger("qp.ops.health")
 HEALTH_CHECK_SECONDS = 5.0

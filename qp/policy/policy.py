@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
+from aiohttp import web
 from yarl import URL
 
 from qp.errors import ApiError
@@ -201,3 +202,6 @@ class PolicyHolder:
 
     def __init__(self, policy: Policy):
         self.current = policy
+
+
+POLICY = web.AppKey("policy", PolicyHolder)

@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from aiohttp import web
+
 
 class Hold:
     """Bytes a request holds; `shrink_to` gives back what it no longer needs."""
@@ -72,3 +74,7 @@ class ByteBudget:
             if not waiter.done():
                 self.in_use += nbytes
                 waiter.set_result(None)
+
+
+# Bytes of chats and request bodies held in memory at once (QP_MAX_INFLIGHT_MB).
+BYTE_BUDGET = web.AppKey("byte_budget", ByteBudget)

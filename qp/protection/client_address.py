@@ -154,3 +154,6 @@ async def stored_salt(db: Database) -> str | None:
 async def keep_salt(db: Database, salt: str) -> None:
     """Make `salt` the installation's (copying a database: its blocks' hashes still match)."""
     await db.execute_write(KEEP_SALT, (salt,))
+
+
+IP_SALT = web.AppKey("ip_salt", str)

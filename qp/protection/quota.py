@@ -11,6 +11,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from aiohttp import web
+
 from qp.errors import ApiError, format_size
 
 DAY_SECONDS = 86400
@@ -52,3 +54,7 @@ class DailyQuota:
         """Uncount bytes taken for a write that did not happen."""
         if client in self._used:
             self._used[client] = max(0, self._used[client] - size)
+
+
+# Bytes of chats each client stored today.
+DAILY_QUOTA = web.AppKey("daily_quota", DailyQuota)

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from aiohttp import web
+
 REFUSALS_BEFORE_BLOCK = 10
 REFUSAL_MEMORY_SECONDS = 3600
 BLOCK_SECONDS = 24 * 3600
@@ -300,3 +302,8 @@ class RefusalsPerHour:
         now = int(self._clock() // 3600)
         hours_shown = range(now - hours + 1, now + 1)
         return [(hour * 3600, self._counts.get(hour, 0)) for hour in hours_shown]
+
+
+RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
+# Route -> rate-limit class ("chats", "completion"); routes not in it are not limited.
+RATE_CLASSES = web.AppKey("rate_classes", dict)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 
 import aiohttp
+from aiohttp import web
 
 from qp.spend.budgets import Scope
 from qp.timestamps import format_epoch
@@ -77,3 +78,7 @@ class Alerts:
                 await asyncio.sleep(wait)
                 wait *= 2
         log.error("spend alert not delivered after %d attempts (%s)", ATTEMPTS, reason)
+
+
+# Spend alerts waiting to be POSTed to QP_ALERT_WEBHOOK_URL.
+ALERTS = web.AppKey("alerts", Alerts)

@@ -21,13 +21,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, NamedTuple
 
-from qp.completions.ledger import SpentSince, spent_since
+from aiohttp import web
+
+from qp.spend.ledger import SpentSince, spent_since
 from qp.storage.database import Database
 from qp.timestamps import format_epoch
 
 if TYPE_CHECKING:
-    from qp.completions.usage import CompletionRecord
     from qp.policy.policy import Policy
+    from qp.spend.record import CompletionRecord
 
 DAY = "day"
 MONTH = "month"
@@ -347,3 +349,9 @@ def budgets_in_force(book: BudgetBook, policy: Policy) -> list[tuple[Scope, floa
 def budget_report(book: BudgetBook, policy: Policy) -> list[dict[str, object]]:
     """The budgets in force as GET /api/usage and `python -m qp budgets` show them."""
     return [book.report(scope, cap) for scope, cap in budgets_in_force(book, policy)]
+
+
+# What the server's and the apps' keys spent and have reserved, per budget.
+BUDGETS = web.AppKey("budgets", BudgetBook)
+# Server- or app-paid streams open per client (client_max_streams).
+OPEN_STREAMS = web.AppKey("open_streams", OpenStreams)

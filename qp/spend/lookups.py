@@ -19,7 +19,12 @@ import aiohttp
 import orjson
 
 from qp.bodies import read_at_most
-from qp.completions.ledger import (
+from qp.config import app_key_variable
+from qp.errors import StorageUnavailable
+from qp.metrics import Metrics
+from qp.policy.policy import Policy
+from qp.spend.budgets import BudgetBook, budget_scopes
+from qp.spend.ledger import (
     OwedLookup,
     claim_lookup,
     lookup_found,
@@ -27,11 +32,6 @@ from qp.completions.ledger import (
     lookup_later,
     lookups_due,
 )
-from qp.completions.request import app_key_variable
-from qp.errors import StorageUnavailable
-from qp.metrics import Metrics
-from qp.policy.policy import Policy
-from qp.spend.budgets import BudgetBook, budget_scopes
 from qp.storage.database import Database
 from qp.timestamps import epoch_seconds, format_epoch
 

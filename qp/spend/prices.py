@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp import web
 
 from qp.bodies import read_at_most
 from qp.errors import StorageUnavailable
@@ -115,3 +116,7 @@ def _usd(value: Any) -> float | None:
     except ValueError:
         return None
     return number if math.isfinite(number) and 0 <= number < 1 else None
+
+
+# Model prices fetched from OpenRouter's model list (the policy's [prices] win).
+PRICES = web.AppKey("prices", PriceList)

@@ -28,8 +28,6 @@ from typing import Any
 
 import orjson
 
-from qp.completions.ledger import INSERT_SWEPT
-from qp.completions.usage import CompletionRecord
 from qp.errors import StorageUnavailable
 from qp.spend.budgets import (
     CAP_TOLERANCE_USD,
@@ -43,6 +41,8 @@ from qp.spend.budgets import (
     period_bounds,
     spent_in_periods,
 )
+from qp.spend.ledger import INSERT_SWEPT
+from qp.spend.record import CompletionRecord
 from qp.storage.database import Database, Transaction
 from qp.storage.leases import live_owners
 

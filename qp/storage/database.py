@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
+from aiohttp import web
+
 T = TypeVar("T")
 # A statement's parameters: positional (?) or named (:name).
 Parameters = Sequence[Any] | Mapping[str, Any]
@@ -197,3 +199,6 @@ class StatementHelpers:
 
 class Unchanged(Exception):
     """Raised inside a write function to roll back a change whose condition no longer holds."""
+
+
+DATABASE = web.AppKey("database", Database)

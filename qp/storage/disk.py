@@ -17,6 +17,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from aiohttp import web
+
 from qp.errors import FULL, StorageUnavailable, insufficient_storage
 
 log = logging.getLogger("qp.storage.disk")
@@ -107,3 +109,6 @@ class DiskSpace:
         with contextlib.suppress(OSError):
             return os.stat(self.reserve).st_blocks * 512
         return 0
+
+
+DISK_SPACE = web.AppKey("disk_space", DiskSpace)

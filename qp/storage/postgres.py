@@ -33,8 +33,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from qp.config import mask_url
 from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable, UnstorableValue
+from qp.masking import mask_url
 from qp.storage.database import (
     TAKEN_OVER,
     ChangeListener,

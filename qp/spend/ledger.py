@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qp.completions.usage import CompletionRecord
+from aiohttp import web
+
+from qp.spend.record import CompletionRecord
+from qp.storage.batches import BatchWriter
 from qp.storage.database import Database
 
 _COLUMNS = """started_at, app, model, payer, prompt_tokens, completion_tokens, cost, status,
@@ -200,3 +203,7 @@ async def ledger_page(db: Database, after_id: int, limit: int) -> list[tuple[Any
 async def ledger_size(db: Database) -> int:
     ((count,),) = await db.fetchall(COUNT)
     return int(count)
+
+
+# The spend ledger: completion records, written in batches.
+LEDGER = web.AppKey("ledger", BatchWriter)

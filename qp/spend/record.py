@@ -1,0 +1,33 @@
+"""The spend ledger's row: what one completion was, who paid, and what it cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# What the ledger's INTEGER columns hold (SQLite's signed 64 bits).
+MAX_TOKENS = 2**63 - 1
+
+
+@dataclass
+class CompletionRecord:
+    """One ledger row. Never holds message contents or keys."""
+
+    started_at: str
+    app: str | None
+    model: str
+    payer: str
+    status: int = 0
+    outcome: str = "pending"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost: float | None = None
+    duration_ms: int = 0
+    client_left: bool = False
+    client_hash: str | None = None
+    generation_id: str | None = None
+    cost_source: str | None = None  # stream, generation, estimate; None: nothing billed
+    # Set while the cost is to be looked up by the generation id: until when, and next.
+    cost_owed_until: str | None = None
+    cost_next_lookup: str | None = None
+    # Its budget reservation's row on a shared database (qp/spend/shared_budgets.py).
+    reservation_id: int | None = None
