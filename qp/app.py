@@ -18,7 +18,7 @@ from qp.appkeys import CLOCK, SHUTTING_DOWN, STARTED_AT
 from qp.chats.cache import ChatCache
 from qp.chats.store import CHAT_STORE, ChatStore
 from qp.chats.upgrade import resolve_old_writes
-from qp.completions.relay import UPSTREAM, open_upstream_session
+from qp.completions.relay import UPSTREAM, Upstream, open_upstream_session
 from qp.config import CONFIG, Config
 from qp.errors import ConfigError, StorageUnavailable
 from qp.metrics import METRICS, Metrics
@@ -35,21 +35,23 @@ from qp.protection.quota import DAILY_QUOTA, DailyQuota
 from qp.protection.rate_limits import RATE_CLASSES, RATE_LIMITER
 from qp.routes import add_routes
 from qp.spend.alerts import ALERTS, Alerts
-from qp.spend.budgets import (
-    BUDGETS,
-    OPEN_STREAMS,
-    BudgetBook,
-    OpenStreams,
-    budgets_in_force,
-    open_budget_book,
-)
+from qp.spend.budgets import BUDGETS, BudgetBook, OpenStreams, budgets_in_force, open_budget_book
 from qp.spend.ledger import LEDGER, insert_records
 from qp.spend.lookups import CostLookups
 from qp.spend.prices import PRICES, PriceList
 from qp.spend.shared_budgets import SharedBudgetBook
-from qp.startup import StartupError, claim_record, disk_space, open_storage, take_claims
+from qp.spend.spending import SPEND, Spend
+from qp.startup import (
+    StartupError,
+    claim_record,
+    disk_space,
+    open_configured_blob_store,
+    open_database,
+    take_claims,
+)
 from qp.storage.batches import BatchWriter
-from qp.storage.claim import ClaimHeld
+from qp.storage.blobs import BlobStore
+from qp.storage.claim import Claim, ClaimHeld
 from qp.storage.database import DATABASE, Database
 from qp.storage.disk import DISK_SPACE
 from qp.storage.leases import ProcessLease
@@ -73,92 +75,187 @@ def create_app(
     app[ADMIN_GUARD] = AdminGuard()
     app[DAILY_QUOTA] = DailyQuota()
     app[BYTE_BUDGET] = ByteBudget(config.max_inflight_bytes)
-    app[OPEN_STREAMS] = OpenStreams()
-    app.on_shutdown.append(_note_shutdown)
-    app.cleanup_ctx.append(_storage)
-    app.cleanup_ctx.append(_upstream)
-    app.cleanup_ctx.append(_spend_chores)
-    app.cleanup_ctx.append(_reload_on_sighup)
-    app.cleanup_ctx.append(_watch_loop_lag)
     app[RATE_CLASSES] = add_routes(app.router)
     setup_cors(app, lambda: app[POLICY].current.origin_matcher)
+    app.on_shutdown.append(_note_shutdown)
+    # Each resource opens before its `yield` and closes after, in this order (and the
+    # reverse at shutdown); each needs only those above it.
+    app.cleanup_ctx.extend(
+        [
+            _claims,
+            _database,
+            _process_lease,
+            _blob_store,
+            _chat_store,
+            _upstream,
+            _spend,
+            _protection,
+            _housekeeping,
+            _reload_on_sighup,
+            _watch_loop_lag,
+        ]
+    )
     return app
 
 
-async def _storage(app: web.Application) -> AsyncIterator[None]:
-    """Claim the database, open it, then the blob store; close them in reverse order at
-    shutdown."""
+CLAIMS = web.AppKey("claims", list[Claim])
+BLOB_STORE = web.AppKey("blob_store", BlobStore)
+LEASE = web.AppKey("lease", ProcessLease)
+
+
+async def _claims(app: web.Application) -> AsyncIterator[None]:
+    """This process's claim on the database file and the blob folder (lock files), and the
+    disk's free-space reserve."""
     config = app[CONFIG]
-    metrics = app[METRICS]
     async with AsyncExitStack() as stack:
         try:
-            claims = take_claims(config, stack)
+            app[CLAIMS] = take_claims(config, stack)
         except ClaimHeld as held:
             raise StartupError(
                 f"another qp-server (pid {held.pid}) is serving {held.guarded}"
             ) from None
         app[DISK_SPACE] = space = disk_space(config)
         await asyncio.to_thread(space.keep_reserve)
-        db, blobs = await open_storage(config, stack, space=space)
-        app[DATABASE] = db
-        lease = await _take_lease(db, config, stack)
-        try:
-            await resolve_old_writes(db, blobs)
-        except StorageUnavailable as err:
-            raise StartupError(f"cannot resolve the writes an older version left: {err}") from None
-        app[CHAT_STORE] = store = ChatStore(
-            db,
-            blobs,
-            ChatCache(config.cache_bytes),
-            space=space,
-            alone=lease.alone,
-            abandon_seconds=config.write_abandon_seconds,
-        )
-        await db.changed_elsewhere()  # the baseline, taken while the cache is still empty
-        stack.push_async_callback(store.close)
-        if await store.unknown_sizes():
-            sizes = asyncio.create_task(_learn_sizes(store))
-            stack.callback(sizes.cancel)
-        app[LEDGER] = ledger = BatchWriter(
-            partial(insert_records, db), "ledger rows", metrics.counter_of_drops("ledger")
-        )
-        stack.push_async_callback(ledger.close)
-        app[ALERTS] = alerts = Alerts(config.alert_webhook_url)
-        app[BUDGETS] = book = await _open_budget_book(db, alerts, app[CLOCK], lease.owner)
-        metrics.watch_budgets(
-            lambda: [
-                (scope.named, book.remaining(scope, cap))
-                for scope, cap in budgets_in_force(book, app[POLICY].current)
-            ]
-        )
-        app[PRICES] = prices = PriceList(db)
-        await prices.load()
-        app[IP_SALT] = config.ip_salt or await _installation_salt(db)
-        app[RATE_LIMITER] = limiter = await open_rate_limiter(db, config.rate_limit_clients)
-        metrics.watch_rate_limiter(limiter)
-        chores = Housekeeping(db, store, limiter, space, claims, claim_record(config))
-        task = asyncio.create_task(chores.run())
-        stack.callback(task.cancel)
         yield
 
 
-async def _take_lease(db: Database, config: Config, stack: AsyncExitStack) -> ProcessLease:
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    """SQLite or PostgreSQL, its schema brought up to date."""
+    db = await open_database(app[CONFIG], space=app[DISK_SPACE])
+    app[DATABASE] = db
+    try:
+        yield
+    finally:
+        await db.close()
+
+
+async def _process_lease(app: web.Application) -> AsyncIterator[None]:
     """This process's lease (PostgreSQL: renewed every second in a task; ended at a clean
     stop)."""
-    lease = ProcessLease(db, config.write_lease_seconds)
+    lease = ProcessLease(app[DATABASE], app[CONFIG].write_lease_seconds)
     try:
         await lease.join()
     except StorageUnavailable as err:
         raise StartupError(f"cannot take a process lease in the database: {err}") from None
+    app[LEASE] = lease
     renewing = asyncio.create_task(lease.keep())
+    yield
+    renewing.cancel()
+    with contextlib.suppress(StorageUnavailable):
+        await lease.release()
 
-    async def end() -> None:
-        renewing.cancel()
-        with contextlib.suppress(StorageUnavailable):
-            await lease.release()
 
-    stack.push_async_callback(end)
-    return lease
+async def _blob_store(app: web.Application) -> AsyncIterator[None]:
+    """The folder or S3 bucket the chats' messages live in."""
+    async with AsyncExitStack() as stack:
+        app[BLOB_STORE] = await open_configured_blob_store(app[CONFIG], stack)
+        yield
+
+
+async def _chat_store(app: web.Application) -> AsyncIterator[None]:
+    """The chats: rows in the database, messages in the blob store, a cache in memory."""
+    config, db, blobs = app[CONFIG], app[DATABASE], app[BLOB_STORE]
+    try:
+        await resolve_old_writes(db, blobs)
+    except StorageUnavailable as err:
+        raise StartupError(f"cannot resolve the writes an older version left: {err}") from None
+    app[CHAT_STORE] = store = ChatStore(
+        db,
+        blobs,
+        ChatCache(config.cache_bytes),
+        space=app[DISK_SPACE],
+        alone=app[LEASE].alone,
+        abandon_seconds=config.write_abandon_seconds,
+    )
+    await db.changed_elsewhere()  # the baseline, taken while the cache is still empty
+    sizes = asyncio.create_task(_learn_sizes(store)) if await store.unknown_sizes() else None
+    yield
+    if sizes is not None:
+        sizes.cancel()
+    await store.close()
+
+
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    """The one client session to OpenRouter."""
+    async with open_upstream_session() as session:
+        app[UPSTREAM] = Upstream(session, app[SHUTTING_DOWN])
+        yield
+
+
+async def _spend(app: web.Application) -> AsyncIterator[None]:
+    """The ledger, the budgets, the prices and the alerts; and their chores: settling the
+    costs still owed (this process's, and those a stop left behind), keeping the prices
+    fresh, sending the alerts."""
+    config, db, metrics = app[CONFIG], app[DATABASE], app[METRICS]
+    session = app[UPSTREAM].session
+
+    def policy() -> Policy:
+        return app[POLICY].current
+
+    app[LEDGER] = ledger = BatchWriter(
+        partial(insert_records, db), "ledger rows", metrics.counter_of_drops("ledger")
+    )
+    try:
+        app[ALERTS] = alerts = Alerts(config.alert_webhook_url)
+        app[BUDGETS] = book = await _open_budget_book(db, alerts, app[CLOCK], app[LEASE].owner)
+        metrics.watch_budgets(
+            lambda: [
+                (scope.named, book.remaining(scope, cap))
+                for scope, cap in budgets_in_force(book, policy())
+            ]
+        )
+        app[PRICES] = prices = PriceList(db)
+        await prices.load()
+        app[SPEND] = Spend(book, OpenStreams(), ledger, metrics)
+        lookups = CostLookups(
+            db,
+            session,
+            policy,
+            book,
+            config.openrouter_api_key,
+            config.app_openrouter_keys,
+            metrics,
+        )
+        tasks = [
+            asyncio.create_task(lookups.run()),
+            asyncio.create_task(alerts.run(session)),
+        ]
+        if isinstance(book, SharedBudgetBook):
+            tasks.append(asyncio.create_task(book.keep_fresh()))
+        # Prices serve estimates of what the server's keys pay: with no key, none is fetched.
+        if config.openrouter_api_key or config.app_openrouter_keys:
+            tasks.append(asyncio.create_task(prices.run(session, policy)))
+        yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await ledger.close()
+
+
+async def _protection(app: web.Application) -> AsyncIterator[None]:
+    """The salt client addresses are hashed with, and the rate limiter with its blocks."""
+    config, db = app[CONFIG], app[DATABASE]
+    app[IP_SALT] = config.ip_salt or await _installation_salt(db)
+    app[RATE_LIMITER] = limiter = await open_rate_limiter(db, config.rate_limit_clients)
+    app[METRICS].watch_rate_limiter(lambda: limiter.tracked, lambda: limiter.forgotten)
+    yield
+
+
+async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
+    """What the server checks every second (qp/ops/housekeeping.py)."""
+    config = app[CONFIG]
+    chores = Housekeeping(
+        app[DATABASE],
+        app[CHAT_STORE],
+        app[RATE_LIMITER],
+        app[DISK_SPACE],
+        app[CLAIMS],
+        claim_record(config),
+    )
+    task = asyncio.create_task(chores.run())
+    yield
+    task.cancel()
 
 
 async def _learn_sizes(store: ChatStore) -> None:
@@ -228,42 +325,3 @@ def reload_policy(app: web.Application) -> bool:
     app[POLICY].current = policy
     log.info("policy reloaded from %s", config.config_path or "the environment")
     return True
-
-
-async def _spend_chores(app: web.Application) -> AsyncIterator[None]:
-    """Settle the costs still owed (this process's, and those a stop left behind); keep
-    the model prices fresh; send the spend alerts."""
-    config = app[CONFIG]
-
-    def policy() -> Policy:
-        return app[POLICY].current
-
-    lookups = CostLookups(
-        app[DATABASE],
-        app[UPSTREAM],
-        policy,
-        app[BUDGETS],
-        config.openrouter_api_key,
-        config.app_openrouter_keys,
-        app[METRICS],
-    )
-    tasks = [
-        asyncio.create_task(lookups.run()),
-        asyncio.create_task(app[ALERTS].run(app[UPSTREAM])),
-    ]
-    book = app[BUDGETS]
-    if isinstance(book, SharedBudgetBook):
-        tasks.append(asyncio.create_task(book.keep_fresh()))
-    # Prices serve estimates of what the server's keys pay: with no key, nothing is fetched.
-    if config.openrouter_api_key or config.app_openrouter_keys:
-        tasks.append(asyncio.create_task(app[PRICES].run(app[UPSTREAM], policy)))
-    yield
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _upstream(app: web.Application) -> AsyncIterator[None]:
-    async with open_upstream_session() as session:
-        app[UPSTREAM] = session
-        yield

@@ -221,8 +221,9 @@ async def _serve(app: web.Application, config: Config) -> None:
         # abort upstream at once. Chat writes are shielded (see ChatStore).
         handler_cancellation=True,
     )
-    await runner.setup()
     try:
+        # A resource that fails to open closes those opened before it (runner.cleanup).
+        await runner.setup()
         site: web.BaseSite
         if config.unix_socket:
             site = web.UnixSite(runner, config.unix_socket)

@@ -10,8 +10,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from qp.protection.rate_limits import RateLimiter
-from qp.spend.record import CompletionRecord
 from qp.storage.batches import DROP_REASONS
 
 # Label values that come from clients (app names, methods) are capped, so nobody can grow
@@ -20,9 +18,6 @@ MAX_APPS = 100
 MAX_MODELS = 100
 # A client that left before its answer was sent (nginx's code for it).
 CLIENT_LEFT = 499
-UPSTREAM_FAILURES = frozenset(
-    {"timeout", "unreachable", "upstream_error", "upstream_idle", "upstream_died"}
-)
 
 
 class Metrics:
@@ -125,17 +120,14 @@ class Metrics:
             return app
         return "other"
 
-    def completion_finished(self, record: CompletionRecord) -> None:
-        if record.outcome in UPSTREAM_FAILURES:
-            self.upstream_errors.labels(record.outcome).inc()
-        app = self.app_label(record.app)
-        if record.prompt_tokens:
-            self.tokens.labels(app, record.payer, "prompt").inc(record.prompt_tokens)
-        if record.completion_tokens:
-            self.tokens.labels(app, record.payer, "completion").inc(record.completion_tokens)
-        # A cost still to be looked up is counted once it is known (cost_settled).
-        if record.cost and record.cost_owed_until is None:
-            self.cost_settled(record.app, record.model, record.payer, record.cost)
+    def tokens_relayed(
+        self, app: str | None, payer: str, prompt: int | None, completion: int | None
+    ) -> None:
+        label = self.app_label(app)
+        if prompt:
+            self.tokens.labels(label, payer, "prompt").inc(prompt)
+        if completion:
+            self.tokens.labels(label, payer, "completion").inc(completion)
 
     def cost_settled(self, app: str | None, model: str, payer: str, cost: float) -> None:
         label = self.app_label(app)
@@ -153,9 +145,9 @@ class Metrics:
         """Expose what remains of each budget in force: (scope, USD) pairs."""
         self.registry.register(_BudgetCollector(remaining))
 
-    def watch_rate_limiter(self, limiter: RateLimiter) -> None:
-        """Expose the limiter's table: clients tracked, and those forgotten past its cap."""
-        self.registry.register(_RateLimiterCollector(limiter))
+    def watch_rate_limiter(self, tracked: Callable[[], int], forgotten: Callable[[], int]) -> None:
+        """Expose the rate limiter's table: counters held, and those forgotten past its cap."""
+        self.registry.register(_RateLimiterCollector(tracked, forgotten))
 
     def counter_of_drops(self, batch: str) -> Callable[[int, str], None]:
         """What a BatchWriter calls with the number of items it gave up, and why (each
@@ -189,19 +181,20 @@ class _BudgetCollector(Collector):
 
 
 class _RateLimiterCollector(Collector):
-    def __init__(self, limiter: RateLimiter):
-        self._limiter = limiter
+    def __init__(self, tracked: Callable[[], int], forgotten: Callable[[], int]):
+        self._tracked = tracked
+        self._forgotten = forgotten
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily(
             "qp_rate_limit_tracked",
             "Rate-limit counters held (client and class)",
-            value=self._limiter.tracked,
+            value=self._tracked(),
         )
         yield CounterMetricFamily(
             "qp_rate_limit_forgotten",
             "Rate-limit counters dropped past the table's cap, least recently seen first",
-            value=self._limiter.forgotten,
+            value=self._forgotten(),
         )
 
 

@@ -10,6 +10,7 @@ from qp.chats import handlers as chat_handlers
 from qp.completions import handlers as completion_handlers
 from qp.ops import health as ops
 from qp.ops import openapi
+from qp.spend import handlers as spend_handlers
 
 # method, path, handler, rate-limit class (None: not limited; the admin routes)
 ROUTES = (
@@ -19,7 +20,7 @@ ROUTES = (
     ("PUT", "/api/chats/{chat_id}", chat_handlers.update_chat, "chats"),
     ("DELETE", "/api/chats/{chat_id}", chat_handlers.delete_chat, None),
     ("POST", "/api/completion", completion_handlers.create_completion, "completion"),
-    ("GET", "/api/usage", completion_handlers.usage_report, None),
+    ("GET", "/api/usage", spend_handlers.usage_report, None),
     ("GET", "/api/openapi.json", openapi.openapi_document, None),
     # The operator's page and what it reads (admin key required for the JSON).
     ("GET", "/admin", admin_page.admin_page, None),

@@ -139,8 +139,14 @@ async def open_storage(
     the one that cannot be opened."""
     db = await open_database(config, reader_count, space, serving=serving)
     stack.push_async_callback(db.close)
+    return db, await open_configured_blob_store(config, stack)
+
+
+async def open_configured_blob_store(config: Config, stack: AsyncExitStack) -> BlobStore:
+    """The blob store QP_STORAGE names, closed by `stack`; StartupError when it cannot be
+    opened."""
     try:
-        blobs = await open_blob_store(
+        return await open_blob_store(
             config.storage_url,
             config.s3_endpoint_url,
             config.aws_region,
@@ -150,4 +156,3 @@ async def open_storage(
     except StoreNotReady as err:
         problem = redact(str(err), config.s3_endpoint_url)
         raise StartupError(f"QP_STORAGE {mask_url(config.storage_url)}: {problem}") from None
-    return db, blobs

@@ -11,7 +11,6 @@ from aiohttp import web
 
 from qp.appkeys import CLOCK, STARTED_AT
 from qp.chats.store import CHAT_STORE
-from qp.completions.handlers import flush_ledger
 from qp.config import CONFIG, describe
 from qp.errors import ApiError, json_response
 from qp.metrics import METRICS
@@ -21,6 +20,7 @@ from qp.protection import blocks as client_blocks
 from qp.protection.admin import require_admin
 from qp.protection.rate_limits import RATE_LIMITER
 from qp.spend.budgets import BUDGETS, budget_report
+from qp.spend.handlers import flush_ledger
 from qp.spend.reports import cost_by_source, cost_per_day, cost_since, outcomes_per_hour
 from qp.storage.database import DATABASE
 from qp.timestamps import format_epoch, format_iso

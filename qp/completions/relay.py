@@ -4,7 +4,7 @@ Nothing is buffered beyond the chunk in hand: every chunk read from OpenRouter i
 to the client before the next read, unchanged. The handler runs with aiohttp's handler
 cancellation on, so a client that leaves cancels it at whatever it awaits, and leaving the
 upstream response's context closes that connection at once: nobody pays for tokens no one
-reads. The ledger row is handed over whatever happens, and written in the background.
+reads. The record says how it ended, whatever happens: the caller hands it to spend.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import http
 import logging
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
@@ -37,18 +37,27 @@ MAX_ERROR_BODY = 64 * 1024
 # Connections to upstream held at once: one per open stream.
 MAX_UPSTREAM_CONNECTIONS = 4096
 
-SaveRecord = Callable[[CompletionRecord], None]
-
 
 class Payload:
-    """The body to POST upstream, handed over once: nothing keeps it for the stream's life."""
+    """The body to POST upstream, handed over once: nothing keeps it for the stream's life;
+    and the OpenRouter key that pays for it."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, key: str):
         self._data = data
+        self.key = key
 
     def take(self) -> bytes:
         data, self._data = self._data, b""
         return data
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where completions go: the one client session for the life of the process, and the
+    event set when the server starts shutting down (streams cut after it are `shutdown`)."""
+
+    session: aiohttp.ClientSession
+    shutting_down: asyncio.Event
 
 
 def open_upstream_session() -> aiohttp.ClientSession:
@@ -64,28 +73,26 @@ def open_upstream_session() -> aiohttp.ClientSession:
 
 async def relay_completion(
     request: web.Request,
-    session: aiohttp.ClientSession,
+    upstream: Upstream,
     policy: Policy,
     payload: Payload,
-    key: str,
     record: CompletionRecord,
-    save_record: SaveRecord,
-    shutting_down: asyncio.Event,
 ) -> web.StreamResponse:
     """Stream the upstream completion to the client; errors before the stream are ApiErrors.
+    However it ends, `record` says how.
 
     A stream still open when the server's shutdown timeout ends is cut: `shutting_down`
     tells that apart from a client that left.
     """
     started = time.monotonic()
     try:
-        upstream = await _post(session, policy, payload, key, record)
-        async with upstream:
-            if not 200 <= upstream.status < 300:
-                raise await _upstream_error(upstream, record)
-            return await _stream(request, upstream, record)
+        answer = await _post(upstream.session, policy, payload, record)
+        async with answer:
+            if not 200 <= answer.status < 300:
+                raise await _upstream_error(answer, record)
+            return await _stream(request, answer, record)
     except asyncio.CancelledError:
-        if shutting_down.is_set():
+        if upstream.shutting_down.is_set():
             record.outcome = "shutdown"
         else:
             record.client_left = True
@@ -94,14 +101,12 @@ async def relay_completion(
         raise
     finally:
         record.duration_ms = round((time.monotonic() - started) * 1000)
-        save_record(record)
 
 
 async def _post(
     session: aiohttp.ClientSession,
     policy: Policy,
     payload: Payload,
-    key: str,
     record: CompletionRecord,
 ) -> aiohttp.ClientResponse:
     try:
@@ -110,7 +115,7 @@ async def _post(
                 policy.openrouter_url_parsed,
                 data=payload.take(),
                 headers={
-                    "Authorization": f"Bearer {key}",
+                    "Authorization": f"Bearer {payload.key}",
                     "Content-Type": "application/json",
                     # Compression would make upstream and us hold bytes back.
                     "Accept-Encoding": "identity",
@@ -229,4 +234,4 @@ def _abort(request: web.Request) -> None:
         request.transport.close()
 
 
-UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
+UPSTREAM = web.AppKey("upstream", Upstream)

@@ -353,5 +353,3 @@ def budget_report(book: BudgetBook, policy: Policy) -> list[dict[str, object]]:
 
 # What the server's and the apps' keys spent and have reserved, per budget.
 BUDGETS = web.AppKey("budgets", BudgetBook)
-# Server- or app-paid streams open per client (client_max_streams).
-OPEN_STREAMS = web.AppKey("open_streams", OpenStreams)
