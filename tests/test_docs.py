@@ -1,6 +1,6 @@
-"""The README's failure table ("When something fails") stays tied to the code and the tests:
-each row is pinned by the tests named here, each log line it quotes is one the code writes,
-and each `/healthz` value it names is one the server reports."""
+"""The failure table (docs/operating.md, "When something fails") stays tied to the code and
+the tests: each row is pinned by the tests named here, each log line it quotes is one the code
+writes, and each `/healthz` value it names is one the server reports."""
 
 from __future__ import annotations
 
@@ -79,9 +79,9 @@ LOGGING_CALLS = {"debug", "info", "warning", "error", "exception", "critical", "
 
 
 def failure_table() -> list[dict[str, str]]:
-    """The rows of the README's failure table, as {column title: cell}."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### When something fails", 1)[1].split("\n#", 1)[0]
+    """The rows of the failure table, as {column title: cell}."""
+    text = (ROOT / "docs" / "operating.md").read_text()
+    section = text.split("\n## When something fails\n", 1)[1].split("\n#", 1)[0]
     lines = [line.strip().strip("|") for line in section.splitlines() if line.startswith("|")]
     titles = [cell.strip() for cell in lines[0].split("|")]
     rows = [[cell.strip() for cell in line.split("|")] for line in lines[2:]]
