@@ -1,6 +1,6 @@
 """qp-server: `python server.py [--host H] [--port P] [--unix-socket PATH]`.
 
-Everything else comes from environment variables (see README.md).
+Everything else comes from environment variables (see docs/configuration.md).
 """
 
 from __future__ import annotations

@@ -400,5 +400,5 @@ async def test_a_put_of_the_killed_process_that_lands_late_changes_nothing_visib
     assert (found.returncode, found.stdout) == (0, "nothing to repair\n"), found.stderr
 
 
-def test_the_readme_names_the_cluster_site_file():
-    assert "deploy/nginx-cluster.conf" in (ROOT / "README.md").read_text()
+def test_the_several_processes_page_names_the_cluster_site_file():
+    assert "deploy/nginx-cluster.conf" in (ROOT / "docs" / "several-processes.md").read_text()

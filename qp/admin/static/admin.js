@@ -204,7 +204,7 @@
     const box = $("budgets");
     if (!budgets.length) {
       box.replaceChildren(el("p", {class: "hint"},
-        "No budget is set. Set them in the policy file's [budgets] (see the README, Controlling spend)."));
+        "No budget is set. Set them in the policy file's [budgets] (see docs/spend.md in qp-server)."));
       return;
     }
     box.replaceChildren(...budgets.map((budget) => {

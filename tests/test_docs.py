@@ -1,11 +1,16 @@
-"""The README's failure table ("When something fails") stays tied to the code and the tests:
-each row is pinned by the tests named here, each log line it quotes is one the code writes,
-and each `/healthz` value it names is one the server reports."""
+"""The README and docs/ stay true and connected.
+
+The failure table (docs/operating.md, "When something fails") stays tied to the code and the
+tests: each row is pinned by the tests named here, each log line it quotes is one the code
+writes, and each `/healthz` value it names is one the server reports. Every relative link in
+README.md and docs/*.md reaches a file and heading that exist, and the README, a newcomer's
+page, names the two commands near its top and links every docs/ file."""
 
 from __future__ import annotations
 
 import ast
 import re
+from collections import Counter
 from pathlib import Path
 
 from tests.processes import ROOT
@@ -79,9 +84,9 @@ LOGGING_CALLS = {"debug", "info", "warning", "error", "exception", "critical", "
 
 
 def failure_table() -> list[dict[str, str]]:
-    """The rows of the README's failure table, as {column title: cell}."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### When something fails", 1)[1].split("\n#", 1)[0]
+    """The rows of the failure table, as {column title: cell}."""
+    text = (ROOT / "docs" / "operating.md").read_text()
+    section = text.split("\n## When something fails\n", 1)[1].split("\n#", 1)[0]
     lines = [line.strip().strip("|") for line in section.splitlines() if line.startswith("|")]
     titles = [cell.strip() for cell in lines[0].split("|")]
     rows = [[cell.strip() for cell in line.split("|")] for line in lines[2:]]
@@ -184,3 +189,67 @@ def test_each_health_value_the_failure_table_names_is_one_the_server_reports():
             for value in re.findall(r'"([^"]+)"', check):
                 assert value in reported, f"/healthz never reports {value!r}"
                 assert f"`{value}`" in documented, f"healthz's docstring does not name {value!r}"
+
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCED = re.compile(r"^\s*```.*?^\s*```", re.DOTALL | re.MULTILINE)
+INLINE_CODE = re.compile(r"`[^`]*`")
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def relative_links(page: Path) -> list[str]:
+    """The targets of the page's links that name no scheme, outside code."""
+    text = INLINE_CODE.sub("", FENCED.sub("", page.read_text()))
+    return [target for target in LINK.findall(text) if not SCHEME.match(target)]
+
+
+def anchors(page: Path) -> set[str]:
+    """The `#anchor` of each heading of a page, made as GitHub makes them."""
+    found: set[str] = set()
+    seen: Counter[str] = Counter()
+    for line in FENCED.sub("", page.read_text()).splitlines():
+        heading = re.match(r"#{1,6} (.+)", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading[1].strip().lower()).replace(" ", "-")
+            found.add(f"{slug}-{seen[slug]}" if seen[slug] else slug)
+            seen[slug] += 1
+    return found
+
+
+def test_anchors_are_made_from_headings_as_github_makes_them():
+    assert {
+        "configuration-and-limits",
+        "cors-rate-limits-and-client-addresses",
+        "the-database-sqlite-or-postgresql",
+    } <= anchors(ROOT / "docs" / "configuration.md")
+    assert "the-operators-command-line" in anchors(ROOT / "docs" / "operating.md")
+
+
+def test_every_relative_link_reaches_a_file_and_heading_that_exist():
+    broken, links = [], 0
+    for page in PAGES:
+        for target in relative_links(page):
+            links += 1
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.is_file():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and anchor not in anchors(linked):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert broken == []
+    assert links > len(PAGES)
+
+
+def test_the_readme_links_every_page_of_docs():
+    readme = ROOT / "README.md"
+    linked = {(ROOT / target.partition("#")[0]).resolve() for target in relative_links(readme)}
+    pages = {page.resolve() for page in (ROOT / "docs").glob("*.md")}
+    assert len(pages) >= 6
+    assert pages - linked == set()
+
+
+def test_the_readme_names_the_two_commands_near_its_top():
+    top = "\n".join((ROOT / "README.md").read_text().splitlines()[:15])
+    assert "make run" in top
+    assert "make test" in top
