@@ -8,8 +8,8 @@ from qp.admin import handlers as admin
 from qp.admin import page as admin_page
 from qp.chats import handlers as chat_handlers
 from qp.completions import handlers as completion_handlers
+from qp.openapi import document as openapi
 from qp.ops import health as ops
-from qp.ops import openapi
 from qp.spend import handlers as spend_handlers
 
 # method, path, handler, rate-limit class (None: not limited; the admin routes)

@@ -1,34 +1,25 @@
-"""The admin routes of the operator's page in the OpenAPI document (qp/ops/openapi.py adds
-these paths and schemas to its own), so schemathesis fuzzes them like the rest."""
+"""The admin routes of the operator's page in the OpenAPI document, so schemathesis fuzzes
+them like the rest."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from qp.admin.handlers import MAX_DAYS, OUTCOME_NAMES
+from qp.openapi.parts import ADMIN, ERROR, json_answer, object_of, query_parameter, ref
 
-ADMIN: list[dict[str, list[str]]] = [{"adminKey": []}]
 COUNT = {"type": "integer", "minimum": 0}
 MONEY = {"type": "number"}
 TIME = {"type": "string"}
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _object(properties: dict[str, Any], **more: Any) -> dict[str, Any]:
-    return {"type": "object", "required": list(properties), "properties": properties, **more}
-
-
-ERROR = {"$ref": "#/components/schemas/Error"}
-UNAUTHORIZED = _json(ERROR, "Unauthorized")
-WRONG_KEYS = _json(ERROR, "Too many wrong admin keys from this client: blocked for an hour")
-HOURLY_OUTCOMES = _object({"hour": TIME, **dict.fromkeys(OUTCOME_NAMES, COUNT)})
-COST_OF_SOURCE = _object({"completions": COUNT, "cost": MONEY})
+UNAUTHORIZED = json_answer(ERROR, "Unauthorized")
+WRONG_KEYS = json_answer(ERROR, "Too many wrong admin keys from this client: blocked for an hour")
+HOURLY_OUTCOMES = object_of({"hour": TIME, **dict.fromkeys(OUTCOME_NAMES, COUNT)})
+COST_OF_SOURCE = object_of({"completions": COUNT, "cost": MONEY})
 
 SCHEMAS: dict[str, Any] = {
-    "AdminSpend": _object(
+    "AdminSpend": object_of(
         {
             "days": COUNT,
             "by": {"enum": ["app", "model"]},
@@ -38,7 +29,7 @@ SCHEMAS: dict[str, Any] = {
             "names": {"type": "array", "items": {"type": "string"}},
             "series": {
                 "type": "array",
-                "items": _object(
+                "items": object_of(
                     {
                         "day": TIME,
                         "costs": {"type": "object", "additionalProperties": MONEY},
@@ -49,35 +40,35 @@ SCHEMAS: dict[str, Any] = {
             "total": MONEY,
             "today": MONEY,
             "month": MONEY,
-            "costSource": _object(
+            "costSource": object_of(
                 dict.fromkeys(("stream", "generation", "estimate"), COST_OF_SOURCE)
             ),
             "hourly": {"type": "array", "items": HOURLY_OUTCOMES},
-            "budgets": {"type": "array", "items": {"$ref": "#/components/schemas/Budget"}},
+            "budgets": {"type": "array", "items": ref("Budget")},
         }
     ),
-    "AdminApps": _object(
+    "AdminApps": object_of(
         {
             "apps": {
                 "type": "array",
-                "items": _object({"app": {"type": "string"}, "chats": COUNT, "updatedAt": TIME}),
+                "items": object_of({"app": {"type": "string"}, "chats": COUNT, "updatedAt": TIME}),
             }
         }
     ),
-    "AdminBlocks": _object(
+    "AdminBlocks": object_of(
         {
             "blocks": {
                 "type": "array",
-                "items": _object({"client": {"type": "string"}, "since": TIME, "until": TIME}),
+                "items": object_of({"client": {"type": "string"}, "since": TIME, "until": TIME}),
             },
             "next": {"type": ["string", "null"]},
-            "refusals": {"type": "array", "items": _object({"hour": TIME, "refusals": COUNT})},
+            "refusals": {"type": "array", "items": object_of({"hour": TIME, "refusals": COUNT})},
         }
     ),
-    "AdminOverview": _object(
+    "AdminOverview": object_of(
         {
             "status": {"enum": ["ok", "unavailable"]},
-            "checks": _object({"database": {"type": "string"}, "storage": {"type": "string"}}),
+            "checks": object_of({"database": {"type": "string"}, "storage": {"type": "string"}}),
             "version": {"type": "string"},
             "startedAt": TIME,
             "uptimeSeconds": COUNT,
@@ -90,16 +81,6 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
-def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "description": description,
-        "schema": schema,
-    }
-
-
 def _get(operation: str, summary: str, schema: str, **responses: Any) -> dict[str, Any]:
     return {
         "get": {
@@ -107,7 +88,7 @@ def _get(operation: str, summary: str, schema: str, **responses: Any) -> dict[st
             "summary": summary,
             "security": ADMIN,
             "responses": {
-                "200": _json({"$ref": f"#/components/schemas/{schema}"}, summary),
+                "200": json_answer(ref(schema), summary),
                 "401": UNAUTHORIZED,
                 "429": WRONG_KEYS,
                 **responses,
@@ -124,14 +105,14 @@ PATHS: dict[str, Any] = {
         "adminSpend",
         "Cost per UTC day by app or model, by source, per hour by outcome (admin)",
         "AdminSpend",
-        **{"400": _json(ERROR, "Invalid days, by or payer parameter")},
+        **{"400": json_answer(ERROR, "Invalid days, by or payer parameter")},
     ),
     "/api/admin/apps": _get("adminApps", "Every app with its chat count (admin)", "AdminApps"),
     "/api/admin/blocks": _get(
         "adminBlocks",
         "A page of the blocks in force, refusals per hour (admin)",
         "AdminBlocks",
-        **{"400": _json(ERROR, "Invalid after parameter")},
+        **{"400": json_answer(ERROR, "Invalid after parameter")},
     ),
     "/api/admin/blocks/{client}": {
         "delete": {
@@ -148,31 +129,31 @@ PATHS: dict[str, Any] = {
                 }
             ],
             "responses": {
-                "200": _json(
-                    _object({"success": {"const": True}}), "Lifted: the client is served again"
+                "200": json_answer(
+                    object_of({"success": {"const": True}}), "Lifted: the client is served again"
                 ),
                 "401": UNAUTHORIZED,
-                "404": _json(ERROR, "Block not found"),
+                "404": json_answer(ERROR, "Block not found"),
                 "429": WRONG_KEYS,
             },
         }
     },
 }
 PATHS["/api/admin/spend"]["get"]["parameters"] = [
-    _query(
+    query_parameter(
         "days",
         {"type": "string"},
         f"Days to show, today included: 1 to {MAX_DAYS} (default 30); anything else is 400.",
     ),
-    _query("by", {"type": "string"}, "`app` (default) or `model`; anything else is 400."),
-    _query(
+    query_parameter("by", {"type": "string"}, "`app` (default) or `model`; anything else is 400."),
+    query_parameter(
         "payer",
         {"type": "string"},
         "`operator` (the server's and apps' keys, default) or `all`; anything else is 400.",
     ),
 ]
 PATHS["/api/admin/blocks"]["get"]["parameters"] = [
-    _query(
+    query_parameter(
         "after",
         {"type": "string"},
         "The `next` of the page before (a client hash, 64 lowercase hex digits); none: the"

@@ -1,21 +1,17 @@
-"""The contract as a document: OpenAPI 3.1 for every route, status and body, served at
-GET /api/openapi.json and fuzzed by schemathesis in the test suite.
+"""The API's routes in the OpenAPI document, written by hand from ../shared/API.md, one
+literal per route in the order API.md lists them.
 
-Written by hand from ../shared/API.md: where a check cannot be said in JSON Schema (the
-system message's required phrases, which models the server pays for, sizes in bytes) the
-description says it, and the answer that check gives is among the documented statuses.
-Over 300 lines because it is data: one literal per route, in the order API.md lists them.
+Where a check cannot be said in JSON Schema (the system message's required phrases, which
+models the server pays for, sizes in bytes) the description says it, and the answer that
+check gives is among the documented statuses.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import orjson
-from aiohttp import web
-
-from qp.admin import openapi as admin_openapi
 from qp.chats.model import CHAT_ID_PATTERN, COST_MAX, INT64_MAX
+from qp.openapi.parts import ADMIN, error_answer, json_answer, limited_answer, ref
 from qp.policy.policy import MAX_APP_CHARS
 
 # Printable text: no control characters (C0, DEL, C1).
@@ -23,34 +19,15 @@ APP_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
 CHAT_ID = f"^{CHAT_ID_PATTERN.pattern}$"
 
 
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-def _error(description: str) -> dict[str, Any]:
-    return _json(_ref("Error"), description)
-
-
-def _limited(description: str) -> dict[str, Any]:
-    answer = _json(_ref("Error"), description)
-    answer["headers"] = {"Retry-After": {"required": True, "schema": {"type": "string"}}}
-    return answer
-
-
 COMMON = {
-    "429": _limited("Rate limit exceeded (or, for writes, the client's daily storage quota)"),
-    "503": _error("The database or the blob store failed: Storage unavailable"),
+    "429": limited_answer("Rate limit exceeded (or, for writes, the client's daily storage quota)"),
+    "503": error_answer("The database or the blob store failed: Storage unavailable"),
 }
 BODY_ERRORS = {
-    "400": _error("Invalid JSON body, invalid data, invalid chat id or app"),
-    "408": _error("The request body came too slowly"),
-    "413": _error("Request validation failed: the body or the chat is too large"),
+    "400": error_answer("Invalid JSON body, invalid data, invalid chat id or app"),
+    "408": error_answer("The request body came too slowly"),
+    "413": error_answer("Request validation failed: the body or the chat is too large"),
 }
-ADMIN: list[dict[str, list[str]]] = [{"adminKey": []}]
 
 TOKENS = {"type": "number", "minimum": -INT64_MAX - 1, "maximum": INT64_MAX}
 COST = {"type": "number", "minimum": -COST_MAX - 1, "maximum": COST_MAX}
@@ -89,7 +66,7 @@ SCHEMAS: dict[str, Any] = {
             "app": {"type": "string"},
             "model": {"type": "string"},
             "messages": {"type": "array"},
-            "totalUsage": _ref("Usage"),
+            "totalUsage": ref("Usage"),
             "createdAt": {"type": "string", "format": "date-time"},
             "updatedAt": {"type": "string", "format": "date-time"},
         },
@@ -111,13 +88,13 @@ SCHEMAS: dict[str, Any] = {
             "app": APP,
             "model": STORED_TEXT,
             "messages": {"type": "array"},
-            "totalUsage": _ref("Usage"),
+            "totalUsage": ref("Usage"),
         },
     },
     "ChatBody": {
         "type": "object",
         "required": ["chat"],
-        "properties": {"chat": _ref("ChatInput")},
+        "properties": {"chat": ref("ChatInput")},
     },
     "CompletionRequest": {
         "type": "object",
@@ -156,7 +133,7 @@ SCHEMAS: dict[str, Any] = {
                 "type": "array",
                 "items": {
                     "allOf": [
-                        _ref("UsageTotals"),
+                        ref("UsageTotals"),
                         {
                             "type": "object",
                             "required": ["app", "model", "payer", "costSource"],
@@ -174,8 +151,8 @@ SCHEMAS: dict[str, Any] = {
                     ]
                 },
             },
-            "overall": _ref("UsageTotals"),
-            "budgets": {"type": "array", "items": _ref("Budget")},
+            "overall": ref("UsageTotals"),
+            "budgets": {"type": "array", "items": ref("Budget")},
         },
     },
     "Budget": {
@@ -216,7 +193,7 @@ CHAT_ID_PARAMETER = {
     "description": f"A chat id ({CHAT_ID}); any other answers 404 (read, delete) or 400.",
     "schema": {"type": "string"},
 }
-CHAT_BODY = {"required": True, "content": {"application/json": {"schema": _ref("ChatBody")}}}
+CHAT_BODY = {"required": True, "content": {"application/json": {"schema": ref("ChatBody")}}}
 # The chat's revision (a worker's chat not yet updated: its updatedAt), quoted.
 ETAG = {
     "ETag": {
@@ -248,7 +225,7 @@ PATHS: dict[str, Any] = {
             "summary": "Store a new chat",
             "requestBody": CHAT_BODY,
             "responses": {
-                "200": _json(
+                "200": json_answer(
                     {
                         "type": "object",
                         "required": ["chatId"],
@@ -257,9 +234,9 @@ PATHS: dict[str, Any] = {
                     "Stored",
                 ),
                 **BODY_ERRORS,
-                "409": _error("Chat already exists"),
+                "409": error_answer("Chat already exists"),
                 **COMMON,
-                "507": _error("Insufficient storage"),
+                "507": error_answer("Insufficient storage"),
             },
         },
         "get": {
@@ -275,9 +252,9 @@ PATHS: dict[str, Any] = {
                 }
             ],
             "responses": {
-                "200": _json({"type": "array", "items": _ref("Chat")}, "The chats"),
-                "400": _error("App parameter required, or Invalid app (a NUL)"),
-                "401": _error("Unauthorized"),
+                "200": json_answer({"type": "array", "items": ref("Chat")}, "The chats"),
+                "400": error_answer("App parameter required, or Invalid app (a NUL)"),
+                "401": error_answer("Unauthorized"),
                 **COMMON,
             },
         },
@@ -295,9 +272,9 @@ PATHS: dict[str, Any] = {
                 )
             ],
             "responses": {
-                "200": _with_etag(_json(_ref("Chat"), "The chat")),
+                "200": _with_etag(json_answer(ref("Chat"), "The chat")),
                 "304": {"description": "The client's copy is current: no body", "headers": ETAG},
-                "404": _error("Chat not found"),
+                "404": error_answer("Chat not found"),
                 **COMMON,
             },
         },
@@ -314,7 +291,7 @@ PATHS: dict[str, Any] = {
             "requestBody": CHAT_BODY,
             "responses": {
                 "200": _with_etag(
-                    _json(
+                    json_answer(
                         {
                             "type": "object",
                             "required": ["success"],
@@ -324,10 +301,12 @@ PATHS: dict[str, Any] = {
                     )
                 ),
                 **BODY_ERRORS,
-                "404": _error("Chat not found"),
-                "412": _error("Chat changed: If-Match names no current revision; nothing stored"),
+                "404": error_answer("Chat not found"),
+                "412": error_answer(
+                    "Chat changed: If-Match names no current revision; nothing stored"
+                ),
                 **COMMON,
-                "507": _error("Insufficient storage"),
+                "507": error_answer("Insufficient storage"),
             },
         },
         "delete": {
@@ -335,12 +314,12 @@ PATHS: dict[str, Any] = {
             "summary": "Remove a chat (admin)",
             "security": ADMIN,
             "responses": {
-                "200": _json(
+                "200": json_answer(
                     {"type": "object", "properties": {"success": {"const": True}}},
                     "Gone, whether or not it existed",
                 ),
-                "401": _error("Unauthorized"),
-                "404": _error("Chat not found (not a chat id)"),
+                "401": error_answer("Unauthorized"),
+                "404": error_answer("Chat not found (not a chat id)"),
                 **COMMON,
             },
         },
@@ -359,7 +338,7 @@ PATHS: dict[str, Any] = {
             ],
             "requestBody": {
                 "required": True,
-                "content": {"application/json": {"schema": _ref("CompletionRequest")}},
+                "content": {"application/json": {"schema": ref("CompletionRequest")}},
             },
             "responses": {
                 "200": {
@@ -367,14 +346,14 @@ PATHS: dict[str, Any] = {
                     "content": {"text/plain": {"schema": {"type": "string"}}},
                 },
                 **BODY_ERRORS,
-                "402": _error(
+                "402": error_answer(
                     "Budget exhausted: a budget of the server's keys is used up (Retry-After:"
                     " seconds to its reset), or upstream's own 402"
                 ),
                 **COMMON,
-                "502": _error("Bad Gateway: upstream unreachable or answering oddly"),
-                "504": _error("Gateway Timeout"),
-                "default": _error(
+                "502": error_answer("Bad Gateway: upstream unreachable or answering oddly"),
+                "504": error_answer("Gateway Timeout"),
+                "default": error_answer(
                     "Upstream's own status and reason (e.g. 401), with its message; 500 when"
                     " no key is configured"
                 ),
@@ -397,9 +376,9 @@ PATHS: dict[str, Any] = {
                 },
             ],
             "responses": {
-                "200": _json(_ref("UsageReport"), "The totals"),
-                "400": _error("Invalid since parameter, or Invalid app (a NUL)"),
-                "401": _error("Unauthorized"),
+                "200": json_answer(ref("UsageReport"), "The totals"),
+                "400": error_answer("Invalid since parameter, or Invalid app (a NUL)"),
+                "401": error_answer("Unauthorized"),
                 **COMMON,
             },
         },
@@ -408,7 +387,7 @@ PATHS: dict[str, Any] = {
         "get": {
             "operationId": "openapi",
             "summary": "This document",
-            "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+            "responses": {"200": json_answer({"type": "object"}, "OpenAPI 3.1")},
         },
     },
     "/healthz": {
@@ -416,8 +395,8 @@ PATHS: dict[str, Any] = {
             "operationId": "health",
             "summary": "Whether the database and the blob store answer and take writes",
             "responses": {
-                "200": _json(_ref("Health"), "Healthy"),
-                "503": _json(_ref("Health"), "Not: checks name what and why"),
+                "200": json_answer(ref("Health"), "Healthy"),
+                "503": json_answer(ref("Health"), "Not: checks name what and why"),
             },
         },
     },
@@ -431,37 +410,9 @@ PATHS: dict[str, Any] = {
                     "description": "Prometheus text",
                     "content": {"text/plain": {"schema": {"type": "string"}}},
                 },
-                "401": _error("Unauthorized"),
-                "403": _error("Forbidden"),
+                "401": error_answer("Unauthorized"),
+                "403": error_answer("Forbidden"),
             },
         },
     },
 }
-
-SCHEMAS.update(admin_openapi.SCHEMAS)
-PATHS.update(admin_openapi.PATHS)
-
-DOCUMENT: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {
-        "title": "qp-server",
-        "version": "1",
-        "description": "The QP chat backend's HTTP API (../shared/API.md). Every error body"
-        " is JSON with at least an `error` string. Any route may also answer 400 for a"
-        " request the HTTP parser rejects, and 429 when its client is over its rate limit.",
-    },
-    "paths": PATHS,
-    "components": {
-        "schemas": SCHEMAS,
-        "securitySchemes": {
-            "adminKey": {"type": "apiKey", "in": "header", "name": "x-admin-key"},
-            "metricsToken": {"type": "http", "scheme": "bearer"},
-        },
-    },
-}
-
-_DOCUMENT_JSON = orjson.dumps(DOCUMENT)
-
-
-async def openapi_document(request: web.Request) -> web.Response:
-    return web.Response(body=_DOCUMENT_JSON, content_type="application/json")
