@@ -1,2 +1,3 @@
-"""The OpenAPI document of the API (document.py), in parts: the API's routes, the admin
-routes, and the pieces both are written with."""
+"""The OpenAPI document of the API (document.py), in parts: the chat routes, the completion
+and usage routes, the operators' routes, the admin routes, and the pieces all are written
+with."""

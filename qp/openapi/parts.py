@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from qp.chats.model import CHAT_ID_PATTERN, COST_MAX, INT64_MAX
+from qp.policy.policy import MAX_APP_CHARS
+
 # The admin routes' security requirement: the x-admin-key header.
 ADMIN: list[dict[str, list[str]]] = [{"adminKey": []}]
 
@@ -14,6 +17,12 @@ def ref(name: str) -> dict[str, str]:
 
 
 ERROR = ref("Error")
+# Every error body: at least an `error` string.
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+}
 
 
 def json_answer(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -44,3 +53,24 @@ def query_parameter(name: str, schema: dict[str, Any], description: str) -> dict
         "description": description,
         "schema": schema,
     }
+
+
+APP_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+CHAT_ID = f"^{CHAT_ID_PATTERN.pattern}$"
+
+
+COMMON = {
+    "429": limited_answer("Rate limit exceeded (or, for writes, the client's daily storage quota)"),
+    "503": error_answer("The database or the blob store failed: Storage unavailable"),
+}
+BODY_ERRORS = {
+    "400": error_answer("Invalid JSON body, invalid data, invalid chat id or app"),
+    "408": error_answer("The request body came too slowly"),
+    "413": error_answer("Request validation failed: the body or the chat is too large"),
+}
+
+TOKENS = {"type": "number", "minimum": -INT64_MAX - 1, "maximum": INT64_MAX}
+COST = {"type": "number", "minimum": -COST_MAX - 1, "maximum": COST_MAX}
+APP = {"type": "string", "maxLength": MAX_APP_CHARS, "pattern": APP_PATTERN}
+# Text the server stores: no NUL (nor, in JSON, a lone surrogate, which no UTF-8 body holds).
+STORED_TEXT = {"type": "string", "pattern": "^[^\\u0000]*$"}
