@@ -1,0 +1,1 @@
+"""The operator's page (/admin) and the /api/admin/ routes it reads."""

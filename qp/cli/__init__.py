@@ -1,1 +1,1 @@
-"""cli"""
+"""The operators' command line, `python -m qp`: one module per command family."""

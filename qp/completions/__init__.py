@@ -1,1 +1,1 @@
-"""completions"""
+"""The completion relay (/api/completion): request checks, key choice, the stream, its usage."""

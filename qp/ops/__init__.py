@@ -1,1 +1,1 @@
-"""ops"""
+"""Operations: /healthz, /metrics, and the housekeeping that runs every second."""
