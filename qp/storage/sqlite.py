@@ -1,5 +1,5 @@
 """SQLite through aiosqlite: one writer connection and a pool of read-only readers. Plumbing
-only: the features keep their own SQL (chats/sql.py, completions/ledger.py,
+only: the features keep their own SQL (chats/sql.py, spend/ledger.py,
 protection/blocks.py) and call the helpers here.
 
 Every write is a function run inside `BEGIN IMMEDIATE` on the single writer connection; the
