@@ -9,7 +9,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from qp import config
+from qp import masking
 from qp.masking import mask_url
 from tests.helpers import ADMIN_KEY, call, run_qp, wait_for_log
 from tests.processes import PostgresServer, QPServer, run_server_once
@@ -62,14 +62,14 @@ def test_a_drivers_error_echoing_a_piece_of_the_password_is_redacted():
     url = "postgresql://qp:Sekr3t/Pw@db/qp"
     message = "ValueError: invalid literal for int() with base 10: 'Sekr3t'"
     assert (
-        config.redact(message, url)
+        masking.redact(message, url)
         == "ValueError: invalid literal for int() with base 10: '********'"
     )
     assert (
-        config.redact(f"cannot reach {url}/x", url)
+        masking.redact(f"cannot reach {url}/x", url)
         == "cannot reach postgresql://qp:********@db/qp/x"
     )
-    assert config.redact("p@ss: no", "postgresql://qp:p%40ss@db/qp") == "********: no"
+    assert masking.redact("p@ss: no", "postgresql://qp:p%40ss@db/qp") == "********: no"
 
 
 def check_config(tmp_path, **env: str) -> str:
