@@ -28,9 +28,9 @@ from qp.policy.loader import load_policy
 from qp.policy.policy import POLICY, Policy, PolicyHolder
 from qp.protection.admin import ADMIN_GUARD, AdminGuard
 from qp.protection.blocks import open_rate_limiter
-from qp.protection.byte_budget import BYTE_BUDGET, ByteBudget
 from qp.protection.client_address import IP_SALT, installation_salt
 from qp.protection.cors import setup_cors
+from qp.protection.inflight_bytes import INFLIGHT_BYTES, InflightBytes
 from qp.protection.quota import DAILY_QUOTA, DailyQuota
 from qp.protection.rate_limits import RATE_CLASSES, RATE_LIMITER
 from qp.routes import add_routes
@@ -74,7 +74,7 @@ def create_app(
     app[SHUTTING_DOWN] = asyncio.Event()
     app[ADMIN_GUARD] = AdminGuard()
     app[DAILY_QUOTA] = DailyQuota()
-    app[BYTE_BUDGET] = ByteBudget(config.max_inflight_bytes)
+    app[INFLIGHT_BYTES] = InflightBytes(config.max_inflight_bytes)
     app[RATE_CLASSES] = add_routes(app.router)
     setup_cors(app, lambda: app[POLICY].current.origin_matcher)
     app.on_shutdown.append(_note_shutdown)

@@ -14,7 +14,7 @@ from qp.errors import BAD_REQUEST, ApiError, too_large
 from qp.policy.policy import Policy
 
 # Parsed into Python objects, JSON takes up to this many times its size (`[{},{},...]`:
-# a 64-byte dict for every 3 bytes). A body is charged that much of the byte budget until
+# a 64-byte dict for every 3 bytes). A body is charged that much of the in-flight bytes until
 # it is parsed.
 PARSE_FACTOR = 25
 

@@ -1,14 +1,13 @@
-"""The one error type handlers raise, and the one middleware that renders every error as JSON."""
+"""The errors qp raises and the contract's answers for them: ApiError (a status and the exact
+JSON body), the storage failures, the contract's 413, 429 and 507, and JSON responses. The
+`errors` middleware (qp/middlewares.py) turns each into its answer."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import orjson
 from aiohttp import web
-
-log = logging.getLogger("qp.errors")
 
 
 class ApiError(Exception):

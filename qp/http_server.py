@@ -25,7 +25,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from qp.config import Config
 from qp.errors import BAD_REQUEST, StorageUnavailable, json_response, too_many_requests
-from qp.logs import CLIENT_HASH, MALFORMED, AccessLogger
+from qp.logs import ACCESS_LOGGER, CLIENT_HASH, MALFORMED, AccessLogger
 from qp.metrics import METRICS
 from qp.middlewares import storage_unavailable
 from qp.policy.policy import POLICY
@@ -213,8 +213,8 @@ async def _serve(app: web.Application, config: Config) -> None:
         max_connections=connection_limit(config.max_connections),
         handle_signals=True,
         access_log_class=AccessLogger,
-        access_log=logging.getLogger("qp.access"),
-        access_log_format=config.log_format,
+        # Its lines' format (QP_LOG_FORMAT) is the one configure_logging set.
+        access_log=logging.getLogger(ACCESS_LOGGER),
         # SIGTERM/SIGINT: stop accepting, let requests and streams in flight finish.
         shutdown_timeout=config.shutdown_timeout,
         # A client that leaves cancels its handler: the completion relay relies on it to

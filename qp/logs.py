@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import logging
 import sys
 import time as _time
@@ -25,6 +24,9 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "P
 
 
 LOG_FORMATS = ("text", "json")
+# The logger of the access log's lines (one per request; see AccessLogger).
+ACCESS_LOGGER = "qp.access"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
@@ -84,16 +86,18 @@ def _strip_details(record: logging.LogRecord) -> None:
 
 
 def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
+    """Log lines on stderr, text or JSON, at most one of a kind a second; the access log's
+    lines through an AccessLines handler on `qp.access`."""
+    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter()
-        if log_format == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-    )
+    handler.setFormatter(formatter)
     handler.addFilter(OncePerSecond())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    access = logging.getLogger(ACCESS_LOGGER)
+    access.handlers[:] = [AccessLines(log_format == "json", formatter)]
+    access.propagate = False
     # aiohttp's own access logger would log raw paths, which carry chat ids (bearer secrets).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     for chatty in ("botocore", "aiobotocore"):
@@ -117,18 +121,24 @@ def method_name(request: web.BaseRequest) -> str:
     return request.method if request.method in KNOWN_METHODS else "OTHER"
 
 
-class _AccessLines:
+class AccessLines(logging.Handler):
     """The access log's lines for the whole process (aiohttp makes an access logger per
-    connection): batched writes, and the per-second budget with its count of held lines."""
+    connection): batched writes, and the per-second limit with its count of held lines.
+
+    A handler of the `qp.access` logger, so that logging's own shutdown at exit writes what
+    is still pending, the count of held lines included.
+    """
 
     FLUSH_SECONDS = 0.2
     MAX_PENDING = 256
+    LINES_PER_SECOND = 1000
+    LINES_PER_CLIENT = 20
 
-    def __init__(self, per_second: int, per_client: int):
-        self.per_second = per_second
-        self.per_client = per_client
+    def __init__(self, json: bool = False, formatter: logging.Formatter | None = None):
+        super().__init__()
+        self.setFormatter(formatter or logging.Formatter(TEXT_FORMAT))
+        self.json = json
         self.stream = sys.stderr
-        self.json = False
         self._pending: list[str] = []
         self._flush_timer: asyncio.TimerHandle | None = None
         self._window = -1
@@ -139,6 +149,17 @@ class _AccessLines:
         self._second = -1
         self._stamp = ""
 
+    @classmethod
+    def of(cls, logger: logging.Logger) -> AccessLines:
+        """The logger's AccessLines; one is added (text lines) when configure_logging did not."""
+        for handler in logger.handlers:
+            if isinstance(handler, AccessLines):
+                return handler
+        lines = cls()
+        logger.addHandler(lines)
+        logger.propagate = False
+        return lines
+
     def admit(self, client: str) -> bool:
         """Whether a line for `client` may be written this second; if not, it is counted and
         the count said once the second is over."""
@@ -147,7 +168,7 @@ class _AccessLines:
             self._window, self._written = window, 0
             self._by_client.clear()
         seen = self._by_client.get(client, 0)
-        if self._written < self.per_second and seen < self.per_client:
+        if self._written < self.LINES_PER_SECOND and seen < self.LINES_PER_CLIENT:
             self._by_client[client] = seen + 1
             self._written += 1
             return True
@@ -164,14 +185,15 @@ class _AccessLines:
         if not held:
             return
         text = (
-            f"{held} access lines held back in one second (over {self.per_client}"
-            f" for a client or {self.per_second} in all)"
+            f"{held} access lines held back in one second (over {self.LINES_PER_CLIENT}"
+            f" for a client or {self.LINES_PER_SECOND} in all)"
         )
-        if self.json:
-            entry = {"time": format_epoch(_time.time()), "level": "WARNING", "logger": "qp.access"}
-            self.add(orjson.dumps({**entry, "message": text}).decode())
-        else:
-            self.add(f"{self.timestamp()} WARNING qp.access {text}")
+        record = logging.LogRecord(ACCESS_LOGGER, logging.WARNING, __file__, 0, text, (), None)
+        self.add(self.format(record))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """A line logged through the logging module joins the batch."""
+        self.add(self.format(record))
 
     def add(self, line: str) -> None:
         self._pending.append(line + "\n")
@@ -202,42 +224,40 @@ class _AccessLines:
             self.stream.flush()
             self._pending.clear()
 
-    def flush_at_exit(self) -> None:
-        """What is still pending, the count of held lines included."""
+    def close(self) -> None:
+        """What is still pending, the count of held lines included (logging.shutdown)."""
         if self._report_timer is not None:
             self._report_timer.cancel()
             self.report_held()
         self.flush()
+        super().close()
 
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request: method, route pattern, status, duration, bytes sent, and the
-    client's address hash; JSON when the access log format (QP_LOG_FORMAT) is `json`.
+    client's address hash; JSON when the log format (QP_LOG_FORMAT) is `json`.
 
-    Lines skip the logging module and are written in batches (at most 0.2 s late): a write
+    Lines skip the logging module's records and go to the AccessLines handler of the
+    logger aiohttp gives (`qp.access`), written in batches (at most 0.2 s late): a write
     per request cost a third of a cached GET's time. At most LINES_PER_CLIENT a second per
     client and LINES_PER_SECOND in all are written; how many were held back is said in one
     line a second, so a flood costs the log a bounded rate.
     """
 
-    LINES_PER_SECOND = 1000
-    LINES_PER_CLIENT = 20
-    lines = _AccessLines(LINES_PER_SECOND, LINES_PER_CLIENT)
-
     def __init__(self, logger: logging.Logger, log_format: str) -> None:
         super().__init__(logger, log_format)
-        self._json = self.lines.json = log_format == "json"
+        self.lines = AccessLines.of(logger)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         client = request.get(CLIENT_HASH, "-")
         if not self.lines.admit(client):
             return
-        if self._json:
+        if self.lines.json:
             line = orjson.dumps(
                 {
                     "time": format_epoch(_time.time()),
                     "level": "INFO",
-                    "logger": "qp.access",
+                    "logger": ACCESS_LOGGER,
                     "method": method_name(request),
                     "route": route_name(request),
                     "status": response.status,
@@ -253,6 +273,3 @@ class AccessLogger(AbstractAccessLogger):
                 f" {response.body_length}B client={client}"
             )
         self.lines.add(line)
-
-
-atexit.register(AccessLogger.lines.flush_at_exit)

@@ -1,4 +1,4 @@
-"""ByteBudget on its own: requests wait their turn, first come first served."""
+"""InflightBytes on its own: requests wait their turn, first come first served."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from qp.protection.byte_budget import ByteBudget
+from qp.protection.inflight_bytes import InflightBytes
 
 
 async def test_a_request_waits_until_the_bytes_it_asks_for_are_free():
-    budget = ByteBudget(100)
+    budget = InflightBytes(100)
     order: list[str] = []
 
     async def request(name: str, nbytes: int, seconds: float) -> None:
@@ -29,7 +29,7 @@ async def test_a_request_waits_until_the_bytes_it_asks_for_are_free():
 
 
 async def test_what_is_given_back_lets_the_next_one_in():
-    budget = ByteBudget(100)
+    budget = InflightBytes(100)
     entered = asyncio.Event()
 
     async def waiting() -> None:
@@ -47,14 +47,14 @@ async def test_what_is_given_back_lets_the_next_one_in():
 
 
 async def test_more_than_the_whole_budget_is_the_whole_budget():
-    budget = ByteBudget(100)
+    budget = InflightBytes(100)
     async with budget.hold(10**12) as held:
         assert held.nbytes == budget.in_use == 100
     assert budget.in_use == 0
 
 
 async def test_a_waiter_cancelled_gives_its_place_up():
-    budget = ByteBudget(100)
+    budget = InflightBytes(100)
     async with budget.hold(100):
         task = asyncio.create_task(budget.hold(50).__aenter__())
         await asyncio.sleep(0.01)

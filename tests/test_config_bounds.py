@@ -11,8 +11,9 @@ import aiohttp
 import pytest
 
 from qp.config import ConfigError, load_config
-from qp.policy.loader import SETTINGS, load_policy
+from qp.policy.loader import load_policy
 from qp.policy.policy import Policy
+from qp.policy.settings import SETTINGS
 from tests.helpers import call, make_chat, wait_for_log
 from tests.processes import QPServer, psql, run_server_once
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qp.protection.rate_limits import BLOCK_SECONDS, RateLimit, RateLimiter, Refusal
+from qp.protection.rate_limits import BLOCK_SECONDS, RateLimit, RateLimiter, RateRefusal
 
 HOUR_START = 1_800_000_000.0 - 1_800_000_000.0 % 3600  # the first second of some hour
 
@@ -68,12 +68,12 @@ async def test_a_new_minute_does_not_reset_the_hours_count(limiter, clock):
 async def test_the_refusals_message_and_retry_after(limiter):
     minute = RateLimit(per_minute=1, per_hour=None)
     await limiter.check("client", "chats", minute)
-    assert await limiter.check("client", "chats", minute) == Refusal(
+    assert await limiter.check("client", "chats", minute) == RateRefusal(
         60, "Rate limit exceeded: 1 requests per minute", "minute"
     )
     hour = RateLimit(per_minute=None, per_hour=1)
     await limiter.check("other", "chats", hour)
-    assert await limiter.check("other", "chats", hour) == Refusal(
+    assert await limiter.check("other", "chats", hour) == RateRefusal(
         3600, "Rate limit exceeded: 1 requests per hour", "hour"
     )
 
@@ -94,7 +94,9 @@ async def test_ten_refusals_within_an_hour_block_for_a_day(limiter, clock, saved
     blocked_at = clock.now
     assert saved == {"client": blocked_at + BLOCK_SECONDS}
     refusal = await limiter.check("client", "chats", limit)
-    assert refusal == Refusal(BLOCK_SECONDS, "IP blocked due to excessive violations", "blocked")
+    assert refusal == RateRefusal(
+        BLOCK_SECONDS, "IP blocked due to excessive violations", "blocked"
+    )
     # A block holds on routes whose class has no limit too, and ends after a day.
     assert (await limiter.check("client", "admin", RateLimit(None, None))).reason == "blocked"
     clock.now = blocked_at + BLOCK_SECONDS

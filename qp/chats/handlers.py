@@ -1,6 +1,6 @@
 """Handlers for /api/chats: parse and validate, call the ChatStore, shape the answer.
 
-Chats can be 10 MiB: a request body is charged to the byte budget (QP_MAX_INFLIGHT_MB)
+Chats can be 10 MiB: a request body is charged to the in-flight bytes (QP_MAX_INFLIGHT_MB)
 before it is read, and a chat read is sent in pieces when large, so what clients send and
 ask for never decides how much memory the server takes.
 """
@@ -39,7 +39,7 @@ from qp.errors import (
 from qp.logs import CLIENT_HASH
 from qp.policy.policy import INVALID_APP, POLICY, Policy
 from qp.protection.admin import require_admin
-from qp.protection.byte_budget import BYTE_BUDGET
+from qp.protection.inflight_bytes import INFLIGHT_BYTES
 from qp.protection.quota import DAILY_QUOTA
 from qp.text import is_storable_text
 
@@ -49,7 +49,7 @@ CHAT_NOT_FOUND = "Chat not found"
 CHAT_CHANGED = "Chat changed"
 SUCCESS = {"success": True}
 GIB = 1024**3
-# What a read holds of the byte budget while it runs: a small chat whole, or a piece of a
+# What a read holds of the in-flight bytes while it runs: a small chat whole, or a piece of a
 # large one and its rendering.
 READ_HOLD_BYTES = 2 * CHUNK_BYTES
 # A list: the chat being sent, and those opened ahead of it.
@@ -81,7 +81,7 @@ async def create_chat(request: web.Request) -> web.Response:
 async def get_chat(request: web.Request) -> web.StreamResponse:
     chat_id = request.match_info["chat_id"]
     current = _entity_tags(request.headers.get(hdrs.IF_NONE_MATCH), weak=True) or ()
-    async with request.app[BYTE_BUDGET].hold(READ_HOLD_BYTES):
+    async with request.app[INFLIGHT_BYTES].hold(READ_HOLD_BYTES):
         store = request.app[CHAT_STORE]
         chat = await store.open_chat(chat_id, current) if is_valid_chat_id(chat_id) else None
         if chat is None:
@@ -135,7 +135,7 @@ async def list_chats(request: web.Request) -> web.StreamResponse:
     if not is_storable_text(app):
         raise ApiError(400, INVALID_APP)
     async with (
-        request.app[BYTE_BUDGET].hold(LIST_HOLD_BYTES),
+        request.app[INFLIGHT_BYTES].hold(LIST_HOLD_BYTES),
         contextlib.aclosing(request.app[CHAT_STORE].newest_chats(app)) as chats,
     ):
         # The first chat is read before answering: a store that is down is still a 503.
@@ -159,9 +159,9 @@ async def delete_chat(request: web.Request) -> web.Response:
 async def _received_chat(
     request: web.Request, policy: Policy, *, id_required: bool
 ) -> AsyncIterator[ChatInput]:
-    """The body's chat, validated, while the byte budget holds what it takes: the body's
+    """The body's chat, validated, while the in-flight bytes hold what it takes: the body's
     size while it is read and parsed, then twice its messages (kept, and written)."""
-    async with request.app[BYTE_BUDGET].hold(
+    async with request.app[INFLIGHT_BYTES].hold(
         body_allowance(request, policy.max_chat_body_bytes)
     ) as held:
         chat = parse_chat(

@@ -36,7 +36,7 @@ from qp.chats.model import (
 from qp.storage.database import Statements, Transaction
 from qp.timestamps import later_than
 
-# The chats table's columns, in ChatRow's order (all but `pending`).
+# The chats table's columns, in ChatRow's order.
 COLUMNS = (
     "chat_id, app, model, prompt_tokens, completion_tokens, estimated_cost, created_at,"
     " updated_at, messages_bytes, blob_rev"
@@ -53,7 +53,6 @@ BEFORE_CREATE = """
            (SELECT COUNT(*) FROM chats WHERE chat_id = ?),
            (SELECT COALESCE(SUM(bytes), 0) FROM chat_bytes)
 """
-EXISTS = "SELECT 1 FROM chats WHERE chat_id = ?"
 BEGIN_WRITE = "INSERT INTO chat_writes (rev, chat_id, started_at) VALUES (?, ?, ?)"
 END_WRITE = "DELETE FROM chat_writes WHERE rev = ?"
 INSERT = f"""
@@ -122,8 +121,9 @@ COUNTED_AND_HELD = """
     SELECT (SELECT COALESCE(SUM(bytes), 0) FROM chat_bytes),
            (SELECT COALESCE(SUM(messages_bytes), 0) FROM chats)
 """
-# Counting again: every shard is written first, so a commit meanwhile either committed
-# before (and is in the sum) or waits for this one (and adds to the count after it).
+# Counting again (UNCOUNT, then COUNT_AGAIN, in one transaction): every shard is written
+# first, so a commit meanwhile either committed before (and is in the sum) or waits for
+# this one (and adds to the count after it).
 UNCOUNT = "UPDATE chat_bytes SET bytes = 0"
 COUNT_AGAIN = """
     UPDATE chat_bytes SET bytes = (SELECT COALESCE(SUM(messages_bytes), 0) FROM chats)

@@ -16,7 +16,7 @@ from qp.config import CONFIG
 from qp.logs import CLIENT_HASH
 from qp.metrics import METRICS
 from qp.policy.policy import POLICY
-from qp.protection.byte_budget import BYTE_BUDGET
+from qp.protection.inflight_bytes import INFLIGHT_BYTES
 from qp.spend.budgets import estimate_cost
 from qp.spend.prices import PRICES
 from qp.spend.record import CompletionRecord
@@ -27,9 +27,9 @@ from qp.timestamps import utc_now_iso
 async def create_completion(request: web.Request) -> web.StreamResponse:
     policy = request.app[POLICY].current
     config = request.app[CONFIG]
-    # The parsed request is charged to the byte budget and let go before the stream starts:
+    # The parsed request is charged to the in-flight bytes and let go before the stream starts:
     # a stream may stay open for minutes, holding only what it relays.
-    async with request.app[BYTE_BUDGET].hold(
+    async with request.app[INFLIGHT_BYTES].hold(
         body_allowance(request, policy.max_completion_body_bytes)
     ):
         completion = parse_completion(

@@ -1,4 +1,5 @@
-"""What operators look at: /healthz, /metrics, and the middleware that measures requests."""
+"""What operators look at: /healthz (do the database and the blob store take writes) and
+/metrics (Prometheus text, for a token or loopback)."""
 
 from __future__ import annotations
 

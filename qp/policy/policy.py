@@ -168,15 +168,6 @@ class Policy:
     def price_table(self) -> dict[str, tuple[float, float]]:
         return {model: (prompt, completion) for model, prompt, completion in self.prices}
 
-    @property
-    def budgets_on(self) -> bool:
-        return bool(
-            self.budget_server_daily_usd
-            or self.budget_server_monthly_usd
-            or any(cap for _, cap in self.budget_app_daily_usd)
-            or self.budget_client_daily_usd
-        )
-
     def rate_limit(self, rate_class: str) -> RateLimit:
         return self.chats_rate_limit if rate_class == "chats" else self.completion_rate_limit
 

@@ -61,7 +61,9 @@ class RateLimit:
 
 
 @dataclass(frozen=True)
-class Refusal:
+class RateRefusal:
+    """A request the rate limits refuse: 429 with Retry-After, and which window refused it."""
+
     retry_after: int
     message: str
     reason: str  # minute, hour or blocked
@@ -128,7 +130,7 @@ class RateLimiter:
         self._counts = counts or MemoryCounts(clock, max_clients)
         self.refusals_per_hour = RefusalsPerHour(clock)
 
-    def blocked(self, client: str) -> Refusal | None:
+    def blocked(self, client: str) -> RateRefusal | None:
         """The refusal of a blocked client (whatever the limits of the route)."""
         blocked_until = self._blocks.get(client)
         if blocked_until is None:
@@ -137,11 +139,11 @@ class RateLimiter:
         if blocked_until <= now:
             del self._blocks[client]
             return None
-        return Refusal(
+        return RateRefusal(
             math.ceil(blocked_until - now), "IP blocked due to excessive violations", "blocked"
         )
 
-    async def check(self, client: str, rate_class: str, limit: RateLimit) -> Refusal | None:
+    async def check(self, client: str, rate_class: str, limit: RateLimit) -> RateRefusal | None:
         """Count the request, or say why it is refused."""
         refusal = self.blocked(client)
         if refusal is not None or not limit.is_limited:
@@ -151,11 +153,11 @@ class RateLimiter:
         if window is None:
             return None
         if window == HOUR:
-            refusal = Refusal(
+            refusal = RateRefusal(
                 3600, f"Rate limit exceeded: {limit.per_hour} requests per hour", HOUR
             )
         else:
-            refusal = Refusal(
+            refusal = RateRefusal(
                 60, f"Rate limit exceeded: {limit.per_minute} requests per minute", MINUTE
             )
         if await self._counts.refused(client, now) >= REFUSALS_BEFORE_BLOCK:

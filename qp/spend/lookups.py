@@ -46,8 +46,6 @@ REQUEST_TIMEOUT = 10.0
 CLAIM_SECONDS = 3 * REQUEST_TIMEOUT
 MAX_ANSWER_BYTES = 64 * 1024  # a generation's record is under 2 KiB
 MAX_COST = 1e6  # a figure above this from upstream is not believed
-# What a lookup found: cost, prompt tokens, completion tokens.
-Found = tuple[float, int | None, int | None]
 
 
 def owed_lookup_times(now: float) -> tuple[str, str]:

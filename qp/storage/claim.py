@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qp.storage.file_watch import identity, identity_at
+
 # The holder's record is rewritten in place at a fixed size: never truncated, so a full
 # disk cannot leave the file without its blocks.
 RECORD_BYTES = 512
@@ -46,7 +48,7 @@ class Claim:
     def __init__(self, lock_path: Path, fd: int):
         self.lock_path = lock_path
         self._fd: int | None = fd
-        self._identity = _identity(os.fstat(fd))
+        self._identity = identity(os.fstat(fd))
 
     @classmethod
     def take(cls, lock_path: Path, record: dict[str, Any]) -> Claim:
@@ -64,23 +66,16 @@ class Claim:
                 raise
             # The file may have been deleted or replaced between open and lock: then the
             # lock guards nothing. Try again on whatever is at the path now.
-            if _path_identity(lock_path) == _identity(os.fstat(fd)):
+            if identity_at(lock_path) == identity(os.fstat(fd)):
                 break
             os.close(fd)
         claim = cls(lock_path, fd)
         claim._write_record(record)
         return claim
 
-    @classmethod
-    def try_take(cls, lock_path: Path, record: dict[str, Any]) -> Claim | None:
-        try:
-            return cls.take(lock_path, record)
-        except ClaimHeld:
-            return None
-
     def still_held(self) -> bool:
         """True while the lock file at the path is the one this claim locked."""
-        return self._fd is not None and _path_identity(self.lock_path) == self._identity
+        return self._fd is not None and identity_at(self.lock_path) == self._identity
 
     def renew(self, record: dict[str, Any]) -> bool:
         """After the lock file was deleted or replaced: lock what is at the path now. False
@@ -146,14 +141,3 @@ def _read_record(fd: int) -> dict[str, Any]:
         if time.monotonic() > deadline:
             return {}
         time.sleep(0.02)
-
-
-def _identity(stat: os.stat_result) -> tuple[int, int]:
-    return stat.st_dev, stat.st_ino
-
-
-def _path_identity(path: Path) -> tuple[int, int] | None:
-    try:
-        return _identity(os.stat(path))
-    except OSError:
-        return None

@@ -197,8 +197,4 @@ class StatementHelpers:
         await self.fetchall("SELECT 1")
 
 
-class Unchanged(Exception):
-    """Raised inside a write function to roll back a change whose condition no longer holds."""
-
-
 DATABASE = web.AppKey("database", Database)

@@ -1,6 +1,7 @@
-"""DatabaseFile: notices the database file being deleted, replaced, truncated or overwritten
-under a running server, which would otherwise go on taking SQLite's writes into a file no
-restart will find."""
+"""Files that must stay the ones opened: a file's identity (device and inode), and
+DatabaseFile, which notices the database file being deleted, replaced, truncated or
+overwritten under a running server, which would otherwise go on taking SQLite's writes into
+a file no restart will find. The lock files of qp/storage/claim.py are checked the same way."""
 
 from __future__ import annotations
 
@@ -14,7 +15,21 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 DELETED = "deleted"
 REPLACED = "replaced"
 DAMAGED = "damaged"
-# Its lock file was taken by another process: another server may be writing.
+
+# A file's device and inode: another file put at the same path has others.
+Identity = tuple[int, int]
+
+
+def identity(stat: os.stat_result) -> Identity:
+    return stat.st_dev, stat.st_ino
+
+
+def identity_at(path: Path) -> Identity | None:
+    """The identity of the file at `path` now; None when there is none (or it cannot be read)."""
+    try:
+        return identity(os.stat(path))
+    except OSError:
+        return None
 
 
 class DatabaseFile:
@@ -30,18 +45,18 @@ class DatabaseFile:
         self.wal_path = path.with_name(path.name + "-wal")
         self._fd = os.open(path, os.O_RDONLY)
         stat = os.fstat(self._fd)
-        self._identity = (stat.st_dev, stat.st_ino)
+        self._identity = identity(stat)
         self._size = stat.st_size
-        self._wal_identity = _identity(self.wal_path)
+        self._wal_identity = identity_at(self.wal_path)
 
     def problem(self) -> str | None:
         """DELETED, REPLACED or DAMAGED, or None while the file is the one we opened, whole."""
-        at_path = _identity(self.path)
+        at_path = identity_at(self.path)
         if at_path is None:
             return DELETED
         if at_path != self._identity:
             return REPLACED
-        if self._wal_identity is not None and _identity(self.wal_path) != self._wal_identity:
+        if self._wal_identity is not None and identity_at(self.wal_path) != self._wal_identity:
             return DAMAGED  # the write-ahead log holding the latest commits was removed
         try:
             size = os.fstat(self._fd).st_size
@@ -56,11 +71,3 @@ class DatabaseFile:
 
     def close(self) -> None:
         os.close(self._fd)
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_dev, stat.st_ino

@@ -113,7 +113,7 @@ async def _set_up(conn: asyncpg.Connection) -> None:
     )
 
 
-def failure_reason(err: BaseException) -> str:
+def postgres_failure_reason(err: BaseException) -> str:
     """FULL, READ_ONLY or UNAVAILABLE for an error from PostgreSQL or the way to it."""
     if isinstance(err, asyncpg.DiskFullError | asyncpg.OutOfMemoryError):
         return FULL
@@ -394,7 +394,9 @@ def unavailable_on_failure() -> Iterator[None]:
     except DATA_ERRORS as err:
         raise UnstorableValue("Database", err) from err
     except FAILURES as err:
-        raise StorageUnavailable("Database", describe_failure(err), failure_reason(err)) from err
+        raise StorageUnavailable(
+            "Database", describe_failure(err), postgres_failure_reason(err)
+        ) from err
 
 
 def describe_failure(err: BaseException) -> str:

@@ -1,6 +1,6 @@
 """SQLite through aiosqlite: one writer connection and a pool of read-only readers. Plumbing
-only: the features keep their own SQL (chats/sql.py, spend/ledger.py,
-protection/blocks.py) and call the helpers here.
+only: the features keep their own SQL (chats/sql.py, spend/ledger.py, protection/blocks.py)
+and call the helpers here.
 
 Every write is a function run inside `BEGIN IMMEDIATE` on the single writer connection; the
 function *is* the transaction (`execute_write` for a single statement). Reads use their own
@@ -11,9 +11,9 @@ taking SQLite's writes into a file no restart will find, so every commit is chec
 against the file at the path before it counts, and a file found wrong refuses every write
 after it until a restart.
 
-Over 300 lines because the writer's life is one piece: opening (with the read-only fallback
-on a full disk), the transaction, the file check and the change counter all guard the same
-connection; split apart, each half would need the other's internals.
+SqliteDatabase holds the writer's whole life: opening it (read-only when the disk is full),
+its transactions, the check of the file after each commit, and the change counter by which
+the operators' tools' commits are noticed.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ MakeRoom = Callable[[], bool]
 TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"
 
 
-def failure_reason(err: sqlite3.Error) -> str:
+def sqlite_failure_reason(err: sqlite3.Error) -> str:
     """FULL, READ_ONLY or UNAVAILABLE for an error from SQLite."""
     code = getattr(err, "sqlite_errorcode", 0)
     if code & 0xFF == sqlite3.SQLITE_FULL or code == sqlite3.SQLITE_IOERR_SHMSIZE:
@@ -160,14 +160,14 @@ class SqliteDatabase(StatementHelpers):
         try:
             return await cls._open(path, reader_count, make_room)
         except sqlite3.Error as err:
-            if failure_reason(err) != FULL:
+            if sqlite_failure_reason(err) != FULL:
                 raise
             full = err
         if make_room is not None and make_room():
             try:
                 return await cls._open(path, reader_count, make_room)
             except sqlite3.Error as err:
-                if failure_reason(err) != FULL:
+                if sqlite_failure_reason(err) != FULL:
                     raise
         if not _every_commit_in_main_file(path):
             raise full
@@ -244,14 +244,14 @@ class SqliteDatabase(StatementHelpers):
                 try:
                     result = await self._transaction(fn, durable)
                 except sqlite3.Error as err:
-                    if not (maintenance and failure_reason(err) == FULL and self._room()):
+                    if not (maintenance and sqlite_failure_reason(err) == FULL and self._room()):
                         raise
                     result = await self._transaction(fn, durable)
             except DATA_ERRORS as err:
                 raise UnstorableValue("Database", err) from err
             except sqlite3.Error as err:
                 self._note_corruption(err)
-                raise StorageUnavailable("Database", str(err), failure_reason(err)) from err
+                raise StorageUnavailable("Database", str(err), sqlite_failure_reason(err)) from err
             # Only now does the commit count: it must be in the file a restart opens.
             self.verify_file()
             return result
@@ -327,7 +327,7 @@ class SqliteDatabase(StatementHelpers):
             raise UnstorableValue("Database", err) from err
         except sqlite3.Error as err:
             self._note_corruption(err)
-            raise StorageUnavailable("Database", str(err), failure_reason(err)) from err
+            raise StorageUnavailable("Database", str(err), sqlite_failure_reason(err)) from err
         finally:
             self._readers.put_nowait(conn)
 
@@ -350,7 +350,7 @@ class SqliteDatabase(StatementHelpers):
             try:
                 ((version,),) = await self._writer.execute_fetchall("PRAGMA data_version")
             except sqlite3.Error as err:
-                raise StorageUnavailable("Database", str(err), failure_reason(err)) from err
+                raise StorageUnavailable("Database", str(err), sqlite_failure_reason(err)) from err
         changed = self._data_version is not None and version != self._data_version
         self._data_version = version
         return changed

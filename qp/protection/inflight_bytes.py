@@ -1,9 +1,9 @@
-"""ByteBudget: how many bytes of chats and request bodies the server holds in memory at once.
+"""InflightBytes: how many bytes of chats and request bodies the server holds in memory at once.
 
 What a client sends decides how much a request needs (a 10 MiB body parses into up to 25
-times that in Python objects); the budget (QP_MAX_INFLIGHT_MB) decides how much all
-requests together may have. A request asks before it allocates and waits its turn, first
-come first served, when the budget is spent; it may give back what it no longer needs as
+times that in Python objects); the limit (QP_MAX_INFLIGHT_MB) decides how much all
+requests together may hold. A request asks before it allocates and waits its turn, first
+come first served, while the limit is reached; it may give back what it no longer needs as
 it goes, but never ask for more while holding some (no request can wait on another).
 """
 
@@ -20,17 +20,19 @@ from aiohttp import web
 class Hold:
     """Bytes a request holds; `shrink_to` gives back what it no longer needs."""
 
-    def __init__(self, budget: ByteBudget, nbytes: int):
-        self._budget = budget
+    def __init__(self, inflight: InflightBytes, nbytes: int):
+        self._inflight = inflight
         self.nbytes = nbytes
 
     def shrink_to(self, nbytes: int) -> None:
         if nbytes < self.nbytes:
-            self._budget._give_back(self.nbytes - nbytes)
+            self._inflight._give_back(self.nbytes - nbytes)
             self.nbytes = nbytes
 
 
-class ByteBudget:
+class InflightBytes:
+    """The bytes requests hold now, at most `max_bytes`, and the requests waiting for room."""
+
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.in_use = 0
@@ -38,7 +40,7 @@ class ByteBudget:
 
     @asynccontextmanager
     async def hold(self, nbytes: int) -> AsyncIterator[Hold]:
-        """Hold `nbytes` (at most the whole budget) until the block ends."""
+        """Hold `nbytes` (at most `max_bytes`) until the block ends."""
         nbytes = max(0, min(nbytes, self.max_bytes))
         await self._take(nbytes)
         hold = Hold(self, nbytes)
@@ -77,4 +79,4 @@ class ByteBudget:
 
 
 # Bytes of chats and request bodies held in memory at once (QP_MAX_INFLIGHT_MB).
-BYTE_BUDGET = web.AppKey("byte_budget", ByteBudget)
+INFLIGHT_BYTES = web.AppKey("inflight_bytes", InflightBytes)
