@@ -1,5 +1,5 @@
 """Upgrading to copy-on-write chats: a database of the last in-place version (SQLite schema
-6, PostgreSQL step 2) with a write of each kind still pending starts as a real server and
+6, PostgreSQL's old step 2) with a write of each kind still pending starts as a real server and
 serves every acknowledged write intact; each pending write is resolved once by the old
 rule (its blob holds its messages: finished; else undone)."""
 

@@ -1,20 +1,20 @@
-"""The migration runner: applies the steps of qp/storage/schema.py a database has not had,
-in order, in one transaction at start-up, the same way on SQLite and PostgreSQL (a small
-adapter for each says how to talk to it).
+"""The migration runner: applies the steps of qp/storage/schema.py that a database has not
+had, in order, in one transaction at start-up, the same way on SQLite and PostgreSQL (a
+small adapter for each says where its version is kept and how a transaction is taken).
 
 One version scheme on both: the version is the number of the list's steps applied. Steps
-are only ever added at the end and a database is always brought to the end of the list in
-one transaction, so the steps applied are always the first N and their number says which:
-a number, not a table of names, so that SQLite keeps it where it always has (`PRAGMA
-user_version`, which a D1 export has at 0), an older server's refusal of a newer database
-still works on both, and "newer than this server" is one comparison. PostgreSQL keeps it
-in its one-row `qp_schema` table, taken under an advisory lock so that processes starting
-together never race (the second waits, then finds the schema current).
+are only ever added at the end, and a database is always brought to the end in one
+transaction, so the steps applied are the first N and N says which. A number rather than
+a table of step names: SQLite keeps it where it always has (`PRAGMA user_version`, 0 in a
+D1 export), PostgreSQL in its one-row `qp_schema` table, so an older server still refuses
+a newer database on both, and "newer than this server" is one comparison. On PostgreSQL
+the transaction holds an advisory lock, so processes starting together never race (the
+second waits, then finds the schema current).
 
-SQLite's versions 0..9 from before the one list are this list's first nine steps, as they
-were. PostgreSQL's `qp_schema` counted steps of its own, 1..6 (schema.POSTGRES_OLD_STEPS
-says what each made): those numbers are below any the runner writes (every database it
-leaves is at SCHEMA_VERSION, which was past them from the start), so they are told apart.
+SQLite's versions 0..9 from before the one list are its first nine steps, unchanged.
+PostgreSQL's `qp_schema` counted steps of its own, 1..6 (schema.POSTGRES_OLD_STEPS says
+what each made); every database the runner leaves is at SCHEMA_VERSION, past them all
+from the start, so an old number is never taken for a new one.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The schema's history: one list of named steps, each with its SQLite and its PostgreSQL
 statements side by side (none where that database has nothing to change), applied in order
 by qp/storage/migrations.py. schema.sql is the readable whole of SQLite's (a test checks
-that the steps build exactly that).
+that the steps build exactly that). A new step goes at the end. The first nine are
+SQLite's history as it was numbered before this list; the steps only PostgreSQL has come
+after them, so that those numbers still hold.
 
 SQLite keeps timestamps as the worker wrote them. PostgreSQL keeps them as ISO 8601 UTC
 text too, so the features' comparisons and orderings by text are the same on both; a
