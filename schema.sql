@@ -1,4 +1,4 @@
--- qp-server's SQLite schema, whole, as qp/storage/migrations.py builds it step by step
+-- qp-server's SQLite schema, whole, as the steps in qp/storage/schema.py build it
 -- (tests/test_migrations.py checks they agree). The chats table is the worker's D1 table,
 -- column for column (plus `pending`, `messages_bytes` and `blob_rev`), so a D1 export loads
 -- as is.
@@ -149,5 +149,6 @@ CREATE TABLE prices (
   fetched_at TEXT NOT NULL
 );
 
--- The schema version this file describes (SCHEMA_VERSION in qp/storage/migrations.py).
-PRAGMA user_version = 9;
+-- The schema version this file describes (SCHEMA_VERSION in qp/storage/migrations.py: the
+-- number of steps in qp/storage/schema.py, three of them PostgreSQL's alone).
+PRAGMA user_version = 12;

@@ -32,6 +32,18 @@ KILOBYTE_OF_MESSAGES = ["x" * 996]
 STORAGE_FULL = (507, {"error": "Insufficient storage"})
 
 
+OLD_POSTGRES_STEPS = ROOT / "tests" / "fixtures" / "postgres-old-steps"
+
+
+def old_postgres_schema(version: int) -> str:
+    """The SQL that leaves a new PostgreSQL database as a server of its old numbering's
+    `version` (1..6, before the one list of named steps) did: its steps and qp_schema."""
+    steps = [(OLD_POSTGRES_STEPS / f"{step}.sql").read_text() for step in range(1, version + 1)]
+    recorded = "CREATE TABLE qp_schema (version INTEGER NOT NULL);\n"
+    recorded += f"INSERT INTO qp_schema (version) VALUES ({version});\n"
+    return "\n".join([*steps, recorded])
+
+
 def unique_id() -> str:
     return uuid.uuid4().hex
 

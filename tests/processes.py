@@ -179,6 +179,21 @@ def psql(url: str, sql: str) -> str:
     return result.stdout.strip()
 
 
+def schema_dump(url: str) -> str:
+    """pg_dump's DDL of the database at `url`, its comments and session lines aside and its
+    spacing normalised: the same for equal schemas, however their statements were spaced."""
+    result = subprocess.run(
+        ["pg_dump", "--schema-only", "--no-owner", "--no-privileges", "-d", url],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    kept = [
+        line
+        for line in result.stdout.splitlines()
+        if not line.startswith(("--", "\\", "SET ", "SELECT pg_catalog.set_config"))
+    ]
+    return " ".join(" ".join(kept).split())
+
+
 class PostgresServer:
     """Debian's PostgreSQL in a folder of its own on a free loopback port, started with
     initdb and pg_ctl as the package's `postgres` user when the tests run as root (it

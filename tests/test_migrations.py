@@ -1,5 +1,5 @@
-"""Schema migrations: the numbered steps build what schema.sql describes, and a database made
-by each earlier version migrates to the current one with its rows intact."""
+"""Schema migrations on SQLite: the named steps build what schema.sql describes, and a
+database made by each earlier version migrates to the current one with its rows intact."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from qp.storage.migrations import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew
+from qp.storage.migrations import SCHEMA_VERSION, SchemaTooNew, applied_steps
+from qp.storage.schema import POSTGRES_OLD_STEPS, STEPS
 from qp.storage.sqlite import SqliteDatabase
 from tests.processes import ROOT
+
+# The versions SQLite databases were left at before the one list of named steps: its first
+# nine steps, as they were (0: the worker's D1 export, its chats table only).
+OLD_VERSIONS = range(10)
 
 # Rows as each table first had them: table -> (the version that made it, columns, row).
 FIRST_ROWS = {
@@ -87,11 +92,8 @@ def structure(path: Path) -> dict[str, object]:
 def made_by_version(path: Path, version: int) -> None:
     """A database as version `version` of qp-server left it, one row in each table."""
     with sqlite3.connect(path) as db:
-        for step in range(1, version + 1):
-            for statement in MIGRATIONS[step]:
-                db.execute(statement)
-        if version == 0:  # what the worker's D1 export holds: its chats table, no version
-            for statement in MIGRATIONS[1]:
+        for step in STEPS[: max(version, 1)]:  # 0: the D1 export's chats table, no version
+            for statement in step.sqlite:
                 db.execute(statement)
         for table, (made_in, columns, row) in FIRST_ROWS.items():
             if made_in <= max(version, 1 if table == "chats" else 0):
@@ -105,6 +107,18 @@ def rows_of(path: Path, table: str, columns: tuple[str, ...]) -> list[tuple]:
         return db.execute(f"SELECT {', '.join(columns)} FROM {table}").fetchall()
 
 
+def test_each_step_has_a_name_of_its_own_and_the_old_numbering_names_each_once():
+    names = [step.name for step in STEPS]
+    assert len(set(names)) == len(names) == SCHEMA_VERSION
+    old = [name for made in POSTGRES_OLD_STEPS for name in made]
+    assert sorted(old) == sorted(names)
+    # Its numbers are below any the runner leaves, so the two are never taken for each other.
+    assert len(POSTGRES_OLD_STEPS) < SCHEMA_VERSION
+    assert applied_steps(len(POSTGRES_OLD_STEPS), POSTGRES_OLD_STEPS) == set(names)
+    assert applied_steps(SCHEMA_VERSION, POSTGRES_OLD_STEPS) == set(names)
+    assert applied_steps(3, ()) == {"chats", "ledger", "settings and blocks"}
+
+
 async def test_the_steps_build_what_schema_sql_describes(tmp_path):
     with sqlite3.connect(tmp_path / "from-file.sqlite3") as db:
         db.executescript((ROOT / "schema.sql").read_text())
@@ -115,7 +129,7 @@ async def test_the_steps_build_what_schema_sql_describes(tmp_path):
     assert structure(tmp_path / "from-steps.sqlite3") == from_file
 
 
-@pytest.mark.parametrize("version", range(SCHEMA_VERSION))
+@pytest.mark.parametrize("version", OLD_VERSIONS)
 async def test_a_database_of_each_earlier_version_migrates_with_its_rows(tmp_path, version):
     path = tmp_path / "qp.sqlite3"
     made_by_version(path, version)

@@ -25,8 +25,8 @@ import asyncpg
 import pytest
 
 from qp.config import ConfigError, load_config
+from qp.storage.migrations import SCHEMA_VERSION, PostgresSchema, SchemaTooNew, migrate
 from qp.storage.postgres import CHANGES, translate
-from qp.storage.postgres_schema import SCHEMA_VERSION, STEPS, migrate
 from tests.helpers import (
     ADMIN_KEY,
     SYSTEM,
@@ -34,10 +34,18 @@ from tests.helpers import (
     create,
     eventually,
     make_chat,
+    old_postgres_schema,
     run_qp,
     wait_until,
 )
-from tests.processes import ROOT, PostgresServer, QPServer, free_ports, run_server_once
+from tests.processes import (
+    ROOT,
+    PostgresServer,
+    QPServer,
+    free_ports,
+    run_server_once,
+    schema_dump,
+)
 
 
 def refusal(result: subprocess.CompletedProcess) -> str:
@@ -161,8 +169,8 @@ async def test_two_processes_migrating_at_once_make_the_schema_once(postgres):
     url = postgres.create_database()
     connections = [await asyncpg.connect(url) for _ in range(2)]
     try:
-        await asyncio.gather(*(migrate(conn) for conn in connections))
-        await migrate(connections[0])  # current: nothing to do
+        await asyncio.gather(*(migrate(PostgresSchema(conn)) for conn in connections))
+        await migrate(PostgresSchema(connections[0]))  # current: nothing to do
         tables = await connections[0].fetch(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename"
         )
@@ -193,14 +201,10 @@ async def test_the_count_of_bytes_stored_starts_from_the_rows_and_follows_every_
     url = postgres.create_database()
     conn = await asyncpg.connect(url)
     try:
-        for step in range(1, 4):  # a database as version 3 (before the count) left it
-            for statement in STEPS[step]:
-                await conn.execute(statement)
-        await conn.execute("CREATE TABLE qp_schema (version INTEGER NOT NULL)")
-        await conn.execute("INSERT INTO qp_schema (version) VALUES (3)")
+        await conn.execute(old_postgres_schema(3))  # as old version 3 (before the count) left it
         insert = "INSERT INTO chats (chat_id, app, model, messages_bytes) VALUES ($1, 'a', 'm', $2)"
         await conn.executemany(insert, [("one", 100), ("two", 250), ("imported", None)])
-        await migrate(conn)
+        await migrate(PostgresSchema(conn))
         total = "SELECT SUM(bytes) FROM chat_bytes"
         assert (
             await conn.fetchval(total),
@@ -228,6 +232,100 @@ async def test_a_database_from_a_newer_server_is_refused(tmp_path, postgres):
     )
     line = refusal(run_server_once(tmp_path / "data", QP_DATABASE=url))
     assert f"SchemaTooNew: schema version 99 is newer than this server's ({SCHEMA_VERSION})" in line
+
+
+# Rows as each table first had them: table -> (PostgreSQL's old step that made it, columns,
+# row).
+OLD_ROWS: dict[str, tuple[int, tuple[str, ...], tuple]] = {
+    "chats": (
+        1,
+        (
+            "chat_id",
+            "app",
+            "model",
+            "prompt_tokens",
+            "estimated_cost",
+            "updated_at",
+            "messages_bytes",
+        ),
+        ("old-chat", "nwb", "m", 12, 0.5, "2025-01-02T00:00:00.000Z", 30),
+    ),
+    "completions": (
+        1,
+        ("started_at", "app", "model", "payer", "cost", "status", "outcome", "duration_ms"),
+        ("2025-01-03T00:00:00.000Z", "nwb", "m", "server", 0.25, 200, "completed", 99),
+    ),
+    "settings": (1, ("name", "value"), ("ip_salt", "kept-salt")),
+    "blocks": (
+        1,
+        ("client_hash", "blocked_at", "blocked_until"),
+        ("ab" * 32, "2025-01-04T00:00:00.000Z", "2999-01-01T00:00:00.000Z"),
+    ),
+    "prices": (1, ("model", "prompt", "completion", "fetched_at"), ("m", 1e-6, 2e-6, "2025")),
+    "write_leases": (2, ("owner", "expires_at"), ("process-a", 1.5)),
+    "rate_counts": (
+        2,
+        ("client_hash", "rate_class", "minute", "minute_count", "hour", "hour_count"),
+        ("cd" * 32, "chat", 60, 3, 1, 9),
+    ),
+    "rate_refusals": (2, ("client_hash", "refused_at"), ("cd" * 32, 2.5)),
+    "budget_accounts": (
+        2,
+        ("kind", "name", "period", "period_start", "spent", "reserved"),
+        ("app", "nwb", "day", 86400.0, 1.25, 0.5),
+    ),
+    "budget_reservations": (2, ("owner", "amount", "accounts"), ("process-a", 0.5, "[]")),
+    "chat_writes": (3, ("rev", "chat_id", "started_at"), ("r1", "old-chat", 3.5)),
+    "chat_garbage": (3, ("chat_id", "rev", "since"), ("old-chat", "r0", 4.5)),
+}
+
+
+@pytest.mark.parametrize("version", range(1, 7))
+async def test_a_database_of_each_old_version_upgrades_to_the_new_schema_with_its_rows(
+    postgres, version
+):
+    old, new = postgres.create_database(), postgres.create_database()
+    made = {table: (cols, row) for table, (step, cols, row) in OLD_ROWS.items() if step <= version}
+    conn = await asyncpg.connect(old)
+    try:
+        await conn.execute(old_postgres_schema(version))
+        for table, (columns, row) in made.items():
+            marks = ", ".join(f"${n}" for n in range(1, len(row) + 1))
+            await conn.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", *row)
+        await migrate(PostgresSchema(conn))
+        kept = {
+            table: [tuple(r) for r in await conn.fetch(f"SELECT {', '.join(columns)} FROM {table}")]
+            for table, (columns, _) in made.items()
+        }
+        stored = await conn.fetchval("SELECT SUM(bytes) FROM chat_bytes")
+        versions = [r[0] for r in await conn.fetch("SELECT version FROM qp_schema")]
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(new)
+    try:
+        await migrate(PostgresSchema(conn))
+    finally:
+        await conn.close()
+    dump = schema_dump(new)
+    assert "CREATE TABLE public.budget_reservations (" in dump
+    assert schema_dump(old) == dump
+    assert kept == {table: [row] for table, (_, row) in made.items()}
+    assert (stored, versions) == (30, [SCHEMA_VERSION])
+
+
+async def test_a_database_of_a_newer_version_is_refused_and_left_as_it_is(postgres):
+    url = postgres.create_database()
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(PostgresSchema(conn))
+        await conn.execute("UPDATE qp_schema SET version = version + 1")
+        before = schema_dump(url)
+        with pytest.raises(SchemaTooNew, match=f"schema version {SCHEMA_VERSION + 1} is newer"):
+            await migrate(PostgresSchema(conn))
+        assert await conn.fetchval("SELECT version FROM qp_schema") == SCHEMA_VERSION + 1
+    finally:
+        await conn.close()
+    assert schema_dump(url) == before
 
 
 def listener_session(postgres: PostgresServer, database: str) -> str:

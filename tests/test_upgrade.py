@@ -1,5 +1,5 @@
 """Upgrading to copy-on-write chats: a database of the last in-place version (SQLite schema
-6, PostgreSQL step 2) with a write of each kind still pending starts as a real server and
+6, PostgreSQL's old step 2) with a write of each kind still pending starts as a real server and
 serves every acknowledged write intact; each pending write is resolved once by the old
 rule (its blob holds its messages: finished; else undone)."""
 
@@ -15,10 +15,9 @@ import aiohttp
 import orjson
 import pytest
 
-from qp.storage import postgres_schema
-from qp.storage.migrations import MIGRATIONS
+from qp.storage.schema import STEPS
 from tests.app_server import sql_literal
-from tests.helpers import call, make_chat
+from tests.helpers import call, make_chat, old_postgres_schema
 from tests.processes import PostgresServer, QPServer
 
 OLD_SQLITE_VERSION = 6
@@ -107,8 +106,8 @@ def write_blobs(data_dir: Path) -> None:
 
 def old_sqlite(data_dir: Path) -> None:
     with sqlite3.connect(data_dir / "qp.sqlite3") as db:
-        for step in range(1, OLD_SQLITE_VERSION + 1):
-            for statement in MIGRATIONS[step]:
+        for step in STEPS[:OLD_SQLITE_VERSION]:
+            for statement in step.sqlite:
                 db.execute(statement)
         marks = ", ".join("?" * 10)
         db.executemany(f"INSERT INTO chats ({COLUMNS}) VALUES ({marks})", old_rows())
@@ -117,10 +116,7 @@ def old_sqlite(data_dir: Path) -> None:
 
 def old_postgres(postgres: PostgresServer) -> str:
     url = postgres.create_database()
-    statements = ["CREATE TABLE qp_schema (version INTEGER NOT NULL)"]
-    for step in range(1, OLD_POSTGRES_VERSION + 1):
-        statements += list(postgres_schema.STEPS[step])
-    statements.append(f"INSERT INTO qp_schema (version) VALUES ({OLD_POSTGRES_VERSION})")
+    statements = [old_postgres_schema(OLD_POSTGRES_VERSION)]
     for row in old_rows():
         values = ", ".join(sql_literal(value) for value in row)
         statements.append(f"INSERT INTO chats ({COLUMNS}) VALUES ({values})")

@@ -1,176 +1,168 @@
-"""The schema's history: numbered steps, each a real DDL change, applied in order in one
-transaction at start-up. schema.sql is the readable whole of the current version (a test
-checks that the steps build exactly that).
+"""The migration runner: applies the steps of qp/storage/schema.py that a database has not
+had, in order, in one transaction at start-up, the same way on SQLite and PostgreSQL (a
+small adapter for each says where its version is kept and how a transaction is taken).
 
-A database the worker exported from D1 and loaded into SQLite has the chats table and
-version 0: step 1 leaves its table alone (IF NOT EXISTS) and carries on from there.
+One version scheme on both: the version is the number of the list's steps applied. Steps
+are only ever added at the end, and a database is always brought to the end in one
+transaction, so the steps applied are the first N and N says which. A number rather than
+a table of step names: SQLite keeps it where it always has (`PRAGMA user_version`, 0 in a
+D1 export), PostgreSQL in its one-row `qp_schema` table, so an older server still refuses
+a newer database on both, and "newer than this server" is one comparison. On PostgreSQL
+the transaction holds an advisory lock, so processes starting together never race (the
+second waits, then finds the schema current).
+
+SQLite's versions 0..9 from before the one list are its first nine steps, unchanged.
+PostgreSQL's `qp_schema` counted steps of its own, 1..6 (schema.POSTGRES_OLD_STEPS says
+what each made); every database the runner leaves is at SCHEMA_VERSION, past them all
+from the start, so an old number is never taken for a new one.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
+
 import aiosqlite
+import asyncpg
 
-SCHEMA_VERSION = 9
+from qp.storage.schema import POSTGRES_OLD_STEPS, STEPS, Step
 
-# MIGRATIONS[n]: the statements that take a database from version n - 1 to version n.
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        # The worker's D1 table, column for column.
-        """
-        CREATE TABLE IF NOT EXISTS chats (
-          chat_id TEXT PRIMARY KEY,
-          app TEXT NOT NULL,
-          model TEXT NOT NULL,
-          prompt_tokens INTEGER DEFAULT 0,
-          completion_tokens INTEGER DEFAULT 0,
-          estimated_cost REAL DEFAULT 0,
-          created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
-          updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP
-        )
-        """,
-        "CREATE INDEX IF NOT EXISTS idx_chats_app_updated_at ON chats(app, updated_at DESC)",
-    ),
-    2: (
-        """
-        CREATE TABLE completions (
-          id INTEGER PRIMARY KEY,
-          started_at TEXT NOT NULL,
-          app TEXT,
-          model TEXT NOT NULL,
-          payer TEXT NOT NULL CHECK (payer IN ('server', 'app', 'user')),
-          prompt_tokens INTEGER,
-          completion_tokens INTEGER,
-          cost REAL,
-          status INTEGER NOT NULL,
-          outcome TEXT NOT NULL,
-          duration_ms INTEGER NOT NULL,
-          client_left INTEGER NOT NULL DEFAULT 0
-        )
-        """,
-        "CREATE INDEX idx_completions_started_at ON completions(started_at)",
-        "CREATE INDEX idx_completions_app_started_at ON completions(app, started_at)",
-    ),
-    3: (
-        "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        """
-        CREATE TABLE blocks (
-          client_hash TEXT PRIMARY KEY,
-          blocked_at TEXT NOT NULL,
-          blocked_until TEXT NOT NULL
-        )
-        """,
-    ),
-    4: ("ALTER TABLE chats ADD COLUMN pending TEXT",),
-    5: ("ALTER TABLE chats ADD COLUMN messages_bytes INTEGER",),
-    6: (
-        "ALTER TABLE completions ADD COLUMN client_hash TEXT",
-        "ALTER TABLE completions ADD COLUMN generation_id TEXT",
-        "ALTER TABLE completions ADD COLUMN cost_source TEXT",
-        "ALTER TABLE completions ADD COLUMN cost_owed_until TEXT",
-        "ALTER TABLE completions ADD COLUMN cost_next_lookup TEXT",
-        "CREATE INDEX idx_completions_client_started_at ON completions(client_hash, started_at)",
-        """
-        CREATE INDEX idx_completions_cost_next_lookup ON completions(cost_next_lookup)
-        WHERE cost_next_lookup IS NOT NULL
-        """,
-        """
-        CREATE TABLE prices (
-          model TEXT PRIMARY KEY,
-          prompt REAL NOT NULL,
-          completion REAL NOT NULL,
-          fetched_at TEXT NOT NULL
-        )
-        """,
-    ),
-    # Copy-on-write chats: each write's messages under a revision of its own.
-    7: (
-        "ALTER TABLE chats ADD COLUMN blob_rev TEXT",
-        """
-        CREATE TABLE chat_writes (
-          rev TEXT PRIMARY KEY,
-          chat_id TEXT NOT NULL,
-          started_at REAL NOT NULL
-        )
-        """,
-        "CREATE INDEX idx_chat_writes_started_at ON chat_writes(started_at)",
-        """
-        CREATE TABLE chat_garbage (
-          chat_id TEXT NOT NULL,
-          rev TEXT NOT NULL,
-          since REAL NOT NULL,
-          PRIMARY KEY (chat_id, rev)
-        )
-        """,
-        "CREATE INDEX idx_chat_garbage_since ON chat_garbage(since)",
-    ),
-    # The ledger row of a completion names its budget reservation on a shared database
-    # (PostgreSQL's step 4): a row swept at its estimate is replaced by the real one.
-    8: (
-        "ALTER TABLE completions ADD COLUMN reservation_id INTEGER",
-        "CREATE UNIQUE INDEX idx_completions_reservation ON completions(reservation_id)",
-    ),
-    # The total of all chats' messages, changed by triggers in the transaction of every
-    # row change, whoever makes it (the total storage cap is checked in the commit).
-    9: (
-        "CREATE TABLE chat_bytes (shard INTEGER PRIMARY KEY, bytes INTEGER NOT NULL)",
-        "INSERT INTO chat_bytes (shard, bytes) VALUES (0, 0)",
-        """
-        CREATE TRIGGER chat_bytes_of_insert AFTER INSERT ON chats
-        WHEN NEW.messages_bytes IS NOT NULL
-        BEGIN
-          UPDATE chat_bytes SET bytes = bytes + NEW.messages_bytes WHERE shard = 0;
-        END
-        """,
-        """
-        CREATE TRIGGER chat_bytes_of_update AFTER UPDATE OF messages_bytes ON chats
-        WHEN NEW.messages_bytes IS NOT OLD.messages_bytes
-        BEGIN
-          UPDATE chat_bytes
-          SET bytes = bytes + COALESCE(NEW.messages_bytes, 0) - COALESCE(OLD.messages_bytes, 0)
-          WHERE shard = 0;
-        END
-        """,
-        """
-        CREATE TRIGGER chat_bytes_of_delete AFTER DELETE ON chats
-        WHEN OLD.messages_bytes IS NOT NULL
-        BEGIN
-          UPDATE chat_bytes SET bytes = bytes - OLD.messages_bytes WHERE shard = 0;
-        END
-        """,
-        "UPDATE chat_bytes SET bytes = (SELECT COALESCE(SUM(messages_bytes), 0) FROM chats)",
-    ),
-}
-assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION + 1))
+SCHEMA_VERSION = len(STEPS)
+# pg_advisory_xact_lock key taken while the schema is brought up to date ("qp-mig").
+MIGRATION_LOCK = 0x71702D6D6967
+# Whether qp_schema is there: the catalog read as a table, so that one another process has
+# just made is seen (to_regclass answers from a cache that may not know it yet).
+VERSION_RECORDED = """
+SELECT EXISTS (
+  SELECT FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'qp_schema'
+)
+"""
 
 
 class SchemaTooNew(Exception):
     """The database was made by a newer qp-server."""
 
 
-async def schema_version(conn: aiosqlite.Connection) -> int:
-    ((version,),) = await conn.execute_fetchall("PRAGMA user_version")
-    return int(version)
+class Schema(Protocol):
+    """A database as the runner sees it."""
+
+    # What each version this database once counted in a numbering of its own had applied.
+    old_steps: tuple[tuple[str, ...], ...]
+
+    def statements(self, step: Step) -> tuple[str, ...]:
+        """The step's statements for this database."""
+        ...
+
+    async def version(self) -> int:
+        """The version recorded (0 for a database without one)."""
+        ...
+
+    def transaction(self) -> AbstractAsyncContextManager[None]:
+        """One transaction, holding off any other process's migration until it ends."""
+        ...
+
+    async def execute(self, statement: str) -> None: ...
+
+    async def set_version(self, version: int) -> None: ...
 
 
-async def migrate(conn: aiosqlite.Connection) -> int:
-    """Bring the database to SCHEMA_VERSION in one transaction; answers the version it had.
-    A database already there is not written to (a start on a full disk needs no room)."""
-    current = await schema_version(conn)
-    if current > SCHEMA_VERSION:
+def applied_steps(version: int, old_steps: tuple[tuple[str, ...], ...]) -> set[str]:
+    """The names of the steps a database at `version` has had."""
+    if version <= len(old_steps):
+        return {name for made in old_steps[:version] for name in made}
+    return {step.name for step in STEPS[:version]}
+
+
+def _refuse_if_newer(version: int) -> None:
+    if version > SCHEMA_VERSION:
         raise SchemaTooNew(
-            f"schema version {current} is newer than this server's ({SCHEMA_VERSION})"
+            f"schema version {version} is newer than this server's ({SCHEMA_VERSION})"
         )
-    if current == SCHEMA_VERSION:
-        return current
-    await conn.execute("BEGIN IMMEDIATE")
-    try:
-        for version in range(current + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS[version]:
-                await conn.execute(statement)
-        await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        await conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            await conn.execute("ROLLBACK")
-        raise
-    return current
+
+
+async def migrate(schema: Schema) -> None:
+    """Bring the database to SCHEMA_VERSION in one transaction; SchemaTooNew when it was
+    made by a newer qp-server. One already current is not written to (a start on a full
+    disk needs no room)."""
+    version = await schema.version()
+    _refuse_if_newer(version)
+    if version == SCHEMA_VERSION:
+        return
+    async with schema.transaction():
+        version = await schema.version()  # again: another process may have been first
+        _refuse_if_newer(version)
+        if version == SCHEMA_VERSION:
+            return
+        applied = applied_steps(version, schema.old_steps)
+        for step in STEPS:
+            if step.name not in applied:
+                for statement in schema.statements(step):
+                    await schema.execute(statement)
+        await schema.set_version(SCHEMA_VERSION)
+
+
+class SqliteSchema:
+    """SQLite's side: the version in `PRAGMA user_version`; the writer connection's
+    `BEGIN IMMEDIATE` holds off every other writer."""
+
+    old_steps: tuple[tuple[str, ...], ...] = ()
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    def statements(self, step: Step) -> tuple[str, ...]:
+        return step.sqlite
+
+    async def version(self) -> int:
+        ((version,),) = await self._conn.execute_fetchall("PRAGMA user_version")
+        return int(version)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        await self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            await self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                await self._conn.execute("ROLLBACK")
+            raise
+
+    async def execute(self, statement: str) -> None:
+        await self._conn.execute(statement)
+
+    async def set_version(self, version: int) -> None:
+        await self._conn.execute(f"PRAGMA user_version = {int(version)}")
+
+
+class PostgresSchema:
+    """PostgreSQL's side: the version in the one-row `qp_schema` table; the transaction
+    holds the migration lock."""
+
+    old_steps = POSTGRES_OLD_STEPS
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    def statements(self, step: Step) -> tuple[str, ...]:
+        return step.postgres
+
+    async def version(self) -> int:
+        if not await self._conn.fetchval(VERSION_RECORDED):
+            return 0
+        return int(await self._conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM qp_schema"))
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        async with self._conn.transaction():
+            await self._conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            yield
+
+    async def execute(self, statement: str) -> None:
+        await self._conn.execute(statement)
+
+    async def set_version(self, version: int) -> None:
+        await self._conn.execute("CREATE TABLE IF NOT EXISTS qp_schema (version INTEGER NOT NULL)")
+        await self._conn.execute("DELETE FROM qp_schema")
+        await self._conn.execute("INSERT INTO qp_schema (version) VALUES ($1)", version)

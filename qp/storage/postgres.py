@@ -42,7 +42,7 @@ from qp.storage.database import (
     StatementHelpers,
     WriteFn,
 )
-from qp.storage.postgres_schema import migrate
+from qp.storage.migrations import PostgresSchema, migrate
 
 log = logging.getLogger("qp.storage.postgres")
 
@@ -208,7 +208,7 @@ class PostgresDatabase(StatementHelpers):
         pools: list[asyncpg.Pool] = []
         sizes = [(pool_size, {}), (quick_pool_size, QUICK_SETTINGS)]
         try:
-            await migrate(first)
+            await migrate(PostgresSchema(first))
             for size, settings in sizes + ([(1, {})] if serving else []):
                 pools.append(
                     await asyncpg.create_pool(

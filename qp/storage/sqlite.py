@@ -38,7 +38,7 @@ from qp.storage.database import (
     WriteFn,
 )
 from qp.storage.file_watch import DAMAGED, DatabaseFile
-from qp.storage.migrations import migrate
+from qp.storage.migrations import SqliteSchema, migrate
 
 log = logging.getLogger("qp.storage.sqlite")
 
@@ -198,7 +198,7 @@ class SqliteDatabase(StatementHelpers):
                 await writer.execute("PRAGMA journal_mode = WAL")
             # FULL: a commit is on disk before the client is told its chat is saved.
             await writer.execute("PRAGMA synchronous = FULL")
-            await migrate(writer)
+            await migrate(SqliteSchema(writer))
             readers = []
             for _ in range(reader_count):
                 reader = await connect(_read_only_uri(path), uri=True)
