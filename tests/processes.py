@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -14,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,18 +45,46 @@ TEST_DEFAULTS = {
 }
 
 
+# Test servers listen on ports below the kernel's ephemeral range (32768-60999 on Linux):
+# a port chosen there could be taken, before its server binds it, as the local end of any
+# outgoing connection on the machine. Each pytest-xdist worker has its own share.
+TEST_PORTS = range(20000, 32768)
+
+
+def _worker_share() -> tuple[int, int]:
+    """(this pytest-xdist worker's number, how many workers): (0, 1) in a serial run."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return (int(worker.removeprefix("gw")), count) if worker.startswith("gw") else (0, 1)
+
+
+def _ports_in_turn() -> Iterator[int]:
+    """This worker's share of TEST_PORTS, shuffled, round and round: a port comes again only
+    after every other port of the share has been handed out."""
+    worker, workers = _worker_share()
+    share = [port for port in TEST_PORTS if port % workers == worker]
+    random.shuffle(share)
+    return itertools.cycle(share)
+
+
+_next_ports = _ports_in_turn()
+
+
 def free_ports(count: int = 1) -> list[int]:
-    """Ports free on 127.0.0.1 right now (held together while choosing, so all distinct)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """Ports free on 127.0.0.1 now, distinct, from this worker's share of TEST_PORTS."""
+    chosen: list[int] = []
+    for tried, port in enumerate(_next_ports):
+        if tried > len(TEST_PORTS):
+            raise RuntimeError("no free test port")
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+        if len(chosen) == count:
+            return chosen
+    raise AssertionError("unreachable: the ports go round forever")
 
 
 def wait_for_port(port: int, timeout: float, process: subprocess.Popen | None = None) -> None:
