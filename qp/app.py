@@ -35,11 +35,19 @@ from qp.protection.quota import DAILY_QUOTA, DailyQuota
 from qp.protection.rate_limits import RATE_CLASSES, RATE_LIMITER
 from qp.routes import add_routes
 from qp.spend.alerts import ALERTS, Alerts
-from qp.spend.budgets import BUDGETS, BudgetBook, OpenStreams, budgets_in_force, open_budget_book
+from qp.spend.budgets import (
+    BUDGETS,
+    BudgetAccounts,
+    BudgetBook,
+    MemoryAccounts,
+    OpenStreams,
+    budgets_in_force,
+    open_budget_book,
+)
 from qp.spend.ledger import LEDGER, insert_records
 from qp.spend.lookups import CostLookups
 from qp.spend.prices import PRICES, PriceList
-from qp.spend.shared_budgets import SharedBudgetBook
+from qp.spend.shared_budgets import SharedAccounts
 from qp.spend.spending import SPEND, Spend
 from qp.startup import (
     StartupError,
@@ -197,7 +205,7 @@ async def _spend(app: web.Application) -> AsyncIterator[None]:
     )
     try:
         app[ALERTS] = alerts = Alerts(config.alert_webhook_url)
-        app[BUDGETS] = book = await _open_budget_book(db, alerts, app[CLOCK], app[LEASE].owner)
+        app[BUDGETS] = book = await _open_budget_book(db, alerts, app[CLOCK], app[LEASE])
         metrics.watch_budgets(
             lambda: [
                 (scope.named, book.remaining(scope, cap))
@@ -219,9 +227,8 @@ async def _spend(app: web.Application) -> AsyncIterator[None]:
         tasks = [
             asyncio.create_task(lookups.run()),
             asyncio.create_task(alerts.run(session)),
+            asyncio.create_task(book.run()),
         ]
-        if isinstance(book, SharedBudgetBook):
-            tasks.append(asyncio.create_task(book.keep_fresh()))
         # Prices serve estimates of what the server's keys pay: with no key, none is fetched.
         if config.openrouter_api_key or config.app_openrouter_keys:
             tasks.append(asyncio.create_task(prices.run(session, policy)))
@@ -269,15 +276,16 @@ async def _learn_sizes(store: ChatStore) -> None:
 
 
 async def _open_budget_book(
-    db: Database, alerts: Alerts, clock: Callable[[], float], owner: str
+    db: Database, alerts: Alerts, clock: Callable[[], float], lease: ProcessLease
 ) -> BudgetBook:
     """In memory (SQLite: this process is the only one), or shared in the database."""
+    accounts: BudgetAccounts
+    if not db.shared:
+        accounts = MemoryAccounts(alerts.budget_passed)
+    else:
+        accounts = SharedAccounts(db, lease.owner, lease.live_owners, clock, alerts.budget_passed)
     try:
-        if not db.shared:
-            return await open_budget_book(db, clock, alerts.budget_passed)
-        book = SharedBudgetBook(db, owner, clock, alerts.budget_passed)
-        await book.seed()
-        return book
+        return await open_budget_book(db, accounts, clock)
     except StorageUnavailable as err:
         raise StartupError(f"cannot read what the ledger spent today: {err}") from None
 

@@ -105,15 +105,11 @@ class ProcessLease:
     async def _forget_expired(tx: Transaction) -> None:
         await tx.execute(FORGET_EXPIRED, (time.time() - KEPT_SECONDS,))
 
+    async def live_owners(self) -> set[str]:
+        """The processes whose lease has not expired."""
+        return {row[0] for row in await self._db.fetchall(LIVE, (time.time(),))}
+
     async def release(self) -> None:
         """At a clean stop: the lease ends now, so nothing of ours waits for it to expire."""
         if self._db.shared:
             await self._db.execute_write(RELEASE, (self.owner,))
-
-
-async def live_owners(db: Database) -> set[str] | None:
-    """The processes whose lease has not expired; None on SQLite (no leases: the claim of
-    the lock file says whether a server is alive)."""
-    if not db.shared:
-        return None
-    return {row[0] for row in await db.fetchall(LIVE, (time.time(),))}
