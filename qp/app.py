@@ -35,18 +35,25 @@ from qp.protection.quota import DAILY_QUOTA, DailyQuota
 from qp.protection.rate_limits import RATE_CLASSES, RATE_LIMITER
 from qp.routes import add_routes
 from qp.spend.alerts import ALERTS, Alerts
-from qp.spend.budgets import BUDGETS, BudgetBook, OpenStreams, budgets_in_force, open_budget_book
+from qp.spend.budgets import (
+    BUDGETS,
+    BudgetAccounts,
+    BudgetBook,
+    OpenStreams,
+    budgets_in_force,
+    open_budget_book,
+)
 from qp.spend.ledger import LEDGER, insert_records
 from qp.spend.lookups import CostLookups
 from qp.spend.prices import PRICES, PriceList
-from qp.spend.shared_budgets import SharedBudgetBook
 from qp.spend.spending import SPEND, Spend
 from qp.startup import (
+    Processes,
     StartupError,
     claim_record,
     disk_space,
     open_configured_blob_store,
-    open_database,
+    open_processes,
     take_claims,
 )
 from qp.storage.batches import BatchWriter
@@ -54,7 +61,6 @@ from qp.storage.blobs import BlobStore
 from qp.storage.claim import Claim, ClaimHeld
 from qp.storage.database import DATABASE, Database
 from qp.storage.disk import DISK_SPACE
-from qp.storage.leases import ProcessLease
 
 log = logging.getLogger("qp.app")
 LAG_PROBE_SECONDS = 0.1
@@ -84,7 +90,7 @@ def create_app(
         [
             _claims,
             _database,
-            _process_lease,
+            _peers,
             _blob_store,
             _chat_store,
             _upstream,
@@ -100,7 +106,7 @@ def create_app(
 
 CLAIMS = web.AppKey("claims", list[Claim])
 BLOB_STORE = web.AppKey("blob_store", BlobStore)
-LEASE = web.AppKey("lease", ProcessLease)
+PROCESSES = web.AppKey("processes", Processes)
 
 
 async def _claims(app: web.Application) -> AsyncIterator[None]:
@@ -120,8 +126,9 @@ async def _claims(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
-    """SQLite or PostgreSQL, its schema brought up to date."""
-    db = await open_database(app[CONFIG], space=app[DISK_SPACE])
+    """SQLite or PostgreSQL, its schema brought up to date; and with it, what differs
+    between one server process and several (qp/startup.py)."""
+    db, app[PROCESSES] = await open_processes(app[CONFIG], space=app[DISK_SPACE])
     app[DATABASE] = db
     try:
         yield
@@ -129,20 +136,19 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         await db.close()
 
 
-async def _process_lease(app: web.Application) -> AsyncIterator[None]:
-    """This process's lease (PostgreSQL: renewed every second in a task; ended at a clean
-    stop)."""
-    lease = ProcessLease(app[DATABASE], app[CONFIG].write_lease_seconds)
+async def _peers(app: web.Application) -> AsyncIterator[None]:
+    """This process among the others writing to the database (PostgreSQL: its lease,
+    renewed every second in a task and ended at a clean stop)."""
+    peers = app[PROCESSES].peers
     try:
-        await lease.join()
+        await peers.join()
     except StorageUnavailable as err:
         raise StartupError(f"cannot take a process lease in the database: {err}") from None
-    app[LEASE] = lease
-    renewing = asyncio.create_task(lease.keep())
+    renewing = asyncio.create_task(peers.keep())
     yield
     renewing.cancel()
     with contextlib.suppress(StorageUnavailable):
-        await lease.release()
+        await peers.release()
 
 
 async def _blob_store(app: web.Application) -> AsyncIterator[None]:
@@ -155,6 +161,7 @@ async def _blob_store(app: web.Application) -> AsyncIterator[None]:
 async def _chat_store(app: web.Application) -> AsyncIterator[None]:
     """The chats: rows in the database, messages in the blob store, a cache in memory."""
     config, db, blobs = app[CONFIG], app[DATABASE], app[BLOB_STORE]
+    peers = app[PROCESSES].peers
     try:
         await resolve_old_writes(db, blobs)
     except StorageUnavailable as err:
@@ -163,11 +170,11 @@ async def _chat_store(app: web.Application) -> AsyncIterator[None]:
         db,
         blobs,
         ChatCache(config.cache_bytes),
+        peers,
         space=app[DISK_SPACE],
-        alone=app[LEASE].alone,
         abandon_seconds=config.write_abandon_seconds,
     )
-    await db.changed_elsewhere()  # the baseline, taken while the cache is still empty
+    await peers.changed_elsewhere()  # the baseline, taken while the cache is still empty
     sizes = asyncio.create_task(_learn_sizes(store)) if await store.unknown_sizes() else None
     yield
     if sizes is not None:
@@ -197,7 +204,8 @@ async def _spend(app: web.Application) -> AsyncIterator[None]:
     )
     try:
         app[ALERTS] = alerts = Alerts(config.alert_webhook_url)
-        app[BUDGETS] = book = await _open_budget_book(db, alerts, app[CLOCK], app[LEASE].owner)
+        accounts = app[PROCESSES].budget_accounts(app[CLOCK], alerts.budget_passed)
+        app[BUDGETS] = book = await _open_budget_book(db, accounts, app[CLOCK])
         metrics.watch_budgets(
             lambda: [
                 (scope.named, book.remaining(scope, cap))
@@ -219,9 +227,8 @@ async def _spend(app: web.Application) -> AsyncIterator[None]:
         tasks = [
             asyncio.create_task(lookups.run()),
             asyncio.create_task(alerts.run(session)),
+            asyncio.create_task(book.run()),
         ]
-        if isinstance(book, SharedBudgetBook):
-            tasks.append(asyncio.create_task(book.keep_fresh()))
         # Prices serve estimates of what the server's keys pay: with no key, none is fetched.
         if config.openrouter_api_key or config.app_openrouter_keys:
             tasks.append(asyncio.create_task(prices.run(session, policy)))
@@ -235,9 +242,10 @@ async def _spend(app: web.Application) -> AsyncIterator[None]:
 
 async def _protection(app: web.Application) -> AsyncIterator[None]:
     """The salt client addresses are hashed with, and the rate limiter with its blocks."""
-    config, db = app[CONFIG], app[DATABASE]
+    config, db, processes = app[CONFIG], app[DATABASE], app[PROCESSES]
     app[IP_SALT] = config.ip_salt or await _installation_salt(db)
-    app[RATE_LIMITER] = limiter = await open_rate_limiter(db, config.rate_limit_clients)
+    counts = processes.rate_counts(config.rate_limit_clients)
+    app[RATE_LIMITER] = limiter = await open_rate_limiter(db, counts, processes.peers)
     app[METRICS].watch_rate_limiter(lambda: limiter.tracked, lambda: limiter.forgotten)
     yield
 
@@ -247,6 +255,7 @@ async def _housekeeping(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     chores = Housekeeping(
         app[DATABASE],
+        app[PROCESSES].peers,
         app[CHAT_STORE],
         app[RATE_LIMITER],
         app[DISK_SPACE],
@@ -269,15 +278,11 @@ async def _learn_sizes(store: ChatStore) -> None:
 
 
 async def _open_budget_book(
-    db: Database, alerts: Alerts, clock: Callable[[], float], owner: str
+    db: Database, accounts: BudgetAccounts, clock: Callable[[], float]
 ) -> BudgetBook:
-    """In memory (SQLite: this process is the only one), or shared in the database."""
+    """The budgets, their accounts started from the ledger."""
     try:
-        if not db.shared:
-            return await open_budget_book(db, clock, alerts.budget_passed)
-        book = SharedBudgetBook(db, owner, clock, alerts.budget_passed)
-        await book.seed()
-        return book
+        return await open_budget_book(db, accounts, clock)
     except StorageUnavailable as err:
         raise StartupError(f"cannot read what the ledger spent today: {err}") from None
 

@@ -1,23 +1,34 @@
 """Opening the storage a server (or the operators' tools) works on: claiming the database
 and blob folder for this process, the disk's free space and reserve, the database and the
 blob store. Each failure is a StartupError, one line naming what cannot be opened.
+
+The database chosen also decides, here and only here, what differs between one server
+process (SQLite) and several sharing one database (PostgreSQL): who else writes there,
+where rate limits count, where budget accounts are kept (`Processes`).
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qp.config import Config, database_shown
 from qp.masking import mask_url, redact
+from qp.protection.rate_limits import Counts, MemoryCounts
+from qp.protection.shared_counts import SharedCounts
+from qp.spend.budgets import BudgetAccounts, MemoryAccounts, OnPassed
+from qp.spend.shared_budgets import SharedAccounts
 from qp.storage.blobs import BlobStore, FileBlobStore, StoreNotReady, file_store_root
 from qp.storage.claim import Claim, ClaimHeld
 from qp.storage.database import Database
 from qp.storage.disk import DiskSpace
 from qp.storage.migrations import SchemaTooNew
+from qp.storage.peers import Peers, SharedPeers, SoleWriter
 from qp.storage.postgres import FAILURES as POSTGRES_FAILURES
 from qp.storage.postgres import PostgresDatabase, describe_failure
 from qp.storage.s3 import DEFAULT_S3_TIMEOUT, S3BlobStore
@@ -100,6 +111,58 @@ def disk_space(config: Config) -> DiskSpace:
     return DiskSpace(folders, config.min_free_bytes, reserve)
 
 
+class Processes(Protocol):
+    """What differs between one server process on its database and several sharing one."""
+
+    @property
+    def peers(self) -> Peers:
+        """Who else writes to the database."""
+        ...
+
+    def rate_counts(self, max_clients: int) -> Counts:
+        """Where rate limits count, for at most `max_clients` clients."""
+        ...
+
+    def budget_accounts(
+        self, clock: Callable[[], float], on_passed: OnPassed | None
+    ) -> BudgetAccounts:
+        """Where budgets keep what is spent and reserved."""
+        ...
+
+
+class OneProcess:
+    """SQLite: one server process, which counts and keeps its accounts in memory."""
+
+    def __init__(self, db: SqliteDatabase):
+        self.peers = SoleWriter(db)
+
+    def rate_counts(self, max_clients: int) -> Counts:
+        return MemoryCounts(time.time, max_clients)
+
+    def budget_accounts(
+        self, clock: Callable[[], float], on_passed: OnPassed | None
+    ) -> BudgetAccounts:
+        return MemoryAccounts(on_passed)
+
+
+class SeveralProcesses:
+    """PostgreSQL: server processes sharing the database, counting and keeping their
+    accounts there, each with a lease of `lease_seconds`."""
+
+    def __init__(self, db: PostgresDatabase, lease_seconds: float):
+        self._db = db
+        self.peers = SharedPeers(db, lease_seconds)
+
+    def rate_counts(self, max_clients: int) -> Counts:
+        return SharedCounts(self._db, max_clients)
+
+    def budget_accounts(
+        self, clock: Callable[[], float], on_passed: OnPassed | None
+    ) -> BudgetAccounts:
+        peers = self.peers
+        return SharedAccounts(self._db, peers.owner, peers.live_owners, clock, on_passed)
+
+
 async def open_database(
     config: Config,
     reader_count: int = READER_COUNT,
@@ -107,11 +170,24 @@ async def open_database(
     *,
     serving: bool = True,
 ) -> Database:
-    """The database QP_DATABASE names: PostgreSQL for a postgresql:// URL (listening for
-    the other servers' changes unless `serving` is false: the operators' tools), else SQLite."""
+    """The database QP_DATABASE names (see `open_processes`)."""
+    db, _ = await open_processes(config, reader_count, space, serving=serving)
+    return db
+
+
+async def open_processes(
+    config: Config,
+    reader_count: int = READER_COUNT,
+    space: DiskSpace | None = None,
+    *,
+    serving: bool = True,
+) -> tuple[Database, Processes]:
+    """The database QP_DATABASE names, and what its processes share: PostgreSQL for a
+    postgresql:// URL (listening for the other servers' changes unless `serving` is
+    false: the operators' tools), else SQLite."""
     if config.postgres_url is not None:
         try:
-            return await PostgresDatabase.open(
+            postgres = await PostgresDatabase.open(
                 config.postgres_url,
                 config.database_pool,
                 config.database_quick_pool,
@@ -120,11 +196,13 @@ async def open_database(
         except (*POSTGRES_FAILURES, ValueError, SchemaTooNew) as err:
             problem = redact(describe_failure(err), config.postgres_url)
             raise StartupError(f"QP_DATABASE {database_shown(config)}: {problem}") from None
+        return postgres, SeveralProcesses(postgres, config.write_lease_seconds)
     make_room = space.release_reserve if space is not None else None
     try:
-        return await SqliteDatabase.open(config.database_path, reader_count, make_room)
+        sqlite = await SqliteDatabase.open(config.database_path, reader_count, make_room)
     except (sqlite3.Error, OSError, SchemaTooNew) as err:
         raise StartupError(f"QP_DATABASE {config.database_path}: {err}") from None
+    return sqlite, OneProcess(sqlite)
 
 
 async def open_storage(
@@ -134,12 +212,12 @@ async def open_storage(
     space: DiskSpace | None = None,
     *,
     serving: bool = True,
-) -> tuple[Database, BlobStore]:
+) -> tuple[Database, Processes, BlobStore]:
     """Open the database, then the blob store, both closed by `stack`; StartupError names
     the one that cannot be opened."""
-    db = await open_database(config, reader_count, space, serving=serving)
+    db, processes = await open_processes(config, reader_count, space, serving=serving)
     stack.push_async_callback(db.close)
-    return db, await open_configured_blob_store(config, stack)
+    return db, processes, await open_configured_blob_store(config, stack)
 
 
 async def open_configured_blob_store(config: Config, stack: AsyncExitStack) -> BlobStore:

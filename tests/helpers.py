@@ -18,6 +18,9 @@ import aiohttp
 import orjson
 
 from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
+from qp.spend.budgets import BudgetBook
+from qp.spend.shared_budgets import SharedAccounts
+from qp.storage.database import Database
 from tests.app_server import AppServer
 from tests.processes import ROOT, QPServer
 
@@ -423,3 +426,15 @@ def unhealthy(database: str = "ok", storage: str = "ok") -> tuple[int, dict]:
         "status": "unavailable",
         "checks": {"database": database, "storage": storage},
     }
+
+
+def shared_budget_book(
+    db: Database, owner: str, clock: Callable[[], float] = time.time
+) -> BudgetBook:
+    """A budget book with its accounts in a shared PostgreSQL database, as the process
+    `owner` (the only one alive, to its chores)."""
+
+    async def alive() -> set[str]:
+        return {owner}
+
+    return BudgetBook(SharedAccounts(db, owner, alive, clock), clock)

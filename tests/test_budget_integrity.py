@@ -18,11 +18,11 @@ import pytest
 from qp.spend.budgets import DAY, Reservation, Scope
 from qp.spend.ledger import insert_records
 from qp.spend.record import CompletionRecord
-from qp.spend.shared_budgets import ORPHAN_SECONDS, SharedBudgetBook
+from qp.spend.shared_budgets import ORPHAN_SECONDS
 from qp.storage.postgres import PostgresDatabase
 from tests.app_server import Database
 from tests.fake_openrouter import FakeOpenRouter, Script, billed_stream
-from tests.helpers import ADMIN_KEY, completion_request, wait_until
+from tests.helpers import ADMIN_KEY, completion_request, shared_budget_book, wait_until
 from tests.processes import PostgresServer, QPServer
 
 RESERVE = 0.01  # each completion reserves this (the fake lists no prices)
@@ -168,12 +168,12 @@ async def shared_db(postgres: PostgresServer):
 
 
 async def test_two_survivors_sweeping_one_dead_process_take_its_estimate_once(shared_db):
-    dead = SharedBudgetBook(shared_db, "dead-process")
+    dead = shared_budget_book(shared_db, "dead-process")
     record = CompletionRecord("2026-12-02T00:00:00.000Z", "nwb-assistant", "m", "server")
     held = await dead.reserve([(SERVER_DAY, 10.0)], 0.25, record)
     assert isinstance(held, Reservation)
-    survivors = [SharedBudgetBook(shared_db, name) for name in ("one", "two")]
-    counts = await asyncio.gather(*(book.sweep({"one", "two"}) for book in survivors))
+    survivors = [shared_budget_book(shared_db, name) for name in ("one", "two")]
+    counts = await asyncio.gather(*(book.accounts.sweep({"one", "two"}) for book in survivors))
     assert sorted(counts) == [(0, 0), (1, 0)]
     await survivors[0].refresh()
     assert survivors[0].standing(SERVER_DAY) == (0.25, 0.0)
@@ -193,7 +193,7 @@ async def test_two_survivors_sweeping_one_dead_process_take_its_estimate_once(sh
 
 
 async def test_a_reservation_settled_twice_at_once_is_settled_once(shared_db):
-    book = SharedBudgetBook(shared_db, "one")
+    book = shared_budget_book(shared_db, "one")
     held = await book.reserve([(SERVER_DAY, 10.0)], 0.25)
     assert isinstance(held, Reservation)
     twin = Reservation(held.amount, held.held, row_id=held.row_id)
@@ -205,14 +205,14 @@ async def test_a_reservation_settled_twice_at_once_is_settled_once(shared_db):
 async def test_a_reservation_of_this_process_no_request_holds_is_released(shared_db):
     """Its answer was lost on the way back: the process that made it does not know it.
     Once it is old enough, the process's sweep releases it (nothing spent)."""
-    lost = await SharedBudgetBook(shared_db, "me").reserve([(SERVER_DAY, 10.0)], 0.25)
+    lost = await shared_budget_book(shared_db, "me").reserve([(SERVER_DAY, 10.0)], 0.25)
     assert isinstance(lost, Reservation)
-    book = SharedBudgetBook(shared_db, "me")  # the same process, not holding it
-    assert await book.sweep({"me"}) == (0, 0)  # too young: its request may be taking it
+    book = shared_budget_book(shared_db, "me")  # the same process, not holding it
+    assert await book.accounts.sweep({"me"}) == (0, 0)  # too young: its request may be taking it
     await shared_db.execute_write(
         "UPDATE budget_reservations SET created_at = created_at - ?", (ORPHAN_SECONDS + 1,)
     )
-    assert await book.sweep({"me"}) == (0, 1)
+    assert await book.accounts.sweep({"me"}) == (0, 1)
     await book.refresh()
     assert book.standing(SERVER_DAY) == (0.0, 0.0)
     assert await shared_db.fetchall("SELECT COUNT(*) FROM completions") == [(0,)]
@@ -221,10 +221,10 @@ async def test_a_reservation_of_this_process_no_request_holds_is_released(shared
 async def test_a_dead_processs_reservation_from_before_records_is_still_taken_as_spent(shared_db):
     """A reservation made before reservations kept their ledger row's skeleton (an
     upgrade with completions in flight) is swept as spent all the same, with no row."""
-    held = await SharedBudgetBook(shared_db, "old-process").reserve([(SERVER_DAY, 10.0)], 0.25)
+    held = await shared_budget_book(shared_db, "old-process").reserve([(SERVER_DAY, 10.0)], 0.25)
     assert isinstance(held, Reservation)
-    book = SharedBudgetBook(shared_db, "me")
-    assert await book.sweep({"me"}) == (1, 0)
+    book = shared_budget_book(shared_db, "me")
+    assert await book.accounts.sweep({"me"}) == (1, 0)
     await book.refresh()
     assert book.standing(SERVER_DAY) == (0.25, 0.0)
     assert await shared_db.fetchall("SELECT COUNT(*) FROM completions") == [(0,)]
@@ -234,7 +234,7 @@ async def test_a_settlement_whose_reservation_was_lost_adds_only_the_cost(shared
     """A database crash forgot a reservation committed without waiting for the disk, and
     what it reserved with it: its settlement adds the cost, releases nothing, and a second
     settlement of it changes nothing."""
-    book = SharedBudgetBook(shared_db, "one")
+    book = shared_budget_book(shared_db, "one")
     kept = await book.reserve([(SERVER_DAY, 10.0)], 0.5)
     held = await book.reserve([(SERVER_DAY, 10.0)], 0.25)
     assert isinstance(kept, Reservation) and isinstance(held, Reservation)
@@ -249,14 +249,14 @@ async def test_a_settlement_whose_reservation_was_lost_adds_only_the_cost(shared
 async def test_a_sweep_takes_the_cost_the_ledger_already_has(shared_db):
     """The completion's ledger row was written, its settlement was not (the process died
     between): the sweep takes the ledger's cost, not the estimate, and writes no row."""
-    dead = SharedBudgetBook(shared_db, "dead-process")
+    dead = shared_budget_book(shared_db, "dead-process")
     record = CompletionRecord("2026-12-02T00:00:00.000Z", "nwb-assistant", "m", "server")
     held = await dead.reserve([(SERVER_DAY, 10.0)], 0.25, record)
     assert isinstance(held, Reservation)
     record.cost, record.outcome, record.reservation_id = 0.05, "completed", held.row_id
     await insert_records(shared_db, [record])
-    book = SharedBudgetBook(shared_db, "me")
-    assert await book.sweep({"me"}) == (1, 0)
+    book = shared_budget_book(shared_db, "me")
+    assert await book.accounts.sweep({"me"}) == (1, 0)
     # Its process comes back and settles after all: that changes nothing more.
     await dead.settle(held, 0.05)
     await book.refresh()
@@ -269,14 +269,14 @@ async def test_a_sweep_takes_the_cost_the_ledger_already_has(shared_db):
 async def test_a_sweep_takes_nothing_spent_when_the_ledger_says_nothing_was_billed(shared_db):
     """Upstream refused the completion (its row has no cost), and the process died before
     settling: the sweep spends nothing, as the ledger says."""
-    dead = SharedBudgetBook(shared_db, "dead-process")
+    dead = shared_budget_book(shared_db, "dead-process")
     record = CompletionRecord("2026-12-02T00:00:00.000Z", "nwb-assistant", "m", "server")
     held = await dead.reserve([(SERVER_DAY, 10.0)], 0.25, record)
     assert isinstance(held, Reservation)
     record.status, record.outcome, record.reservation_id = 502, "upstream_error", held.row_id
     await insert_records(shared_db, [record])
-    book = SharedBudgetBook(shared_db, "me")
-    assert await book.sweep({"me"}) == (1, 0)
+    book = shared_budget_book(shared_db, "me")
+    assert await book.accounts.sweep({"me"}) == (1, 0)
     await book.refresh()
     assert book.standing(SERVER_DAY) == (0.0, 0.0)
     assert await shared_db.fetchall("SELECT cost, outcome FROM completions") == [

@@ -19,6 +19,7 @@ from qp.chats.sql import ONE
 from qp.chats.store import ChatStore
 from qp.errors import StorageUnavailable
 from qp.storage.blobs import BlobReader, FileBlobStore
+from qp.storage.peers import SoleWriter
 from qp.storage.sqlite import SqliteDatabase
 from tests.helpers import make_chat
 
@@ -69,7 +70,7 @@ async def blobs(tmp_path: Path) -> HeldBlobStore:
 async def store(tmp_path: Path, blobs: HeldBlobStore) -> AsyncIterator[ChatStore]:
     db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
     # No cache: every read goes to the row and the blob, where a torn write would show.
-    chat_store = ChatStore(db, blobs, ChatCache(0), abandon_seconds=60)
+    chat_store = ChatStore(db, blobs, ChatCache(0), SoleWriter(db), abandon_seconds=60)
     yield chat_store
     await chat_store.close()
     await db.close()
@@ -267,7 +268,7 @@ class HeldDatabase(SqliteDatabase):
 
 async def test_a_read_that_began_before_an_update_never_caches_the_old_chat(tmp_path, blobs):
     db = await HeldDatabase.open(tmp_path / "cached.sqlite3")
-    store = ChatStore(db, blobs, ChatCache(10**6))
+    store = ChatStore(db, blobs, ChatCache(10**6), SoleWriter(db))
     try:
         await store.create(version(1), max_chats_per_app=10)
         db.hold()

@@ -13,13 +13,29 @@ import orjson
 import pytest
 from aiohttp import web
 
-from qp.spend.budgets import BUDGETS, DAY, MONTH, BudgetBook, Refusal, Reservation, Scope
+from qp.spend.budgets import (
+    BUDGETS,
+    DAY,
+    MONTH,
+    BudgetBook,
+    MemoryAccounts,
+    Refusal,
+    Reservation,
+    Scope,
+)
 from qp.spend.prices import PRICES, parse_model_list
-from qp.spend.shared_budgets import SharedBudgetBook
 from qp.storage.postgres import PostgresDatabase
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import SYSTEM, call, ledger, run_qp, wait_for_log, wait_until
+from tests.helpers import (
+    SYSTEM,
+    call,
+    ledger,
+    run_qp,
+    shared_budget_book,
+    wait_for_log,
+    wait_until,
+)
 
 pytestmark = pytest.mark.on_both_databases
 
@@ -343,11 +359,11 @@ async def open_book(database_name, request):
 
     async def open_book(clock) -> BudgetBook:
         if database_name == "sqlite":
-            return BudgetBook(clock)
+            return BudgetBook(MemoryAccounts(), clock)
         url = request.getfixturevalue("postgres").create_database()
         db = await PostgresDatabase.open(url)
         opened.append(db)
-        return SharedBudgetBook(db, "test-process", clock)
+        return shared_budget_book(db, "test-process", clock)
 
     yield open_book
     for db in opened:
@@ -407,15 +423,15 @@ async def test_a_shared_book_forgets_the_accounts_of_ended_periods(postgres):
     db = await PostgresDatabase.open(postgres.create_database())
     try:
         clock = Clock(datetime(2026, 5, 1, 12, tzinfo=UTC))
-        book = SharedBudgetBook(db, "test-process", clock)
+        book = shared_budget_book(db, "test-process", clock)
         client = Scope("client", "c", DAY)
         await book.settle(await book.reserve([(client, 1.0)], 0.1), 0.1)
         clock.now += 86400  # the next day: yesterday's account is still kept
         await book.settle(await book.reserve([(client, 1.0)], 0.1), 0.1)
-        await book.forget_ended()
+        await book.accounts.forget_ended()
         assert await db.fetchall("SELECT COUNT(*) FROM budget_accounts") == [(2,)]
         clock.now += 2 * 86400
-        await book.forget_ended()
+        await book.accounts.forget_ended()
         assert await db.fetchall("SELECT COUNT(*) FROM budget_accounts") == [(0,)]
     finally:
         await db.close()

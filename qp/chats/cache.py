@@ -4,7 +4,7 @@ Each entry keeps the version (revision) of the row it was rendered from. Every w
 through this server drops the chat's entry once its row is committed; a read that began
 before such a drop (it took its `ticket` earlier) cannot put what it read, which may be
 the version just replaced. Changes made by another process clear the chat's entry when
-announced (or the whole cache, see `Database.changed_elsewhere`), and a server sharing its
+announced (or the whole cache, see `Peers.changed_elsewhere`), and a server sharing its
 database with others serves an entry only while the row still names its version
 (ChatStore).
 """

@@ -49,6 +49,7 @@ from qp.errors import FULL, READ_ONLY, StorageUnavailable
 from qp.storage.blobs import BlobStore
 from qp.storage.database import Database
 from qp.storage.disk import DiskSpace
+from qp.storage.peers import Peers
 from qp.timestamps import utc_now_iso
 
 log = logging.getLogger("qp.chats.store")
@@ -77,20 +78,20 @@ class ChatStore:
         db: Database,
         blobs: BlobStore,
         cache: ChatCache,
+        peers: Peers,
         *,
         space: DiskSpace | None = None,
-        alone: Callable[[], bool] = lambda: True,
         abandon_seconds: float = DEFAULT_ABANDON_SECONDS,
     ):
         self._db = db
         self._rows = ChatRows(db)
         self._blobs = blobs
         self._cache = cache
-        # Whether no other process can have written since this one last looked (a cache
-        # entry then needs no check against its row).
-        self._alone = alone
+        # Whether another process can have written since this one last looked (a cache
+        # entry then needs a check against its row), and whether it would be heard.
+        self._peers = peers
         self._versions = CurrentVersions(self._rows)
-        db.subscribe(self._changed_elsewhere)
+        peers.subscribe(self._changed_elsewhere)
         self._space = space
         self.garbage = ChatGarbage(self._rows, blobs, abandon_seconds)
         # Lists left early: closing what was opened ahead of them.
@@ -325,7 +326,7 @@ class ChatStore:
         entry = self._cache.get(chat_id)
         if entry is None:
             return None
-        if not self._alone() and await self._versions.of(chat_id) != entry[1]:
+        if not self._peers.alone() and await self._versions.of(chat_id) != entry[1]:
             self._cache.discard(chat_id)
             return None
         return entry
@@ -365,7 +366,7 @@ class ChatStore:
                 rest = await read_to_end(reader)
                 await reader.close()
                 rendered = render_chat(row, first + rest)
-                if self._db.watching:  # else another process's change might go unheard
+                if self._peers.watching:  # else another process's change might go unheard
                     self._cache.put(row.chat_id, rendered, row.version, ticket)
                 return rendered
         except BaseException:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import AsyncExitStack
 
-from qp.cli.common import CommandFailed, Subcommands, opened, table
+from qp.cli.common import CommandFailed, Subcommands, open_all, opened, table
 from qp.config import Config
 from qp.protection.blocks import active_blocks, lift_block, open_rate_limiter
 from qp.timestamps import utc_now_iso
@@ -18,8 +19,10 @@ async def blocks_list(args: argparse.Namespace, config: Config) -> int:
 
 
 async def blocks_lift(args: argparse.Namespace, config: Config) -> int:
-    async with opened(config) as (db, _, _):
-        limiter = await open_rate_limiter(db, config.rate_limit_clients)
+    async with AsyncExitStack() as stack:
+        db, processes, _, _ = await open_all(config, stack)
+        counts = processes.rate_counts(config.rate_limit_clients)
+        limiter = await open_rate_limiter(db, counts, processes.peers)
         if not await lift_block(db, limiter, args.client_hash):
             raise CommandFailed(f"no block for {args.client_hash}")
     print(f"lifted the block on {args.client_hash} (a running server follows within a second)")

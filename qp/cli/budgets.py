@@ -10,7 +10,7 @@ from qp.cli.common import CommandFailed, Subcommands, opened, table
 from qp.config import Config
 from qp.errors import ConfigError
 from qp.policy.loader import load_policy
-from qp.spend.budgets import budget_report, open_budget_book
+from qp.spend.budgets import MemoryAccounts, budget_report, open_budget_book
 
 
 async def budgets(args: argparse.Namespace, config: Config) -> int:
@@ -19,7 +19,7 @@ async def budgets(args: argparse.Namespace, config: Config) -> int:
     except ConfigError as err:
         raise CommandFailed(str(err)) from None
     async with opened(config) as (db, _, _):
-        book = await open_budget_book(db)
+        book = await open_budget_book(db, MemoryAccounts())
     shown = budget_report(book, policy)
     if not shown:
         print("no budgets configured (see [budgets] in qp.example.toml)")

@@ -12,7 +12,7 @@ from qp.chats.store import ChatStore
 from qp.chats.upgrade import resolve_old_writes
 from qp.config import Config
 from qp.errors import StorageUnavailable
-from qp.startup import disk_space, open_storage
+from qp.startup import Processes, disk_space, open_storage
 from qp.storage.blobs import BlobStore
 from qp.storage.database import Database
 
@@ -39,17 +39,32 @@ async def opened(config: Config) -> AsyncIterator[tuple[Database, BlobStore, Cha
 async def open_in(config: Config, stack: AsyncExitStack) -> tuple[Database, BlobStore, ChatStore]:
     """The server's storage, closed by `stack`. On a full disk, a delete may take the
     server's disk reserve."""
+    db, _, blobs, store = await open_all(config, stack)
+    return db, blobs, store
+
+
+async def open_all(
+    config: Config, stack: AsyncExitStack
+) -> tuple[Database, Processes, BlobStore, ChatStore]:
+    """As `open_in`, with what differs between one server process and several."""
     space = disk_space(config)
-    db, blobs = await open_storage(config, stack, reader_count=1, space=space, serving=False)
+    db, processes, blobs = await open_storage(
+        config, stack, reader_count=1, space=space, serving=False
+    )
     try:
         await resolve_old_writes(db, blobs)
     except StorageUnavailable as err:
         raise CommandFailed(f"cannot resolve the writes an older version left: {err}") from None
     store = ChatStore(
-        db, blobs, ChatCache(0), space=space, abandon_seconds=config.write_abandon_seconds
+        db,
+        blobs,
+        ChatCache(0),
+        processes.peers,
+        space=space,
+        abandon_seconds=config.write_abandon_seconds,
     )
     stack.push_async_callback(store.close)
-    return db, blobs, store
+    return db, processes, blobs, store
 
 
 def table(rows: Sequence[Sequence[Any]], header: tuple[str, ...]) -> str:

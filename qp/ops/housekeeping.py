@@ -14,6 +14,7 @@ from qp.protection.rate_limits import RateLimiter
 from qp.storage.claim import Claim
 from qp.storage.database import Database
 from qp.storage.disk import DiskSpace
+from qp.storage.peers import Peers
 
 log = logging.getLogger("qp.housekeeping")
 
@@ -32,6 +33,7 @@ class Housekeeping:
     def __init__(
         self,
         db: Database,
+        peers: Peers,
         store: ChatStore,
         limiter: RateLimiter,
         space: DiskSpace,
@@ -39,6 +41,7 @@ class Housekeeping:
         record: dict[str, Any],
     ):
         self._db = db
+        self._peers = peers
         self._store = store
         self._limiter = limiter
         self._space = space
@@ -54,7 +57,7 @@ class Housekeeping:
             await asyncio.sleep(self.ROUND_SECONDS)
             rounds += 1
             # First, and on a connection of its own: never behind the chores that need the pool.
-            await self._chore("listen for other processes' changes", self._db.keep_watching)
+            await self._chore("listen for other processes' changes", self._peers.keep_watching)
             await self._chore("follow outside changes", self._follow_changes_made_elsewhere)
             await self._chore("check the database file", self._check_files)
             if rounds % self.EXPIRE_EVERY_ROUNDS == 0:
@@ -78,7 +81,7 @@ class Housekeeping:
     async def _follow_changes_made_elsewhere(self) -> None:
         """The operators' tools (python -m qp) write to the database directly: when they
         have, drop the cached chats and take the blocks in force from the database again."""
-        if await self._db.changed_elsewhere():
+        if await self._peers.changed_elsewhere():
             self._store.forget_all()
             self._limiter.replace_blocks(await load_blocks(self._db))
 

@@ -9,9 +9,9 @@ import logging
 from datetime import datetime
 
 from qp.errors import StorageUnavailable
-from qp.protection.rate_limits import RateLimiter
-from qp.protection.shared_counts import SharedCounts
+from qp.protection.rate_limits import Counts, RateLimiter
 from qp.storage.database import Database, Transaction
+from qp.storage.peers import Peers
 from qp.timestamps import format_epoch, utc_now_iso
 
 ACTIVE = """
@@ -89,19 +89,17 @@ async def load_blocks(db: Database) -> dict[str, float]:
     }
 
 
-async def open_rate_limiter(db: Database, max_clients: int) -> RateLimiter:
-    """A limiter that starts with the blocks in force and saves new ones to the database;
-    on a shared database it counts there, and takes the blocks again whenever another
-    process changed them. It keeps at most `max_clients` counters, wherever it counts."""
+async def open_rate_limiter(db: Database, counts: Counts, peers: Peers) -> RateLimiter:
+    """A limiter on `counts` that starts with the blocks in force, saves new ones to the
+    database, and takes them again whenever one of its `peers` announces a change of
+    blocks."""
     blocks = await load_blocks(db)
 
     async def keep(client: str, until: float) -> None:
         await save_block(db, client, utc_now_iso(), format_epoch(until))
 
-    counts = SharedCounts(db, max_clients) if db.shared else None
-    limiter = RateLimiter(blocks, keep, max_clients=max_clients, counts=counts)
-    if db.shared:
-        db.subscribe(BlocksFollower(db, limiter).heard)
+    limiter = RateLimiter(blocks, keep, counts=counts)
+    peers.subscribe(BlocksFollower(db, limiter).heard)
     return limiter
 
 

@@ -8,8 +8,9 @@ replaced by what it cost. So concurrent requests can pass a cap only by what the
 in flight cost beyond their reservations.
 
 Spent totals start from the ledger at start-up (what this day and month already cost) and
-are kept in memory from then on; a scope's period rolls over by the clock. Several
-processes sharing PostgreSQL keep the accounts there instead (qp/spend/shared_budgets.py).
+are kept in its accounts from then on: in memory for the one process on SQLite
+(MemoryAccounts), in the database for several sharing PostgreSQL (SharedAccounts,
+qp/spend/shared_budgets.py). A scope's period rolls over by the clock.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from aiohttp import web
 
@@ -123,26 +124,36 @@ def period_bounds(period: str, now: float) -> tuple[float, float]:
     return start.timestamp(), end.timestamp()
 
 
-class BudgetBook:
-    """Spent and reserved per scope and period; reserve, then settle."""
+class Periods:
+    """The periods by a clock; each period's bounds found once, not per request."""
 
-    MAX_SCOPES = 200_000  # clients and apps are many: the oldest idle accounts go first
-
-    def __init__(self, clock: Callable[[], float] = time.time, on_passed: OnPassed | None = None):
-        self._clock = clock
-        self._on_passed = on_passed
-        self._accounts: dict[Scope, _Account] = {}
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
         # period -> (start, end) of the current one: a comparison per request, not a date.
         self._bounds: dict[str, tuple[float, float]] = {}
 
-    def _period(self, period: str, now: float) -> tuple[float, float]:
+    def bounds(self, period: str, now: float) -> tuple[float, float]:
+        """The start and end of the period holding `now`."""
         bounds = self._bounds.get(period)
         if bounds is None or not bounds[0] <= now < bounds[1]:
             bounds = self._bounds[period] = period_bounds(period, now)
         return bounds
 
-    def _account(self, scope: Scope, now: float) -> _Account:
-        start, _ = self._period(scope.period, now)
+    def start(self, period: str) -> float:
+        """The start of the current period."""
+        return self.bounds(period, self.clock())[0]
+
+
+class AccountsHere:
+    """Accounts kept in this process, one per scope: its latest period's."""
+
+    MAX_SCOPES = 200_000  # clients and apps are many: the oldest idle accounts go first
+
+    def __init__(self) -> None:
+        self._accounts: dict[Scope, _Account] = {}
+
+    def current(self, scope: Scope, start: float) -> _Account:
+        """The scope's account for the period starting at `start` (a new one rolls over)."""
         account = self._accounts.get(scope)
         if account is None or account.period_start != start:
             if account is None and len(self._accounts) >= self.MAX_SCOPES:
@@ -150,14 +161,139 @@ class BudgetBook:
             account = self._accounts[scope] = _Account(start)
         return account
 
+    def get(self, scope: Scope, start: float) -> _Account | None:
+        """The scope's account if it is of the period starting at `start`."""
+        account = self._accounts.get(scope)
+        return account if account is not None and account.period_start == start else None
+
+    def known(self) -> list[tuple[Scope, float]]:
+        return [(scope, account.period_start) for scope, account in self._accounts.items()]
+
     def _forget_idle(self) -> None:
         idle = [s for s, a in self._accounts.items() if a.reserved == 0 and s.kind != "server"]
         for scope in idle[: max(1, len(idle) // 2)]:
             del self._accounts[scope]
 
-    def load_spent(self, scope: Scope, spent: float) -> None:
-        """What the ledger says this period already cost (at start-up)."""
-        self._account(scope, self._clock()).spent = spent
+
+# What a reservation holds in one scope: (scope, period start, cap).
+Held = tuple[Scope, float, float]
+
+
+class BudgetAccounts(Protocol):
+    """Where spent and reserved are kept: in this process (MemoryAccounts, for the one
+    process on SQLite) or in the database several share (SharedAccounts, on PostgreSQL,
+    qp/spend/shared_budgets.py)."""
+
+    async def start_from(self, spent: list[tuple[Scope, float, float]]) -> None:
+        """At start-up: (scope, period start, spent) as the ledger has them."""
+        ...
+
+    async def reserve(
+        self, held: list[Held], amount: float, record: CompletionRecord | None
+    ) -> Reservation | Scope:
+        """Reserve `amount` in every account at once, or in none: then answer the first
+        scope without room."""
+        ...
+
+    async def settle(self, reservation: Reservation, cost: float) -> None:
+        """Replace the reservation by what its completion cost (called once for each)."""
+        ...
+
+    async def adjust(self, held: Held, delta: float) -> None:
+        """Add a cost found later to the account."""
+        ...
+
+    def standing(self, scope: Scope, start: float) -> tuple[float, float]:
+        """Spent and reserved in the scope's period starting at `start`, as known here."""
+        ...
+
+    def known(self) -> list[tuple[Scope, float]]:
+        """(scope, period start) of the accounts known here."""
+        ...
+
+    async def refresh(self) -> None:
+        """Take the accounts as they stand now."""
+        ...
+
+    async def run(self) -> None:
+        """Their chores, in a task that must never die (none in memory)."""
+        ...
+
+
+def tell_passed(
+    on_passed: OnPassed | None, held: Held, before: float, after: float, start: float
+) -> None:
+    """Tell of each threshold the scope's spending passed from `before` to `after` in the
+    period starting at `start` (clients' allowances raise no alerts)."""
+    scope, _, cap = held
+    if on_passed is not None and scope.kind != "client":
+        for threshold in crossed(before, after, cap):
+            on_passed(scope, start, threshold, after, cap)
+
+
+class MemoryAccounts:
+    """The accounts of the one process that spends (SQLite): kept in memory from what the
+    ledger says at start-up. No await inside a reservation: concurrent requests see each
+    other's reservations."""
+
+    def __init__(self, on_passed: OnPassed | None = None):
+        self._on_passed = on_passed
+        self._here = AccountsHere()
+
+    async def start_from(self, spent: list[tuple[Scope, float, float]]) -> None:
+        for scope, start, cost in spent:
+            self._here.current(scope, start).spent = cost
+
+    async def reserve(
+        self, held: list[Held], amount: float, record: CompletionRecord | None = None
+    ) -> Reservation | Scope:
+        for scope, start, cap in held:
+            account = self._here.current(scope, start)
+            if account.spent + account.reserved + amount > cap + CAP_TOLERANCE_USD:
+                return scope
+        for scope, start, _ in held:
+            self._here.current(scope, start).reserved += amount
+        return Reservation(amount, list(held))
+
+    async def settle(self, reservation: Reservation, cost: float) -> None:
+        for held in reservation.held:
+            scope, start, _ = held
+            account = self._here.get(scope, start)
+            if account is None:
+                continue  # the period rolled over meanwhile: its cost belongs to the old one
+            account.reserved = max(0.0, account.reserved - reservation.amount)
+            self._spend(held, account, cost)
+
+    async def adjust(self, held: Held, delta: float) -> None:
+        scope, start, _ = held
+        self._spend(held, self._here.current(scope, start), delta)
+
+    def _spend(self, held: Held, account: _Account, cost: float) -> None:
+        before = account.spent
+        account.spent = max(0.0, before + cost)
+        tell_passed(self._on_passed, held, before, account.spent, account.period_start)
+
+    def standing(self, scope: Scope, start: float) -> tuple[float, float]:
+        account = self._here.get(scope, start)
+        return (0.0, 0.0) if account is None else (account.spent, account.reserved)
+
+    def known(self) -> list[tuple[Scope, float]]:
+        return self._here.known()
+
+    async def refresh(self) -> None:
+        """Nothing to take: they are all here."""
+
+    async def run(self) -> None:
+        """No chores: nothing is left for anyone to sweep."""
+
+
+class BudgetBook:
+    """Spent and reserved per scope and period, in its accounts; reserve, then settle."""
+
+    def __init__(self, accounts: BudgetAccounts, clock: Callable[[], float] = time.time):
+        self.accounts = accounts
+        self._clock = clock
+        self._periods = Periods(clock)
 
     async def reserve(
         self,
@@ -166,68 +302,47 @@ class BudgetBook:
         record: CompletionRecord | None = None,
     ) -> Reservation | Refusal:
         """Reserve `amount` for the completion of `record` in every (scope, cap) at once, or
-        refuse naming the first scope without room. No await inside: concurrent requests
-        see each other's reservations."""
+        refuse naming the first scope without room."""
         now = self._clock()
-        capped = list(scopes)
-        for scope, cap in capped:
-            account = self._account(scope, now)
-            if account.spent + account.reserved + amount > cap + CAP_TOLERANCE_USD:
-                _, end = self._period(scope.period, now)
-                return Refusal(scope, end, max(1, math.ceil(end - now)))
-        reservation = Reservation(amount)
-        for scope, cap in capped:
-            account = self._accounts[scope]  # made current by the loop above
-            account.reserved += amount
-            reservation.held.append((scope, account.period_start, cap))
-        return reservation
+        held = [(scope, self._periods.bounds(scope.period, now)[0], cap) for scope, cap in scopes]
+        found = await self.accounts.reserve(held, amount, record)
+        if isinstance(found, Reservation):
+            return found
+        _, end = self._periods.bounds(found.period, now)
+        return Refusal(found, end, max(1, math.ceil(end - now)))
 
     async def settle(self, reservation: Reservation, cost: float) -> None:
         """Replace the reservation by what the completion cost (once)."""
         if reservation.settled:
             return
         reservation.settled = True
-        for scope, period_start, cap in reservation.held:
-            account = self._accounts.get(scope)
-            if account is None or account.period_start != period_start:
-                continue  # the period rolled over meanwhile: its cost belongs to the old one
-            account.reserved = max(0.0, account.reserved - reservation.amount)
-            self._spend(scope, account, cost, cap)
-
-    def _spend(self, scope: Scope, account: _Account, cost: float, cap: float) -> None:
-        before = account.spent
-        account.spent = max(0.0, before + cost)
-        self._tell_passed(scope, account.period_start, before, account.spent, cap)
-
-    def _tell_passed(
-        self, scope: Scope, start: float, before: float, after: float, cap: float
-    ) -> None:
-        """Tell of each threshold the scope's spending passed from `before` to `after`
-        (clients' allowances raise no alerts)."""
-        if self._on_passed is not None and scope.kind != "client":
-            for threshold in crossed(before, after, cap):
-                self._on_passed(scope, start, threshold, after, cap)
+        await self.accounts.settle(reservation, cost)
 
     async def adjust(self, scopes: Iterable[tuple[Scope, float]], delta: float, at: float) -> None:
         """A cost found later than it was settled: add the difference to each (scope, cap)
         whose current period holds `at` (when the completion started)."""
         now = self._clock()
         for scope, cap in scopes:
-            start, end = self._period(scope.period, now)
+            start, end = self._periods.bounds(scope.period, now)
             if start <= at < end:
-                self._spend(scope, self._account(scope, now), delta, cap)
+                await self.accounts.adjust((scope, start, cap), delta)
 
     def scopes_of(self, kind: str) -> list[Scope]:
         """The scopes of `kind` with an account in their current period."""
         now = self._clock()
         return [
             scope
-            for scope, account in self._accounts.items()
-            if scope.kind == kind and account.period_start == self._period(scope.period, now)[0]
+            for scope, start in self.accounts.known()
+            if scope.kind == kind and start == self._periods.bounds(scope.period, now)[0]
         ]
 
     async def refresh(self) -> None:
-        """Take the accounts as they stand now (nothing to take: they are all here)."""
+        """Take the accounts as they stand now."""
+        await self.accounts.refresh()
+
+    async def run(self) -> None:
+        """The accounts' chores, in a task that must never die."""
+        await self.accounts.run()
 
     def remaining(self, scope: Scope, cap: float) -> float:
         spent, reserved = self.standing(scope)
@@ -236,7 +351,7 @@ class BudgetBook:
     def report(self, scope: Scope, cap: float) -> dict[str, object]:
         """The budget as GET /api/usage shows it."""
         spent, reserved = self.standing(scope)
-        _, end = self._period(scope.period, self._clock())
+        _, end = self._periods.bounds(scope.period, self._clock())
         shown: dict[str, object] = {"scope": scope.kind}
         if scope.kind == "app":
             shown["app"] = scope.name
@@ -252,8 +367,7 @@ class BudgetBook:
 
     def standing(self, scope: Scope) -> tuple[float, float]:
         """Spent and reserved in the scope's current period."""
-        account = self._account(scope, self._clock())
-        return account.spent, account.reserved
+        return self.accounts.standing(scope, self._periods.start(scope.period))
 
 
 def budget_scopes(
@@ -315,18 +429,22 @@ async def spent_in_periods(db: Database, now: float) -> SpentSince:
 
 
 async def open_budget_book(
-    db: Database, clock: Callable[[], float] = time.time, on_passed: OnPassed | None = None
+    db: Database, accounts: BudgetAccounts, clock: Callable[[], float] = time.time
 ) -> BudgetBook:
-    """A book that starts from what the ledger says this day and month already cost."""
-    spent = await spent_in_periods(db, clock())
-    book = BudgetBook(clock, on_passed)
-    book.load_spent(Scope("server", "", DAY), spent.server_day)
-    book.load_spent(Scope("server", "", MONTH), spent.server_month)
-    for app, cost in spent.apps_day.items():
-        book.load_spent(Scope("app", app or "", DAY), cost)
-    for client, cost in spent.clients_day.items():
-        book.load_spent(Scope("client", client, DAY), cost)
-    return book
+    """A book whose accounts start from what the ledger says this day and month already
+    cost (accounts the database keeps already are left as they are)."""
+    now = clock()
+    spent = await spent_in_periods(db, now)
+    day, _ = period_bounds(DAY, now)
+    month, _ = period_bounds(MONTH, now)
+    rows = [
+        (Scope("server", "", DAY), day, spent.server_day),
+        (Scope("server", "", MONTH), month, spent.server_month),
+    ]
+    rows += [(Scope("app", app or "", DAY), day, cost) for app, cost in spent.apps_day.items()]
+    rows += [(Scope("client", c, DAY), day, cost) for c, cost in spent.clients_day.items()]
+    await accounts.start_from(rows)
+    return BudgetBook(accounts, clock)
 
 
 def budgets_in_force(book: BudgetBook, policy: Policy) -> list[tuple[Scope, float]]:

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -33,18 +33,17 @@ from qp.spend.budgets import (
     CAP_TOLERANCE_USD,
     DAY,
     MONTH,
-    BudgetBook,
+    AccountsHere,
+    Held,
     OnPassed,
-    Refusal,
+    Periods,
     Reservation,
     Scope,
-    period_bounds,
-    spent_in_periods,
+    tell_passed,
 )
 from qp.spend.ledger import INSERT_SWEPT
 from qp.spend.record import CompletionRecord
 from qp.storage.database import Database, Transaction
-from qp.storage.leases import live_owners
 
 log = logging.getLogger("qp.spend.shared_budgets")
 
@@ -168,20 +167,28 @@ SETTLED_KEPT_SECONDS = 86400.0
 SWEPT_KEPT_SECONDS = 2 * 86400.0
 
 
-class SharedBudgetBook(BudgetBook):
-    """A BudgetBook whose accounts live in the shared database; the accounts in memory are
-    what the last `refresh` found (for reports and metrics)."""
+# The owners of the process leases not expired yet (qp/storage/peers.py).
+LiveOwners = Callable[[], Awaitable[set[str]]]
+
+
+class SharedAccounts:
+    """Budget accounts in the database several processes share; what the last `refresh`
+    found of the server's and apps' is kept here too (for reports and metrics)."""
 
     def __init__(
         self,
         db: Database,
         owner: str,
+        live_owners: LiveOwners,
         clock: Callable[[], float] = time.time,
         on_passed: OnPassed | None = None,
     ):
-        super().__init__(clock, on_passed)
         self._db = db
         self._owner = owner
+        self._live_owners = live_owners
+        self._periods = Periods(clock)
+        self._on_passed = on_passed
+        self._mirror = AccountsHere()
         # The rows of the reservations this process's requests hold (not settled yet).
         self._held: set[int] = set()
         # Settlements the database refused (it was down): tried again by `refresh`.
@@ -189,38 +196,24 @@ class SharedBudgetBook(BudgetBook):
         # Releases of reservations whose request left while they were being made.
         self._releasing: set[asyncio.Task[None]] = set()
 
-    async def seed(self) -> None:
+    async def start_from(self, spent: list[tuple[Scope, float, float]]) -> None:
         """Accounts for the current periods that do not exist yet start from what the
         ledger says they already spent (a first start on this database, an upgrade)."""
-        now = self._clock()
-        spent = await spent_in_periods(self._db, now)
-        day, _ = period_bounds(DAY, now)
-        month, _ = period_bounds(MONTH, now)
-        rows = [
-            ("server", "", DAY, day, spent.server_day),
-            ("server", "", MONTH, month, spent.server_month),
-        ]
-        rows += [("app", app or "", DAY, day, cost) for app, cost in spent.apps_day.items()]
-        rows += [("client", client, DAY, day, cost) for client, cost in spent.clients_day.items()]
+        rows = [(scope.kind, scope.name, scope.period, start, cost) for scope, start, cost in spent]
         await self._db.execute_write_many(SEED, rows)
         await self.refresh()
 
     async def reserve(
-        self,
-        scopes: Iterable[tuple[Scope, float]],
-        amount: float,
-        record: CompletionRecord | None = None,
-    ) -> Reservation | Refusal:
-        now = self._clock()
-        held = [(scope, self._period(scope.period, now)[0], cap) for scope, cap in scopes]
+        self, held: list[Held], amount: float, record: CompletionRecord | None = None
+    ) -> Reservation | Scope:
         for scope, _, cap in held:
             if amount > cap + CAP_TOLERANCE_USD:
-                return self._refusal(scope, now)
+                return scope
         if not held:
             return Reservation(amount)
         # A request whose client leaves while the reservation is being made is cancelled
         # then, not the reserving: what it reserved is released once that is known.
-        reserving = asyncio.ensure_future(self._reserve(held, amount, record, now))
+        reserving = asyncio.ensure_future(self._reserve(held, amount, record))
         try:
             return await asyncio.shield(reserving)
         except asyncio.CancelledError:
@@ -228,12 +221,8 @@ class SharedBudgetBook(BudgetBook):
             raise
 
     async def _reserve(
-        self,
-        held: list[tuple[Scope, float, float]],
-        amount: float,
-        record: CompletionRecord | None,
-        now: float,
-    ) -> Reservation | Refusal:
+        self, held: list[Held], amount: float, record: CompletionRecord | None
+    ) -> Reservation | Scope:
         reserving = {
             **_arrays(held),
             "n": len(held),
@@ -255,16 +244,16 @@ class SharedBudgetBook(BudgetBook):
             for scope, _, _ in held:
                 spent, reserved, room, _ = found[scope]
                 if spent + reserved + amount > room:
-                    return self._refusal(scope, now)
+                    return scope
             raise StorageUnavailable("Database", "a budget reservation was not noted")
         row_id = int(rows[0][-1])
         self._held.add(row_id)
         for scope, start, _ in held:
             spent, reserved, _, _ = found[scope]
-            self._mirror(scope, start, spent, reserved + amount)
+            self._take(scope, start, spent, reserved + amount)
         return Reservation(amount, held, row_id=row_id)
 
-    def _release_unclaimed(self, reserving: asyncio.Future[Reservation | Refusal]) -> None:
+    def _release_unclaimed(self, reserving: asyncio.Future[Reservation | Scope]) -> None:
         if reserving.cancelled() or reserving.exception() is not None:
             return
         reservation = reserving.result()
@@ -273,29 +262,22 @@ class SharedBudgetBook(BudgetBook):
             self._releasing.add(release)
             release.add_done_callback(self._releasing.discard)
 
-    def _mirror(self, scope: Scope, start: float, spent: float, reserved: float) -> None:
-        """Take what the database answered of an account (the metrics read the mirror)."""
+    def _take(self, scope: Scope, start: float, spent: float, reserved: float) -> None:
+        """Take what the database answered of an account into the mirror."""
         if scope.kind == "client":
             return  # clients' accounts are many: they stay in the database
-        account = self._account(scope, self._clock())
-        if account.period_start == start:
+        if start == self._periods.start(scope.period):
+            account = self._mirror.current(scope, start)
             account.spent, account.reserved = float(spent), float(reserved)
 
-    def _refusal(self, scope: Scope, now: float) -> Refusal:
-        _, end = self._period(scope.period, now)
-        return Refusal(scope, end, max(1, math.ceil(end - now)))
-
     async def settle(self, reservation: Reservation, cost: float) -> None:
-        if reservation.settled:
-            return
-        reservation.settled = True
         if reservation.row_id is None:
             return
         # The mirror first, before any await, so what this process reports next (the
         # metrics, a report) already counts the completion as settled.
         for scope, start, _ in reservation.held:
-            account = self._accounts.get(scope)
-            if account is not None and account.period_start == start:
+            account = self._mirror.get(scope, start)
+            if account is not None:
                 account.reserved = max(0.0, account.reserved - reservation.amount)
                 account.spent = max(0.0, account.spent + cost)
         try:
@@ -335,39 +317,42 @@ class SharedBudgetBook(BudgetBook):
             Scope(kind, name, period): (spent, reserved)
             for kind, name, period, spent, reserved in rows
         }
-        for scope, start, cap in reservation.held:
+        for held in reservation.held:
+            scope, start, _ = held
             if scope in standing:
                 spent, reserved = standing[scope]
-                self._mirror(scope, start, spent, reserved)
-                self._tell_passed(scope, start, float(spent) - spend, float(spent), cap)
+                self._take(scope, start, spent, reserved)
+                tell_passed(self._on_passed, held, float(spent) - spend, float(spent), start)
 
-    async def adjust(self, scopes: Iterable[tuple[Scope, float]], delta: float, at: float) -> None:
-        now = self._clock()
-        for scope, cap in scopes:
-            start, end = self._period(scope.period, now)
-            if not start <= at < end:
-                continue
-            rows = await self._db.execute_write_returning(
-                ADJUST, {**_key(scope, start), "delta": delta}
-            )
-            if rows:
-                after = float(rows[0][0])
-                self._mirror(scope, start, after, rows[0][1])
-                self._tell_passed(scope, start, after - delta, after, cap)
+    async def adjust(self, held: Held, delta: float) -> None:
+        scope, start, _ = held
+        rows = await self._db.execute_write_returning(
+            ADJUST, {**_key(scope, start), "delta": delta}
+        )
+        if rows:
+            after = float(rows[0][0])
+            self._take(scope, start, after, rows[0][1])
+            tell_passed(self._on_passed, held, after - delta, after, start)
+
+    def standing(self, scope: Scope, start: float) -> tuple[float, float]:
+        account = self._mirror.get(scope, start)
+        return (0.0, 0.0) if account is None else (account.spent, account.reserved)
+
+    def known(self) -> list[tuple[Scope, float]]:
+        return self._mirror.known()
 
     async def refresh(self) -> None:
         """Settle what could not be settled before; take the accounts as they stand."""
         for reservation, cost in list(self._unsettled):
             await self._settle(reservation, cost)
             self._unsettled.remove((reservation, cost))
-        now = self._clock()
-        day, _ = self._period(DAY, now)
-        month, _ = self._period(MONTH, now)
+        day, month = self._periods.start(DAY), self._periods.start(MONTH)
         for kind, name, period, spent, reserved in await self._db.fetchall(STANDING, (day, month)):
-            account = self._account(Scope(kind, name, period), now)
+            start = day if period == DAY else month
+            account = self._mirror.current(Scope(kind, name, period), start)
             account.spent, account.reserved = float(spent), float(reserved)
 
-    async def keep_fresh(self) -> None:
+    async def run(self) -> None:
         """Every few seconds: sweep the reservations nobody will settle, and take the
         accounts again (a task that must never die)."""
         rounds = 0
@@ -375,17 +360,14 @@ class SharedBudgetBook(BudgetBook):
             await asyncio.sleep(REFRESH_SECONDS)
             rounds += 1
             try:
-                owners = await live_owners(self._db)
-                if owners is not None:
-                    dead, orphans = await self.sweep(owners)
-                    if dead:
-                        log.warning(
-                            "%d budget reservations of a server gone taken as spent at their"
-                            " estimate",
-                            dead,
-                        )
-                    if orphans:
-                        log.warning("%d budget reservations no request held released", orphans)
+                dead, orphans = await self.sweep(await self._live_owners())
+                if dead:
+                    log.warning(
+                        "%d budget reservations of a server gone taken as spent at their estimate",
+                        dead,
+                    )
+                if orphans:
+                    log.warning("%d budget reservations no request held released", orphans)
                 await self.refresh()
                 if rounds % FORGET_EVERY_ROUNDS == 0:
                     await self.forget_ended()
@@ -395,9 +377,7 @@ class SharedBudgetBook(BudgetBook):
     async def forget_ended(self) -> None:
         """Delete the accounts of days that ended over a day ago and months over 40 days,
         and the swept reservations no late settlement will come for any more."""
-        now = self._clock()
-        day, _ = self._period(DAY, now)
-        month, _ = self._period(MONTH, now)
+        day, month = self._periods.start(DAY), self._periods.start(MONTH)
         await self._db.execute_write(FORGET_ENDED, (day - 86400, month - 40 * 86400))
         await self._db.execute_write(
             FORGET_SETTLED,
@@ -433,7 +413,7 @@ class SharedBudgetBook(BudgetBook):
     async def _sweep(
         self,
         row_id: int,
-        held: list[tuple[Scope, float, float]],
+        held: list[Held],
         amount: float,
         gone: bool,
         record: str | None,
@@ -464,7 +444,7 @@ class SharedBudgetBook(BudgetBook):
         return await self._db.write(sweeping)
 
 
-def _arrays(held: list[tuple[Scope, float, float]]) -> dict[str, list[Any]]:
+def _arrays(held: list[Held]) -> dict[str, list[Any]]:
     """The accounts of (scope, period start, cap) as the statements' arrays."""
     return {
         "kinds": [scope.kind for scope, _, _ in held],
@@ -475,7 +455,7 @@ def _arrays(held: list[tuple[Scope, float, float]]) -> dict[str, list[Any]]:
     }
 
 
-def _moving(held: list[tuple[Scope, float, float]], release: float, spend: float) -> dict[str, Any]:
+def _moving(held: list[Held], release: float, spend: float) -> dict[str, Any]:
     return {**_arrays(held), "release": release, "spend": spend}
 
 
@@ -485,7 +465,7 @@ def _swept_record(record: CompletionRecord) -> str:
     return orjson.dumps(skeleton).decode()
 
 
-def _accounts_json(held: list[tuple[Scope, float, float]]) -> str:
+def _accounts_json(held: list[Held]) -> str:
     """The accounts a reservation holds as its row keeps them (read back by `sweep`)."""
     return orjson.dumps([list(_key(scope, start).values()) for scope, start, _ in held]).decode()
 

@@ -41,8 +41,6 @@ class Transaction(Protocol):
 
 
 WriteFn = Callable[[Transaction], Awaitable[T]]
-# Told the topic of each change another process made (see Transaction.notify).
-ChangeListener = Callable[[str], None]
 
 
 class Statements(Protocol):
@@ -92,13 +90,11 @@ TAKEN_OVER = "taken-over"
 
 
 class Database(Statements, Protocol):
-    """One database: transactions, one-statement helpers, and its health."""
+    """One database: transactions, one-statement helpers, and its health. (Who else
+    writes to it is qp/storage/peers.py's.)"""
 
     # Set once writes are refused for good (the file damaged, the database taken over).
     damage: str | None
-    # True when other server processes may share it (PostgreSQL), False when this process
-    # owns it (SQLite, under its lock file).
-    shared: bool
 
     async def ping(self) -> None: ...
 
@@ -109,29 +105,11 @@ class Database(Statements, Protocol):
         counts and budget accounts are kept in memory on SQLite)."""
         ...
 
-    async def changed_elsewhere(self) -> bool:
-        """True when another process changed the database since the last call."""
-        ...
-
     def check_file(self) -> str | None: ...
 
     def refuse_writes(self, why: str) -> None:
         """From now on every write is refused (damage TAKEN_OVER): another server took a
         lock file of this one's."""
-        ...
-
-    async def keep_watching(self) -> None:
-        """Listen again for other processes' changes if the way to hear them was lost
-        (housekeeping, every second)."""
-        ...
-
-    @property
-    def watching(self) -> bool:
-        """True while every change another process makes is heard (so a cache may be kept)."""
-        ...
-
-    def subscribe(self, listener: ChangeListener) -> None:
-        """Tell `listener` the topic of each change another server process makes."""
         ...
 
     async def close(self) -> None: ...

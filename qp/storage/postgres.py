@@ -11,8 +11,9 @@ delay a renewal, and one that listens (below): up to 27 a process by default.
 Several server processes may share one database. Each server keeps one more connection
 that LISTENs on a channel: the features announce what they change there (`chat:ID`,
 `blocks`) and the operators' tools announce every write (an empty topic: anything may have
-changed). While that connection is lost, nothing another process changes is heard:
-`watching` is False (caches are not kept) until housekeeping connects again.
+changed), passed on to qp/storage/peers.py's SharedPeers. While that connection is lost,
+nothing another process changes is heard: `listening` is False (caches are not kept)
+until housekeeping connects again.
 
 Numbers: the chats' token counts are NUMERIC, read back as an int when whole and a float
 otherwise, so a client's 12 or 12.5 comes back as it went in (as SQLite's INTEGER affinity
@@ -26,7 +27,7 @@ import functools
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -37,7 +38,6 @@ from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable, Unstorab
 from qp.masking import mask_url
 from qp.storage.database import (
     TAKEN_OVER,
-    ChangeListener,
     Parameters,
     StatementHelpers,
     WriteFn,
@@ -167,8 +167,6 @@ async def _transaction(conn: asyncpg.Connection, fn: WriteFn[T], announce: bool)
 class PostgresDatabase(StatementHelpers):
     """The PostgreSQL database: `write(fn)` for transactions, the pool for queries."""
 
-    shared = True
-
     def __init__(
         self,
         pool: asyncpg.Pool,
@@ -190,8 +188,7 @@ class PostgresDatabase(StatementHelpers):
         self.damage: str | None = None
         # A server listens for the others' changes; a tool announces each of its writes.
         self._serving = serving
-        self._changed = False
-        self._subscribers: list[ChangeListener] = []
+        self._told: Callable[[str], None] = _nobody
 
     @classmethod
     async def open(
@@ -305,8 +302,16 @@ class PostgresDatabase(StatementHelpers):
         """No file to check: PostgreSQL keeps its own."""
         return self.damage
 
+    def on_change(self, told: Callable[[str], None]) -> None:
+        """Tell `told` the topic of each change another process announces, and an empty
+        topic when anything may have changed unheard (the listening connection lost, or
+        listening again)."""
+        self._told = told
+
     @property
-    def watching(self) -> bool:
+    def listening(self) -> bool:
+        """True while every announced change is heard (a tool, which listens to nothing
+        and caches nothing, too)."""
         return not self._serving or (self._listener is not None and not self._listener.is_closed())
 
     def _listener_lost(self, conn: asyncpg.Connection) -> None:
@@ -316,12 +321,12 @@ class PostgresDatabase(StatementHelpers):
                 " cached chats are dropped and none kept until it is back",
                 self.shown,
             )
-            self._tell("")
+            self._told("")
 
-    async def keep_watching(self) -> None:
+    async def listen_again(self) -> None:
         """Housekeeping, every second: with the listening connection lost, connect again.
         What changed meanwhile is unknown, so everything cached is forgotten."""
-        if self.watching:
+        if self.listening:
             return
         try:
             conn = await asyncpg.connect(self.url, timeout=CONNECT_TIMEOUT)
@@ -335,7 +340,7 @@ class PostgresDatabase(StatementHelpers):
         except BaseException:
             await conn.close()
             raise
-        self._tell("")
+        self._told("")
         log.warning("listening for other processes' changes to %s again", self.shown)
 
     def refuse_writes(self, why: str) -> None:
@@ -343,27 +348,8 @@ class PostgresDatabase(StatementHelpers):
             self.damage = TAKEN_OVER
             log.error("%s: writes are refused until the server is restarted", why)
 
-    async def changed_elsewhere(self) -> bool:
-        """True when anything may have changed unheard since the last call: a tool wrote,
-        or the listening connection was lost."""
-        changed, self._changed = self._changed, False
-        return changed
-
-    def subscribe(self, listener: ChangeListener) -> None:
-        self._subscribers.append(listener)
-
     def _heard(self, conn: asyncpg.Connection, pid: int, channel: str, payload: str) -> None:
-        self._tell(payload)
-
-    def _tell(self, topic: str) -> None:
-        """Pass a change on; an empty topic (anything may have changed) also to housekeeping."""
-        if not topic:
-            self._changed = True
-        for subscriber in self._subscribers:
-            try:
-                subscriber(topic)
-            except Exception:
-                log.exception("a change listener failed")
+        self._told(payload)
 
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
         with unavailable_on_failure():
@@ -383,6 +369,10 @@ class PostgresDatabase(StatementHelpers):
     @property
     def shown(self) -> str:
         return mask_url(self.url)
+
+
+def _nobody(topic: str) -> None:
+    """Told of changes until someone listens."""
 
 
 @contextmanager

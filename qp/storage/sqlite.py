@@ -32,7 +32,6 @@ import aiosqlite
 from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable, UnstorableValue
 from qp.storage.database import (
     TAKEN_OVER,
-    ChangeListener,
     Parameters,
     StatementHelpers,
     WriteFn,
@@ -116,13 +115,11 @@ class SqliteTransaction:
 
     async def notify(self, topic: str) -> None:
         """Nothing to do: no other server shares the file (the tools' writes are seen by
-        `changed_elsewhere`)."""
+        polling `data_version`, qp/storage/peers.py)."""
 
 
 class SqliteDatabase(StatementHelpers):
     """The SQLite database: `write(fn)` for transactions, `reader()` for queries."""
-
-    shared = False
 
     def __init__(
         self,
@@ -138,7 +135,6 @@ class SqliteDatabase(StatementHelpers):
         self._all_readers = readers
         self._file = file
         self._make_room = make_room
-        self._data_version: int | None = None
         # Whether the writer's commits wait for the disk now (synchronous FULL, as opened).
         self._durable: bool | None = True
         # Set once the file is found deleted, replaced or damaged: writes refused until restart.
@@ -331,29 +327,17 @@ class SqliteDatabase(StatementHelpers):
         finally:
             self._readers.put_nowait(conn)
 
-    async def keep_watching(self) -> None:
-        """Nothing: the tools' changes are seen by `changed_elsewhere`, polled."""
-
-    @property
-    def watching(self) -> bool:
-        return True
-
-    def subscribe(self, listener: ChangeListener) -> None:
-        """Nothing to subscribe to: one server process owns the file."""
-
-    async def changed_elsewhere(self) -> bool:
-        """True when another process committed to the database since the last call."""
+    async def data_version(self) -> int | None:
+        """SQLite's data_version on the writer, which moves only with other connections'
+        commits; None when opened read-only."""
         if self._writer is None:
-            return False
+            return None
         async with self._write_lock:
-            # data_version on the writer moves only with other connections' commits.
             try:
                 ((version,),) = await self._writer.execute_fetchall("PRAGMA data_version")
             except sqlite3.Error as err:
                 raise StorageUnavailable("Database", str(err), sqlite_failure_reason(err)) from err
-        changed = self._data_version is not None and version != self._data_version
-        self._data_version = version
-        return changed
+        return int(version)
 
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
         async with self.reader() as conn:
