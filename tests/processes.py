@@ -42,15 +42,29 @@ TEST_DEFAULTS = {
 }
 
 
+def _worker_share() -> tuple[int, int]:
+    """(this pytest-xdist worker's number, how many workers): (0, 1) in a serial run."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return (int(worker.removeprefix("gw")), count) if worker.startswith("gw") else (0, 1)
+
+
 def free_ports(count: int = 1) -> list[int]:
-    """Ports free on 127.0.0.1 right now (held together while choosing, so all distinct)."""
+    """Ports free on 127.0.0.1 right now (held together while choosing, so all distinct).
+    Under pytest-xdist each worker takes only ports of its own residue (port % workers), so
+    a port one worker chose and has not yet started a server on is never another's."""
+    worker, workers = _worker_share()
     sockets = []
     try:
-        for _ in range(count):
+        chosen = []
+        while len(chosen) < count:
             sock = socket.socket()
             sock.bind(("127.0.0.1", 0))
             sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
+            port = sock.getsockname()[1]
+            if port % workers == worker:
+                chosen.append(port)
+        return chosen
     finally:
         for sock in sockets:
             sock.close()
