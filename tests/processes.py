@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import shutil
 import signal
 import socket
@@ -49,22 +50,31 @@ def _worker_share() -> tuple[int, int]:
     return (int(worker.removeprefix("gw")), count) if worker.startswith("gw") else (0, 1)
 
 
+# Ports the kernel never hands out by itself (below Linux's ephemeral range, 32768 up): a
+# port chosen here and released cannot be taken meanwhile by a bind to port 0 or by an
+# outgoing connection before the server the test starts on it binds it.
+TEST_PORTS = range(20000, 32768)
+
+
 def free_ports(count: int = 1) -> list[int]:
-    """Ports free on 127.0.0.1 right now (held together while choosing, so all distinct).
-    Under pytest-xdist each worker takes only ports of its own residue (port % workers), so
-    a port one worker chose and has not yet started a server on is never another's."""
+    """Ports free on 127.0.0.1 right now (held together while choosing, so all distinct),
+    picked at random from TEST_PORTS. Under pytest-xdist each worker takes only ports of
+    its own residue (port % workers), so the workers of one run never pick the same one."""
     worker, workers = _worker_share()
-    sockets = []
+    sockets: list[socket.socket] = []
     try:
-        chosen = []
-        while len(chosen) < count:
+        while len(sockets) < count:
+            port = random.randrange(TEST_PORTS.start, TEST_PORTS.stop)
+            if port % workers != worker:
+                continue
             sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
             sockets.append(sock)
-            port = sock.getsockname()[1]
-            if port % workers == worker:
-                chosen.append(port)
-        return chosen
+        return [sock.getsockname()[1] for sock in sockets]
     finally:
         for sock in sockets:
             sock.close()
