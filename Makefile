@@ -37,8 +37,11 @@ format: install-dev
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# pytest-xdist across the machine's two cores, each test module whole on one worker (its
+# module-scoped servers start once); `make test TEST_WORKERS=0` runs it in one process.
+TEST_WORKERS ?= 2
 test: install-dev lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The operator's page in Debian's Chromium, each view photographed into tests/artifacts/.
 screenshots: install-dev

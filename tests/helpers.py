@@ -51,14 +51,24 @@ def unique_id() -> str:
     return uuid.uuid4().hex
 
 
-def completion_request(content: str = "hi", app: str = "nwb-assistant") -> dict:
-    """A valid completion request for the default policy (the fake reads `content`)."""
-    return {
+def completion_request(
+    content: str = "hi",
+    app: str = "nwb-assistant",
+    *,
+    leave_out: tuple[str, ...] = (),
+    **fields: Any,
+) -> dict:
+    """A completion request the default policy accepts: one user message saying `content`
+    (the fake OpenRouter picks its script by it), from `app`. `fields` add or replace fields
+    (`model=`, `messages=`, `tools=`, ...); those named in `leave_out` are not sent."""
+    request = {
         "model": "openai/gpt-4.1-mini",
         "systemMessage": SYSTEM,
         "messages": [{"role": "user", "content": content}],
         "app": app,
+        **fields,
     }
+    return {name: value for name, value in request.items() if name not in leave_out}
 
 
 def make_chat(

@@ -17,10 +17,10 @@ import pytest
 from qp.timestamps import format_iso
 from tests.helpers import (
     ADMIN_KEY,
-    SYSTEM,
     a_fresh_hour,
     block_by_refusals,
     call,
+    completion_request,
     create,
     make_chat,
     served_once_then_limited_not_blocked,
@@ -32,15 +32,6 @@ XSS = "<img src=x onerror=alert(1)>"
 BLOCKED = {"X-Forwarded-For": "198.51.100.9"}  # the server trusts its loopback peer
 
 pytestmark = NEEDS_CHROMIUM
-
-
-def completion(app: str) -> dict:
-    return {
-        "model": "openai/gpt-4.1-mini",
-        "systemMessage": SYSTEM,
-        "messages": [{"role": "user", "content": "hi"}],
-        "app": app,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +69,9 @@ async def seed(api: QPServer) -> dict[str, str]:
             headers = {"X-Forwarded-For": f"203.0.113.{n + 1}"}
             if paid_by[n] == "user":
                 headers["x-openrouter-key"] = "the-users-own-key"
-            async with http.post("/api/completion", json=completion(app), headers=headers) as got:
+            async with http.post(
+                "/api/completion", json=completion_request(app=app), headers=headers
+            ) as got:
                 assert got.status == 200
                 await got.read()
         chats["plain"] = await create(

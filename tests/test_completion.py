@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import STANDARD_STREAM, FakeOpenRouter, Script
-from tests.helpers import ADMIN_KEY, SYSTEM, call, ledger
+from tests.helpers import ADMIN_KEY, SYSTEM, call, completion_request, ledger
 from tests.processes import QPServer
 
 pytestmark = pytest.mark.on_both_databases
@@ -50,17 +50,6 @@ async def http(relay_server) -> TestClient:
     return relay_server.client
 
 
-def completion(content: str = "hello", **changes) -> dict:
-    request = {
-        "model": CHEAP,
-        "systemMessage": SYSTEM,
-        "messages": [{"role": "user", "content": content}],
-        "app": "nwb-assistant",
-    }
-    request.update(changes)
-    return request
-
-
 async def stream(http: aiohttp.ClientSession, request: dict, headers=None) -> tuple[int, bytes]:
     async with http.post("/api/completion", json=request, headers=headers) as response:
         return response.status, await response.read()
@@ -70,7 +59,7 @@ async def stream(http: aiohttp.ClientSession, request: dict, headers=None) -> tu
 
 
 async def test_stream_is_relayed_byte_for_byte_with_streaming_headers(http, fake):
-    async with http.post("/api/completion", json=completion()) as response:
+    async with http.post("/api/completion", json=completion_request("hello")) as response:
         assert response.status == 200
         assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
         assert response.headers["Cache-Control"] == "no-cache"
@@ -80,7 +69,8 @@ async def test_stream_is_relayed_byte_for_byte_with_streaming_headers(http, fake
 
 async def test_upstream_gets_the_contract_body_and_the_servers_key(http, fake):
     tools = [{"type": "function", "function": {"name": "search", "parameters": {}}}]
-    request = completion(
+    request = completion_request(
+        "hello",
         messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
         tools=tools,
         app="stan-assistant",
@@ -104,7 +94,7 @@ async def test_upstream_gets_the_contract_body_and_the_servers_key(http, fake):
 
 @pytest.mark.parametrize("tools", [None, "absent"])
 async def test_tools_default_to_an_empty_list(http, fake, tools):
-    request = completion()
+    request = completion_request("hello")
     if tools is None:
         request["tools"] = None
     assert (await stream(http, request))[0] == 200
@@ -112,12 +102,12 @@ async def test_tools_default_to_an_empty_list(http, fake, tools):
 
 
 async def test_provider_becomes_only_that_provider(http, fake):
-    assert (await stream(http, completion(provider="Cerebras")))[0] == 200
+    assert (await stream(http, completion_request("hello", provider="Cerebras")))[0] == 200
     assert fake.last().body["provider"] == {"only": ["Cerebras"]}
 
 
 async def test_no_provider_sends_no_provider(http, fake):
-    assert (await stream(http, completion()))[0] == 200
+    assert (await stream(http, completion_request("hello")))[0] == 200
     assert "provider" not in fake.last().body
 
 
@@ -125,31 +115,35 @@ async def test_no_provider_sends_no_provider(http, fake):
 
 
 async def test_the_users_key_wins_even_for_a_cheap_model(http, fake):
-    status, _ = await stream(http, completion(), {"x-openrouter-key": "user-key"})
+    status, _ = await stream(http, completion_request("hello"), {"x-openrouter-key": "user-key"})
     assert status == 200
     assert fake.last().headers["Authorization"] == "Bearer user-key"
 
 
 async def test_an_expensive_model_with_the_users_key_goes_through(http, fake):
-    status, _ = await stream(http, completion(model=EXPENSIVE), {"x-openrouter-key": "user-key"})
+    status, _ = await stream(
+        http, completion_request("hello", model=EXPENSIVE), {"x-openrouter-key": "user-key"}
+    )
     assert status == 200
     assert fake.last().headers["Authorization"] == "Bearer user-key"
     assert fake.last().body["model"] == EXPENSIVE
 
 
 async def test_a_cheap_model_uses_the_apps_own_key(http, fake):
-    assert (await stream(http, completion(app="bids-assistant")))[0] == 200
+    assert (await stream(http, completion_request("hello", app="bids-assistant")))[0] == 200
     assert fake.last().headers["Authorization"] == "Bearer bids-key"
 
 
 async def test_a_cheap_model_without_an_app_key_uses_the_servers_key(http, fake):
-    assert (await stream(http, completion(app="nwb-assistant")))[0] == 200
+    assert (await stream(http, completion_request("hello", app="nwb-assistant")))[0] == 200
     assert fake.last().headers["Authorization"] == "Bearer server-key"
 
 
 async def test_an_expensive_model_without_a_key_is_400_and_never_sent(http, fake):
     before = len(fake.received)
-    assert await call(http, "POST", "/api/completion", json=completion(model=EXPENSIVE)) == (
+    assert await call(
+        http, "POST", "/api/completion", json=completion_request("hello", model=EXPENSIVE)
+    ) == (
         400,
         {"error": f"OpenRouter key required for model: {EXPENSIVE}"},
     )
@@ -158,7 +152,9 @@ async def test_an_expensive_model_without_a_key_is_400_and_never_sent(http, fake
 
 async def test_no_key_configured_is_500(fake, start_server):
     server = await start_server(QP_OPENROUTER_URL=fake.url)
-    assert await call(server.client, "POST", "/api/completion", json=completion()) == (
+    assert await call(
+        server.client, "POST", "/api/completion", json=completion_request("hello")
+    ) == (
         500,
         {"error": "API key not configured"},
     )
@@ -168,9 +164,11 @@ async def test_cheap_models_come_from_qp_cheap_models(fake, start_server):
     server = await start_relay(start_server, fake, QP_CHEAP_MODELS="vendor/tiny, vendor/small")
     try:
         async with aiohttp.ClientSession(server.url) as http:
-            assert (await stream(http, completion(model="vendor/small")))[0] == 200
+            assert (await stream(http, completion_request("hello", model="vendor/small")))[0] == 200
             assert fake.last().headers["Authorization"] == "Bearer server-key"
-            assert await call(http, "POST", "/api/completion", json=completion(model=CHEAP)) == (
+            assert await call(
+                http, "POST", "/api/completion", json=completion_request("hello", model=CHEAP)
+            ) == (
                 400,
                 {"error": f"OpenRouter key required for model: {CHEAP}"},
             )
@@ -189,13 +187,13 @@ async def test_malformed_json_is_400(http):
 
 INVALID_REQUESTS = {
     "not an object": [],
-    "no model": {k: v for k, v in completion().items() if k != "model"},
-    "model a number": completion(model=4),
-    "no system message": {k: v for k, v in completion().items() if k != "systemMessage"},
-    "system message null": completion(systemMessage=None),
-    "messages an object": completion(messages={"role": "user"}),
-    "tools an object": completion(tools={"type": "function"}),
-    "tools a string": completion(tools="search"),
+    "no model": completion_request("hello", leave_out=("model",)),
+    "model a number": completion_request("hello", model=4),
+    "no system message": completion_request("hello", leave_out=("systemMessage",)),
+    "system message null": completion_request("hello", systemMessage=None),
+    "messages an object": completion_request("hello", messages={"role": "user"}),
+    "tools an object": completion_request("hello", tools={"type": "function"}),
+    "tools a string": completion_request("hello", tools="search"),
 }
 
 
@@ -209,7 +207,7 @@ async def test_invalid_completion_request_is_400(http, body):
 
 async def test_body_over_500_kib_is_413(http, fake):
     before = len(fake.received)
-    body = orjson.dumps(completion("a" * (500 * 1024)))
+    body = orjson.dumps(completion_request("a" * (500 * 1024)))
     status, answer = await call(
         http, "POST", "/api/completion", data=body, headers={"Content-Type": "application/json"}
     )
@@ -223,7 +221,9 @@ async def test_body_over_500_kib_is_413(http, fake):
 
 async def test_more_than_50_messages_is_413(http):
     messages = [{"role": "user", "content": "x"}] * 51
-    assert await call(http, "POST", "/api/completion", json=completion(messages=messages)) == (
+    assert await call(
+        http, "POST", "/api/completion", json=completion_request("hello", messages=messages)
+    ) == (
         413,
         {"error": "Request validation failed", "message": "Too many messages: 51 (max: 50)"},
     )
@@ -233,12 +233,12 @@ async def test_exactly_50_messages_and_100000_characters_are_accepted(http):
     messages = [{"role": "user", "content": "x"}] * 49 + [
         {"role": "user", "content": "y" * 100_000}
     ]
-    assert (await stream(http, completion(messages=messages)))[0] == 200
+    assert (await stream(http, completion_request("hello", messages=messages)))[0] == 200
 
 
 async def test_a_message_over_100000_characters_is_413(http):
     # Characters, not bytes: 100,001 two-byte characters are over, at 200 KB of body.
-    body = orjson.dumps(completion("é" * 100_001))
+    body = orjson.dumps(completion_request("é" * 100_001))
     assert await call(
         http, "POST", "/api/completion", data=body, headers={"Content-Type": "application/json"}
     ) == (
@@ -257,7 +257,7 @@ async def test_the_413_names_the_first_message_too_large_in_javascript_length(ht
         {"role": "assistant", "content": "\U0001f600" * 50_001},
         {"role": "user", "content": "z" * 100_001},
     ]
-    body = orjson.dumps(completion(messages=messages))
+    body = orjson.dumps(completion_request("hello", messages=messages))
     headers = {"Content-Type": "application/json"}
     assert await call(http, "POST", "/api/completion", data=body, headers=headers) == (
         413,
@@ -271,7 +271,7 @@ async def test_the_413_names_the_first_message_too_large_in_javascript_length(ht
 async def test_text_parts_are_summed_against_the_limit(http):
     parts = [{"type": "text", "text": "a" * 50_000}, {"type": "image_url", "image_url": {}}]
     parts.append({"type": "text", "text": "b" * 50_001})
-    request = completion(messages=[{"role": "user", "content": parts}])
+    request = completion_request("hello", messages=[{"role": "user", "content": parts}])
     status, answer = await call(http, "POST", "/api/completion", json=request)
     assert status == 413
     assert answer["message"] == "Message 0 too large: 100001 characters (max: 100000)"
@@ -283,7 +283,9 @@ async def test_a_system_message_missing_a_phrase_group_is_400(http, fake, missin
         group[0] for i, group in enumerate(DEFAULT_REQUIRED_PHRASE_GROUPS) if i != missing_group
     )
     before = len(fake.received)
-    assert await call(http, "POST", "/api/completion", json=completion(systemMessage=system)) == (
+    assert await call(
+        http, "POST", "/api/completion", json=completion_request("hello", systemMessage=system)
+    ) == (
         400,
         {"error": "First message must contain the correct system message"},
     )
@@ -293,11 +295,11 @@ async def test_a_system_message_missing_a_phrase_group_is_400(http, fake, missin
 async def test_the_second_phrase_of_a_group_also_passes(http):
     groups = DEFAULT_REQUIRED_PHRASE_GROUPS
     system = f"{groups[0][0]}\n{groups[1][1]}\n{groups[2][0]}"
-    assert (await stream(http, completion(systemMessage=system)))[0] == 200
+    assert (await stream(http, completion_request("hello", systemMessage=system)))[0] == 200
 
 
 async def test_the_key_check_comes_before_the_phrase_check(http):
-    request = completion(model=EXPENSIVE, systemMessage="no phrases")
+    request = completion_request("hello", model=EXPENSIVE, systemMessage="no phrases")
     assert (await call(http, "POST", "/api/completion", json=request))[1] == {
         "error": f"OpenRouter key required for model: {EXPENSIVE}"
     }
@@ -308,7 +310,7 @@ async def test_the_key_check_comes_before_the_phrase_check(http):
 
 async def test_the_first_chunk_reaches_the_client_before_upstream_sends_the_second(http, fake):
     fake.scripts["paced"] = Script(chunks=[(0.0, b"data: one\n\n"), (1.0, b"data: two\n\n")])
-    async with http.post("/api/completion", json=completion("script:paced")) as response:
+    async with http.post("/api/completion", json=completion_request("script:paced")) as response:
         first = await response.content.readany()
         first_at = time.monotonic()
         rest = await response.read()
@@ -321,7 +323,7 @@ async def test_the_first_chunk_reaches_the_client_before_upstream_sends_the_seco
 async def test_a_client_leaving_before_the_first_byte_aborts_upstream(http, fake):
     fake.scripts["slow-start"] = Script(headers_delay=30.0)
     before = len(fake.received)
-    request = http.post("/api/completion", json=completion("script:slow-start"))
+    request = http.post("/api/completion", json=completion_request("script:slow-start"))
     task = asyncio.ensure_future(request)
     assert await asyncio.to_thread(fake.wait_for, lambda: len(fake.received) > before)
     task.cancel()
@@ -335,7 +337,7 @@ async def test_a_client_leaving_mid_stream_aborts_upstream(relay_server, fake):
     fake.scripts["long"] = Script(chunks=[(0.0, b"data: one\n\n"), (30.0, b"data: two\n\n")])
     before = len(fake.received)
     async with aiohttp.ClientSession(relay_server.url) as http:
-        response = await http.post("/api/completion", json=completion("script:long"))
+        response = await http.post("/api/completion", json=completion_request("script:long"))
         assert await response.content.readany() == b"data: one\n\n"
         response.close()
         left_at = time.monotonic()
@@ -352,7 +354,7 @@ async def test_upstream_error_keeps_its_status_with_its_own_message(http, fake):
         status=401,
         body=b'{"error":{"message":"No auth credentials found","code":401}}',
     )
-    assert await call(http, "POST", "/api/completion", json=completion("script:401")) == (
+    assert await call(http, "POST", "/api/completion", json=completion_request("script:401")) == (
         401,
         {"error": "Unauthorized", "message": "No auth credentials found"},
     )
@@ -360,7 +362,7 @@ async def test_upstream_error_keeps_its_status_with_its_own_message(http, fake):
 
 async def test_upstream_error_without_a_message_gives_the_reason_phrase(http, fake):
     fake.scripts["429"] = Script(status=429, body=b"slow down")
-    assert await call(http, "POST", "/api/completion", json=completion("script:429")) == (
+    assert await call(http, "POST", "/api/completion", json=completion_request("script:429")) == (
         429,
         {"error": "Too Many Requests"},
     )
@@ -369,7 +371,9 @@ async def test_upstream_error_without_a_message_gives_the_reason_phrase(http, fa
 @pytest.mark.parametrize("status", [301, 302, 307, 600, 999])
 async def test_a_redirect_or_a_status_http_does_not_define_is_502(http, fake, status):
     fake.scripts[f"odd{status}"] = Script(status=status, body=b"{}")
-    assert await call(http, "POST", "/api/completion", json=completion(f"script:odd{status}")) == (
+    assert await call(
+        http, "POST", "/api/completion", json=completion_request(f"script:odd{status}")
+    ) == (
         502,
         {
             "error": "Bad Gateway",
@@ -387,7 +391,7 @@ def nested(depth: int) -> list:
 
 @pytest.mark.parametrize("where", ["messages", "tools", "provider"])
 async def test_a_request_nested_too_deep_to_send_upstream_is_400(http, fake, where):
-    request = completion()
+    request = completion_request("hello")
     if where == "messages":
         request["messages"].append({"role": "user", "content": nested(300)})
     else:
@@ -402,7 +406,9 @@ async def test_a_request_nested_too_deep_to_send_upstream_is_400(http, fake, whe
 
 @pytest.mark.parametrize("app", ["x" * 101, "line\nbreak", 42, ["a"]])
 async def test_a_completion_for_an_invalid_app_is_400(http, fake, app):
-    assert await call(http, "POST", "/api/completion", json=completion(app=app)) == (
+    assert await call(
+        http, "POST", "/api/completion", json=completion_request("hello", app=app)
+    ) == (
         400,
         {"error": "Invalid app"},
     )
@@ -412,7 +418,9 @@ async def test_unreachable_upstream_is_502(start_server, caplog):
     fake = FakeOpenRouter()
     fake.port = 1  # nothing listens there
     server = await start_relay(start_server, fake)
-    assert await call(server.client, "POST", "/api/completion", json=completion()) == (
+    assert await call(
+        server.client, "POST", "/api/completion", json=completion_request("hello")
+    ) == (
         502,
         {"error": "Bad Gateway", "message": "Could not connect to the completion service"},
     )
@@ -431,7 +439,9 @@ async def test_no_first_byte_in_time_is_504(start_server, fake):
     )
     fake.scripts["late"] = Script(headers_delay=5.0)
     started = time.monotonic()
-    assert await call(server.client, "POST", "/api/completion", json=completion("script:late")) == (
+    assert await call(
+        server.client, "POST", "/api/completion", json=completion_request("script:late")
+    ) == (
         504,
         {
             "error": "Gateway Timeout",
@@ -447,7 +457,7 @@ async def test_the_first_byte_timeout_does_not_cut_a_long_stream(start_server, f
     )
     chunks = [(0.0 if n == 0 else 0.5, f"data: {n}\n\n".encode()) for n in range(5)]
     fake.scripts["slow-but-steady"] = Script(chunks=chunks)
-    status, body = await stream(server.client, completion("script:slow-but-steady"))
+    status, body = await stream(server.client, completion_request("script:slow-but-steady"))
     assert (status, body) == (200, b"".join(chunk for _, chunk in chunks))
 
 
@@ -457,7 +467,9 @@ async def test_silence_mid_stream_ends_the_clients_stream(start_server, fake, ca
     )
     fake.scripts["stall"] = Script(chunks=[(0.0, b"data: one\n\n"), (10.0, b"data: two\n\n")])
     started = time.monotonic()
-    async with server.client.post("/api/completion", json=completion("script:stall")) as response:
+    async with server.client.post(
+        "/api/completion", json=completion_request("script:stall")
+    ) as response:
         assert await response.content.readany() == b"data: one\n\n"
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
@@ -468,7 +480,7 @@ async def test_silence_mid_stream_ends_the_clients_stream(start_server, fake, ca
 async def test_upstream_dying_mid_stream_ends_the_clients_stream(http, fake, caplog):
     fake.scripts["die"] = Script(chunks=[(0.0, b"data: one\n\n")], die=True)
     started = time.monotonic()
-    async with http.post("/api/completion", json=completion("script:die")) as response:
+    async with http.post("/api/completion", json=completion_request("script:die")) as response:
         assert await response.content.readany() == b"data: one\n\n"
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
@@ -484,12 +496,16 @@ async def test_each_completion_is_one_ledger_row_with_usage_and_payer(fake, star
     server = await start_relay(start_server, fake)
     try:
         async with aiohttp.ClientSession(server.url) as http:
-            await stream(http, completion("SECRET-QUESTION", app="bids-assistant"))
-            await stream(http, completion(app="nwb-assistant"))
-            await stream(http, completion(model=EXPENSIVE), {"x-openrouter-key": "user-key"})
+            await stream(http, completion_request("SECRET-QUESTION", app="bids-assistant"))
+            await stream(http, completion_request("hello", app="nwb-assistant"))
+            await stream(
+                http, completion_request("hello", model=EXPENSIVE), {"x-openrouter-key": "user-key"}
+            )
             fake.scripts["401b"] = Script(status=401, body=b"{}")
-            await stream(http, completion("script:401b"))
-            await call(http, "POST", "/api/completion", json=completion(model=EXPENSIVE))
+            await stream(http, completion_request("script:401b"))
+            await call(
+                http, "POST", "/api/completion", json=completion_request("hello", model=EXPENSIVE)
+            )
     finally:
         await server.stop()
     # Rows are written in the background; a clean stop writes what is queued.
@@ -519,7 +535,7 @@ async def test_a_client_that_leaves_is_in_the_ledger(fake, start_server):
     fake.scripts["long2"] = Script(chunks=[(0.0, b"data: one\n\n"), (30.0, b"data: two\n\n")])
     try:
         async with aiohttp.ClientSession(server.url) as http:
-            response = await http.post("/api/completion", json=completion("script:long2"))
+            response = await http.post("/api/completion", json=completion_request("script:long2"))
             await response.content.readany()
             response.close()
         assert await asyncio.to_thread(fake.wait_for, lambda: bool(ledger(server)), 3.0)
@@ -535,8 +551,8 @@ async def test_usage_report_totals_by_app_model_and_payer(fake, start_server):
     try:
         async with aiohttp.ClientSession(server.url) as http:
             for _ in range(2):
-                await stream(http, completion(app="bids-assistant"))
-            await stream(http, completion(app="nwb-assistant"))
+                await stream(http, completion_request("hello", app="bids-assistant"))
+            await stream(http, completion_request("hello", app="nwb-assistant"))
             assert await call(http, "GET", "/api/usage") == (401, {"error": "Unauthorized"})
             status, report = await call(http, "GET", "/api/usage", headers=admin)
             assert status == 200
@@ -594,9 +610,9 @@ async def test_usage_the_ledger_cannot_store_is_null_and_the_ledger_goes_on(fake
     admin = {"x-admin-key": ADMIN_KEY}
     async with aiohttp.ClientSession(server.url) as http:
         for script in ("huge", "negative"):
-            await stream(http, completion(f"script:{script}", app="odd-usage"))
+            await stream(http, completion_request(f"script:{script}", app="odd-usage"))
         for _ in range(3):
-            await stream(http, completion(app="odd-usage"))
+            await stream(http, completion_request("hello", app="odd-usage"))
         assert await call(http, "GET", "/healthz") == (200, {"status": "ok"})
         status, report = await call(http, "GET", "/api/usage?app=odd-usage", headers=admin)
     assert status == 200
@@ -628,7 +644,7 @@ async def test_a_stream_cut_by_shutdown_is_recorded_as_shutdown(fake, tmp_path_f
     server = start_process(tmp_path_factory, fake, QP_SHUTDOWN_TIMEOUT="1")
     fake.scripts["forever"] = Script(chunks=[(0.0, b"data: one\n\n")], hold=60.0)
     async with aiohttp.ClientSession(server.url) as http:
-        response = await http.post("/api/completion", json=completion("script:forever"))
+        response = await http.post("/api/completion", json=completion_request("script:forever"))
         await response.content.readany()
         assert server.stop() == 0
         response.close()

@@ -11,7 +11,7 @@ import pytest
 
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import FakeOpenRouter, Generation, Script, billed_stream
-from tests.helpers import ADMIN_KEY, SYSTEM, call, ledger
+from tests.helpers import ADMIN_KEY, call, completion_request, ledger
 from tests.processes import QPServer
 
 pytestmark = pytest.mark.on_both_databases
@@ -32,15 +32,6 @@ async def start(start_server: StartServer, fake: FakeOpenRouter, **env: str) -> 
     return await start_server(
         QP_OPENROUTER_URL=fake.url, QP_BUDGET_DEFAULT_RESERVE_USD="0.01", **KEYS, **env
     )
-
-
-def completion(content: str, app: str = "nwb-assistant") -> dict:
-    return {
-        "model": CHEAP,
-        "systemMessage": SYSTEM,
-        "messages": [{"role": "user", "content": content}],
-        "app": app,
-    }
 
 
 def long_stream(generation_id: str) -> Script:
@@ -75,7 +66,7 @@ async def test_a_client_that_left_is_costed_at_what_was_billed(start_server, fak
     server = await start(start_server, fake, QP_BUDGET_SERVER_DAILY_USD="1")
     fake.scripts["left-1"] = long_stream("gen-left-1")
     fake.generations["gen-left-1"] = Generation(0.0031, 40, 7, not_ready=2)
-    await leave_after_first_chunk(server, completion("script:left-1"))
+    await leave_after_first_chunk(server, completion_request("script:left-1"))
     (row,) = await ledger_when(server, lambda rows: rows and rows[0]["cost_owed_until"])
     assert (row["outcome"], row["cost"], row["cost_source"]) == ("client_left", 0.01, "estimate")
     (row,) = await ledger_when(server, settled)
@@ -105,7 +96,7 @@ async def test_an_app_paid_stream_is_looked_up_with_the_apps_key(start_server, f
     server = await start(start_server, fake)
     fake.scripts["left-2"] = long_stream("gen-left-2")
     fake.generations["gen-left-2"] = Generation(0.002, 10, 2)
-    await leave_after_first_chunk(server, completion("script:left-2", app="bids-assistant"))
+    await leave_after_first_chunk(server, completion_request("script:left-2", "bids-assistant"))
     (row,) = await ledger_when(server, settled)
     assert (row["payer"], row["cost"], row["cost_source"]) == ("app", 0.002, "generation")
     assert ("gen-left-2", "Bearer bids-key", 200) in fake.lookups
@@ -115,7 +106,7 @@ async def test_lookups_still_owed_are_finished_after_a_restart(start_server, fak
     server = await start(start_server, fake)
     fake.scripts["left-3"] = long_stream("gen-left-3")
     fake.generations["gen-left-3"] = Generation(0.0044, 30, 9)
-    await leave_after_first_chunk(server, completion("script:left-3"))
+    await leave_after_first_chunk(server, completion_request("script:left-3"))
     await ledger_when(server, lambda rows: rows and rows[0]["cost_owed_until"])
     await server.stop()  # before the first lookup, a second after the stream ended
     assert not [lookup for lookup in fake.lookups if lookup[0] == "gen-left-3"]
@@ -128,7 +119,7 @@ async def test_a_cost_never_found_keeps_the_estimate(start_server, fake, monkeyp
     monkeypatch.setattr("qp.spend.lookups.LOOKUP_WINDOW", 2.5)
     server = await start(start_server, fake)
     fake.scripts["left-4"] = long_stream("gen-left-4")  # never billed: always 404
-    await leave_after_first_chunk(server, completion("script:left-4"))
+    await leave_after_first_chunk(server, completion_request("script:left-4"))
     (row,) = await ledger_when(server, settled)
     assert (row["cost"], row["cost_source"], row["cost_owed_until"]) == (0.01, "estimate", None)
     assert {lookup[2] for lookup in fake.lookups if lookup[0] == "gen-left-4"} == {404}
@@ -139,9 +130,9 @@ async def test_nothing_is_owed_for_a_users_key_or_a_stream_without_an_id(start_s
     fake.scripts["left-5"] = long_stream("gen-left-5")
     fake.scripts["no-id"] = Script(chunks=[(0.0, b": OPENROUTER PROCESSING\n\n"), (30.0, b"")])
     await leave_after_first_chunk(
-        server, completion("script:left-5"), headers={"x-openrouter-key": "user-key"}
+        server, completion_request("script:left-5"), headers={"x-openrouter-key": "user-key"}
     )
-    await leave_after_first_chunk(server, completion("script:no-id"))
+    await leave_after_first_chunk(server, completion_request("script:no-id"))
     rows = await ledger_when(server, lambda rows: len(rows) == 2)
     assert [
         (r["payer"], r["generation_id"], r["cost_source"], r["cost_owed_until"]) for r in rows
@@ -184,20 +175,24 @@ async def test_a_mixed_run_across_a_restart_costs_every_generation_at_what_was_b
     async with aiohttp.ClientSession(qp.url) as http:
 
         async def complete(n: int) -> None:
-            request = completion("script:mixed-complete")
+            request = completion_request("script:mixed-complete")
             request["messages"].insert(0, {"role": "user", "content": "x" * (40 * n)})
             async with http.post("/api/completion", json=request) as response:
                 assert response.status == 200
                 assert (await response.read()).endswith(b"data: [DONE]\n\n")
 
         async def leave_mid_stream(app: str) -> None:
-            response = await http.post("/api/completion", json=completion("script:mixed-long", app))
+            response = await http.post(
+                "/api/completion", json=completion_request("script:mixed-long", app)
+            )
             assert response.status == 200
             await read_tokens(response, 2)
             response.close()
 
         async def upstream_dies() -> None:
-            async with http.post("/api/completion", json=completion("script:mixed-dies")) as got:
+            async with http.post(
+                "/api/completion", json=completion_request("script:mixed-dies")
+            ) as got:
                 assert got.status == 200
                 with pytest.raises(aiohttp.ClientPayloadError):  # cut, not ended
                     await got.read()
@@ -205,7 +200,7 @@ async def test_a_mixed_run_across_a_restart_costs_every_generation_at_what_was_b
         async def leave_before_the_first_byte() -> None:
             seen = len(fake.received)
             request = asyncio.ensure_future(
-                http.post("/api/completion", json=completion("script:mixed-silent"))
+                http.post("/api/completion", json=completion_request("script:mixed-silent"))
             )
             assert await asyncio.to_thread(fake.wait_for, lambda: len(fake.received) > seen)
             request.cancel()

@@ -16,9 +16,8 @@ import aiohttp
 import orjson
 import pytest
 
-from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import ADMIN_KEY, call, make_chat
+from tests.helpers import ADMIN_KEY, call, completion_request, make_chat
 from tests.processes import NEEDS_NGINX, ROOT, Nginx, QPServer, free_ports
 
 pytestmark = NEEDS_NGINX
@@ -26,9 +25,6 @@ pytestmark = NEEDS_NGINX
 SITE = ROOT / "deploy" / "nginx.conf"
 MIB = 1024 * 1024
 MODES = ["unix", "tcp"]
-SYSTEM = "You help with NWB files. " + " ".join(
-    group[0] for group in DEFAULT_REQUIRED_PHRASE_GROUPS
-)
 
 
 # --- the site file, rewritten only for ports and paths -----------------------------------
@@ -116,15 +112,6 @@ async def http(stack) -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def completion(content: str) -> dict:
-    return {
-        "model": "openai/gpt-4.1-mini",
-        "systemMessage": SYSTEM,
-        "messages": [{"role": "user", "content": content}],
-        "app": "nwb-assistant",
-    }
-
-
 def body_of_size(total: int) -> bytes:
     """A create body of exactly `total` bytes."""
     base = orjson.dumps({"chat": make_chat(messages=[""])})
@@ -142,7 +129,9 @@ async def test_stream_chunks_pass_nginx_as_they_are_sent(http, fake):
     fake.scripts["nginx-paced"] = Script(
         chunks=[(0.0, b"data: one\n\n"), (1.0, b"data: two\n\n"), (0.0, b"data: [DONE]\n\n")]
     )
-    async with http.post("/api/completion", json=completion("script:nginx-paced")) as response:
+    async with http.post(
+        "/api/completion", json=completion_request("script:nginx-paced")
+    ) as response:
         assert response.status == 200
         assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
         assert response.headers["Cache-Control"] == "no-cache"

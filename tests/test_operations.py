@@ -14,7 +14,7 @@ import pytest
 
 from qp.metrics import Metrics
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import ADMIN_KEY, SYSTEM, call, make_chat
+from tests.helpers import ADMIN_KEY, call, completion_request, make_chat
 from tests.processes import SeaweedFS
 
 
@@ -23,15 +23,6 @@ def fake():
     fake = FakeOpenRouter().start()
     yield fake
     fake.stop()
-
-
-def completion(content: str, app: str = "ops-app") -> dict:
-    return {
-        "model": "openai/gpt-4.1-mini",
-        "systemMessage": SYSTEM,
-        "messages": [{"role": "user", "content": content}],
-        "app": app,
-    }
 
 
 # --- graceful shutdown ---------------------------------------------------------------------
@@ -43,7 +34,9 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_exits_0(qp_server, fak
     )
     server = qp_server(QP_OPENROUTER_URL=fake.url, OPENROUTER_API_KEY="k")
     async with aiohttp.ClientSession(server.url) as http:
-        response = await http.post("/api/completion", json=completion("script:slow"))
+        response = await http.post(
+            "/api/completion", json=completion_request("script:slow", "ops-app")
+        )
         assert await response.content.readany() == b"data: one\n\n"
         server.signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
@@ -60,7 +53,9 @@ async def test_sigterm_cuts_streams_still_open_after_the_shutdown_timeout(qp_ser
     fake.scripts["endless"] = Script(chunks=[(0.0, b"data: one\n\n")], hold=60.0)
     server = qp_server(QP_OPENROUTER_URL=fake.url, OPENROUTER_API_KEY="k", QP_SHUTDOWN_TIMEOUT="1")
     async with aiohttp.ClientSession(server.url) as http:
-        response = await http.post("/api/completion", json=completion("script:endless"))
+        response = await http.post(
+            "/api/completion", json=completion_request("script:endless", "ops-app")
+        )
         await response.content.readany()
         started = time.monotonic()
         server.signal(signal.SIGTERM)
@@ -137,10 +132,12 @@ async def test_metrics_count_requests_streams_errors_refusals_and_spend(qp_serve
         await call(http, "GET", "/api/chats/nothing")
         await call(http, "GET", "/api/chats/nothing")
         await call(http, "GET", "/api/chats/nothing")  # the third is refused
-        async with http.post("/api/completion", json=completion("hi", "paid-app")) as r:
+        async with http.post("/api/completion", json=completion_request(app="paid-app")) as r:
             await r.read()
-        await call(http, "POST", "/api/completion", json=completion("script:401"))
-        held = await http.post("/api/completion", json=completion("script:hold"))
+        await call(
+            http, "POST", "/api/completion", json=completion_request("script:401", "ops-app")
+        )
+        held = await http.post("/api/completion", json=completion_request("script:hold", "ops-app"))
         await held.content.readany()
         async with http.get("/metrics") as response:
             assert response.status == 200
@@ -183,7 +180,7 @@ async def test_json_logs_are_one_object_a_line_without_secrets(qp_server, fake):
         await call(http, "GET", "/api/chats?app=x", headers={"x-admin-key": ADMIN_KEY})
         async with http.post(
             "/api/completion",
-            json=completion("MORE-SECRET-WORDS"),
+            json=completion_request("MORE-SECRET-WORDS", "ops-app"),
             headers={"x-openrouter-key": "sk-user-secret"},
         ) as response:
             await response.read()

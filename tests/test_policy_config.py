@@ -14,7 +14,7 @@ import pytest
 from qp.policy.loader import load_policy
 from qp.policy.policy import Policy
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import SYSTEM, call, wait_for_log
+from tests.helpers import call, completion_request, wait_for_log
 from tests.processes import ROOT, QPServer
 
 EXAMPLE = ROOT / "qp.example.toml"
@@ -122,14 +122,6 @@ async def origin_allowed(http, origin: str) -> bool:
         return response.headers.get("Access-Control-Allow-Origin") == origin
 
 
-def completion(model: str, content: str = "hi") -> dict:
-    return {
-        "model": model,
-        "systemMessage": SYSTEM,
-        "messages": [{"role": "user", "content": content}],
-    }
-
-
 async def test_sighup_applies_a_new_origin_and_model_while_a_stream_stays_open(tmp_path):
     fake = FakeOpenRouter().start()
     fake.scripts["slow"] = Script(
@@ -145,12 +137,10 @@ async def test_sighup_applies_a_new_origin_and_model_while_a_stream_stays_open(t
         async with aiohttp.ClientSession(server.url) as http:
             assert await origin_allowed(http, "https://old.example")
             assert not await origin_allowed(http, "https://new.example")
-            assert (await call(http, "POST", "/api/completion", json=completion("vendor/new")))[
-                0
-            ] == 400
-            stream = await http.post(
-                "/api/completion", json=completion("vendor/old", "script:slow")
-            )
+            new_model = completion_request(model="vendor/new", leave_out=("app",))
+            assert (await call(http, "POST", "/api/completion", json=new_model))[0] == 400
+            old_model = completion_request("script:slow", model="vendor/old", leave_out=("app",))
+            stream = await http.post("/api/completion", json=old_model)
             assert await stream.content.readany() == b"data: one\n\n"
 
             write_policy(config, ["https://new.example"], ["vendor/new"])
@@ -159,7 +149,7 @@ async def test_sighup_applies_a_new_origin_and_model_while_a_stream_stays_open(t
 
             assert await origin_allowed(http, "https://new.example")
             assert not await origin_allowed(http, "https://old.example")
-            async with http.post("/api/completion", json=completion("vendor/new")) as response:
+            async with http.post("/api/completion", json=new_model) as response:
                 assert response.status == 200
                 await response.read()
             # The stream opened before the reload runs to its end.

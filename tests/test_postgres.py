@@ -29,8 +29,8 @@ from qp.storage.migrations import SCHEMA_VERSION, PostgresSchema, SchemaTooNew, 
 from qp.storage.postgres import CHANGES, translate
 from tests.helpers import (
     ADMIN_KEY,
-    SYSTEM,
     call,
+    completion_request,
     create,
     eventually,
     make_chat,
@@ -447,12 +447,7 @@ async def test_a_ledger_postgresql_cannot_take_is_retried_then_dropped_and_count
             OPENROUTER_API_KEY="server-key",
         )
         own.stop("immediate")
-        request = {
-            "model": "openai/gpt-4.1-mini",
-            "systemMessage": SYSTEM,
-            "messages": [{"role": "user", "content": "hello"}],
-            "app": "nwb-assistant",
-        }
+        request = completion_request("hello")
         async with server.client.post("/api/completion", json=request) as response:
             assert response.status == 200
             await response.read()
@@ -491,12 +486,7 @@ async def test_migrate_db_gives_the_same_answers_ledger_and_blocks(tmp_path, pos
             again = make_chat(ids[0], app="a", messages=["changed"])
             assert (await call(http, "PUT", f"/api/chats/{ids[0]}", json={"chat": again}))[0] == 200
             for n in range(2):
-                request = {
-                    "model": "openai/gpt-4.1-mini",
-                    "systemMessage": SYSTEM,
-                    "messages": [{"role": "user", "content": "hi"}],
-                    "app": "a",
-                }
+                request = completion_request(app="a")
                 headers = {"X-Forwarded-For": f"203.0.113.{n + 1}"}
                 async with http.post("/api/completion", json=request, headers=headers) as got:
                     assert got.status == 200

@@ -28,8 +28,8 @@ from qp.storage.postgres import PostgresDatabase
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import FakeOpenRouter, Script
 from tests.helpers import (
-    SYSTEM,
     call,
+    completion_request,
     ledger,
     run_qp,
     shared_budget_book,
@@ -70,15 +70,6 @@ async def start(
     )
 
 
-def completion(app: str = "nwb-assistant", content: str = "script:slow") -> dict:
-    return {
-        "model": CHEAP,
-        "systemMessage": SYSTEM,
-        "messages": [{"role": "user", "content": content}],
-        "app": app,
-    }
-
-
 async def ask(server: AppServer, request: dict, headers: dict | None = None) -> tuple:
     """Status, Retry-After and body (what arrived of it: a stream may be cut)."""
     async with server.client.post("/api/completion", json=request, headers=headers) as response:
@@ -112,7 +103,9 @@ async def test_a_daily_cap_worth_ten_reservations_lets_exactly_ten_of_a_hundred_
 ):
     server = await start(start_server, fake, QP_BUDGET_SERVER_DAILY_USD="0.1")
     before = len(fake.received)
-    answers = await asyncio.gather(*(ask(server, completion()) for _ in range(100)))
+    answers = await asyncio.gather(
+        *(ask(server, completion_request("script:slow")) for _ in range(100))
+    )
     statuses = [status for status, _, _ in answers]
     assert (statuses.count(200), statuses.count(402)) == (10, 90)
     assert len(fake.received) - before == 10
@@ -123,26 +116,30 @@ async def test_a_daily_cap_worth_ten_reservations_lets_exactly_ten_of_a_hundred_
     # The ten cost 0.0042 together: the room freed holds nine more reservations, not ten
     # (once each has been settled, a moment after its client read the end).
     await wait_until(lambda: nothing_reserved(server), 10, "the ten settled")
-    answers = await asyncio.gather(*(ask(server, completion()) for _ in range(10)))
+    answers = await asyncio.gather(
+        *(ask(server, completion_request("script:slow")) for _ in range(10))
+    )
     assert sorted(status for status, _, _ in answers) == [200] * 9 + [402]
 
 
 async def test_a_user_key_passes_while_the_servers_budget_is_used_up(start_server, fake):
     server = await start(start_server, fake, QP_BUDGET_SERVER_DAILY_USD="0.005")
-    assert (await ask(server, completion(content="hi")))[0] == 402
-    status, _, _ = await ask(server, completion(content="hi"), {"x-openrouter-key": "user-key"})
+    assert (await ask(server, completion_request()))[0] == 402
+    status, _, _ = await ask(server, completion_request(), {"x-openrouter-key": "user-key"})
     assert status == 200
     assert fake.last().headers["Authorization"] == "Bearer user-key"
 
 
 async def test_an_apps_daily_cap_stops_that_app_only(start_server, fake):
     server = await start(start_server, fake, QP_BUDGET_APP_DAILY_USD="nwb-assistant=0.03")
-    answers = await asyncio.gather(*(ask(server, completion()) for _ in range(6)))
+    answers = await asyncio.gather(
+        *(ask(server, completion_request("script:slow")) for _ in range(6))
+    )
     assert sorted(status for status, _, _ in answers) == [200] * 3 + [402] * 3
     refused = next(answer for answer in answers if answer[0] == 402)
     assert orjson.loads(refused[2]) == exhausted("The daily budget of app nwb-assistant")
     # Another app, and the same app paid by its own key's budget scope, are not this one.
-    assert (await ask(server, completion(app="bids-assistant", content="hi")))[0] == 200
+    assert (await ask(server, completion_request(app="bids-assistant")))[0] == 200
 
 
 async def test_the_usage_report_shows_each_budget_in_force(start_server, fake, admin):
@@ -153,8 +150,10 @@ async def test_the_usage_report_shows_each_budget_in_force(start_server, fake, a
         QP_BUDGET_SERVER_MONTHLY_USD="30",
         QP_BUDGET_APP_DAILY_USD="*=0.5,bids-assistant=2",
     )
-    await ask(server, completion(content="hi"))  # nwb-assistant, server-paid, 0.00042
-    held = asyncio.create_task(ask(server, completion()))  # 0.01 reserved for a second
+    await ask(server, completion_request())  # nwb-assistant, server-paid, 0.00042
+    held = asyncio.create_task(
+        ask(server, completion_request("script:slow"))
+    )  # 0.01 reserved for a second
     await asyncio.sleep(0.3)
     status, report = await call(server.client, "GET", "/api/usage", headers=admin)
     await held
@@ -206,38 +205,44 @@ async def test_the_usage_report_shows_each_budget_in_force(start_server, fake, a
 
 async def test_the_star_cap_applies_to_every_app_not_named(start_server, fake):
     server = await start(start_server, fake, QP_BUDGET_APP_DAILY_USD="*=0.005,bids-assistant=1")
-    assert (await ask(server, completion(app="some-app", content="hi")))[0] == 402
-    assert (await ask(server, completion(app="bids-assistant", content="hi")))[0] == 200
+    assert (await ask(server, completion_request(app="some-app")))[0] == 402
+    assert (await ask(server, completion_request(app="bids-assistant")))[0] == 200
 
 
 async def test_a_clients_allowance_stops_that_client_only(start_server, fake):
     server = await start(start_server, fake, QP_BUDGET_CLIENT_DAILY_USD="0.02")
     first = {"X-Forwarded-For": "203.0.113.1"}  # the in-process peer is a trusted proxy
-    answers = await asyncio.gather(*(ask(server, completion(), first) for _ in range(3)))
+    answers = await asyncio.gather(
+        *(ask(server, completion_request("script:slow"), first) for _ in range(3))
+    )
     assert sorted(status for status, _, _ in answers) == [200, 200, 402]
     refused = next(answer for answer in answers if answer[0] == 402)
     assert orjson.loads(refused[2]) == exhausted("Your daily allowance")
     async with server.client.get("/metrics") as response:
         assert 'qp_budget_refusals_total{scope="client_daily"} 1.0' in await response.text()
     other = {"X-Forwarded-For": "203.0.113.2"}
-    assert (await ask(server, completion(content="hi"), other))[0] == 200
+    assert (await ask(server, completion_request(), other))[0] == 200
 
 
 async def test_a_client_may_hold_only_so_many_streams_open(start_server, fake):
     server = await start(start_server, fake, QP_BUDGET_CLIENT_MAX_STREAMS="2")
-    answers = await asyncio.gather(*(ask(server, completion()) for _ in range(3)))
+    answers = await asyncio.gather(
+        *(ask(server, completion_request("script:slow")) for _ in range(3))
+    )
     assert sorted(status for status, _, _ in answers) == [200, 200, 429]
     async with server.client.get("/metrics") as response:
         assert 'qp_budget_refusals_total{scope="client_max_streams"} 1.0' in await response.text()
     # Once they are done, the client may open streams again.
-    assert (await ask(server, completion(content="hi")))[0] == 200
+    assert (await ask(server, completion_request()))[0] == 200
 
 
 async def test_too_many_open_streams_is_the_contracts_429(start_server, fake):
     server = await start(start_server, fake, QP_BUDGET_CLIENT_MAX_STREAMS="1")
-    held = asyncio.create_task(ask(server, completion()))
+    held = asyncio.create_task(ask(server, completion_request("script:slow")))
     await asyncio.sleep(0.3)
-    assert await call(server.client, "POST", "/api/completion", json=completion()) == (
+    assert await call(
+        server.client, "POST", "/api/completion", json=completion_request("script:slow")
+    ) == (
         429,
         {"error": "Too many open completions"},
     )
@@ -249,7 +254,7 @@ async def test_a_sighup_that_lowers_a_cap_applies_to_the_next_request(qp_server,
     config.write_text("[budgets]\nserver_daily_usd = 1.0\n")
     server = qp_server(QP_CONFIG=str(config), QP_OPENROUTER_URL=fake.url, **KEYS, **RESERVE)
     async with aiohttp.ClientSession(server.url) as http:
-        request = completion(content="hi")
+        request = completion_request()
         async with http.post("/api/completion", json=request) as response:
             assert response.status == 200
             await response.read()
@@ -262,13 +267,13 @@ async def test_a_sighup_that_lowers_a_cap_applies_to_the_next_request(qp_server,
 
 async def test_what_was_spent_today_survives_a_restart(start_server, fake):
     server = await start(start_server, fake, QP_BUDGET_SERVER_DAILY_USD="0.0102")
-    assert (await ask(server, completion(content="hi")))[0] == 200  # spent 0.00042
+    assert (await ask(server, completion_request()))[0] == 200  # spent 0.00042
     await server.stop()
     again = await start(
         start_server, fake, QP_BUDGET_SERVER_DAILY_USD="0.0102", QP_DATA_DIR=str(server.data_dir)
     )
     # 0.00042 spent + 0.01 reserved passes 0.0102 only if the spend was remembered.
-    assert (await ask(again, completion(content="hi")))[0] == 402
+    assert (await ask(again, completion_request()))[0] == 402
 
 
 async def test_every_stream_is_costed_in_the_ledger(start_server, fake):
@@ -278,7 +283,7 @@ async def test_every_stream_is_costed_in_the_ledger(start_server, fake):
     )
     fake.scripts["401c"] = Script(status=401, body=b"{}")
     for content in ("hi", "script:cut", "script:401c"):
-        await ask(server, completion(content=content))
+        await ask(server, completion_request(content))
     await server.stop()
     columns = ("outcome", "cost", "cost_source", "generation_id", "client_hash")
     rows = [tuple(row[name] for name in columns) for row in ledger(server)]
@@ -317,7 +322,7 @@ async def test_the_server_rolls_its_day_over_at_utc_midnight_and_its_month_on_th
         QP_BUDGET_SERVER_MONTHLY_USD="1.5",
         QP_BUDGET_DEFAULT_RESERVE_USD="0.4",
     )
-    costly = completion(content="script:costly")
+    costly = completion_request("script:costly")
 
     async def spend_on(*days: datetime) -> None:
         for day in days:
@@ -439,7 +444,7 @@ async def test_a_shared_book_forgets_the_accounts_of_ended_periods(postgres):
 
 async def test_the_budgets_command_prints_each_budget_from_the_ledger(start_server, fake):
     server = await start(start_server, fake)
-    await ask(server, completion(content="hi"))  # nwb-assistant, server-paid, 0.00042
+    await ask(server, completion_request())  # nwb-assistant, server-paid, 0.00042
     await server.stop()
     caps = {"QP_BUDGET_SERVER_DAILY_USD": "1", "QP_BUDGET_APP_DAILY_USD": "nwb-assistant=0.5"}
     done = await asyncio.to_thread(
@@ -472,7 +477,7 @@ async def prices_fetched(server: AppServer) -> None:
 
 async def reserved_while_held(server: AppServer, admin: dict) -> float:
     """What one held completion of CHEAP (nwb-assistant) reserves in the server's budget."""
-    held = asyncio.create_task(ask(server, completion()))
+    held = asyncio.create_task(ask(server, completion_request("script:slow")))
     await asyncio.sleep(0.3)
     _, report = await call(server.client, "GET", "/api/usage", headers=admin)
     await held
@@ -545,7 +550,7 @@ async def test_alerts_reach_the_webhook_once_per_threshold(start_server, fake, a
         **ALERTING,
     )
     # Each costs 0.00042 of the 0.001 cap: 42 %, 84 % (past 50 and 80), 126 % (past 100).
-    statuses = [(await ask(server, completion(content="hi")))[0] for _ in range(4)]
+    statuses = [(await ask(server, completion_request()))[0] for _ in range(4)]
     assert statuses == [200, 200, 200, 402]
     for _ in range(100):
         if len(received) >= 3:
@@ -572,7 +577,7 @@ async def test_a_webhook_that_is_down_delays_no_completion(start_server, fake):
         **ALERTING,
     )
     started = asyncio.get_running_loop().time()
-    statuses = [(await ask(server, completion(content="hi")))[0] for _ in range(3)]
+    statuses = [(await ask(server, completion_request()))[0] for _ in range(3)]
     assert statuses == [200, 200, 200]
     assert asyncio.get_running_loop().time() - started < 1.5
 

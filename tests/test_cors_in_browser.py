@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import SYSTEM
+from tests.helpers import completion_request
 from tests.processes import NEEDS_CHROMIUM, QPServer
 
 PAGE = Path(__file__).parent / "browser" / "stream.html"
@@ -44,12 +44,7 @@ def api(fake, tmp_path_factory) -> Iterator[QPServer]:
 async def page_server() -> AsyncIterator[None]:
     """Serves the page on port 5173 of both loopback addresses: the same page is
     http://localhost:5173 (allowed) and http://127.0.0.1:5173 (not allowed)."""
-    request = {
-        "model": "openai/gpt-4.1-mini",
-        "systemMessage": SYSTEM,
-        "messages": [{"role": "user", "content": "script:paced"}],
-        "app": "browser-test",
-    }
+    request = completion_request("script:paced", "browser-test")
     html = PAGE.read_text().replace("__REQUEST__", json.dumps(request))
 
     async def page(_: web.Request) -> web.Response:
