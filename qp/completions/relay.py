@@ -193,7 +193,12 @@ async def _stream(
     request: web.Request, upstream: aiohttp.ClientResponse, record: CompletionRecord
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except ConnectionError:
+        # The client left as upstream began to answer, which upstream may bill.
+        record.outcome, record.client_left = "client_left", True
+        raise
     record.status = 200
     usage = UsageScanner()
     try:
