@@ -328,6 +328,23 @@ async def test_a_database_of_a_newer_version_is_refused_and_left_as_it_is(postgr
     assert schema_dump(url) == before
 
 
+async def test_a_step_that_fails_leaves_the_database_at_its_version(postgres):
+    url = postgres.create_database()
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(old_postgres_schema(3))
+        # The column the last step adds is already there: the steps before it are undone.
+        await conn.execute("ALTER TABLE rate_counts ADD COLUMN bucket INTEGER")
+        with pytest.raises(asyncpg.DuplicateColumnError):
+            await migrate(PostgresSchema(conn))
+        assert await conn.fetchval("SELECT version FROM qp_schema") == 3
+        columns = "SELECT column_name FROM information_schema.columns WHERE table_name = $1"
+        assert "reservation_id" not in [r[0] for r in await conn.fetch(columns, "completions")]
+        assert await conn.fetchval("SELECT to_regclass('chat_bytes')") is None
+    finally:
+        await conn.close()
+
+
 def listener_session(postgres: PostgresServer, database: str) -> str:
     """The backend pid of the session a server hears other processes' changes on."""
     return postgres.psql(

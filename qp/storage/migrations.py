@@ -33,6 +33,7 @@ SCHEMA_VERSION = len(STEPS)
 MIGRATION_LOCK = 0x71702D6D6967
 # Whether qp_schema is there: the catalog read as a table, so that one another process has
 # just made is seen (to_regclass answers from a cache that may not know it yet).
+VERSION_TABLE = "CREATE TABLE IF NOT EXISTS qp_schema (version INTEGER NOT NULL)"
 VERSION_RECORDED = """
 SELECT EXISTS (
   SELECT FROM pg_tables WHERE schemaname = current_schema() AND tablename = 'qp_schema'
@@ -157,12 +158,14 @@ class PostgresSchema:
     async def transaction(self) -> AsyncIterator[None]:
         async with self._conn.transaction():
             await self._conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            # Made (or found) under the lock before anything else, as before the one list:
+            # the version is then read from the table itself, never from a stale catalog.
+            await self._conn.execute(VERSION_TABLE)
             yield
 
     async def execute(self, statement: str) -> None:
         await self._conn.execute(statement)
 
     async def set_version(self, version: int) -> None:
-        await self._conn.execute("CREATE TABLE IF NOT EXISTS qp_schema (version INTEGER NOT NULL)")
         await self._conn.execute("DELETE FROM qp_schema")
         await self._conn.execute("INSERT INTO qp_schema (version) VALUES ($1)", version)
