@@ -32,6 +32,15 @@ DATABASES = ["sqlite", "postgres"]
 SERVER_VARIABLES = ("QP_", "OPENROUTER_", "AWS_", "ADMIN_KEY")
 
 
+# Modules that take minutes (schemathesis runs, CPU burners beside start-ups): run first, so
+# that under pytest-xdist (`make test`) no worker is left with one of them at the end.
+SLOW_FIRST = ("test_openapi.py", "test_startup.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in SLOW_FIRST)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Modules marked `on_both_backends` run each test on the file store and on S3."""
     if "backend_name" in metafunc.fixturenames:
