@@ -1,4 +1,4 @@
-"""ChatCache: rendered chats kept in memory, least recently used first out past a byte budget.
+"""ChatCache: rendered chats kept in memory, least recently used first out past its bound in bytes.
 
 Each entry keeps the version (revision) of the row it was rendered from. Every write
 through this server drops the chat's entry once its row is committed; a read that began
