@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from functools import partial
 
@@ -37,8 +37,6 @@ from qp.routes import add_routes
 from qp.spend.alerts import ALERTS, Alerts
 from qp.spend.budgets import (
     BUDGETS,
-    BudgetAccounts,
-    BudgetBook,
     OpenStreams,
     budgets_in_force,
     open_budget_book,
@@ -59,7 +57,7 @@ from qp.startup import (
 from qp.storage.batches import BatchWriter
 from qp.storage.blobs import BlobStore
 from qp.storage.claim import Claim, ClaimHeld
-from qp.storage.database import DATABASE, Database
+from qp.storage.database import DATABASE
 from qp.storage.disk import DISK_SPACE
 
 log = logging.getLogger("qp.app")
@@ -140,10 +138,8 @@ async def _peers(app: web.Application) -> AsyncIterator[None]:
     """This process among the others writing to the database (PostgreSQL: its lease,
     renewed every second in a task and ended at a clean stop)."""
     peers = app[PROCESSES].peers
-    try:
+    with _storage_failure_stops("cannot take a process lease in the database"):
         await peers.join()
-    except StorageUnavailable as err:
-        raise StartupError(f"cannot take a process lease in the database: {err}") from None
     renewing = asyncio.create_task(peers.keep())
     yield
     renewing.cancel()
@@ -162,10 +158,8 @@ async def _chat_store(app: web.Application) -> AsyncIterator[None]:
     """The chats: rows in the database, messages in the blob store, a cache in memory."""
     config, db, blobs = app[CONFIG], app[DATABASE], app[BLOB_STORE]
     peers = app[PROCESSES].peers
-    try:
+    with _storage_failure_stops("cannot resolve the writes an older version left"):
         await resolve_old_writes(db, blobs)
-    except StorageUnavailable as err:
-        raise StartupError(f"cannot resolve the writes an older version left: {err}") from None
     app[CHAT_STORE] = store = ChatStore(
         db,
         blobs,
@@ -205,7 +199,8 @@ async def _spend(app: web.Application) -> AsyncIterator[None]:
     try:
         app[ALERTS] = alerts = Alerts(config.alert_webhook_url)
         accounts = app[PROCESSES].budget_accounts(app[CLOCK], alerts.budget_passed)
-        app[BUDGETS] = book = await _open_budget_book(db, accounts, app[CLOCK])
+        with _storage_failure_stops("cannot read what the ledger spent today"):
+            app[BUDGETS] = book = await open_budget_book(db, accounts, app[CLOCK])
         metrics.watch_budgets(
             lambda: [
                 (scope.named, book.remaining(scope, cap))
@@ -243,7 +238,8 @@ async def _spend(app: web.Application) -> AsyncIterator[None]:
 async def _protection(app: web.Application) -> AsyncIterator[None]:
     """The salt client addresses are hashed with, and the rate limiter with its blocks."""
     config, db, processes = app[CONFIG], app[DATABASE], app[PROCESSES]
-    app[IP_SALT] = config.ip_salt or await _installation_salt(db)
+    with _storage_failure_stops("cannot keep the address-hash salt in the database"):
+        app[IP_SALT] = config.ip_salt or await installation_salt(db)
     counts = processes.rate_counts(config.rate_limit_clients)
     app[RATE_LIMITER] = limiter = await open_rate_limiter(db, counts, processes.peers)
     app[METRICS].watch_rate_limiter(lambda: limiter.tracked, lambda: limiter.forgotten)
@@ -277,21 +273,13 @@ async def _learn_sizes(store: ChatStore) -> None:
     log.info("learned the size of %d imported chats from the blob store", learned)
 
 
-async def _open_budget_book(
-    db: Database, accounts: BudgetAccounts, clock: Callable[[], float]
-) -> BudgetBook:
-    """The budgets, their accounts started from the ledger."""
+@contextlib.contextmanager
+def _storage_failure_stops(what: str) -> Iterator[None]:
+    """A start-up step the database or blob store fails: a StartupError naming it."""
     try:
-        return await open_budget_book(db, accounts, clock)
+        yield
     except StorageUnavailable as err:
-        raise StartupError(f"cannot read what the ledger spent today: {err}") from None
-
-
-async def _installation_salt(db: Database) -> str:
-    try:
-        return await installation_salt(db)
-    except StorageUnavailable as err:
-        raise StartupError(f"cannot keep the address-hash salt in the database: {err}") from None
+        raise StartupError(f"{what}: {err}") from None
 
 
 async def _watch_loop_lag(app: web.Application) -> AsyncIterator[None]:

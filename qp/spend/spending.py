@@ -43,7 +43,7 @@ class Spend:
         ledger: BatchWriter[CompletionRecord],
         metrics: Metrics,
     ):
-        self.budgets = budgets
+        self._budgets = budgets
         self._streams = streams
         self._ledger = ledger
         self._metrics = metrics
@@ -68,7 +68,7 @@ class Spend:
             raise ApiError(429, "Too many open completions")
         try:
             scopes = budget_scopes(policy, record.payer, record.app, client)
-            held = await self.budgets.reserve(scopes, estimate, record)
+            held = await self._budgets.reserve(scopes, estimate, record)
             if isinstance(held, Refusal):
                 log.warning("completion refused: the %s budget is used up", held.scope.label)
                 self._metrics.budget_refusals.labels(held.scope.label).inc()
@@ -85,7 +85,7 @@ class Spend:
             finally:
                 cost = self._finish(record, estimate)
                 # Shielded: a client that left cancels this task, not the settling.
-                await asyncio.shield(self.budgets.settle(held, cost))
+                await asyncio.shield(self._budgets.settle(held, cost))
         finally:
             self._streams.close(client)
 
