@@ -49,7 +49,7 @@ screenshots: install-dev
 	@ls tests/artifacts/admin-*.png
 
 bench: install-dev
-	$(BIN)/python bench/chats.py
+	$(BIN)/python bench/all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

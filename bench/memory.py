@@ -7,7 +7,9 @@ Stores `--chats` chats of `--mb` MiB each in one app (many small messages, the s
 costs most once parsed), then, with the server's RSS sampled every 10 ms: `--gets`
 concurrent GETs of different chats, twice; `--lists` concurrent admin lists of the app.
 Prints idle RSS, the peak over idle of each phase, and the RSS left afterwards. The issue's
-target: each peak at most 500 MB over idle, and within 100 MB of idle afterwards.
+target: each peak at most 500 MB over idle, and within 100 MB of idle afterwards. `--quick`
+(for `make bench`) stores 30 chats and reads 30 at once; it ends with the rows of the bench
+table (bench/all.py).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ async def run(args: argparse.Namespace, data: Path) -> None:
                         total += len(chunk)
                     return total
 
+            rows = []
             for label, calls in (
                 (
                     f"{args.gets} concurrent GETs",
@@ -77,13 +80,21 @@ async def run(args: argparse.Namespace, data: Path) -> None:
                     sizes = await asyncio.gather(*calls)
                     took = time.perf_counter() - started
                 await asyncio.sleep(1.0)
+                peak, after = (sampler.peak - idle) / 2**20, (sampler.now() - idle) / 2**20
                 print(
                     f"{label}: {sum(sizes) / 2**20:.0f} MB in {took:.1f} s;"
-                    f" peak {(sampler.peak - idle) / 2**20:+.0f} MB over idle,"
-                    f" after {(sampler.now() - idle) / 2**20:+.0f} MB"
+                    f" peak {peak:+.0f} MB over idle, after {after:+.0f} MB"
                 )
+                rows.append((label, peak, after))
     finally:
         server.stop()
+    print("\n| measure | baseline | value | ratio | target |")
+    print("| --- | --- | --- | --- | --- |")
+    for label, peak, after in rows:
+        what = f"RSS, {label} of {args.mb} MiB chats"
+        baseline = f"idle {idle / 2**20:.0f} MB"
+        print(f"| {what}: peak | {baseline} | {peak:+.0f} MB | — | ≤ +500 MB |")
+        print(f"| {what}: after | {baseline} | {after:+.0f} MB | — | ≤ +100 MB |")
 
 
 def main() -> int:
@@ -93,7 +104,10 @@ def main() -> int:
     parser.add_argument("--gets", type=int, default=40)
     parser.add_argument("--lists", type=int, default=3)
     parser.add_argument("--data", type=Path, default=Path("/tmp/qp-bench-memory"))
+    parser.add_argument("--quick", action="store_true", help="30 chats, 30 GETs at once")
     args = parser.parse_args()
+    if args.quick:
+        args.chats, args.gets = 30, 30
     asyncio.run(run(args, args.data))
     return 0
 
