@@ -208,7 +208,8 @@ async def _spend(app: web.Application) -> AsyncIterator[None]:
             ]
         )
         app[PRICES] = prices = PriceList(db)
-        await prices.load()
+        with _storage_failure_stops("cannot read the model prices kept in the database"):
+            await prices.load()
         app[SPEND] = Spend(book, OpenStreams(), ledger, metrics)
         lookups = CostLookups(
             db,
@@ -241,7 +242,8 @@ async def _protection(app: web.Application) -> AsyncIterator[None]:
     with _storage_failure_stops("cannot keep the address-hash salt in the database"):
         app[IP_SALT] = config.ip_salt or await installation_salt(db)
     counts = processes.rate_counts(config.rate_limit_clients)
-    app[RATE_LIMITER] = limiter = await open_rate_limiter(db, counts, processes.peers)
+    with _storage_failure_stops("cannot read the blocked clients from the database"):
+        app[RATE_LIMITER] = limiter = await open_rate_limiter(db, counts, processes.peers)
     app[METRICS].watch_rate_limiter(lambda: limiter.tracked, lambda: limiter.forgotten)
     yield
 
