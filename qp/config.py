@@ -22,6 +22,8 @@ from qp.policy.policy import Policy
 __all__ = ["Config", "ConfigError", "describe", "load_config"]
 
 DEFAULT_HOST = "127.0.0.1"
+# QP_EVENT_LOOP: uvloop where it is installed (Linux, macOS), else asyncio's own.
+EVENT_LOOPS = ("uvloop", "asyncio")
 DEFAULT_PORT = 8787
 DEFAULT_CACHE_MB = 64
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
@@ -95,6 +97,8 @@ class Config:
     # SIGTERM/SIGINT: seconds requests and streams in flight get to finish.
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     log_format: str = "text"
+    # The event loop asked for (QP_EVENT_LOOP); None: uvloop where it imports, else asyncio.
+    event_loop: str | None = None
     # Deadline of every S3 call (QP_S3_TIMEOUT).
     s3_timeout: float = DEFAULT_S3_TIMEOUT
     write_lease_seconds: float = DEFAULT_WRITE_LEASE_SECONDS
@@ -173,6 +177,15 @@ def _log_format(environ: Mapping[str, str]) -> str:
     if value not in LOG_FORMATS:
         raise ConfigError(f"QP_LOG_FORMAT must be text or json, got {_quoted(value)}")
     return value
+
+
+def _event_loop(environ: Mapping[str, str]) -> str | None:
+    value = _nonempty(environ, "QP_EVENT_LOOP")
+    if value is None:
+        return None
+    if value.lower() not in EVENT_LOOPS:
+        raise ConfigError(f"QP_EVENT_LOOP must be uvloop or asyncio, got {_quoted(value)}")
+    return value.lower()
 
 
 def _port(name: str, raw: str) -> int:
@@ -269,6 +282,7 @@ def load_config(
             environ, "QP_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT
         ),
         log_format=_log_format(environ),
+        event_loop=_event_loop(environ),
         s3_timeout=s3_timeout,
         # A lease renewed every second must last a few seconds, or it lapses between renewals.
         write_lease_seconds=_seconds(
@@ -372,6 +386,7 @@ def describe(config: Config, policy: Policy, environ: Mapping[str, str] | None =
         f"# metrics_token = {secret(config.metrics_token)}",
         f"# alert_webhook_url = {secret(config.alert_webhook_url)}",
         f"# log_format = {show(config.log_format)}",
+        f"# event_loop = {config.event_loop or '(uvloop where installed, else asyncio)'}",
         "# The policy in force (defaults, then the file, then QP_* variables):",
         "",
     ]

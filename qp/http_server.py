@@ -18,7 +18,8 @@ import asyncio
 import contextlib
 import logging
 import resource
-from typing import Any
+from importlib import metadata
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -137,9 +138,10 @@ class _TooManyConnections(asyncio.Protocol):
     """A connection over the limit: a 503, then closed."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(TOO_MANY_CONNECTIONS)
-        transport.close()
+        # A stream transport (uvloop's is one without subclassing asyncio.Transport).
+        stream = cast(asyncio.Transport, transport)
+        stream.write(TOO_MANY_CONNECTIONS)
+        stream.close()
 
 
 class GuardedServer(web.Server):
@@ -189,9 +191,9 @@ def run(app: web.Application, config: Config) -> None:
     """Serve `app` until SIGTERM or SIGINT, then shut down gracefully (in-flight requests
     and streams get QP_SHUTDOWN_TIMEOUT). Start-up failures (StartupError, OSError for the
     listening socket) propagate."""
-    loop = asyncio.new_event_loop()
+    loop, named = new_event_loop(config.event_loop)
     asyncio.set_event_loop(loop)
-    main = loop.create_task(_serve(app, config))
+    main = loop.create_task(_serve(app, config, named))
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):
@@ -207,7 +209,22 @@ def run(app: web.Application, config: Config) -> None:
             loop.close()
 
 
-async def _serve(app: web.Application, config: Config) -> None:
+def new_event_loop(asked: str | None) -> tuple[asyncio.AbstractEventLoop, str]:
+    """uvloop's loop where it imports (unless QP_EVENT_LOOP=asyncio), else asyncio's; and
+    the line naming it for the start-up log."""
+    if asked != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            why = "uvloop is not installed"
+        else:
+            return uvloop.new_event_loop(), f"uvloop {metadata.version('uvloop')}"
+    else:
+        why = "QP_EVENT_LOOP=asyncio"
+    return asyncio.new_event_loop(), f"asyncio ({why})"
+
+
+async def _serve(app: web.Application, config: Config, loop_named: str) -> None:
     runner = GuardedAppRunner(
         app,
         max_connections=connection_limit(config.max_connections),
@@ -230,7 +247,7 @@ async def _serve(app: web.Application, config: Config) -> None:
         else:
             site = web.TCPSite(runner, config.host, config.port)
         await site.start()
-        logging.getLogger("qp.server").info("Running on %s", site.name)
+        logging.getLogger("qp.server").info("Running on %s (event loop: %s)", site.name, loop_named)
         await asyncio.Event().wait()  # until SIGTERM/SIGINT raises GracefulExit
     finally:
         await runner.cleanup()

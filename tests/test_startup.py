@@ -14,6 +14,7 @@ from tests.processes import (
     ROOT,
     S3_ACCESS_KEY,
     S3_SECRET_KEY,
+    QPServer,
     free_ports,
     run_server_once,
     wait_for_port,
@@ -47,6 +48,7 @@ def assert_refused(result: subprocess.CompletedProcess, *words: str) -> None:
         ([], {"QP_STORAGE": "s3://"}, ["QP_STORAGE", "bucket"]),
         ([], {"QP_MAX_CHATS_PER_APP": "many"}, ["QP_MAX_CHATS_PER_APP", "many"]),
         ([], {"QP_MAX_CHATS_PER_APP": "0"}, ["QP_MAX_CHATS_PER_APP"]),
+        ([], {"QP_EVENT_LOOP": "trio"}, ["QP_EVENT_LOOP must be uvloop or asyncio", "trio"]),
     ],
 )
 def test_bad_setting_stops_start_up_with_one_line(tmp_path, args, env, words):
@@ -137,3 +139,23 @@ def test_no_configuration_serves_on_8787_with_data_under_dot_data(tmp_path):
     finally:
         process.terminate()
         process.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({}, "event loop: uvloop 0."),
+        ({"QP_EVENT_LOOP": "uvloop"}, "event loop: uvloop 0."),
+        ({"QP_EVENT_LOOP": "asyncio"}, "event loop: asyncio (QP_EVENT_LOOP=asyncio)"),
+    ],
+)
+def test_start_up_names_the_event_loop_in_one_line(tmp_path, env, line):
+    server = QPServer(tmp_path / "data", env).start()
+    try:
+        with urllib.request.urlopen(f"{server.url}/healthz", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        assert server.stop() == 0
+    named = [text for text in server.log().splitlines() if "event loop:" in text]
+    assert len(named) == 1, server.log()
+    assert line in named[0]
