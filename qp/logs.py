@@ -17,6 +17,10 @@ from qp.timestamps import format_epoch
 # The request key under which the rate-limit middleware leaves the client's address hash,
 # for the access log.
 CLIENT_HASH = web.RequestKey("client_hash", str)
+# When the request reached the first middleware (time.monotonic()), and the relay's own
+# share of a streamed completion's time (seconds, upstream's waits left out), for the log.
+ARRIVED = web.RequestKey("arrived", float)
+RELAY_OVERHEAD = web.RequestKey("relay_overhead", float)
 # Set on a request the HTTP parser refused (it has no route and no headers).
 MALFORMED = web.RequestKey("malformed", bool)
 # Methods logged as they are; any other is logged as OTHER (a method can be 8 KB long).
@@ -252,6 +256,7 @@ class AccessLogger(AbstractAccessLogger):
         client = request.get(CLIENT_HASH, "-")
         if not self.lines.admit(client):
             return
+        overhead = request.get(RELAY_OVERHEAD)
         if self.lines.json:
             line = orjson.dumps(
                 {
@@ -264,6 +269,7 @@ class AccessLogger(AbstractAccessLogger):
                     "duration_ms": round(time * 1000, 1),
                     "bytes": response.body_length,
                     "client": client,
+                    **({} if overhead is None else {"overhead_ms": round(overhead * 1000, 3)}),
                 }
             ).decode()
         else:
@@ -272,4 +278,6 @@ class AccessLogger(AbstractAccessLogger):
                 f" {route_name(request)} {response.status} {time * 1000:.1f}ms"
                 f" {response.body_length}B client={client}"
             )
+            if overhead is not None:
+                line += f" overhead_ms={overhead * 1000:.3f}"
         self.lines.add(line)

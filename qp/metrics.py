@@ -83,6 +83,26 @@ class Metrics:
             ["batch", "reason"],
             registry=r,
         )
+        self.relay_overhead = Histogram(
+            "qp_relay_overhead_seconds",
+            "The server's own time in a streamed completion: from the request's arrival to"
+            " the upstream request, and from upstream's answer and first chunk to the client's,"
+            " upstream's waits left out",
+            buckets=(
+                0.00005,
+                0.0001,
+                0.00025,
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.25,
+            ),
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "qp_event_loop_lag_seconds",
             "How late the event loop woke a task sleeping 0.1 s: time nothing else could run",

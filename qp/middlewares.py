@@ -24,7 +24,7 @@ from qp.errors import (
     json_response,
     too_many_requests,
 )
-from qp.logs import CLIENT_HASH, method_name, route_name
+from qp.logs import ARRIVED, CLIENT_HASH, method_name, route_name
 from qp.metrics import CLIENT_LEFT, METRICS
 from qp.policy.policy import POLICY
 from qp.protection.client_address import IP_SALT, client_address, hash_client
@@ -38,7 +38,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Counts and times every request by route pattern, method and final status."""
-    started = time.monotonic()
+    request[ARRIVED] = started = time.monotonic()
     status = CLIENT_LEFT
     try:
         response = await handler(request)

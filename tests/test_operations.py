@@ -161,6 +161,37 @@ async def test_metrics_count_requests_streams_errors_refusals_and_spend(qp_serve
     assert metric(text, "qp_completion_cost_usd_total", app="paid-app", payer="app") == 0.00042
 
 
+async def test_relay_overhead_leaves_out_upstreams_waits_and_reaches_the_access_log(
+    qp_server, fake
+):
+    server = qp_server(QP_OPENROUTER_URL=fake.url, OPENROUTER_API_KEY="k")
+    # Upstream waits 0.4 s before its headers and 0.4 s more before its first chunk.
+    fake.scripts["slow"] = Script(headers_delay=0.4, chunks=[(0.4, b"data: one\n\n")])
+    async with aiohttp.ClientSession(server.url) as http:
+        # Refused before upstream: no overhead to observe.
+        refused = completion_request("hi", "ops-app", model="anthropic/claude-sonnet-4")
+        assert (await call(http, "POST", "/api/completion", json=refused))[0] == 400
+        started = time.monotonic()
+        request = completion_request("script:slow", "ops-app")
+        async with http.post("/api/completion", json=request) as response:
+            assert (response.status, await response.read()) == (200, b"data: one\n\n")
+        took = time.monotonic() - started
+        async with http.get("/metrics") as response:
+            text = await response.text()
+    assert metric(text, "qp_relay_overhead_seconds_count") == 1
+    overhead = metric(text, "qp_relay_overhead_seconds_sum")
+    assert took > 0.8
+    assert 0 < overhead < took - 0.8
+    server.stop()
+    lines = [
+        line for line in server.log().splitlines() if " qp.access POST /api/completion" in line
+    ]
+    assert len(lines) == 2, server.log()
+    assert " 400 " in lines[0] and "overhead_ms=" not in lines[0]
+    logged = float(re.search(r" overhead_ms=([0-9.]+)$", lines[1]).group(1))
+    assert logged == pytest.approx(overhead * 1000, abs=0.001)
+
+
 # --- the request log ---------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from qp.completions.request import (
     upstream_body,
 )
 from qp.config import CONFIG
-from qp.logs import CLIENT_HASH
+from qp.logs import CLIENT_HASH, RELAY_OVERHEAD
 from qp.metrics import METRICS
 from qp.policy.policy import POLICY
 from qp.protection.inflight_bytes import INFLIGHT_BYTES
@@ -55,6 +55,15 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         estimate = estimate_cost(policy, price, len(body))
         payload = Payload(body, key)
         del completion, body
-    async with request.app[SPEND].completion(policy, record, estimate):
-        with request.app[METRICS].open_streams.track_inprogress():
-            return await relay_completion(request, request.app[UPSTREAM], policy, payload, record)
+    metrics = request.app[METRICS]
+    try:
+        async with request.app[SPEND].completion(policy, record, estimate):
+            with metrics.open_streams.track_inprogress():
+                return await relay_completion(
+                    request, request.app[UPSTREAM], policy, payload, record
+                )
+    finally:
+        # Observed once the stream is over, off the path of its chunks.
+        overhead = request.get(RELAY_OVERHEAD)
+        if overhead is not None:
+            metrics.relay_overhead.observe(overhead)

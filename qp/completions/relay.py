@@ -21,6 +21,7 @@ from aiohttp import web
 
 from qp.completions.usage import UsageScanner
 from qp.errors import ApiError
+from qp.logs import ARRIVED, RELAY_OVERHEAD
 from qp.policy.policy import Policy
 from qp.spend.record import CompletionRecord
 
@@ -85,12 +86,14 @@ async def relay_completion(
     tells that apart from a client that left.
     """
     started = time.monotonic()
+    # The server's own time so far: from the request's arrival to the upstream request.
+    own = started - request.get(ARRIVED, started)
     try:
         answer = await _post(upstream.session, policy, payload, record)
         async with answer:
             if not 200 <= answer.status < 300:
                 raise await _upstream_error(answer, record)
-            return await _stream(request, answer, record)
+            return await _stream(request, answer, record, own)
     except asyncio.CancelledError:
         if upstream.shutting_down.is_set():
             record.outcome = "shutdown"
@@ -190,8 +193,12 @@ def _error_message(body: bytes) -> str | None:
 
 
 async def _stream(
-    request: web.Request, upstream: aiohttp.ClientResponse, record: CompletionRecord
+    request: web.Request, upstream: aiohttp.ClientResponse, record: CompletionRecord, own: float
 ) -> web.StreamResponse:
+    """Relay the chunks. Once the first is written, the request's RELAY_OVERHEAD is `own`
+    (the time before the upstream request) plus the server's time between upstream's
+    answer and its first chunk reaching the client (upstream's wait for it left out)."""
+    answered = time.monotonic()
     response = web.StreamResponse(status=200, headers=STREAM_HEADERS)
     try:
         await response.prepare(request)
@@ -201,6 +208,8 @@ async def _stream(
         raise
     record.status = 200
     usage = UsageScanner()
+    own += time.monotonic() - answered
+    first = True
     try:
         while True:
             try:
@@ -215,6 +224,7 @@ async def _stream(
                 log.warning("completion: upstream failed mid-stream (%s)", type(err).__name__)
                 _abort(request)
                 break
+            read = time.monotonic() if first else 0.0
             try:
                 if not chunk:
                     await response.write_eof()
@@ -224,6 +234,9 @@ async def _stream(
             except ConnectionError:
                 record.outcome, record.client_left = "client_left", True
                 break
+            if first:
+                first = False
+                request[RELAY_OVERHEAD] = own + time.monotonic() - read
             usage.feed(chunk)
     finally:
         record.prompt_tokens = usage.prompt_tokens
