@@ -6,6 +6,12 @@ Every write is a function run inside `BEGIN IMMEDIATE` on the single writer conn
 function *is* the transaction (`execute_write` for a single statement). Reads use their own
 connections (WAL mode), so a slow write never blocks a read.
 
+Writes are committed in groups: those that queue while a commit waits for the disk share
+the next transaction and its fsync (one writer task takes up to MAX_GROUP of them, runs
+each in a savepoint of its own, commits once, then answers each). So a write still sees
+every write before it (a count, a duplicate key), one that raises is undone alone and its
+caller gets its exception, and nobody is answered before the commit is on disk.
+
 A database file deleted, replaced, truncated or overwritten under a running server goes on
 taking SQLite's writes into a file no restart will find, so every commit is checked
 against the file at the path before it counts, and a file found wrong refuses every write
@@ -22,8 +28,10 @@ import asyncio
 import logging
 import os
 import sqlite3
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,6 +51,9 @@ log = logging.getLogger("qp.storage.sqlite")
 
 READER_COUNT = 4
 BUSY_TIMEOUT_MS = 5000
+# Writes sharing one transaction at most, and waiting for one at most (past it: refused).
+MAX_GROUP = 64
+MAX_WAITING = 4096
 
 T = TypeVar("T")
 # Called when a maintenance write (a delete, a collection, start-up) fails for lack of space:
@@ -118,6 +129,13 @@ class SqliteTransaction:
         polling `data_version`, qp/storage/peers.py)."""
 
 
+@dataclass(slots=True)
+class _QueuedWrite:
+    fn: WriteFn[Any]
+    durable: bool
+    answer: asyncio.Future[Any]
+
+
 class SqliteDatabase(StatementHelpers):
     """The SQLite database: `write(fn)` for transactions, `reader()` for queries."""
 
@@ -141,6 +159,11 @@ class SqliteDatabase(StatementHelpers):
         self.damage: str | None = None
         for conn in readers:
             self._readers.put_nowait(conn)
+        self._waiting: deque[_QueuedWrite] = deque()
+        self._committer: asyncio.Task[None] | None = None
+        # Groups committed, and the writes they held (a group of one counts too).
+        self.groups_committed = 0
+        self.writes_committed = 0
 
     @classmethod
     async def open(
@@ -207,6 +230,8 @@ class SqliteDatabase(StatementHelpers):
         return cls(writer, readers, file, make_room)
 
     async def close(self) -> None:
+        if self._committer is not None:
+            await asyncio.gather(self._committer, return_exceptions=True)
         try:
             for conn in self._all_readers:
                 await conn.close()
@@ -229,7 +254,10 @@ class SqliteDatabase(StatementHelpers):
         next durable commit makes (WAL keeps commits in order); a process crash keeps it.
         A `maintenance` write (a delete, a collection) that fails for lack of space is tried once
         more after the reserve's room is given back; client writes never take that room.
+        Others are committed in groups (see the module's docstring).
         """
+        if not maintenance:
+            return await self._grouped(fn, durable)
         async with self._write_lock:
             self._refuse_if_damaged()
             if self._writer is None:
@@ -252,13 +280,112 @@ class SqliteDatabase(StatementHelpers):
             self.verify_file()
             return result
 
-    async def _transaction(self, fn: WriteFn[T], durable: bool = True) -> T:
+    async def _grouped(self, fn: WriteFn[T], durable: bool) -> T:
+        self._refuse_if_damaged()
+        if self._writer is None:
+            raise StorageUnavailable(
+                "Database", "opened read-only: the disk was full at start-up", FULL
+            )
+        if len(self._waiting) >= MAX_WAITING:
+            raise StorageUnavailable("Database", f"{MAX_WAITING} writes are waiting already")
+        answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_QueuedWrite(fn, durable, answer))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_groups())
+        return await answer
+
+    async def _commit_groups(self) -> None:
+        """Commit what waits, a group at a time, until nothing does."""
+        while self._waiting:
+            group: list[_QueuedWrite] = []
+            while self._waiting and len(group) < MAX_GROUP:
+                queued = self._waiting.popleft()
+                if not queued.answer.cancelled():  # its caller left before it began
+                    group.append(queued)
+            if group:
+                async with self._write_lock:
+                    await self._commit_group(group)
+
+    async def _commit_group(self, group: list[_QueuedWrite]) -> None:
+        """One transaction for the group, each write in a savepoint; every answer set."""
+        try:
+            self._refuse_if_damaged()
+            outcomes = await self._group_transaction(group)
+            self.verify_file()
+        except BaseException as err:
+            failure: BaseException = err
+            if isinstance(err, DATA_ERRORS):
+                failure = UnstorableValue("Database", err)
+            elif isinstance(err, sqlite3.Error):
+                self._note_corruption(err)
+                failure = StorageUnavailable("Database", str(err), sqlite_failure_reason(err))
+            for queued in group:
+                if queued.answer.done():
+                    continue
+                if isinstance(failure, Exception):
+                    queued.answer.set_exception(failure)
+                else:
+                    queued.answer.cancel()
+            if not isinstance(err, Exception):
+                raise
+            return
+        self.groups_committed += 1
+        self.writes_committed += len(group)
+        for queued, (value, error) in zip(group, outcomes, strict=True):
+            if queued.answer.done():
+                continue
+            if error is None:
+                queued.answer.set_result(value)
+            else:
+                queued.answer.set_exception(error)
+
+    async def _group_transaction(
+        self, group: list[_QueuedWrite]
+    ) -> list[tuple[Any, Exception | None]]:
+        """Each write in its own savepoint: one that raises is rolled back alone (its error
+        kept for its caller), the rest commit together. A database failure (not a value it
+        refuses) ends the whole transaction."""
+        writer = self._writer
+        assert writer is not None
+        await self._set_durable(any(queued.durable for queued in group))
+        outcomes: list[tuple[Any, Exception | None]] = []
+        try:
+            await writer.execute("BEGIN IMMEDIATE")
+            for queued in group:
+                await writer.execute("SAVEPOINT member")
+                try:
+                    value = await queued.fn(SqliteTransaction(writer))
+                except Exception as err:
+                    if isinstance(err, sqlite3.Error) and not isinstance(err, DATA_ERRORS):
+                        raise
+                    await writer.execute("ROLLBACK TO member")
+                    await writer.execute("RELEASE member")
+                    refused = (
+                        UnstorableValue("Database", err) if isinstance(err, DATA_ERRORS) else err
+                    )
+                    outcomes.append((None, refused))
+                else:
+                    await writer.execute("RELEASE member")
+                    outcomes.append((value, None))
+            await writer.execute("COMMIT")
+        except BaseException:
+            with suppress(sqlite3.Error):
+                await writer.execute("ROLLBACK")
+            raise
+        return outcomes
+
+    async def _set_durable(self, durable: bool) -> None:
         writer = self._writer
         assert writer is not None
         if self._durable is not durable:
             self._durable = None  # unknown until the pragma is done, even if cancelled
             await writer.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             self._durable = durable
+
+    async def _transaction(self, fn: WriteFn[T], durable: bool = True) -> T:
+        writer = self._writer
+        assert writer is not None
+        await self._set_durable(durable)
         try:
             await writer.execute("BEGIN IMMEDIATE")
             result = await fn(SqliteTransaction(writer))

@@ -1,0 +1,156 @@
+"""Group commit: chat writes that arrive together share one transaction and its fsync,
+and each still gets the answer it would have got alone."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import aiohttp
+import pytest
+
+from qp.errors import UnstorableValue
+from qp.storage.database import DATABASE, Transaction
+from qp.storage.sqlite import SqliteDatabase
+from tests.helpers import call, make_chat
+
+
+async def create_all(http, chats: list[dict]) -> list[tuple[int, dict]]:
+    return await asyncio.gather(
+        *(call(http, "POST", "/api/chats", json={"chat": c}) for c in chats)
+    )
+
+
+async def test_the_chat_limit_stays_exact_inside_a_group(start_server):
+    server = await start_server(QP_MAX_CHATS_PER_APP="5")
+    db = server.app[DATABASE]
+    assert isinstance(db, SqliteDatabase)
+    chats = [make_chat(chat_id=f"limit-{n}", app="tight-app") for n in range(40)]
+    answers = await create_all(server.client, chats)
+    created = [chat for chat, (status, _) in zip(chats, answers, strict=True) if status == 200]
+    refused = [body for status, body in answers if status != 200]
+    assert len(created) == 5
+    assert (
+        refused
+        == [{"error": "Chat limit exceeded for app tight-app. Maximum 5 chats allowed."}] * 35
+    )
+    stored = server.database.rows("SELECT chat_id FROM chats WHERE app = ?", ("tight-app",))
+    assert sorted(row["chat_id"] for row in stored) == sorted(c["chatId"] for c in created)
+    # The writes did share transactions: fewer groups than writes.
+    assert db.groups_committed < db.writes_committed
+
+
+async def test_one_id_created_at_once_many_times_is_one_200_and_409s(start_server):
+    server = await start_server()
+    chats = [
+        make_chat("same-id", "dup-app", messages=[{"role": "user", "content": f"copy {n}"}])
+        for n in range(20)
+    ]
+    answers = await create_all(server.client, chats)
+    statuses = sorted(status for status, _ in answers)
+    assert statuses == [200] + [409] * 19
+    assert [body for status, body in answers if status == 409] == [
+        {"error": "Chat already exists"}
+    ] * 19
+    status, stored = await call(server.client, "GET", "/api/chats/same-id")
+    assert status == 200
+    winner = next(chat for chat, (s, _) in zip(chats, answers, strict=True) if s == 200)
+    assert stored["messages"] == winner["messages"]
+
+
+async def test_a_write_that_fails_in_a_group_fails_alone(tmp_path):
+    db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
+    try:
+        await db.execute_write("CREATE TABLE t (n INTEGER PRIMARY KEY, v INTEGER)")
+
+        def insert(n: int, value: object):
+            async def write(tx: Transaction) -> int:
+                await tx.execute("INSERT INTO t (n, v) VALUES (?, ?)", (n, value))
+                if n == 7:
+                    raise LookupError("member 7 changes its mind")
+                return n
+
+            return write
+
+        # 2**70 does not fit SQLite's integer: a value the database refuses.
+        writes = [db.write(insert(n, 2**70 if n == 3 else n)) for n in range(20)]
+        before = db.groups_committed
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert isinstance(results[3], UnstorableValue)
+        assert isinstance(results[7], LookupError)
+        assert [r for n, r in enumerate(results) if n not in (3, 7)] == [
+            n for n in range(20) if n not in (3, 7)
+        ]
+        assert db.groups_committed - before < 20
+        rows = await db.fetchall("SELECT n FROM t ORDER BY n")
+        assert [n for (n,) in rows] == [n for n in range(20) if n not in (3, 7)]
+    finally:
+        await db.close()
+
+
+async def test_a_caller_that_leaves_before_its_group_starts_writes_nothing(tmp_path):
+    db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
+    try:
+        await db.execute_write("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+        holding = asyncio.Event()
+        release = asyncio.Event()
+
+        async def hold(tx: Transaction) -> None:
+            holding.set()
+            await release.wait()
+
+        first = asyncio.create_task(db.write(hold))
+        await holding.wait()
+        left = asyncio.create_task(db.execute_write("INSERT INTO t (n) VALUES (1)"))
+        stays = asyncio.create_task(db.execute_write("INSERT INTO t (n) VALUES (2)"))
+        await asyncio.sleep(0)  # both queued behind the group holding the writer
+        left.cancel()
+        release.set()
+        await first
+        assert await stays == 1
+        with pytest.raises(asyncio.CancelledError):
+            await left
+        assert await db.fetchall("SELECT n FROM t") == [(2,)]
+    finally:
+        await db.close()
+
+
+V2 = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "second write"}]
+
+
+def test_every_acknowledged_write_survives_a_sigkill(qp_server):
+    server = qp_server()
+
+    async def write_many() -> list[tuple[str, dict]]:
+        async with aiohttp.ClientSession(server.url) as http:
+            chats = [make_chat(chat_id=f"kept-{n}", app=f"app-{n % 3}") for n in range(150)]
+            answers = await create_all(http, chats)
+            updates = [
+                call(
+                    http,
+                    "PUT",
+                    f"/api/chats/kept-{n}",
+                    json={"chat": make_chat(f"kept-{n}", f"app-{n % 3}", messages=V2)},
+                )
+                for n in range(0, 150, 2)
+            ]
+            updated = await asyncio.gather(*updates)
+        assert all(status == 200 for status, _ in answers)
+        assert all(status == 200 for status, _ in updated)
+        return [(c["chatId"], c) for c in chats]
+
+    written = asyncio.run(write_many())
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    server.start()
+
+    async def read_back() -> None:
+        async with aiohttp.ClientSession(server.url) as http:
+            for chat_id, chat in written:
+                status, stored = await call(http, "GET", f"/api/chats/{chat_id}")
+                assert status == 200, chat_id
+                n = int(chat_id.split("-")[1])
+                assert stored["messages"] == (V2 if n % 2 == 0 else chat["messages"])
+
+    asyncio.run(read_back())
+    server.stop()
