@@ -42,7 +42,9 @@ from tests.helpers import make_chat
 from tests.processes import TEST_DEFAULTS, PostgresServer, SeaweedFS, free_ports, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
-BEFORE_COMMIT = "e664875"
+BEFORE_COMMIT = "8cf191b"
+# The last commit before copy-on-write, whose code needs aiorwlock.
+BEFORE_COPY_ON_WRITE = "e664875"
 TREES = ("before", "after")
 FOLDERS = ("qp/chats", "qp/storage")
 PUT_CHAT_PREFIX = "bench-put-"
@@ -274,7 +276,7 @@ def run(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
     load_at_start = os.getloadavg()[0]
     results: dict[str, dict[tuple[str, str], Measure]] = {}
     skipped = []
-    for backend in ("file", "s3", "postgres"):
+    for backend in args.backends.split(","):
         # Closed when the backend is done; on an exception, by `cleanup` with the rest.
         backend_cleanup = cleanup.enter_context(contextlib.ExitStack())
         env_of = backend_env(backend, backend_cleanup, work / backend)
@@ -326,7 +328,32 @@ def run(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> int:
         )
         name = folder if folder == "total" else f"{folder}/"
         print(f"{name:24}{old_lines:8d}{new_lines:8d}{new_lines - old_lines:+8d}")
+    print_rows(results, git("rev-parse", "--short", args.before), args.connections)
     return 0
+
+
+def print_rows(results: dict[str, dict[tuple[str, str], Measure]], before: str, c: int) -> None:
+    """The rows of `make bench`'s table: each route's rate after vs before, and PostgreSQL's
+    vs SQLite's (both after)."""
+    print("\n| measure | baseline | value | ratio | target |")
+    print("| --- | --- | --- | --- | --- |")
+    targets = {"POST": "≥ 2,000/s", "PUT": "≥ 1,500/s"}
+    for backend, measures in results.items():
+        for route, what in (("POST", "POST a new chat"), ("PUT", "PUT of different chats")):
+            old, new = (measures[(route, tree)].requests_per_second for tree in TREES)
+            store = {"file": "SQLite + file blobs", "s3": "SQLite + S3", "postgres": "PostgreSQL"}
+            print(
+                f"| {what}, durable, {store[backend]}, c={c} | {before}: {old:,.0f}/s"
+                f" | {new:,.0f}/s | {new / old:.2f}x | {targets[route]} |"
+            )
+    if "postgres" in results and "file" in results:
+        for route in ("POST", "PUT"):
+            lite = results["file"][(route, "after")].requests_per_second
+            pg = results["postgres"][(route, "after")].requests_per_second
+            print(
+                f"| {route} on PostgreSQL vs SQLite | SQLite {lite:,.0f}/s | {pg:,.0f}/s"
+                f" | {pg / lite:.2f}x | ≥ 1.00x |"
+            )
 
 
 def main() -> int:
@@ -335,6 +362,10 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32, help="wrk's (default 32)")
     parser.add_argument(
         "--before", default=BEFORE_COMMIT, help=f"the commit to compare with ({BEFORE_COMMIT})"
+    )
+    parser.add_argument("--backends", default="file,s3,postgres")
+    parser.add_argument(
+        "--quick", action="store_true", help="4 s per route and tree, file blobs and PostgreSQL"
     )
     parser.add_argument(
         "--env",
@@ -347,7 +378,9 @@ def main() -> int:
     if not shutil.which("wrk"):
         print("bench/writes.py needs wrk: apt-get install -y wrk", file=sys.stderr)
         return 2
-    if importlib.util.find_spec("aiorwlock") is None:
+    if args.quick:
+        args.seconds, args.backends = 4, "file,postgres"
+    if args.before == BEFORE_COPY_ON_WRITE and importlib.util.find_spec("aiorwlock") is None:
         print(
             "bench/writes.py: the code before copy-on-write needs aiorwlock:"
             f" {sys.executable} -m pip install aiorwlock==1.5.1",
