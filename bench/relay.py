@@ -5,7 +5,13 @@ control: how far two identical servers differ on this machine), and, where Postg
 installed, through a fourth with its ledger there and a fifth with the second's budgets
 and rate counts shared there, interleaved in one run.
 
-    .venv/bin/python bench/relay.py [--rounds 200]
+    .venv/bin/python bench/relay.py [--rounds 200] [--quick]
+
+`--quick` (for `make bench`) measures what issue 22 targets instead, in one interleaved run:
+qp-server beside "the floor" (FLOOR_APP: the least an aiohttp server can do to pass a
+stream on: parse the body, add the system message, post upstream, copy the chunks back),
+each on asyncio's loop and on uvloop; then qp-server's RSS idle and with 1,000 open streams.
+It ends with the rows of the bench table (bench/all.py).
 
 The fake upstream runs as its own process (tests/fake_openrouter.py). Prints, at
 concurrency 1 and 100: median and p99 time to first chunk both ways and the difference,
@@ -24,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -35,6 +42,45 @@ from tests.processes import PostgresServer, QPServer, free_ports, wait_for_port
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench/model"
 SYSTEM = " ".join(group[0] for group in DEFAULT_REQUIRED_PHRASE_GROUPS)
+
+
+FLOOR_APP = textwrap.dedent(
+    """
+    import asyncio, sys
+    import aiohttp, orjson
+    from aiohttp import web
+
+    port, loop_name, upstream = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+    async def relay(request):
+        body = orjson.loads(await request.read())
+        messages = [{"role": "system", "content": body["systemMessage"]}, *body["messages"]]
+        payload = orjson.dumps({"model": body["model"], "messages": messages, "stream": True})
+        headers = {"Content-Type": "application/json", "Authorization": "Bearer floor"}
+        async with request.app["session"].post(upstream, data=payload, headers=headers) as up:
+            response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+            await response.prepare(request)
+            async for chunk in up.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def session(app):
+        app["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        yield
+        await app["session"].close()
+
+    app = web.Application()
+    app.router.add_post("/api/completion", relay)
+    app.cleanup_ctx.append(session)
+    if loop_name == "uvloop":
+        import uvloop
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, loop=loop)
+    """
+)
 
 
 def completion(script: str) -> dict:
@@ -193,14 +239,105 @@ async def run(
         )
 
 
+async def quick(direct_url: str, servers: dict[str, int], qp_uvloop: int) -> None:
+    """Issue 22's relay rows: qp-server against the floor, on each loop, interleaved.
+    `servers`: name ("floor asyncio", "qp asyncio", ...) -> pid; qp_uvloop: the pid whose
+    memory is measured."""
+    urls = {name: f"http://127.0.0.1:{port}/api/completion" for name, port in PORTS.items()}
+    more = {name: urls[name] for name in servers if name != "qp asyncio"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        relay_url = urls["qp asyncio"]
+        await interleaved(session, direct_url, relay_url, "first", 10, 4, more)  # warm-up
+        first = await interleaved(session, direct_url, relay_url, "first", 150, 1, more)
+        first["qp asyncio"] = first.pop("relay")
+        latency = {
+            way: statistics.median(run[0] for run in runs) * 1000 for way, runs in first.items()
+        }
+        rounds = 10
+        cpu_before = {name: cpu_seconds(pid) for name, pid in servers.items()}
+        await interleaved(session, direct_url, relay_url, "first", rounds, 100, more)
+        cpu = {
+            name: (cpu_seconds(pid) - cpu_before[name]) / (rounds * 100) * 1e6
+            for name, pid in servers.items()
+        }
+        idle = rss_mb(qp_uvloop)
+        held = await hold_streams(session, urls["qp uvloop"], 1000, qp_uvloop)
+    direct = latency["direct"]
+    print("\n| measure | baseline | value | ratio | target |")
+    print("| --- | --- | --- | --- | --- |")
+    for loop in ("asyncio", "uvloop"):
+        floor, ours = latency[f"floor {loop}"] - direct, latency[f"qp {loop}"] - direct
+        print(
+            f"| added first-chunk latency, c=1, {loop} | floor {floor:+.2f} ms"
+            f" | {ours:+.2f} ms | {ours - floor:+.2f} ms | within +0.10 ms of the floor |"
+        )
+    for loop in ("asyncio", "uvloop"):
+        floor, ours = cpu[f"floor {loop}"], cpu[f"qp {loop}"]
+        target = "≤ 1.25x" + (", ≤ 500 µs" if loop == "uvloop" else "")
+        print(
+            f"| server CPU per streamed completion, c=100, {loop} | floor {floor:.0f} µs"
+            f" | {ours:.0f} µs | {ours / floor:.2f}x | {target} |"
+        )
+    print(f"| idle RSS (uvloop) | — | {idle:.0f} MB | — | ≤ 60 MB |")
+    print(
+        f"| RSS with 1,000 open streams (uvloop) | idle {idle:.0f} MB | {held - idle:+.0f} MB"
+        " | — | ≤ +100 MB |"
+    )
+
+
+PORTS: dict[str, int] = {}
+
+
+def run_quick(fake_port: int) -> int:
+    direct_url = f"http://127.0.0.1:{fake_port}/api/v1/chat/completions"
+    env = {
+        "QP_OPENROUTER_URL": direct_url,
+        "OPENROUTER_API_KEY": "bench-key",
+        "QP_CHEAP_MODELS": MODEL,
+    }
+    floors, qps = [], {}
+    try:
+        pids = {}
+        for loop in ("asyncio", "uvloop"):
+            (port,) = free_ports()
+            floor = subprocess.Popen(
+                [sys.executable, "-c", FLOOR_APP, str(port), loop, direct_url], cwd=ROOT
+            )
+            floors.append(floor)
+            wait_for_port(port, 30, floor)
+            PORTS[f"floor {loop}"], pids[f"floor {loop}"] = port, floor.pid
+            data = Path(tempfile.mkdtemp(prefix=f"qp-relay-bench-{loop}-"))
+            server = QPServer(data, {**env, "QP_EVENT_LOOP": loop}).start()
+            qps[loop] = server
+            PORTS[f"qp {loop}"], pids[f"qp {loop}"] = server.port, server.process.pid
+        asyncio.run(quick(direct_url, pids, pids["qp uvloop"]))
+    finally:
+        for floor in floors:
+            floor.terminate()
+            floor.wait()
+        for server in qps.values():
+            server.stop()
+            shutil.rmtree(server.data_dir, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--quick", action="store_true", help="issue 22's rows, floor vs qp")
     args = parser.parse_args()
     (fake_port,) = free_ports()
     fake = subprocess.Popen(
         [sys.executable, "-m", "tests.fake_openrouter", "--port", str(fake_port)], cwd=ROOT
     )
+    if args.quick:
+        try:
+            wait_for_port(fake_port, 30, fake)
+            return run_quick(fake_port)
+        finally:
+            fake.terminate()
+            fake.wait()
     direct_url = f"http://127.0.0.1:{fake_port}/api/v1/chat/completions"
     env = {
         "QP_OPENROUTER_URL": direct_url,
