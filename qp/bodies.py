@@ -48,6 +48,13 @@ async def read_body(request: web.Request, limit: int, policy: Policy) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise too_large("Request body", declared, limit)
+    content = request.content
+    if content.is_eof() and content.exception() is None:
+        # The whole body came with the headers (most do): nothing to wait for, no timer.
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise too_large("Request body", len(body), limit)
+        return body
     chunks: list[bytes] = []
     size = 0
     deadline = time.monotonic() + policy.body_timeout
