@@ -9,9 +9,9 @@ import signal
 import aiohttp
 import pytest
 
-from qp.errors import UnstorableValue
+from qp.errors import StorageUnavailable, UnstorableValue
 from qp.storage.database import DATABASE, Transaction
-from qp.storage.sqlite import SqliteDatabase
+from qp.storage.sqlite import MAX_WAITING, SqliteDatabase
 from tests.helpers import call, make_chat
 
 
@@ -154,3 +154,31 @@ def test_every_acknowledged_write_survives_a_sigkill(qp_server):
 
     asyncio.run(read_back())
     server.stop()
+
+
+async def test_writes_past_the_waiting_bound_are_refused_not_queued(tmp_path):
+    db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
+    try:
+        await db.execute_write("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+        holding, release = asyncio.Event(), asyncio.Event()
+
+        async def hold(tx: Transaction) -> None:
+            holding.set()
+            await release.wait()
+
+        first = asyncio.create_task(db.write(hold))
+        await holding.wait()
+        waiting = [
+            asyncio.create_task(db.execute_write("INSERT INTO t (n) VALUES (?)", (n,)))
+            for n in range(MAX_WAITING + 1)
+        ]
+        # The last one found the queue full: refused at once, while the rest still wait.
+        with pytest.raises(StorageUnavailable, match=f"{MAX_WAITING} writes are waiting"):
+            await waiting[-1]
+        assert not any(task.done() for task in waiting[:-1])
+        release.set()
+        await first
+        assert await asyncio.gather(*waiting[:-1]) == [1] * MAX_WAITING
+        assert await db.fetchall("SELECT COUNT(*) FROM t") == [(MAX_WAITING,)]
+    finally:
+        await db.close()
