@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.helpers import ADMIN_KEY, big_chat, call, create, make_chat, unique_id
@@ -160,3 +161,29 @@ def _target(fd: Path) -> str:
         return os.readlink(fd)
     except OSError:
         return ""
+
+
+async def test_a_list_of_small_and_large_chats_gives_each_as_its_get(start_server):
+    """More chats than are read ahead at once, small ones (read whole) between large ones
+    (streamed from their blob): each comes whole, in order, as its own GET gives it."""
+    server = await start_server()
+    app = "mixed-sizes"
+    ids = []
+    for n in range(40):
+        chat_id = f"mixedSizes{n:02d}"
+        if n % 10 == 3:
+            body = big_chat(chat_id, app, 0.3)
+        else:
+            body = orjson.dumps({"chat": make_chat(chat_id, app, messages=[f"m{n}"] * n)})
+        async with server.client.post("/api/chats", data=body) as response:
+            assert response.status == 200
+        ids.append(chat_id)
+    status, chats = await call(
+        server.client, "GET", f"/api/chats?app={app}", headers={"x-admin-key": ADMIN_KEY}
+    )
+    assert status == 200
+    assert sorted(chat["chatId"] for chat in chats) == ids
+    updated = [chat["updatedAt"] for chat in chats]
+    assert updated == sorted(updated, reverse=True)
+    for chat in chats:
+        assert await call(server.client, "GET", f"/api/chats/{chat['chatId']}") == (200, chat)

@@ -86,13 +86,11 @@ async def get_chat(request: web.Request) -> web.StreamResponse:
         chat = await store.open_chat(chat_id, current) if is_valid_chat_id(chat_id) else None
         if chat is None:
             raise ApiError(404, CHAT_NOT_FOUND)
-        etag = {hdrs.ETAG: _etag(chat.version)}
+        etag: dict[str, str] = {hdrs.ETAG: _etag(chat.version)}
         if chat.body is None:
             return web.Response(status=304, headers=etag)
         if isinstance(chat.body, bytes):
-            whole = json_bytes_response(chat.body)
-            whole.headers.update(etag)
-            return whole
+            return json_bytes_response(chat.body, headers=etag)
         response = _streamed_json(chat.body.size)
         response.headers.update(etag)
         await response.prepare(request)

@@ -11,18 +11,26 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 from aiohttp import web
 
 
 class Hold:
-    """Bytes a request holds; `shrink_to` gives back what it no longer needs."""
+    """Bytes a request holds while in its `async with` block; `shrink_to` gives back what it
+    no longer needs. (A class, not a generator: it is entered on every chat request.)"""
+
+    __slots__ = ("_inflight", "nbytes")
 
     def __init__(self, inflight: InflightBytes, nbytes: int):
         self._inflight = inflight
         self.nbytes = nbytes
+
+    async def __aenter__(self) -> Hold:
+        await self._inflight._take(self.nbytes)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._inflight._give_back(self.nbytes)
 
     def shrink_to(self, nbytes: int) -> None:
         if nbytes < self.nbytes:
@@ -38,16 +46,9 @@ class InflightBytes:
         self.in_use = 0
         self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
 
-    @asynccontextmanager
-    async def hold(self, nbytes: int) -> AsyncIterator[Hold]:
-        """Hold `nbytes` (at most `max_bytes`) until the block ends."""
-        nbytes = max(0, min(nbytes, self.max_bytes))
-        await self._take(nbytes)
-        hold = Hold(self, nbytes)
-        try:
-            yield hold
-        finally:
-            self._give_back(hold.nbytes)
+    def hold(self, nbytes: int) -> Hold:
+        """Hold `nbytes` (at most `max_bytes`) until the `async with` block ends."""
+        return Hold(self, max(0, min(nbytes, self.max_bytes)))
 
     async def _take(self, nbytes: int) -> None:
         if not self._waiting and self.in_use + nbytes <= self.max_bytes:
