@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -103,12 +105,17 @@ def main() -> int:
     parser.add_argument("--mb", type=int, default=10)
     parser.add_argument("--gets", type=int, default=40)
     parser.add_argument("--lists", type=int, default=3)
-    parser.add_argument("--data", type=Path, default=Path("/tmp/qp-bench-memory"))
+    parser.add_argument("--data", type=Path, help="a new folder (default: a fresh temporary one)")
     parser.add_argument("--quick", action="store_true", help="30 chats, 30 GETs at once")
     args = parser.parse_args()
     if args.quick:
         args.chats, args.gets = 30, 30
-    asyncio.run(run(args, args.data))
+    data = args.data or Path(tempfile.mkdtemp(prefix="qp-bench-memory-"))
+    try:
+        asyncio.run(run(args, data))
+    finally:
+        if args.data is None:
+            shutil.rmtree(data, ignore_errors=True)
     return 0
 
 
