@@ -6,7 +6,8 @@
 Starts the fake OpenRouter (as its own process) and a server.py (of this tree, or of
 another checkout given by --tree, for a "before" profile), drives it with wrk for
 `--seconds` (`relay`: streamed completions paid by the server's key, 100 connections;
-`get`: GETs of one chat, 32 connections) while `py-spy record` samples it, and prints the
+`get`: GETs of one chat, 32 connections; `post`: new chats, 32 connections) while
+`py-spy record` samples it, and prints the
 top entries by own time (the frame running) and by total time (the frame on the stack),
 as shares of all samples.
 """
@@ -86,7 +87,7 @@ def _short(frame: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--route", choices=("relay", "get"), default="relay")
+    parser.add_argument("--route", choices=("relay", "get", "post"), default="relay")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--tree", type=Path, default=ROOT)
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
@@ -106,6 +107,8 @@ def main() -> int:
             "OPENROUTER_API_KEY": "profile-key",
             "QP_CHEAP_MODELS": MODEL,
             "QP_EVENT_LOOP": args.loop,
+            # New chats of one app, for as long as the profile runs.
+            "QP_MAX_CHATS_PER_APP": "1000000",
         }
         server, port = start(args.tree, work / "data", env)
         processes.append(server)
@@ -118,6 +121,9 @@ def main() -> int:
                 "app": "profile-app",
             }
             url, script, connections = f"{base}/api/completion", lua("POST", json.dumps(body)), 100
+        elif args.route == "post":
+            body = json.dumps({"chat": make_chat(app="profile-app")})
+            url, script, connections = f"{base}/api/chats", lua("POST", body), 32
         else:
             chat = json.dumps({"chat": make_chat(CHAT_ID, "profile-app")}).encode()
             urllib.request.urlopen(
