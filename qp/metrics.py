@@ -119,6 +119,10 @@ class Metrics:
         self._apps: set[str] = set()
         self._models: set[str] = set()
         self._request_series: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        # The children of the labelled counters each completion counts in, by their labels
+        # (`labels()` validates and locks on every call; the labels are capped, so are these).
+        self._token_series: dict[tuple[str, str, str], Counter] = {}
+        self._cost_series: dict[tuple[str, str, str], tuple[Counter, Counter]] = {}
 
     def request_series(self, route: str, method: str, status: int) -> tuple[Counter, Histogram]:
         """The request counter and duration histogram of one route, method and status (kept:
@@ -145,14 +149,28 @@ class Metrics:
     ) -> None:
         label = self.app_label(app)
         if prompt:
-            self.tokens.labels(label, payer, "prompt").inc(prompt)
+            self._tokens(label, payer, "prompt").inc(prompt)
         if completion:
-            self.tokens.labels(label, payer, "completion").inc(completion)
+            self._tokens(label, payer, "completion").inc(completion)
+
+    def _tokens(self, label: str, payer: str, kind: str) -> Counter:
+        key = (label, payer, kind)
+        series = self._token_series.get(key)
+        if series is None:
+            series = self._token_series[key] = self.tokens.labels(label, payer, kind)
+        return series
 
     def cost_settled(self, app: str | None, model: str, payer: str, cost: float) -> None:
-        label = self.app_label(app)
-        self.cost.labels(label, payer).inc(cost)
-        self.spend.labels(label, self.model_label(model), payer).inc(cost)
+        key = (self.app_label(app), self.model_label(model), payer)
+        series = self._cost_series.get(key)
+        if series is None:
+            label, model_label, _ = key
+            series = self._cost_series[key] = (
+                self.cost.labels(label, payer),
+                self.spend.labels(label, model_label, payer),
+            )
+        series[0].inc(cost)
+        series[1].inc(cost)
 
     def model_label(self, model: str) -> str:
         """Models are the client's to name (with its own key): capped like apps."""

@@ -10,6 +10,7 @@ reads. The record says how it ended, whatever happens: the caller hands it to sp
 from __future__ import annotations
 
 import asyncio
+import functools
 import http
 import logging
 import time
@@ -124,9 +125,7 @@ async def _post(
                     "Accept-Encoding": "identity",
                 },
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(
-                    sock_connect=CONNECT_TIMEOUT, sock_read=policy.upstream_idle_timeout
-                ),
+                timeout=_client_timeout(policy.upstream_idle_timeout),
             )
     except TimeoutError:
         record.status, record.outcome = 504, "timeout"
@@ -142,6 +141,13 @@ async def _post(
         raise ApiError(
             502, "Bad Gateway", message="Could not connect to the completion service"
         ) from None
+
+
+@functools.cache
+def _client_timeout(idle: float) -> aiohttp.ClientTimeout:
+    """The upstream request's socket deadlines: one object per policy's idle timeout, not
+    one per request (a policy changes on SIGHUP only)."""
+    return aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=idle)
 
 
 async def _upstream_error(upstream: aiohttp.ClientResponse, record: CompletionRecord) -> ApiError:
