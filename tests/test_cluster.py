@@ -284,7 +284,9 @@ async def test_after_a_process_is_killed_mid_write_the_other_serves_only_whole_w
     cluster = start_cluster(
         QP_WRITE_LEASE_SECONDS=f"{LEASE_SECONDS:g}", QP_MAX_CHATS_PER_APP="100000"
     )
-    straight = CrashWriteLoad(cluster.one.url, workers=8, prefix="straight", pad=2000)
+    # Messages of 60 to 180 KB: each write spends most of its time between its intent and
+    # its commit (the blob put), so the kill lands there even on a loaded machine.
+    straight = CrashWriteLoad(cluster.one.url, workers=8, prefix="straight", pad=60_000)
     through_nginx = CrashWriteLoad(cluster.nginx.url, workers=4, prefix="nginx")
     seen: dict[str, int] = {}  # chat id -> the version the survivor last answered
 
