@@ -395,6 +395,15 @@ async def a_fresh_hour(seconds: float = 60) -> None:
         await asyncio.sleep(left + 0.1)
 
 
+async def a_fresh_minute(seconds: float = 10) -> None:
+    """Wait for the next minute if this one ends within `seconds`: the limits count in
+    fixed windows, so a test that expects a refusal must not see its minute roll over
+    between the requests it counts."""
+    left = 60 - time.time() % 60
+    if left < seconds:
+        await asyncio.sleep(left + 0.1)
+
+
 async def block_by_refusals(http: aiohttp.ClientSession, client: dict[str, str]) -> None:
     """Block a client that may make one chats request an hour: one served, ten refused."""
     assert (await call(http, "GET", "/api/chats/nothing", headers=client))[0] == 404

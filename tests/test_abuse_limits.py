@@ -17,6 +17,7 @@ from tests.helpers import (
     ADMIN_KEY,
     KILOBYTE_OF_MESSAGES,
     STORAGE_FULL,
+    a_fresh_minute,
     call,
     create,
     make_chat,
@@ -150,6 +151,7 @@ def test_wrong_admin_keys_block_only_when_ten_fall_within_a_minute():
 )
 async def test_ipv6_addresses_of_one_network_are_one_client(qp_server, addresses):
     server = qp_server(QP_RATE_LIMIT_CHATS="3/minute")
+    await a_fresh_minute()
     async with aiohttp.ClientSession(server.url) as http:
         statuses = []
         for address in addresses:

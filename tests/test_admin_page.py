@@ -18,6 +18,7 @@ from qp.timestamps import format_iso
 from tests.helpers import (
     ADMIN_KEY,
     a_fresh_hour,
+    a_fresh_minute,
     block_by_refusals,
     call,
     completion_request,
@@ -63,6 +64,7 @@ async def seed(api: QPServer) -> dict[str, str]:
     chats: dict[str, str] = {}
     async with aiohttp.ClientSession(api.url) as http:
         paid_by = ["server", "server", "server", "user"]
+        await a_fresh_minute()
         for n, app in enumerate(
             ["nwb-assistant", "nwb-assistant", "bids-assistant", "nwb-assistant"]
         ):

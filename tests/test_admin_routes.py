@@ -12,6 +12,7 @@ from tests.helpers import (
     ADMIN_KEY,
     ISO_MS,
     a_fresh_hour,
+    a_fresh_minute,
     block_by_refusals,
     call,
     completion_request,
@@ -322,6 +323,7 @@ async def test_apps_are_the_ones_with_the_most_chats_when_there_are_too_many(
 
 async def test_a_block_is_listed_and_lifted_and_the_client_served_again(start_server, admin):
     server = await start_server(QP_RATE_LIMIT_CHATS="1/minute")
+    await a_fresh_minute()
     client = {"X-Forwarded-For": "203.0.113.50"}  # the in-process peer is a trusted proxy
     assert (await call(server.client, "GET", "/api/chats/nothing", headers=client))[0] == 404
     for _ in range(10):  # ten refusals within the hour block the client

@@ -15,6 +15,7 @@ from tests.app_server import Database
 from tests.helpers import (
     ADMIN_KEY,
     a_fresh_hour,
+    a_fresh_minute,
     block_by_refusals,
     call,
     create,
@@ -126,6 +127,7 @@ async def test_usage_totals(qp_server):
 
 async def test_blocks_list_and_lift_reach_the_running_server(qp_server):
     server = qp_server(QP_RATE_LIMIT_CHATS="1/minute")
+    await a_fresh_minute()
     async with aiohttp.ClientSession(server.url) as http:
         for _ in range(12):
             _, body = await call(http, "GET", "/api/chats/x")

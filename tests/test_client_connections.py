@@ -12,7 +12,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.helpers import ADMIN_KEY, call, create, make_chat
+from tests.helpers import ADMIN_KEY, a_fresh_minute, call, create, make_chat
 
 
 async def connect(server) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -153,6 +153,7 @@ async def test_a_request_the_parser_rejects_is_a_json_400(qp_server, raw):
 
 async def test_rejected_requests_count_against_the_clients_rate_limit(qp_server):
     server = qp_server(QP_RATE_LIMIT_CHATS="3/minute")
+    await a_fresh_minute()
     statuses = []
     for _ in range(5):
         reader, writer = await connect(server)

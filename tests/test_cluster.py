@@ -22,6 +22,7 @@ from tests.helpers import (
     KILOBYTE_OF_MESSAGES,
     STORAGE_FULL,
     CrashWriteLoad,
+    a_fresh_minute,
     call,
     chat_version,
     completion_request,
@@ -162,6 +163,7 @@ def forwarded(address: str) -> dict[str, str]:
 
 async def test_a_limit_of_10_a_minute_admits_exactly_10_across_both(start_cluster):
     cluster = start_cluster(QP_RATE_LIMIT_CHATS="10/minute")
+    await a_fresh_minute()
     async with (
         aiohttp.ClientSession(cluster.one.url) as one,
         aiohttp.ClientSession(cluster.two.url) as two,
@@ -181,6 +183,7 @@ async def test_a_limit_of_10_a_minute_admits_exactly_10_across_both(start_cluste
 
 async def test_a_block_made_by_one_refuses_the_client_on_the_other(start_cluster):
     cluster = start_cluster(QP_RATE_LIMIT_CHATS="5/minute")
+    await a_fresh_minute()
     client = forwarded("198.51.100.9")
     async with (
         aiohttp.ClientSession(cluster.one.url) as one,

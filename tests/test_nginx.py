@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import ADMIN_KEY, call, completion_request, make_chat
+from tests.helpers import ADMIN_KEY, a_fresh_minute, call, completion_request, make_chat
 from tests.processes import NEEDS_NGINX, ROOT, Nginx, QPServer, free_ports
 
 pytestmark = NEEDS_NGINX
@@ -242,6 +242,7 @@ async def test_clients_are_told_apart_by_the_address_nginx_forwards(limited):
     first = {"X-Forwarded-For": "203.0.113.7"}
     second = {"X-Forwarded-For": "203.0.113.8"}
     async with aiohttp.ClientSession(limited.url) as http:
+        await a_fresh_minute()
         # Both arrive from 127.0.0.1; nginx forwards "203.0.113.x, 127.0.0.1" and the server
         # takes the right-most address that is not a trusted proxy.
         assert await call(http, "GET", "/api/chats/x", headers=first) == NOT_FOUND
@@ -252,6 +253,7 @@ async def test_clients_are_told_apart_by_the_address_nginx_forwards(limited):
 
 async def test_a_client_cannot_hide_behind_an_address_on_the_left(limited):
     async with aiohttp.ClientSession(limited.url) as http:
+        await a_fresh_minute()
         headers = {"X-Forwarded-For": "198.51.100.1, 203.0.113.20"}
         assert await call(http, "GET", "/api/chats/x", headers=headers) == NOT_FOUND
         # Another address on the left changes nothing: the client is still 203.0.113.20.
@@ -261,6 +263,7 @@ async def test_a_client_cannot_hide_behind_an_address_on_the_left(limited):
 
 async def test_without_x_forwarded_for_the_client_is_127_0_0_1(limited):
     async with aiohttp.ClientSession(limited.url) as http:
+        await a_fresh_minute()
         # nginx sends "X-Forwarded-For: 127.0.0.1": its peer, a trusted proxy, so that is who
         # the client is.
         assert await call(http, "GET", "/api/chats/x") == NOT_FOUND

@@ -14,7 +14,7 @@ import pytest
 
 from qp.metrics import Metrics
 from tests.fake_openrouter import FakeOpenRouter, Script
-from tests.helpers import ADMIN_KEY, call, completion_request, make_chat
+from tests.helpers import ADMIN_KEY, a_fresh_minute, call, completion_request, make_chat
 from tests.processes import SeaweedFS
 
 
@@ -128,6 +128,7 @@ async def test_metrics_count_requests_streams_errors_refusals_and_spend(qp_serve
     )
     fake.scripts["hold"] = Script(chunks=[(0.0, b"data: one\n\n")], hold=30.0)
     fake.scripts["401"] = Script(status=401, body=b"{}")
+    await a_fresh_minute()
     async with aiohttp.ClientSession(server.url) as http:
         await call(http, "GET", "/api/chats/nothing")
         await call(http, "GET", "/api/chats/nothing")

@@ -29,6 +29,7 @@ from qp.storage.migrations import SCHEMA_VERSION, PostgresSchema, SchemaTooNew, 
 from qp.storage.postgres import CHANGES, translate
 from tests.helpers import (
     ADMIN_KEY,
+    a_fresh_minute,
     call,
     completion_request,
     create,
@@ -497,6 +498,7 @@ async def test_migrate_db_gives_the_same_answers_ledger_and_blocks(tmp_path, pos
     admin = {"x-admin-key": ADMIN_KEY}
     blocked = {"X-Forwarded-For": "198.51.100.7"}
     lite = QPServer(tmp_path / "sqlite", served).start()
+    await a_fresh_minute()
     try:
         async with aiohttp.ClientSession(lite.url) as http:
             ids = [await create(http, make_chat(app=app)) for app in ("a", "a", "b")]

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from qp.protection.rate_limits import RATE_LIMITER
-from tests.helpers import ADMIN_KEY, a_fresh_hour, call, make_chat
+from tests.helpers import ADMIN_KEY, a_fresh_hour, a_fresh_minute, call, make_chat
 from tests.processes import QPServer
 
 ADMIN = {"x-admin-key": ADMIN_KEY}
@@ -32,6 +32,7 @@ def per_minute(limit: int, window: str = "minute") -> dict:
 
 async def test_over_the_minute_limit_is_429_with_retry_after(qp_server):
     server = qp_server(QP_RATE_LIMIT_CHATS="3/minute")
+    await a_fresh_minute()
     async with aiohttp.ClientSession(server.url) as http:
         for _ in range(3):
             assert (await create(http))[0] == 200
@@ -45,6 +46,7 @@ async def test_over_the_minute_limit_is_429_with_retry_after(qp_server):
 
 async def test_over_the_hour_limit_says_so(qp_server):
     server = qp_server(QP_RATE_LIMIT_CHATS="100/minute,2/hour")
+    await a_fresh_hour()
     async with aiohttp.ClientSession(server.url) as http:
         assert [(await create(http))[0] for _ in range(2)] == [200, 200]
         async with http.post("/api/chats", json={"chat": make_chat()}) as response:
@@ -57,6 +59,7 @@ async def test_over_the_hour_limit_says_so(qp_server):
 
 async def test_the_completion_class_is_counted_apart(qp_server):
     server = qp_server(QP_RATE_LIMIT_CHATS="1/minute", QP_RATE_LIMIT_COMPLETION="2/minute")
+    await a_fresh_minute()
     async with aiohttp.ClientSession(server.url) as http:
         assert (await create(http))[0] == 200
         assert (await create(http))[0] == 429
@@ -71,6 +74,7 @@ async def test_the_completion_class_is_counted_apart(qp_server):
 
 async def test_the_rate_limit_comes_before_the_size_check(qp_server):
     server = qp_server(QP_RATE_LIMIT_CHATS="1/minute")
+    await a_fresh_minute()
     async with aiohttp.ClientSession(server.url) as http:
         assert (await create(http))[0] == 200
         huge = b"x" * (11 * 1024 * 1024)
@@ -79,6 +83,7 @@ async def test_the_rate_limit_comes_before_the_size_check(qp_server):
 
 async def test_admin_routes_are_not_limited(qp_server):
     server = qp_server(QP_RATE_LIMIT_CHATS="1/minute")
+    await a_fresh_minute()
     async with aiohttp.ClientSession(server.url) as http:
         await create(http)
         assert (await create(http))[0] == 429
@@ -100,6 +105,7 @@ BLOCKED = "IP blocked due to excessive violations"
 
 async def test_ten_refusals_block_the_client_for_a_day_even_across_a_restart(qp_server):
     server = qp_server(QP_RATE_LIMIT_CHATS="1/minute")
+    await a_fresh_minute()
     async with aiohttp.ClientSession(server.url) as http:
         assert (await create(http))[0] == 200
         for _ in range(10):
@@ -130,6 +136,7 @@ async def test_ten_refusals_block_the_client_for_a_day_even_across_a_restart(qp_
 
 async def test_addresses_are_hashed_with_qp_ip_salt(qp_server):
     server = qp_server(QP_RATE_LIMIT_CHATS="1/minute", QP_IP_SALT="pepper")
+    await a_fresh_minute()
     async with aiohttp.ClientSession(server.url) as http:
         for _ in range(12):
             await create(http)
@@ -142,6 +149,7 @@ async def test_each_installation_has_its_own_salt(qp_server):
     hashes = []
     for name in ("one", "two"):
         server = qp_server(name, QP_RATE_LIMIT_CHATS="1/minute")
+        await a_fresh_minute()
         async with aiohttp.ClientSession(server.url) as http:
             for _ in range(12):
                 await create(http)
@@ -171,6 +179,7 @@ def xff(value: str) -> dict:
 
 async def test_a_trusted_proxy_forwards_the_client_address(qp_server):
     server = qp_server(QP_RATE_LIMIT_CHATS="1/minute")  # 127.0.0.1 is trusted
+    await a_fresh_minute()
     async with aiohttp.ClientSession(server.url) as http:
         assert await allowed(http, xff("203.0.113.7"))
         assert not await allowed(http, xff("203.0.113.7"))
@@ -188,6 +197,7 @@ async def test_a_trusted_proxy_forwards_the_client_address(qp_server):
 @pytest.mark.parametrize("trusted", ["", "10.0.0.0/8, 192.168.1.1"])
 async def test_an_untrusted_peers_forwarded_headers_are_ignored(qp_server, trusted):
     server = qp_server(QP_RATE_LIMIT_CHATS="1/minute", QP_TRUSTED_PROXIES=trusted)
+    await a_fresh_minute()
     async with aiohttp.ClientSession(server.url) as http:
         assert await allowed(http, xff("203.0.113.7"))
         assert not await allowed(http, xff("203.0.113.8"))
@@ -200,6 +210,7 @@ async def test_a_peer_on_the_unix_socket_is_trusted(tmp_path):
     ).start()
     try:
         connector = aiohttp.UnixConnector(path=str(tmp_path / "qp.sock"))
+        await a_fresh_minute()
         async with aiohttp.ClientSession("http://qp", connector=connector) as http:
             assert await allowed(http, xff("203.0.113.7"))
             assert not await allowed(http, xff("203.0.113.7"))
