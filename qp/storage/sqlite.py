@@ -271,11 +271,8 @@ class SqliteDatabase(StatementHelpers):
                     if not (maintenance and sqlite_failure_reason(err) == FULL and self._room()):
                         raise
                     result = await self._transaction(fn, durable)
-            except DATA_ERRORS as err:
-                raise UnstorableValue("Database", err) from err
-            except sqlite3.Error as err:
-                self._note_corruption(err)
-                raise StorageUnavailable("Database", str(err), sqlite_failure_reason(err)) from err
+            except (*DATA_ERRORS, sqlite3.Error) as err:
+                raise self._storage_error(err) from err
             # Only now does the commit count: it must be in the file a restart opens.
             self.verify_file()
             return result
@@ -313,12 +310,7 @@ class SqliteDatabase(StatementHelpers):
             outcomes = await self._group_transaction(group)
             self.verify_file()
         except BaseException as err:
-            failure: BaseException = err
-            if isinstance(err, DATA_ERRORS):
-                failure = UnstorableValue("Database", err)
-            elif isinstance(err, sqlite3.Error):
-                self._note_corruption(err)
-                failure = StorageUnavailable("Database", str(err), sqlite_failure_reason(err))
+            failure = self._storage_error(err)
             for queued in group:
                 if queued.answer.done():
                     continue
@@ -347,10 +339,8 @@ class SqliteDatabase(StatementHelpers):
         refuses) ends the whole transaction."""
         writer = self._writer
         assert writer is not None
-        await self._set_durable(any(queued.durable for queued in group))
         outcomes: list[tuple[Any, Exception | None]] = []
-        try:
-            await writer.execute("BEGIN IMMEDIATE")
+        async with self._immediate(any(queued.durable for queued in group)):
             for queued in group:
                 await writer.execute("SAVEPOINT member")
                 try:
@@ -367,11 +357,6 @@ class SqliteDatabase(StatementHelpers):
                 else:
                     await writer.execute("RELEASE member")
                     outcomes.append((value, None))
-            await writer.execute("COMMIT")
-        except BaseException:
-            with suppress(sqlite3.Error):
-                await writer.execute("ROLLBACK")
-            raise
         return outcomes
 
     async def _set_durable(self, durable: bool) -> None:
@@ -383,12 +368,19 @@ class SqliteDatabase(StatementHelpers):
             self._durable = durable
 
     async def _transaction(self, fn: WriteFn[T], durable: bool = True) -> T:
+        assert self._writer is not None
+        async with self._immediate(durable):
+            return await fn(SqliteTransaction(self._writer))
+
+    @asynccontextmanager
+    async def _immediate(self, durable: bool) -> AsyncIterator[None]:
+        """BEGIN IMMEDIATE on the writer; COMMIT when the body returns, else ROLLBACK."""
         writer = self._writer
         assert writer is not None
         await self._set_durable(durable)
         try:
             await writer.execute("BEGIN IMMEDIATE")
-            result = await fn(SqliteTransaction(writer))
+            yield
             await writer.execute("COMMIT")
         except BaseException:
             # Whatever was begun ends here, even when the wait was cancelled (aiosqlite runs
@@ -397,7 +389,16 @@ class SqliteDatabase(StatementHelpers):
             with suppress(sqlite3.Error):
                 await writer.execute("ROLLBACK")
             raise
-        return result
+
+    def _storage_error(self, err: BaseException) -> BaseException:
+        """What a caller is told of a write's failure: a value SQLite refuses, the database
+        unavailable (noting a damaged file), or any other error as it is."""
+        if isinstance(err, DATA_ERRORS):
+            return UnstorableValue("Database", err)
+        if isinstance(err, sqlite3.Error):
+            self._note_corruption(err)
+            return StorageUnavailable("Database", str(err), sqlite_failure_reason(err))
+        return err
 
     def _room(self) -> bool:
         return self._make_room is not None and self._make_room()
