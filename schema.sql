@@ -87,7 +87,10 @@ END;
 -- client's own x-openrouter-key). status: the HTTP status the client got. outcome:
 -- completed, client_left, upstream_error, upstream_idle, upstream_died, unreachable, timeout,
 -- shutdown (still streaming when the server's shutdown timeout ended), abandoned (written
--- by a sweep: its process's lease expired mid-completion). client_hash: the
+-- by a sweep: its process's lease expired mid-completion), breaker_open (every model to
+-- try was failing: nothing sent). model: the model asked for; answered_model: the one that
+-- answered (a fallback's), NULL when none did; attempts: the requests sent upstream for
+-- it (failures before the first byte are tried again). client_hash: the
 -- client's salted address hash (never the address). generation_id: upstream's `gen-...` id.
 -- cost_source: stream (usage seen in the stream), generation (looked up afterwards) or
 -- estimate (the reservation: no better figure could be had); NULL when nothing was billed.
@@ -114,7 +117,9 @@ CREATE TABLE completions (
   cost_source TEXT,
   cost_owed_until TEXT,
   cost_next_lookup TEXT,
-  reservation_id INTEGER
+  reservation_id INTEGER,
+  answered_model TEXT,
+  attempts INTEGER NOT NULL DEFAULT 1
 );
 
 CREATE INDEX idx_completions_started_at ON completions(started_at);
@@ -151,4 +156,4 @@ CREATE TABLE prices (
 
 -- The schema version this file describes (SCHEMA_VERSION in qp/storage/migrations.py: the
 -- number of steps in qp/storage/schema.py, three of them PostgreSQL's alone).
-PRAGMA user_version = 12;
+PRAGMA user_version = 13;

@@ -18,6 +18,7 @@ from qp.appkeys import CLOCK, SHUTTING_DOWN, STARTED_AT
 from qp.chats.cache import ChatCache
 from qp.chats.store import CHAT_STORE, ChatStore
 from qp.chats.upgrade import resolve_old_writes
+from qp.completions.breakers import BREAKERS, ModelBreakers
 from qp.completions.relay import UPSTREAM, Upstream, open_upstream_session
 from qp.config import CONFIG, Config
 from qp.errors import ConfigError, StorageUnavailable
@@ -79,6 +80,8 @@ def create_app(
     app[ADMIN_GUARD] = AdminGuard()
     app[DAILY_QUOTA] = DailyQuota()
     app[INFLIGHT_BYTES] = InflightBytes(config.max_inflight_bytes)
+    app[BREAKERS] = breakers = ModelBreakers(clock)
+    app[METRICS].watch_breakers(lambda: breakers.open_models(app[POLICY].current))
     app[RATE_CLASSES] = add_routes(app.router)
     setup_cors(app, lambda: app[POLICY].current.origin_matcher)
     app.on_shutdown.append(_note_shutdown)

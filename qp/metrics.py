@@ -44,6 +44,29 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.upstream_attempts = Counter(
+            "qp_upstream_attempts",
+            "Requests sent upstream for completions, by result: answered (2xx), 429, 5xx"
+            " (and 408: tried again), refused (another status: not tried again), unreachable,"
+            " timeout",
+            ["result"],
+            registry=r,
+        )
+        # Its children by result, made once (each shown from the start, at 0).
+        self.attempt_results = {
+            result: self.upstream_attempts.labels(result)
+            for result in ("answered", "429", "5xx", "refused", "unreachable", "timeout")
+        }
+        self.fallback_answers = Counter(
+            "qp_fallback_answers",
+            "Completions a fallback model answered (the one asked for failed)",
+            registry=r,
+        )
+        self.breaker_skips = Counter(
+            "qp_breaker_skips",
+            "Times a model was skipped because its breaker was open",
+            registry=r,
+        )
         self.rate_limit_refusals = Counter(
             "qp_rate_limit_refusals",
             "Requests refused by the rate limits, by class and why (minute, hour, blocked)",
@@ -183,6 +206,10 @@ class Metrics:
         """Expose what remains of each budget in force: (scope, USD) pairs."""
         self.registry.register(_BudgetCollector(remaining))
 
+    def watch_breakers(self, open_models: Callable[[], dict[str, int]]) -> None:
+        """Expose the models whose breaker is open now (bounded by the cheap list)."""
+        self.registry.register(_BreakerCollector(open_models))
+
     def watch_rate_limiter(self, tracked: Callable[[], int], forgotten: Callable[[], int]) -> None:
         """Expose the rate limiter's table: counters held, and those forgotten past its cap."""
         self.registry.register(_RateLimiterCollector(tracked, forgotten))
@@ -215,6 +242,21 @@ class _BudgetCollector(Collector):
         )
         for scope, remaining in self._remaining():
             family.add_metric([scope], remaining)
+        yield family
+
+
+class _BreakerCollector(Collector):
+    def __init__(self, open_models: Callable[[], dict[str, int]]):
+        self._open_models = open_models
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            "qp_breaker_open_seconds",
+            "Models skipped because they kept failing, with the seconds until each is tried again",
+            labels=["model"],
+        )
+        for model, seconds in sorted(self._open_models().items()):
+            family.add_metric([model], seconds)
         yield family
 
 

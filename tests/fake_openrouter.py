@@ -37,6 +37,10 @@ class Script:
     status: int = 200
     reason: str | None = None
     body: bytes = b""
+    # An error answer's headers (Retry-After).
+    headers: dict[str, str] = field(default_factory=dict)
+    # The answers to the first requests of this script, one each, before its own.
+    failures: list[Script] = field(default_factory=list)
     headers_delay: float = 0.0
     chunks: list[tuple[float, bytes]] = field(
         default_factory=lambda: [(0.0, chunk) for chunk in STANDARD_STREAM]
@@ -99,6 +103,8 @@ def billed_stream(
 class FakeOpenRouter:
     def __init__(self) -> None:
         self.scripts: dict[str, Script] = {}
+        # A request for one of these models gets its script, whatever its messages.
+        self.model_scripts: dict[str, Script] = {}
         self.received: list[Received] = []
         # Generation id -> what was billed for it; and each lookup: (id, key, status).
         self.generations: dict[str, Generation] = {}
@@ -157,13 +163,21 @@ class FakeOpenRouter:
         body = orjson.loads(await request.read())
         seen = Received(dict(request.headers), body, time.monotonic())
         self.received.append(seen)
-        script = self.scripts.get(_script_name(body), Script())
+        script = self.model_scripts.get(str(body.get("model")))
+        script = script or self.scripts.get(_script_name(body), Script())
+        if script.failures:
+            script = script.failures.pop(0)
         if script.billed:
             seen.generation_id = f"gen-fake-{len(self.received)}"
         try:
             await asyncio.sleep(script.headers_delay)
             if script.status != 200:
-                return web.Response(status=script.status, reason=script.reason, body=script.body)
+                return web.Response(
+                    status=script.status,
+                    reason=script.reason,
+                    body=script.body,
+                    headers=script.headers,
+                )
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
             for delay, chunk in script.chunks:

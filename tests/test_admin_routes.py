@@ -125,6 +125,7 @@ async def test_the_overview_shows_health_version_and_masked_settings(
         "checks": {"database": "ok", "storage": "ok"},
         "version": "0.1.0",
         "openStreams": 0,
+        "openBreakers": {},
         "database": {"sqlite": "sqlite", "postgres": "postgresql"}[database_name],
         "storage": backend_name,
     }

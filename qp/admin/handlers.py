@@ -11,6 +11,7 @@ from aiohttp import web
 
 from qp.appkeys import CLOCK, STARTED_AT
 from qp.chats.store import CHAT_STORE
+from qp.completions.breakers import BREAKERS
 from qp.config import CONFIG, describe
 from qp.errors import ApiError, json_response
 from qp.metrics import METRICS
@@ -70,6 +71,7 @@ async def overview(request: web.Request) -> web.Response:
             "startedAt": format_epoch(started),
             "uptimeSeconds": max(0, round(now - started)),
             "openStreams": int(open_streams),
+            "openBreakers": app[BREAKERS].open_models(app[POLICY].current),
             "database": "postgresql" if config.postgres_url else "sqlite",
             "storage": "s3" if config.storage_url.startswith("s3://") else "file",
             "settings": describe(config, app[POLICY].current),

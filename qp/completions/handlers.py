@@ -5,7 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from qp.bodies import body_allowance, read_json
-from qp.completions.relay import UPSTREAM, Payload, relay_completion
+from qp.completions.attempts import Payload
+from qp.completions.relay import UPSTREAM, relay_completion
 from qp.completions.request import (
     check_system_message,
     choose_key,

@@ -10,19 +10,16 @@ reads. The record says how it ended, whatever happens: the caller hands it to sp
 from __future__ import annotations
 
 import asyncio
-import functools
-import http
 import logging
 import time
 from dataclasses import dataclass
 
 import aiohttp
-import orjson
 from aiohttp import web
 
+from qp.completions.attempts import Payload, first_answer
 from qp.completions.usage import UsageScanner
-from qp.errors import ApiError
-from qp.logs import ARRIVED, RELAY_OVERHEAD
+from qp.logs import RELAY_OVERHEAD
 from qp.policy.policy import Policy
 from qp.spend.record import CompletionRecord
 
@@ -33,24 +30,8 @@ STREAM_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
-CONNECT_TIMEOUT = 10.0
-# How much of an upstream error body is read to find its message.
-MAX_ERROR_BODY = 64 * 1024
 # Connections to upstream held at once: one per open stream.
 MAX_UPSTREAM_CONNECTIONS = 4096
-
-
-class Payload:
-    """The body to POST upstream, handed over once: nothing keeps it for the stream's life;
-    and the OpenRouter key that pays for it."""
-
-    def __init__(self, data: bytes, key: str):
-        self._data = data
-        self.key = key
-
-    def take(self) -> bytes:
-        data, self._data = self._data, b""
-        return data
 
 
 @dataclass(frozen=True)
@@ -87,13 +68,9 @@ async def relay_completion(
     tells that apart from a client that left.
     """
     started = time.monotonic()
-    # The server's own time so far: from the request's arrival to the upstream request.
-    own = started - request.get(ARRIVED, started)
     try:
-        answer = await _post(upstream.session, policy, payload, record)
+        answer, own = await first_answer(request, upstream.session, policy, payload, record)
         async with answer:
-            if not 200 <= answer.status < 300:
-                raise await _upstream_error(answer, record)
             return await _stream(request, answer, record, own)
     except asyncio.CancelledError:
         if upstream.shutting_down.is_set():
@@ -105,97 +82,6 @@ async def relay_completion(
         raise
     finally:
         record.duration_ms = round((time.monotonic() - started) * 1000)
-
-
-async def _post(
-    session: aiohttp.ClientSession,
-    policy: Policy,
-    payload: Payload,
-    record: CompletionRecord,
-) -> aiohttp.ClientResponse:
-    try:
-        async with asyncio.timeout(policy.upstream_timeout):
-            return await session.post(
-                policy.openrouter_url_parsed,
-                data=payload.take(),
-                headers={
-                    "Authorization": f"Bearer {payload.key}",
-                    "Content-Type": "application/json",
-                    # Compression would make upstream and us hold bytes back.
-                    "Accept-Encoding": "identity",
-                },
-                allow_redirects=False,
-                timeout=_client_timeout(policy.upstream_idle_timeout),
-            )
-    except TimeoutError:
-        record.status, record.outcome = 504, "timeout"
-        log.warning("completion: no answer from upstream within %g s", policy.upstream_timeout)
-        raise ApiError(
-            504,
-            "Gateway Timeout",
-            message=f"The completion service did not answer within {policy.upstream_timeout:g} s",
-        ) from None
-    except aiohttp.ClientError as err:
-        record.status, record.outcome = 502, "unreachable"
-        log.warning("completion: cannot reach upstream: %s", err.__class__.__name__)
-        raise ApiError(
-            502, "Bad Gateway", message="Could not connect to the completion service"
-        ) from None
-
-
-@functools.cache
-def _client_timeout(idle: float) -> aiohttp.ClientTimeout:
-    """The upstream request's socket deadlines: one object per policy's idle timeout, not
-    one per request (a policy changes on SIGHUP only)."""
-    return aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT, sock_read=idle)
-
-
-async def _upstream_error(upstream: aiohttp.ClientResponse, record: CompletionRecord) -> ApiError:
-    """The same status, the upstream's reason phrase, and its own message when it has one;
-    a redirect or a status HTTP does not define is 502."""
-    record.outcome = "upstream_error"
-    log.warning("completion: upstream answered %d", upstream.status)
-    if not 400 <= upstream.status <= 599:
-        record.status = 502
-        return ApiError(
-            502,
-            "Bad Gateway",
-            message=f"The completion service answered with status {upstream.status}",
-        )
-    record.status = upstream.status
-    reason = upstream.reason or _phrase(upstream.status)
-    try:
-        body = await upstream.content.read(MAX_ERROR_BODY)
-    except (aiohttp.ClientError, TimeoutError):
-        body = b""
-    message = _error_message(body)
-    if message is None:
-        return ApiError(upstream.status, reason)
-    return ApiError(upstream.status, reason, message=message)
-
-
-def _phrase(status: int) -> str:
-    try:
-        return http.HTTPStatus(status).phrase
-    except ValueError:
-        return "Upstream error"
-
-
-def _error_message(body: bytes) -> str | None:
-    """OpenRouter's `{"error": {"message": ...}}`, or a plain `error`/`message` string."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(parsed, dict):
-        return None
-    error = parsed.get("error")
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return str(error["message"])
-    for candidate in (error, parsed.get("message")):
-        if isinstance(candidate, str):
-            return candidate
-    return None
 
 
 async def _stream(

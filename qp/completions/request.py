@@ -140,9 +140,9 @@ def check_system_message(completion: CompletionRequest, policy: Policy) -> None:
 
 
 def upstream_body(completion: CompletionRequest) -> bytes:
-    """The JSON POSTed to OpenRouter; usage accounting asked for, so the last chunk has it."""
+    """The JSON POSTed to OpenRouter but its model (the relay names the model it asks for);
+    usage accounting asked for, so the last chunk has it."""
     body: dict[str, Any] = {
-        "model": completion.model,
         "messages": [
             {"role": "system", "content": completion.system_message},
             *completion.messages,

@@ -124,8 +124,18 @@ PATHS: dict[str, Any] = {
                     " seconds to its reset), or upstream's own 402"
                 ),
                 **COMMON,
-                "502": error_answer("Bad Gateway: upstream unreachable or answering oddly"),
-                "504": error_answer("Gateway Timeout"),
+                "502": error_answer(
+                    "Bad Gateway: upstream unreachable or answering oddly (after the retries"
+                    " and fallback models)"
+                ),
+                "503": error_answer(
+                    "Storage unavailable (the database failed); Service Unavailable:"
+                    " upstream's own 503 after the retries, or every model to try skipped while"
+                    " its breaker is open (Retry-After: seconds until it is tried again)"
+                ),
+                "504": error_answer(
+                    "Gateway Timeout: no first byte within the upstream timeout, retries included"
+                ),
                 "default": error_answer(
                     "Upstream's own status and reason (e.g. 401), with its message; 500 when"
                     " no key is configured"

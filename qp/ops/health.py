@@ -14,9 +14,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from qp.chats.store import CHAT_STORE
+from qp.completions.breakers import BREAKERS
 from qp.config import CONFIG
 from qp.errors import FULL, UNAVAILABLE, ApiError, StorageUnavailable, json_response
 from qp.metrics import METRICS
+from qp.policy.policy import POLICY
 from qp.storage.database import DATABASE
 from qp.storage.disk import DISK_SPACE
 
@@ -30,10 +32,14 @@ async def healthz(request: web.Request) -> web.Response:
     `deleted`, `replaced` or `damaged`, and `taken-over` once another server took a lock
     file of this one's."""
     checks = await health_checks(request.app)
+    # Models that keep failing upstream are skipped, not a failure of this server's.
+    skipped = request.app[BREAKERS].open_models(request.app[POLICY].current)
+    breakers = {"openBreakers": skipped} if skipped else {}
     if all(state == "ok" for state in checks.values()):
-        return json_response({"status": "ok"})
+        return json_response({"status": "ok", **breakers})
     return json_response(
-        {"error": "Service unavailable", "status": "unavailable", "checks": checks}, 503
+        {"error": "Service unavailable", "status": "unavailable", "checks": checks, **breakers},
+        503,
     )
 
 

@@ -69,12 +69,14 @@ MAX_BODY_BYTES = 1024**3
 MAX_DAILY_BYTES = 1024**4
 MAX_AMOUNT = 1e9
 MAX_SECONDS = 86400.0
+MAX_FALLBACKS = 8
 count = _whole(1, MAX_COUNT)
 quantity = _whole(0, MAX_COUNT, " (0: off)")
 tokens = _whole(0, MAX_COUNT)
 body_bytes = _whole(1, MAX_BODY_BYTES)
 daily_bytes = _whole(0, MAX_DAILY_BYTES, " (0: off)")
 prefix = _whole(1, 128)
+retries = _whole(0, 10)
 gigabytes = _amount("a number of GiB")
 usd = _amount("an amount in USD")
 
@@ -117,6 +119,20 @@ def app_caps(value: Any) -> tuple[tuple[str, float], ...]:
         if app != "*" and not is_app_name(app):
             raise ValueError(f"{app!r} is not an app name (at most 100 printable characters)")
     return tuple(sorted((app, usd(cap)) for app, cap in value.items()))
+
+
+def app_models(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    if not isinstance(value, dict):
+        raise ValueError('must be a table of app = ["model", ...] ("*" for every other app)')
+    for app in value:
+        if app != "*" and not is_app_name(app):
+            raise ValueError(f"{app!r} is not an app name (at most 100 printable characters)")
+    listed = []
+    for app, models in value.items():
+        if not isinstance(models, list) or len(models) > MAX_FALLBACKS:
+            raise ValueError(f"{app!r} must be a list of at most {MAX_FALLBACKS} models")
+        listed.append((app, strings(models)))
+    return tuple(sorted(listed))
 
 
 def app_caps_from_env(text: str) -> dict[str, float]:

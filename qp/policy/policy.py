@@ -99,6 +99,14 @@ class Policy:
     openrouter_api_base: str = ""
     upstream_timeout: float = 120.0
     upstream_idle_timeout: float = 300.0
+    # A failure before the first byte (no connection, 429, 5xx) is tried again this often on
+    # the same model, then on the app's fallback models (app, models; "*" every other app).
+    upstream_retries: int = 2
+    fallback_models: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # A model that failed this often in a row is skipped for `breaker_cooloff` seconds
+    # (0: never skipped).
+    breaker_failures: int = 5
+    breaker_cooloff: float = 30.0
     chats_rate_limit: RateLimit = DEFAULT_CHATS_RATE_LIMIT
     completion_rate_limit: RateLimit = DEFAULT_COMPLETION_RATE_LIMIT
     # Peers whose X-Forwarded-For / CF-Connecting-IP are believed (a unix-socket peer is).
@@ -167,6 +175,20 @@ class Policy:
     @cached_property
     def price_table(self) -> dict[str, tuple[float, float]]:
         return {model: (prompt, completion) for model, prompt, completion in self.prices}
+
+    @cached_property
+    def app_fallbacks(self) -> dict[str, tuple[str, ...]]:
+        return dict(self.fallback_models)
+
+    def models_to_try(self, model: str, app: str | None, any_model: bool) -> tuple[str, ...]:
+        """`model`, then the app's fallbacks (its own, else the "*" ones) that are cheap
+        models, unless `any_model` is false (the client's own key: its model only)."""
+        if not any_model:
+            return (model,)
+        fallbacks = self.app_fallbacks
+        listed = fallbacks.get(app or "", fallbacks.get("*", ()))
+        cheap = self.cheap_model_set
+        return (model, *(other for other in listed if other != model and other in cheap))
 
     def rate_limit(self, rate_class: str) -> RateLimit:
         return self.chats_rate_limit if rate_class == "chats" else self.completion_rate_limit

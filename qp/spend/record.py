@@ -14,7 +14,7 @@ class CompletionRecord:
 
     started_at: str
     app: str | None
-    model: str
+    model: str  # as asked
     payer: str
     status: int = 0
     outcome: str = "pending"
@@ -29,5 +29,9 @@ class CompletionRecord:
     # Set while the cost is to be looked up by the generation id: until when, and next.
     cost_owed_until: str | None = None
     cost_next_lookup: str | None = None
+    # The model that answered (a fallback's, or None when none did) and the requests sent
+    # upstream for it.
+    answered_model: str | None = None
+    attempts: int = 0
     # Its budget reservation's row on a shared database (qp/spend/shared_budgets.py).
     reservation_id: int | None = None

@@ -368,6 +368,12 @@ STEPS: tuple[Step, ...] = (
             "CREATE INDEX idx_rate_counts_client ON rate_counts(client_hash)",
         ),
     ),
+    # Retries and fallbacks: the model that answered and the requests sent upstream.
+    Step.alike(
+        "ledger attempts",
+        "ALTER TABLE completions ADD COLUMN answered_model TEXT",
+        "ALTER TABLE completions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1",
+    ),
 )
 
 # PostgreSQL's qp_schema counted steps of its own before this list: the steps of this list

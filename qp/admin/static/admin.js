@@ -453,6 +453,9 @@
       ["Version", overview.version],
       ["Up since", `${when(overview.startedAt)} (${uptime(overview.uptimeSeconds)})`],
       ["Open streams", count.format(overview.openStreams)],
+      ...Object.entries(overview.openBreakers || {}).map(
+        ([model, seconds]) => [`Breaker open: ${model}`, `skipped for ${seconds} s more`],
+      ),
       ["Database", overview.database],
       ["Blob storage", overview.storage],
     ];
