@@ -90,7 +90,9 @@ END;
 -- by a sweep: its process's lease expired mid-completion), breaker_open (every model to
 -- try was failing: nothing sent). model: the model asked for; answered_model: the one that
 -- answered (a fallback's), NULL when none did; attempts: the requests sent upstream for
--- it (failures before the first byte are tried again). client_hash: the
+-- it (failures before the first byte are tried again). A completion answered from the
+-- response cache: outcome cached, cost 0, cost_source cache, saved_cost what the answer it
+-- replays cost. client_hash: the
 -- client's salted address hash (never the address). generation_id: upstream's `gen-...` id.
 -- cost_source: stream (usage seen in the stream), generation (looked up afterwards) or
 -- estimate (the reservation: no better figure could be had); NULL when nothing was billed.
@@ -119,7 +121,8 @@ CREATE TABLE completions (
   cost_next_lookup TEXT,
   reservation_id INTEGER,
   answered_model TEXT,
-  attempts INTEGER NOT NULL DEFAULT 1
+  attempts INTEGER NOT NULL DEFAULT 1,
+  saved_cost REAL
 );
 
 CREATE INDEX idx_completions_started_at ON completions(started_at);
@@ -155,5 +158,5 @@ CREATE TABLE prices (
 );
 
 -- The schema version this file describes (SCHEMA_VERSION in qp/storage/migrations.py: the
--- number of steps in qp/storage/schema.py, three of them PostgreSQL's alone).
-PRAGMA user_version = 13;
+-- number of steps in qp/storage/schema.py, four of them PostgreSQL's alone).
+PRAGMA user_version = 14;

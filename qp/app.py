@@ -19,6 +19,8 @@ from qp.chats.cache import ChatCache
 from qp.chats.store import CHAT_STORE, ChatStore
 from qp.chats.upgrade import resolve_old_writes
 from qp.completions.breakers import BREAKERS, ModelBreakers
+from qp.completions.cache import RESPONSE_CACHE
+from qp.completions.flights import FLIGHTS, RESPONSE_CACHE_ENTRY_BYTES, Flights
 from qp.completions.relay import UPSTREAM, Upstream, open_upstream_session
 from qp.config import CONFIG, Config
 from qp.errors import ConfigError, StorageUnavailable
@@ -96,6 +98,7 @@ def create_app(
             _chat_store,
             _upstream,
             _spend,
+            _flights,
             _protection,
             _housekeeping,
             _reload_on_sighup,
@@ -184,6 +187,17 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
     async with open_upstream_session() as session:
         app[UPSTREAM] = Upstream(session, app[SHUTTING_DOWN])
         yield
+
+
+async def _flights(app: web.Application) -> AsyncIterator[None]:
+    """The response cache (shared by the processes on one PostgreSQL database) and the
+    completions in flight for it, which end before the ledger closes."""
+    config = app[CONFIG]
+    app[RESPONSE_CACHE] = app[PROCESSES].response_cache(config.response_cache_bytes, app[CLOCK])
+    app[RESPONSE_CACHE_ENTRY_BYTES] = config.response_cache_entry_bytes
+    app[FLIGHTS] = flights = Flights(config.response_cache_bytes)
+    yield
+    await flights.close()
 
 
 async def _spend(app: web.Application) -> AsyncIterator[None]:

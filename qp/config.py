@@ -31,6 +31,10 @@ DEFAULT_S3_TIMEOUT = 30.0
 DEFAULT_MIN_FREE_MB = 256
 DEFAULT_MAX_CONNECTIONS = 2048
 DEFAULT_MAX_INFLIGHT_MB = 256
+# What the response cache holds in all, and of one answer, at most.
+DEFAULT_RESPONSE_CACHE_MB = 64
+DEFAULT_RESPONSE_CACHE_ENTRY_KB = 256
+MAX_RESPONSE_CACHE_ENTRY_KB = 16 * 1024
 # Rate-limit counters (one per client and class) kept at most (QP_RATE_LIMIT_CLIENTS), in
 # memory or in PostgreSQL's rate_counts.
 DEFAULT_RATE_LIMIT_CLIENTS = 100_000
@@ -109,6 +113,10 @@ class Config:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     # Bytes of chats and request bodies held in memory at once (QP_MAX_INFLIGHT_MB).
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_MB * 1024 * 1024
+    # The response cache's answers in all, and one answer, at most (QP_RESPONSE_CACHE_MB,
+    # QP_RESPONSE_CACHE_ENTRY_KB); a longer answer is never stored.
+    response_cache_bytes: int = DEFAULT_RESPONSE_CACHE_MB * 1024 * 1024
+    response_cache_entry_bytes: int = DEFAULT_RESPONSE_CACHE_ENTRY_KB * 1024
     # Rate-limit counters kept at most (QP_RATE_LIMIT_CLIENTS); past it some are forgotten.
     rate_limit_clients: int = DEFAULT_RATE_LIMIT_CLIENTS
     # Bearer token /metrics asks for (QP_METRICS_TOKEN); None: loopback peers only.
@@ -304,6 +312,19 @@ def load_config(
         )
         * 1024
         * 1024,
+        response_cache_bytes=_int(
+            environ, "QP_RESPONSE_CACHE_MB", DEFAULT_RESPONSE_CACHE_MB, 1, MAX_MEGABYTES
+        )
+        * 1024
+        * 1024,
+        response_cache_entry_bytes=_int(
+            environ,
+            "QP_RESPONSE_CACHE_ENTRY_KB",
+            DEFAULT_RESPONSE_CACHE_ENTRY_KB,
+            1,
+            MAX_RESPONSE_CACHE_ENTRY_KB,
+        )
+        * 1024,
         rate_limit_clients=_int(
             environ,
             "QP_RATE_LIMIT_CLIENTS",
@@ -382,6 +403,8 @@ def describe(config: Config, policy: Policy, environ: Mapping[str, str] | None =
         f"# min_free_mb = {config.min_free_bytes // (1024 * 1024)}",
         f"# max_connections = {config.max_connections}",
         f"# max_inflight_mb = {config.max_inflight_bytes // (1024 * 1024)}",
+        f"# response_cache_mb = {config.response_cache_bytes // (1024 * 1024)}",
+        f"# response_cache_entry_kb = {config.response_cache_entry_bytes // 1024}",
         f"# rate_limit_clients = {config.rate_limit_clients}",
         f"# metrics_token = {secret(config.metrics_token)}",
         f"# alert_webhook_url = {secret(config.alert_webhook_url)}",

@@ -67,6 +67,30 @@ class Metrics:
             "Times a model was skipped because its breaker was open",
             registry=r,
         )
+        self.cache_hits = Counter(
+            "qp_response_cache_hits",
+            "Completions answered from the response cache: a stored answer replayed (stored),"
+            " or the stream of an identical request in flight followed (in_flight)",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("stored", "in_flight"):
+            self.cache_hits.labels(kind)
+        self.cache_misses = Counter(
+            "qp_response_cache_misses",
+            "Completions the response cache was on for that went upstream",
+            registry=r,
+        )
+        self.cache_bytes_replayed = Counter(
+            "qp_response_cache_replayed_bytes",
+            "Bytes of answers written to clients from the response cache",
+            registry=r,
+        )
+        self.cache_stored_bytes = Counter(
+            "qp_response_cache_stored_bytes",
+            "Bytes of answers stored in the response cache",
+            registry=r,
+        )
         self.rate_limit_refusals = Counter(
             "qp_rate_limit_refusals",
             "Requests refused by the rate limits, by class and why (minute, hour, blocked)",

@@ -17,6 +17,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Protocol
 
+from qp.completions.cache import MemoryResponseCache, ResponseCache, SharedResponseCache
 from qp.config import Config, database_shown
 from qp.masking import mask_url, redact
 from qp.protection.rate_limits import Counts, MemoryCounts
@@ -129,6 +130,10 @@ class Processes(Protocol):
         """Where budgets keep what is spent and reserved."""
         ...
 
+    def response_cache(self, max_bytes: int, clock: Callable[[], float]) -> ResponseCache:
+        """Where the response cache keeps answers, at most `max_bytes` of them."""
+        ...
+
 
 class OneProcess:
     """SQLite: one server process, which counts and keeps its accounts in memory."""
@@ -143,6 +148,9 @@ class OneProcess:
         self, clock: Callable[[], float], on_passed: OnPassed | None
     ) -> BudgetAccounts:
         return MemoryAccounts(on_passed)
+
+    def response_cache(self, max_bytes: int, clock: Callable[[], float]) -> ResponseCache:
+        return MemoryResponseCache(max_bytes, clock)
 
 
 class SeveralProcesses:
@@ -161,6 +169,9 @@ class SeveralProcesses:
     ) -> BudgetAccounts:
         peers = self.peers
         return SharedAccounts(self._db, peers.owner, peers.live_owners, clock, on_passed)
+
+    def response_cache(self, max_bytes: int, clock: Callable[[], float]) -> ResponseCache:
+        return SharedResponseCache(self._db, max_bytes, clock)
 
 
 async def open_database(

@@ -192,6 +192,7 @@ async def test_two_processes_migrating_at_once_make_the_schema_once(postgres):
         "qp_schema",
         "rate_counts",
         "rate_refusals",
+        "response_cache",
         "settings",
         "write_leases",
     ]

@@ -22,7 +22,13 @@ from qp.protection.admin import require_admin
 from qp.protection.rate_limits import RATE_LIMITER
 from qp.spend.budgets import BUDGETS, budget_report
 from qp.spend.handlers import flush_ledger
-from qp.spend.reports import cost_by_source, cost_per_day, cost_since, outcomes_per_hour
+from qp.spend.reports import (
+    cache_savings,
+    cost_by_source,
+    cost_per_day,
+    cost_since,
+    outcomes_per_hour,
+)
 from qp.storage.database import DATABASE
 from qp.timestamps import format_epoch, format_iso
 
@@ -33,6 +39,7 @@ HOURS_SHOWN = 48
 # How the page groups the ledger's outcomes.
 OUTCOME_GROUPS = {
     "completed": "completed",
+    "cached": "completed",
     "client_left": "clientLeft",
     "upstream_error": "upstreamError",
     "upstream_died": "upstreamError",
@@ -123,6 +130,7 @@ async def spend(request: web.Request) -> web.Response:
             counts[OUTCOME_GROUPS.get(outcome, "other")] += count
         hourly.append({"hour": format_iso(start), **counts})
 
+    savings = await cache_savings(db, format_iso(first))
     await app[BUDGETS].refresh()
     budgets = budget_report(app[BUDGETS], app[POLICY].current)
     return json_response(
@@ -140,6 +148,20 @@ async def spend(request: web.Request) -> web.Response:
             "costSource": await cost_by_source(db, format_iso(first), everyone),
             "hourly": hourly,
             "budgets": budgets,
+            "cache": {
+                "hits": sum(saving.hits for saving in savings),
+                "saved": sum((saving.saved for saving in savings), 0.0),
+                "apps": [
+                    {
+                        "app": saving.app,
+                        "hits": saving.hits,
+                        "completions": saving.completions,
+                        "hitRate": saving.hits / saving.completions,
+                        "saved": saving.saved,
+                    }
+                    for saving in savings
+                ],
+            },
         }
     )
 

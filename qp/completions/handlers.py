@@ -6,8 +6,10 @@ from aiohttp import web
 
 from qp.bodies import body_allowance, read_json
 from qp.completions.attempts import Payload
+from qp.completions.flights import cached_completion
 from qp.completions.relay import UPSTREAM, relay_completion
 from qp.completions.request import (
+    cache_key,
     check_system_message,
     choose_key,
     parse_completion,
@@ -55,7 +57,11 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         price = request.app[PRICES].price(policy, completion.model)
         estimate = estimate_cost(policy, price, len(body))
         payload = Payload(body, key)
+        cached = payer != "user" and policy.cache_ttl_of(completion.app) > 0
+        answer_key = cache_key(completion, payer) if cached else None
         del completion, body
+    if answer_key is not None:
+        return await cached_completion(request, policy, payload, record, estimate, answer_key)
     metrics = request.app[METRICS]
     try:
         async with request.app[SPEND].completion(policy, record, estimate):

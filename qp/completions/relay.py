@@ -10,8 +10,10 @@ reads. The record says how it ended, whatever happens: the caller hands it to sp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -29,6 +31,8 @@ STREAM_HEADERS = {
     "Content-Type": "text/plain; charset=utf-8",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
+    # Not answered from the response cache (qp/completions/flights.py).
+    "X-QP-Cache": "miss",
 }
 # Connections to upstream held at once: one per open stream.
 MAX_UPSTREAM_CONNECTIONS = 4096
@@ -67,11 +71,19 @@ async def relay_completion(
     A stream still open when the server's shutdown timeout ends is cut: `shutting_down`
     tells that apart from a client that left.
     """
-    started = time.monotonic()
-    try:
+    with recording_the_end(record, upstream):
         answer, own = await first_answer(request, upstream.session, policy, payload, record)
         async with answer:
             return await _stream(request, answer, record, own)
+
+
+@contextlib.contextmanager
+def recording_the_end(record: CompletionRecord, upstream: Upstream) -> Iterator[None]:
+    """Around a completion's upstream request and stream: its duration, and how it ended
+    when it is cancelled (a shutdown's timeout, else the client left)."""
+    started = time.monotonic()
+    try:
+        yield
     except asyncio.CancelledError:
         if upstream.shutting_down.is_set():
             record.outcome = "shutdown"
@@ -82,6 +94,20 @@ async def relay_completion(
         raise
     finally:
         record.duration_ms = round((time.monotonic() - started) * 1000)
+
+
+async def read_chunk(upstream: aiohttp.ClientResponse, record: CompletionRecord) -> bytes | None:
+    """Upstream's next chunk (b"" at its end); None when it went silent past the idle
+    timeout or failed mid-stream (the record says which)."""
+    try:
+        return await upstream.content.readany()
+    except TimeoutError:
+        record.outcome = "upstream_idle"
+        log.warning("completion: upstream silent mid-stream; stream ended")
+    except aiohttp.ClientError as err:
+        record.outcome = "upstream_died"
+        log.warning("completion: upstream failed mid-stream (%s)", type(err).__name__)
+    return None
 
 
 async def _stream(
@@ -104,17 +130,9 @@ async def _stream(
     first = True
     try:
         while True:
-            try:
-                chunk = await upstream.content.readany()
-            except TimeoutError:
-                record.outcome = "upstream_idle"
-                log.warning("completion: upstream silent mid-stream; stream ended")
-                _abort(request)
-                break
-            except aiohttp.ClientError as err:
-                record.outcome = "upstream_died"
-                log.warning("completion: upstream failed mid-stream (%s)", type(err).__name__)
-                _abort(request)
+            chunk = await read_chunk(upstream, record)
+            if chunk is None:
+                abort_stream(request)
                 break
             read = time.monotonic() if first else 0.0
             try:
@@ -138,7 +156,7 @@ async def _stream(
     return response
 
 
-def _abort(request: web.Request) -> None:
+def abort_stream(request: web.Request) -> None:
     """End the client's stream without its final chunk, so it can tell it was cut short."""
     if request.transport is not None:
         request.transport.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -137,6 +138,25 @@ def check_system_message(completion: CompletionRequest, policy: Policy) -> None:
     groups = policy.required_phrase_groups
     if not all(any(phrase in system for phrase in group) for group in groups):
         raise ApiError(400, "First message must contain the correct system message")
+
+
+def cache_key(completion: CompletionRequest, payer: Payer) -> str:
+    """The response cache's key of a request: a digest of everything that reaches upstream
+    (the upstream body is made of exactly these), its app and who pays, in a canonical
+    form (object keys sorted)."""
+    canonical = orjson.dumps(
+        [
+            completion.app,
+            payer,
+            completion.model,
+            completion.system_message,
+            completion.messages,
+            completion.tools,
+            completion.provider,
+        ],
+        option=orjson.OPT_SORT_KEYS,
+    )
+    return hashlib.sha256(canonical).hexdigest()
 
 
 def upstream_body(completion: CompletionRequest) -> bytes:

@@ -115,7 +115,15 @@ PATHS: dict[str, Any] = {
             },
             "responses": {
                 "200": {
-                    "description": "OpenRouter's server-sent events, byte for byte",
+                    "description": "OpenRouter's server-sent events, byte for byte; or, where"
+                    " the policy turns the response cache on, an identical request's completed"
+                    " answer replayed (or followed while in flight)",
+                    "headers": {
+                        "X-QP-Cache": {
+                            "description": "hit: answered from the response cache; miss: otherwise",
+                            "schema": {"type": "string", "enum": ["hit", "miss"]},
+                        }
+                    },
                     "content": {"text/plain": {"schema": {"type": "string"}}},
                 },
                 **BODY_ERRORS,

@@ -102,6 +102,27 @@ def seconds(value: Any) -> float:
     return float(value)
 
 
+def ttl(value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= MAX_SECONDS
+    ):
+        raise ValueError(
+            f"must be a number of seconds from 0 (off) to {MAX_SECONDS:g}, got {value!r}"
+        )
+    return float(value)
+
+
+def app_ttls(value: Any) -> tuple[tuple[str, float], ...]:
+    if not isinstance(value, dict):
+        raise ValueError('must be a table of app = seconds ("*" for every other app)')
+    for app in value:
+        if app != "*" and not is_app_name(app):
+            raise ValueError(f"{app!r} is not an app name (at most 100 printable characters)")
+    return tuple(sorted((app, ttl(seconds)) for app, seconds in value.items()))
+
+
 def url(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith(("http://", "https://")):
         # Not the value itself: a URL may carry a password or a token.

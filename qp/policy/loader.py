@@ -67,7 +67,7 @@ def _from_file(path: Path) -> dict[str, Any]:
 def policy_as_toml(policy: Policy) -> str:
     """The policy in the file's own shape: a valid QP_CONFIG file."""
     lines: list[str] = []
-    for section in (None, "chats", "completion", "budgets", "prices"):
+    for section in (None, "chats", "completion", "budgets", "cache", "prices"):
         if section is not None:
             lines += ["", f"[{section}]"]
         for setting in SETTINGS:

@@ -139,6 +139,11 @@ class Policy:
     default_reserve_usd: float = 0.01
     # (model, USD per prompt token, USD per completion token).
     prices: tuple[tuple[str, float, float], ...] = ()
+    # How long a completed answer the operator paid for is replayed to the same request, in
+    # seconds (0: not cached): for every app, and per app ((app, seconds); "*" every app
+    # not named), which wins.
+    cache_ttl: float = 0.0
+    cache_app_ttl: tuple[tuple[str, float], ...] = ()
 
     @cached_property
     def origin_matcher(self) -> OriginMatcher:
@@ -189,6 +194,19 @@ class Policy:
         listed = fallbacks.get(app or "", fallbacks.get("*", ()))
         cheap = self.cheap_model_set
         return (model, *(other for other in listed if other != model and other in cheap))
+
+    @cached_property
+    def app_cache_ttls(self) -> dict[str, float]:
+        return dict(self.cache_app_ttl)
+
+    def cache_ttl_of(self, app: str | None) -> float:
+        """How long `app`'s answers are replayed (0: not cached)."""
+        ttls = self.app_cache_ttls
+        return ttls.get(app or "", ttls.get("*", self.cache_ttl))
+
+    @cached_property
+    def longest_cache_ttl(self) -> float:
+        return max([self.cache_ttl, *self.app_cache_ttls.values()])
 
     def rate_limit(self, rate_class: str) -> RateLimit:
         return self.chats_rate_limit if rate_class == "chats" else self.completion_rate_limit

@@ -11,6 +11,7 @@ from qp.policy.checks import (
     app_caps,
     app_caps_from_env,
     app_models,
+    app_ttls,
     apps,
     body_bytes,
     comma_list,
@@ -30,6 +31,7 @@ from qp.policy.checks import (
     seconds,
     strings,
     tokens,
+    ttl,
     url,
     usd,
 )
@@ -195,6 +197,15 @@ SETTINGS = (
         "QP_BUDGET_DEFAULT_RESERVE_USD",
         usd,
         number,
+    ),
+    Setting("cache_ttl", "cache", "ttl_seconds", "QP_CACHE_TTL_SECONDS", ttl, number),
+    Setting(
+        "cache_app_ttl",
+        "cache",
+        "app_ttl_seconds",
+        None,
+        app_ttls,
+        to_file=dict,
     ),
     Setting(
         "prices",

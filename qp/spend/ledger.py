@@ -13,13 +13,13 @@ from qp.storage.database import Database
 
 _COLUMNS = """started_at, app, model, payer, prompt_tokens, completion_tokens, cost, status,
                outcome, duration_ms, client_left, client_hash, generation_id, cost_source,
-               cost_owed_until, cost_next_lookup, answered_model, attempts"""
+               cost_owed_until, cost_next_lookup, answered_model, attempts, saved_cost"""
 # A row as it was (copying a database: the reservations it named stay behind).
-INSERT = f"INSERT INTO completions ({_COLUMNS}) VALUES ({', '.join('?' * 18)})"
+INSERT = f"INSERT INTO completions ({_COLUMNS}) VALUES ({', '.join('?' * 19)})"
 # A completion's own row: it replaces the row a sweep wrote at the estimate for its
 # reservation, if any (the process was taken for dead while it still streamed).
 INSERT_RECORD = f"""
-    INSERT INTO completions ({_COLUMNS}, reservation_id) VALUES ({", ".join("?" * 19)})
+    INSERT INTO completions ({_COLUMNS}, reservation_id) VALUES ({", ".join("?" * 20)})
     ON CONFLICT (reservation_id) DO UPDATE SET
       {", ".join(f"{name} = excluded.{name}" for name in _COLUMNS.replace(",", " ").split())}
 """
@@ -28,14 +28,14 @@ INSERT_RECORD = f"""
 INSERT_SWEPT = f"""
     INSERT INTO completions ({_COLUMNS}, reservation_id)
     VALUES (?, ?, ?, ?, NULL, NULL, ?, 0, 'abandoned', 0, 0, ?, NULL, 'estimate', NULL, NULL,
-            NULL, 1, ?)
+            NULL, 1, NULL, ?)
     ON CONFLICT (reservation_id) DO NOTHING
 """
 # A page of rows by id (copying a database): the INSERT's columns, then the id.
 PAGE_AFTER = """
     SELECT started_at, app, model, payer, prompt_tokens, completion_tokens, cost, status,
            outcome, duration_ms, client_left, client_hash, generation_id, cost_source,
-           cost_owed_until, cost_next_lookup, answered_model, attempts, id
+           cost_owed_until, cost_next_lookup, answered_model, attempts, saved_cost, id
     FROM completions WHERE id > ? ORDER BY id LIMIT ?
 """
 COUNT = "SELECT COUNT(*) FROM completions"
@@ -126,6 +126,7 @@ async def insert_records(db: Database, records: list[CompletionRecord]) -> None:
                 record.cost_next_lookup,
                 record.answered_model,
                 record.attempts,
+                record.saved_cost,
                 record.reservation_id,
             )
             for record in records

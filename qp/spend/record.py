@@ -25,7 +25,7 @@ class CompletionRecord:
     client_left: bool = False
     client_hash: str | None = None
     generation_id: str | None = None
-    cost_source: str | None = None  # stream, generation, estimate; None: nothing billed
+    cost_source: str | None = None  # stream, generation, estimate, cache; None: nothing billed
     # Set while the cost is to be looked up by the generation id: until when, and next.
     cost_owed_until: str | None = None
     cost_next_lookup: str | None = None
@@ -33,5 +33,7 @@ class CompletionRecord:
     # upstream for it.
     answered_model: str | None = None
     attempts: int = 0
+    # Answered from the response cache: what the answer it replays cost.
+    saved_cost: float | None = None
     # Its budget reservation's row on a shared database (qp/spend/shared_budgets.py).
     reservation_id: int | None = None

@@ -36,6 +36,23 @@ OUTCOMES_PER_HOUR = """
     GROUP BY hour, outcome
 """
 COST_SOURCES = ("stream", "generation", "estimate")
+# The response cache per app (it answers only what the operator pays for): the completions
+# it answered, all the app's completions, and what the answers it replayed cost.
+CACHE_BY_APP = """
+    SELECT COALESCE(app, ''), COUNT(*) FILTER (WHERE cost_source = 'cache'), COUNT(*),
+           COALESCE(SUM(saved_cost), 0)
+    FROM completions WHERE started_at >= :since AND payer <> 'user'
+    GROUP BY app HAVING COUNT(*) FILTER (WHERE cost_source = 'cache') > 0
+    ORDER BY COALESCE(app, '')
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSaving:
+    app: str  # "" for none
+    hits: int
+    completions: int
+    saved: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +88,12 @@ async def outcomes_per_hour(db: Database, since: str, everyone: bool) -> dict[st
     for hour, outcome, count in await db.fetchall(OUTCOMES_PER_HOUR, _params(since, everyone)):
         hours.setdefault(hour, {})[outcome] = count
     return hours
+
+
+async def cache_savings(db: Database, since: str) -> list[CacheSaving]:
+    """Per app with a hit from `since` on: the response cache's hits and what they saved."""
+    rows = await db.fetchall(CACHE_BY_APP, {"since": since})
+    return [CacheSaving(app, hits, count, float(saved)) for app, hits, count, saved in rows]
 
 
 def _params(since: str, everyone: bool) -> dict[str, object]:

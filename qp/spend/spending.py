@@ -89,6 +89,12 @@ class Spend:
         finally:
             self._streams.close(client)
 
+    def served_from_cache(self, record: CompletionRecord) -> None:
+        """A completion answered from the response cache: nothing reserved, nothing billed,
+        nothing to look up; its row costs 0 and names what it saved."""
+        record.cost, record.cost_source = 0.0, "cache"
+        self._ledger.add(record)
+
     def _finish(self, record: CompletionRecord, estimate: float) -> float:
         """Set the record's cost, hand it to the ledger and the metrics; what it cost."""
         _attribute_cost(record, estimate)

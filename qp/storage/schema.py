@@ -368,11 +368,32 @@ STEPS: tuple[Step, ...] = (
             "CREATE INDEX idx_rate_counts_client ON rate_counts(client_hash)",
         ),
     ),
-    # Retries and fallbacks: the model that answered and the requests sent upstream.
+    # Retries and fallbacks: the model that answered and the requests sent upstream; the
+    # response cache: what a replayed answer saved.
     Step.alike(
-        "ledger attempts",
+        "ledger attempts and savings",
         "ALTER TABLE completions ADD COLUMN answered_model TEXT",
         "ALTER TABLE completions ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE completions ADD COLUMN saved_cost REAL",
+    ),
+    # The response cache several processes share (one process keeps it in memory): each
+    # answer by its request's key, its bytes, what it cost, and when it was stored.
+    Step(
+        "response cache",
+        sqlite=(),
+        postgres=(
+            """
+            CREATE TABLE response_cache (
+              key TEXT PRIMARY KEY,
+              app TEXT,
+              body BYTEA NOT NULL,
+              cost DOUBLE PRECISION NOT NULL,
+              stored_at DOUBLE PRECISION NOT NULL,
+              size INTEGER NOT NULL
+            )
+            """,
+            "CREATE INDEX idx_response_cache_stored_at ON response_cache(stored_at)",
+        ),
     ),
 )
 

@@ -164,6 +164,7 @@
     drawBudgets(spend.budgets);
     drawHourly(spend.hourly);
     drawCostSources(spend.costSource);
+    drawCache(spend.cache);
     $("view-spend").dataset.loaded = "true";
   }
 
@@ -254,6 +255,18 @@
         el("td", {class: "number"}, count.format(s.completions)),
         el("td", {class: "number"}, usd.format(s.cost)),
         el("td", {class: "number"}, total > 0 ? percent.format(s.cost / total) : "–"))));
+  }
+
+  function drawCache(cache) {
+    $("cache-summary").textContent = cache.hits
+      ? `${count.format(cache.hits)} answers replayed, saving ${usd.format(cache.saved)}.`
+      : "No answer replayed in this range. Turn the cache on per app in the policy file's [cache] (see docs/spend.md in qp-server).";
+    $("cache-apps").tBodies[0].replaceChildren(...cache.apps.map((app) =>
+      el("tr", {},
+        el("th", {scope: "row"}, app.app || "(no app)"),
+        el("td", {class: "number"}, count.format(app.hits)),
+        el("td", {class: "number"}, percent.format(app.hitRate)),
+        el("td", {class: "number"}, usd.format(app.saved)))));
   }
 
   // Chats -------------------------------------------------------------------------------

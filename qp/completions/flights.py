@@ -1,0 +1,414 @@
+"""Completions the response cache is on for (an app's TTL, the server's or the app's key).
+
+- **A hit** (a completed answer stored under the request's key within the TTL) is replayed
+  at once, byte for byte, with `X-QP-Cache: hit`; no reservation, no cost lookup. Its
+  ledger row costs 0 (`cost_source` cache, outcome cached) and names what it saved.
+- **A miss** becomes a flight, or joins the one in flight for the same key: one upstream
+  request, relayed by a task of its own to every client following it, each from the first
+  byte (the flight keeps its first `entry_bytes`; past them no one joins, and the flight is
+  not stored). A client that leaves stops following; the last one leaving cancels the
+  flight, which aborts upstream. A follower more than twice `entry_bytes` behind is cut
+  (its stream ends short), so a slow reader holds neither memory nor the others back.
+- The flight's first client pays (`X-QP-Cache: miss`): its reservation, its ledger row,
+  exactly as without the cache; the followers' rows are like hits. A flight refused before
+  it went upstream (a budget of the first client's) refuses only that client: the others
+  start or join another.
+- A flight that completed (a finish reason, no error, its cost in the usage seen) within
+  `entry_bytes` is stored before its followers' streams end (so a client that has the
+  whole answer gets a hit next, from any process); joining it before its key leaves the
+  registry is a hit too.
+
+Each process has its own flights: on several processes, each sends at most one request
+upstream for the same miss at once, and the stored answer is shared through the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from qp.completions.attempts import Payload, first_answer
+from qp.completions.cache import RESPONSE_CACHE, CachedAnswer
+from qp.completions.relay import (
+    STREAM_HEADERS,
+    UPSTREAM,
+    abort_stream,
+    read_chunk,
+    recording_the_end,
+)
+from qp.completions.usage import UsageScanner
+from qp.errors import ApiError
+from qp.metrics import METRICS
+from qp.policy.policy import Policy
+from qp.spend.record import CompletionRecord
+from qp.spend.spending import SPEND
+
+log = logging.getLogger("qp.completions.flights")
+
+HIT_HEADERS = {**STREAM_HEADERS, "X-QP-Cache": "hit"}
+MISS_HEADERS = STREAM_HEADERS
+
+
+class _HeldBytes:
+    """What all flights keep and their followers have yet to write, against one bound."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
+class _Follower:
+    """One client's place in a flight: the chunks it has yet to write."""
+
+    def __init__(self, chunks: list[bytes], size: int):
+        self.chunks: deque[bytes] = deque(chunks)
+        self.behind = size
+        self.cut = False
+        self.woken = asyncio.Event()
+
+
+@dataclass
+class _Failure:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+    # Refused before it went upstream (the first client's budget): not the others' answer.
+    before_upstream: bool
+
+    def error(self) -> ApiError:
+        extra = {name: value for name, value in self.body.items() if name != "error"}
+        return ApiError(self.status, str(self.body["error"]), dict(self.headers), **extra)
+
+
+@dataclass(eq=False)
+class Flight:
+    key: str
+    entry_bytes: int
+    held: _HeldBytes
+    # The chunks so far while they fit `entry_bytes` (and the bound of all that is held);
+    # None past it: no one joins then, and it is not stored.
+    kept: list[bytes] | None = field(default_factory=list)
+    kept_bytes: int = 0
+    followers: set[_Follower] = field(default_factory=set)
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+    failure: _Failure | None = None
+    # How the upstream stream ended (None: still going), and what it cost.
+    outcome: str | None = None
+    cost: float | None = None
+    task: asyncio.Task[None] | None = None
+
+    def follow(self) -> _Follower | None:
+        """A follower from the first byte; None when what it would hold has no room."""
+        assert self.kept is not None
+        if not self.held.take(self.kept_bytes):
+            return None
+        follower = _Follower(self.kept, self.kept_bytes)
+        self.followers.add(follower)
+        if self.outcome is not None:
+            follower.woken.set()
+        return follower
+
+    def publish(self, chunk: bytes) -> None:
+        size = len(chunk)
+        if self.kept is not None:
+            if self.kept_bytes + size <= self.entry_bytes and self.held.take(size):
+                self.kept.append(chunk)
+                self.kept_bytes += size
+            else:
+                self.let_go()
+        for follower in self.followers:
+            if follower.cut:
+                continue
+            too_far = follower.behind and follower.behind + size > 2 * self.entry_bytes
+            if too_far or not self.held.take(size):
+                self._cut(follower)  # its stream ends short: no one waits for it
+            else:
+                follower.chunks.append(chunk)
+                follower.behind += size
+            follower.woken.set()
+
+    def let_go(self) -> None:
+        """Keep no more: no one joins from here, and it is not stored."""
+        self.held.give(self.kept_bytes)
+        self.kept, self.kept_bytes = None, 0
+
+    def _cut(self, follower: _Follower) -> None:
+        follower.cut = True
+        follower.chunks.clear()
+        self.held.give(follower.behind)
+        follower.behind = 0
+
+    def end(self, outcome: str) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+            self.answered.set()
+            for follower in self.followers:
+                follower.woken.set()
+
+    async def next_chunk(self, follower: _Follower) -> bytes | None:
+        """The follower's next chunk; None once there is none left to write."""
+        while not follower.chunks:
+            if follower.cut or self.outcome is not None:
+                return None
+            follower.woken.clear()
+            await follower.woken.wait()
+        chunk = follower.chunks.popleft()
+        follower.behind -= len(chunk)
+        self.held.give(len(chunk))
+        return chunk
+
+    async def leave(self, follower: _Follower) -> None:
+        """The follower stops following; the last one leaving a flight still streaming
+        cancels it (upstream is aborted) and waits for it to record how it ended."""
+        self.followers.discard(follower)
+        self._cut(follower)
+        task = self.task
+        if not self.followers and task is not None and not task.done() and self.outcome is None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task})
+
+
+class Flights:
+    """The flights in progress in this process, by key, and what they hold (at most
+    `max_bytes`, QP_RESPONSE_CACHE_MB: past it a flight keeps no more, a follower that would
+    add to it is cut, and a client that cannot join goes upstream on its own)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.by_key: dict[str, Flight] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.held = _HeldBytes(max_bytes)
+
+    async def close(self) -> None:
+        """Cancel the flights still running and wait for each to record how it ended."""
+        for task in self.tasks:
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks)
+
+
+FLIGHTS = web.AppKey("flights", Flights)
+
+
+async def cached_completion(
+    request: web.Request,
+    policy: Policy,
+    payload: Payload,
+    record: CompletionRecord,
+    estimate: float,
+    key: str,
+) -> web.StreamResponse:
+    """The answer of a completion the cache is on for: a hit, a flight joined, or a flight
+    of its own (see the module's docstring)."""
+    app = request.app
+    metrics = app[METRICS]
+    ttl = policy.cache_ttl_of(record.app)
+    stored = await app[RESPONSE_CACHE].get(key, ttl)
+    if stored is not None:
+        metrics.cache_hits.labels("stored").inc()
+        return await _replay(request, stored, record)
+    flights = app[FLIGHTS]
+    while True:
+        flight = flights.by_key.get(key)
+        # Joined from its first byte, while it streams or once it completed; not one past
+        # the bound or one that ended otherwise.
+        leading = flight is None or flight.kept is None or flight.outcome not in (None, "completed")
+        follower = None if leading or flight is None else flight.follow()
+        if follower is None:
+            leading = True
+            flight = _start(request, policy, payload, record, estimate, key)
+            follower = flight.follow()
+        assert flight is not None and follower is not None  # an empty start always has room
+        try:
+            await flight.answered.wait()
+            failure = flight.failure
+            if failure is not None:
+                if leading or not failure.before_upstream:
+                    raise failure.error()
+                continue  # the first client was refused: start or join another
+            if leading:
+                metrics.cache_misses.inc()
+                return await _follow(request, flight, follower, MISS_HEADERS, None)
+            metrics.cache_hits.labels("in_flight").inc()
+            return await _follow(request, flight, follower, HIT_HEADERS, record)
+        finally:
+            await flight.leave(follower)
+
+
+def _start(
+    request: web.Request,
+    policy: Policy,
+    payload: Payload,
+    record: CompletionRecord,
+    estimate: float,
+    key: str,
+) -> Flight:
+    app = request.app
+    flights = app[FLIGHTS]
+    flight = Flight(key, app[RESPONSE_CACHE_ENTRY_BYTES], flights.held)
+    flights.by_key[key] = flight
+    task = asyncio.create_task(_fly(request, flight, policy, payload, record, estimate))
+    flight.task = task
+    flights.tasks.add(task)
+    task.add_done_callback(flights.tasks.discard)
+    return flight
+
+
+async def _fly(
+    request: web.Request,
+    flight: Flight,
+    policy: Policy,
+    payload: Payload,
+    record: CompletionRecord,
+    estimate: float,
+) -> None:
+    """The flight's one upstream request, paid and recorded as the first client's, relayed
+    to every follower; then stored if it completed within the entry bound."""
+    app = request.app
+    flights = app[FLIGHTS]
+    upstream = app[UPSTREAM]
+    went_upstream = False
+    try:
+        async with app[SPEND].completion(policy, record, estimate):
+            went_upstream = True
+            # Cancelled when every follower left, or the server's shutdown timeout ended:
+            # upstream is aborted, as the relay's own would be.
+            with (
+                recording_the_end(record, upstream),
+                app[METRICS].open_streams.track_inprogress(),
+            ):
+                answer, _ = await first_answer(request, upstream.session, policy, payload, record)
+                async with answer:
+                    record.status = 200
+                    flight.answered.set()
+                    await _relay(answer, flight, record)
+                # Stored before the followers' streams end: once a client has the whole
+                # answer, the next identical request, on any process, is a hit.
+                await _store(request, flight, policy, record)
+                flight.end(record.outcome)
+    except ApiError as err:
+        flight.failure = _Failure(err.status, err.body, err.headers or {}, not went_upstream)
+        flight.end("refused")
+    finally:
+        flight.end(record.outcome)
+        if flights.by_key.get(flight.key) is flight:
+            del flights.by_key[flight.key]
+        if flight.kept is not None:
+            flight.let_go()
+
+
+async def _relay(answer: aiohttp.ClientResponse, flight: Flight, record: CompletionRecord) -> None:
+    usage = UsageScanner()
+    try:
+        while True:
+            chunk = await read_chunk(answer, record)
+            if chunk is None:
+                break
+            if not chunk:
+                record.outcome = "completed"
+                break
+            flight.publish(chunk)
+            usage.feed(chunk)
+    finally:
+        record.prompt_tokens = usage.prompt_tokens
+        record.completion_tokens = usage.completion_tokens
+        record.cost = flight.cost = usage.cost
+        record.generation_id = usage.generation_id
+
+
+async def _store(
+    request: web.Request, flight: Flight, policy: Policy, record: CompletionRecord
+) -> None:
+    """Store the answer if it is whole: completed, a finish reason, no error, its cost."""
+    kept = flight.kept
+    if record.outcome != "completed" or kept is None or flight.cost is None:
+        return
+    body = b"".join(kept)
+    if b'"finish_reason":"' not in body or b'"error"' in body:
+        return
+    app = request.app
+    await app[RESPONSE_CACHE].put(
+        flight.key, record.app, CachedAnswer(body, flight.cost), policy.longest_cache_ttl
+    )
+    app[METRICS].cache_stored_bytes.inc(len(body))
+
+
+async def _follow(
+    request: web.Request,
+    flight: Flight,
+    follower: _Follower,
+    headers: dict[str, str],
+    record: CompletionRecord | None,
+) -> web.StreamResponse:
+    """Write the flight's chunks to this client as they come; `record`: a follower's own
+    (a hit), else the first client's, which the flight records."""
+    response = web.StreamResponse(status=200, headers=headers)
+    written = 0
+    outcome = "client_left"  # unless it gets further
+    try:
+        try:
+            await response.prepare(request)
+            while (chunk := await flight.next_chunk(follower)) is not None:
+                await response.write(chunk)
+                written += len(chunk)
+            if flight.outcome == "completed" and not follower.cut:
+                await response.write_eof()
+                outcome = "cached"
+            else:
+                outcome = "cut_behind" if follower.cut else flight.outcome or "upstream_died"
+                abort_stream(request)
+        except ConnectionError:
+            pass
+        return response
+    finally:
+        if record is not None:
+            request.app[METRICS].cache_bytes_replayed.inc(written)
+            _record_hit(request, record, flight.cost, outcome)
+
+
+async def _replay(
+    request: web.Request, stored: CachedAnswer, record: CompletionRecord
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers=HIT_HEADERS)
+    outcome = "client_left"  # unless it gets further
+    try:
+        try:
+            await response.prepare(request)
+            await response.write(stored.body)
+            await response.write_eof()
+            outcome = "cached"
+        except ConnectionError:
+            pass
+        request.app[METRICS].cache_bytes_replayed.inc(len(stored.body))
+        return response
+    finally:
+        _record_hit(request, record, stored.cost, outcome)
+
+
+def _record_hit(
+    request: web.Request, record: CompletionRecord, saved: float | None, outcome: str
+) -> None:
+    """A follower's or a replay's ledger row: outcome cached when the client got the whole
+    answer (client_left, cut_behind or the flight's own otherwise), cost 0, what it saved."""
+    record.status, record.outcome, record.saved_cost = 200, outcome, saved
+    record.client_left = outcome == "client_left"
+    request.app[SPEND].served_from_cache(record)
+
+
+RESPONSE_CACHE_ENTRY_BYTES = web.AppKey("response_cache_entry_bytes", int)
