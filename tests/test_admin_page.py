@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from qp.timestamps import format_iso
+from tests.fake_openrouter import Script
 from tests.helpers import (
     ADMIN_KEY,
     a_fresh_hour,
@@ -371,3 +372,62 @@ APPS_AND_MODELS = [
     ("bids-assistant", "google/gemini-2.5-flash"),
     ("dandi-assistant", "openai/gpt-5-mini"),
 ]
+
+
+async def test_the_spend_view_shows_what_the_cache_saved_per_app(browser, tmp_path, fake):
+    config = tmp_path / "qp.toml"
+    config.write_text('[cache]\napp_ttl_seconds = { "widget-site" = 600 }\n')
+    server = QPServer(
+        tmp_path / "qp",
+        {
+            "ADMIN_KEY": ADMIN_KEY,
+            "QP_CONFIG": str(config),
+            "QP_OPENROUTER_URL": fake.url,
+            "OPENROUTER_API_KEY": "server-key",
+        },
+    ).start()
+    try:
+        async with aiohttp.ClientSession(server.url) as http:
+            for _ in range(4):  # one paid, three replayed
+                request = completion_request("ping", app="widget-site")
+                async with http.post("/api/completion", json=request) as response:
+                    assert response.status == 200
+                    await response.read()
+        page = Page(await browser.new_page(), server)
+        await page.sign_in()
+        await page.page.wait_for_selector("#view-spend[data-loaded=true]", timeout=10_000)
+        await page.page.locator("#cache-apps tbody tr").first.wait_for()
+        row = await page.page.locator("#cache-apps tbody tr").first.locator("th, td").all()
+        assert [await cell.text_content() for cell in row] == ["widget-site", "3", "75%", "$0.0013"]
+        assert "3 answers replayed" in await page.page.text_content("#cache-summary")
+        await page.screenshot("admin-spend-cache")
+        assert page.errors == [] and page.dialogs == []
+    finally:
+        server.stop()
+
+
+async def test_the_health_view_names_an_open_breaker(browser, tmp_path, fake):
+    server = QPServer(
+        tmp_path / "qp",
+        {
+            "ADMIN_KEY": ADMIN_KEY,
+            "QP_OPENROUTER_URL": fake.url,
+            "OPENROUTER_API_KEY": "server-key",
+            "QP_UPSTREAM_RETRIES": "0",
+            "QP_BREAKER_FAILURES": "1",
+        },
+    ).start()
+    fake.model_scripts["openai/gpt-5-nano"] = Script(status=503, body=b"{}")
+    try:
+        async with aiohttp.ClientSession(server.url) as http:
+            request = completion_request("hi", model="openai/gpt-5-nano")
+            assert (await call(http, "POST", "/api/completion", json=request))[0] == 503
+        page = Page(await browser.new_page(), server)
+        await page.sign_in()
+        await page.show("health")
+        facts = await page.page.locator("#health-facts dt").all_text_contents()
+        assert "Breaker open: openai/gpt-5-nano" in facts
+        assert page.errors == [] and page.dialogs == []
+    finally:
+        fake.model_scripts.clear()
+        server.stop()
