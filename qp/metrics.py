@@ -91,6 +91,13 @@ class Metrics:
             "Bytes of answers stored in the response cache",
             registry=r,
         )
+        self.app_refusals = Counter(
+            "qp_app_policy_refusals",
+            "Completions the server's keys would have paid that an app's policy refused, by"
+            " app and reason (unknown_app, model, cap, prefix)",
+            ["app", "reason"],
+            registry=r,
+        )
         self.rate_limit_refusals = Counter(
             "qp_rate_limit_refusals",
             "Requests refused by the rate limits, by class and why (minute, hour, blocked)",
@@ -218,6 +225,19 @@ class Metrics:
             )
         series[0].inc(cost)
         series[1].inc(cost)
+
+    def app_refused(self, app: str | None, reason: str) -> None:
+        self.app_refusals.labels(self.app_label(app), reason).inc()
+
+    def app_refusal_counts(self) -> dict[str, dict[str, int]]:
+        """This process's refusals so far: app label -> reason -> count."""
+        counts: dict[str, dict[str, int]] = {}
+        for family in self.app_refusals.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    app, reason = sample.labels["app"], sample.labels["reason"]
+                    counts.setdefault(app, {})[reason] = int(sample.value)
+        return counts
 
     def model_label(self, model: str) -> str:
         """Models are the client's to name (with its own key): capped like apps."""

@@ -29,6 +29,7 @@ ROUTES = (
     ("GET", "/api/admin/overview", admin.overview, None),
     ("GET", "/api/admin/spend", admin.spend, None),
     ("GET", "/api/admin/apps", admin.apps, None),
+    ("GET", "/api/admin/policies", admin.policies, None),
     ("GET", "/api/admin/blocks", admin.blocks, None),
     ("DELETE", "/api/admin/blocks/{client}", admin.lift_block, None),
     # For operators and monitoring; nginx passes only /api/ on.

@@ -457,3 +457,12 @@ def shared_budget_book(
         return {owner}
 
     return BudgetBook(SharedAccounts(db, owner, alive, clock), clock)
+
+
+def relay_process(tmp_path: Path, openrouter_url: str, policy: str) -> tuple[QPServer, Path]:
+    """`server.py` (not yet started) relaying to `openrouter_url` with the server's key, and
+    its policy file, holding `policy`."""
+    config = tmp_path / "qp.toml"
+    config.write_text(policy)
+    env = {"QP_CONFIG": str(config), "QP_OPENROUTER_URL": openrouter_url, "OPENROUTER_API_KEY": "k"}
+    return QPServer(tmp_path / "qp", env), config

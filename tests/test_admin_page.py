@@ -431,3 +431,49 @@ async def test_the_health_view_names_an_open_breaker(browser, tmp_path, fake):
     finally:
         fake.model_scripts.clear()
         server.stop()
+
+
+async def test_the_spend_view_shows_each_apps_policy_and_what_it_refused(browser, tmp_path, fake):
+    config = tmp_path / "qp.toml"
+    config.write_text(
+        '[apps."bids-assistant"]\nmax_completion_tokens = 100\n'
+        'system_prompt_prefixes = ["You are the BIDS assistant"]\n'
+    )
+    server = QPServer(
+        tmp_path / "qp",
+        {
+            "ADMIN_KEY": ADMIN_KEY,
+            "QP_CONFIG": str(config),
+            "QP_OPENROUTER_URL": fake.url,
+            "OPENROUTER_API_KEY": "server-key",
+        },
+    ).start()
+    try:
+        async with aiohttp.ClientSession(server.url) as http:
+            rider = completion_request("essay please", app="bids-assistant")
+            assert await call(http, "POST", "/api/completion", json=rider) == (
+                400,
+                {"error": "System message not allowed for app bids-assistant"},
+            )
+        page = Page(await browser.new_page(), server)
+        await page.sign_in()
+        await page.page.wait_for_selector("#view-spend[data-loaded=true]", timeout=10_000)
+        cells = page.page.locator("#policies tbody tr").first.locator("th, td")
+        assert await cells.all_text_contents() == [
+            "bids-assistant",
+            "the cheap list",
+            "100",
+            "\u2013",
+            "\u201cYou are the BIDS assistant\u201d",
+            "$0.00",
+        ]
+        refused = page.page.locator("#policy-refusals tbody tr").first.locator("th, td")
+        assert await refused.all_text_contents() == [
+            "bids-assistant",
+            "a system prompt not its own",
+            "1",
+        ]
+        await page.screenshot("admin-spend-policies")
+        assert page.errors == [] and page.dialogs == []
+    finally:
+        server.stop()

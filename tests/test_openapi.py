@@ -37,6 +37,7 @@ async def test_the_document_is_served_as_openapi_3_1(qp_server):
         "/api/admin/overview",
         "/api/admin/spend",
         "/api/admin/apps",
+        "/api/admin/policies",
         "/api/admin/blocks",
         "/api/admin/blocks/{client}",
         "/api/openapi.json",

@@ -16,7 +16,14 @@ import pytest
 
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import STANDARD_STREAM, FakeOpenRouter, Script
-from tests.helpers import ADMIN_KEY, a_fresh_hour, completion_request, ledger, wait_for_log
+from tests.helpers import (
+    ADMIN_KEY,
+    a_fresh_hour,
+    completion_request,
+    ledger,
+    relay_process,
+    wait_for_log,
+)
 from tests.processes import PostgresServer, QPServer, SeaweedFS
 
 CHEAP = "openai/gpt-4.1-mini"
@@ -239,12 +246,8 @@ async def test_the_ttl_expires_on_the_injected_clock(start_server, fake, tmp_pat
 
 
 async def test_sighup_turns_the_cache_on(tmp_path, fake):
-    config = tmp_path / "qp.toml"
-    config.write_text("")
-    server = QPServer(
-        tmp_path / "qp",
-        {"QP_CONFIG": str(config), "QP_OPENROUTER_URL": fake.url, "OPENROUTER_API_KEY": "k"},
-    ).start()
+    server, config = relay_process(tmp_path, fake.url, "")
+    server.start()
     try:
         async with aiohttp.ClientSession(server.url) as http:
             assert [(await answer(http, ping("hup")))[1] for _ in range(2)] == ["miss", "miss"]

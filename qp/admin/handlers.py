@@ -22,6 +22,7 @@ from qp.protection.admin import require_admin
 from qp.protection.rate_limits import RATE_LIMITER
 from qp.spend.budgets import BUDGETS, budget_report
 from qp.spend.handlers import flush_ledger
+from qp.spend.ledger import spent_since
 from qp.spend.reports import (
     cache_savings,
     cost_by_source,
@@ -164,6 +165,47 @@ async def spend(request: web.Request) -> web.Response:
             },
         }
     )
+
+
+async def policies(request: web.Request) -> web.Response:
+    """Each app's policy in force ([apps."name"], "*" every app not named), what the
+    server's and its own key spent on it today against its daily budget, and this
+    process's refusals by app and reason (every app refused, with a section or not)."""
+    app = request.app
+    require_admin(request, app[CONFIG].admin_key)
+    policy = app[POLICY].current
+    now = datetime.fromtimestamp(app[CLOCK](), UTC)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    await flush_ledger(app)
+    spent = await spent_since(app[DATABASE], format_iso(today), format_iso(today.replace(day=1)))
+    refusals = app[METRICS].app_refusal_counts()
+    return json_response(
+        {
+            "requireListed": policy.app_rules.require_listed,
+            "apps": [
+                {
+                    "app": name,
+                    "models": _listed(rules.models),
+                    "maxCompletionTokens": rules.max_completion_tokens,
+                    "maxMessages": rules.max_messages,
+                    "maxRequestChars": rules.max_request_chars,
+                    "systemPromptPrefixes": _listed(rules.system_prompt_prefixes),
+                    "spentToday": 0.0 if name == "*" else spent.apps_day.get(name, 0.0),
+                    "dailyBudget": policy.app_budget(name),
+                }
+                for name, rules in policy.app_rules.apps
+            ],
+            "refusals": [
+                {"app": name, "reason": reason, "refusals": count}
+                for name, reasons in sorted(refusals.items())
+                for reason, count in sorted(reasons.items())
+            ],
+        }
+    )
+
+
+def _listed(items: tuple[str, ...] | None) -> list[str] | None:
+    return list(items) if items is not None else None
 
 
 def _days(text: str) -> int:

@@ -12,7 +12,7 @@ import asyncio
 import sqlite3
 import sys
 
-from qp.cli import blocks, budgets, chats, check, copy_blobs, import_d1, migrate_db, usage
+from qp.cli import apps, blocks, budgets, chats, check, copy_blobs, import_d1, migrate_db, usage
 from qp.cli.common import PROGRAM, CommandFailed
 from qp.cli.import_d1 import DumpRefused
 from qp.config import ConfigError, load_config
@@ -20,7 +20,7 @@ from qp.errors import StorageUnavailable, UnstorableValue
 from qp.startup import StartupError
 from qp.storage.migrations import SchemaTooNew
 
-FAMILIES = (chats, usage, budgets, blocks, check, import_d1, copy_blobs, migrate_db)
+FAMILIES = (chats, usage, budgets, blocks, apps, check, import_d1, copy_blobs, migrate_db)
 
 
 def build_parser() -> argparse.ArgumentParser:

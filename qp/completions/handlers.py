@@ -9,9 +9,11 @@ from qp.completions.attempts import Payload
 from qp.completions.flights import cached_completion
 from qp.completions.relay import UPSTREAM, relay_completion
 from qp.completions.request import (
+    AppRefusal,
     cache_key,
     check_system_message,
     choose_key,
+    max_completion_tokens,
     parse_completion,
     upstream_body,
 )
@@ -35,17 +37,20 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     async with request.app[INFLIGHT_BYTES].hold(
         body_allowance(request, policy.max_completion_body_bytes)
     ):
-        completion = parse_completion(
-            await read_json(request, policy.max_completion_body_bytes, policy), policy
-        )
-        key, payer = choose_key(
-            completion,
-            request.headers.get("x-openrouter-key"),
-            policy,
-            config.openrouter_api_key,
-            config.app_openrouter_keys,
-        )
-        check_system_message(completion, policy)
+        user_key = request.headers.get("x-openrouter-key")
+        try:
+            completion = parse_completion(
+                await read_json(request, policy.max_completion_body_bytes, policy),
+                policy,
+                paid_by_us=not user_key,
+            )
+            key, payer = choose_key(
+                completion, user_key, policy, config.openrouter_api_key, config.app_openrouter_keys
+            )
+            check_system_message(completion, policy)
+        except AppRefusal as refusal:
+            request.app[METRICS].app_refused(refusal.app, refusal.reason)
+            raise
         record = CompletionRecord(
             started_at=utc_now_iso(),
             app=completion.app,
@@ -55,7 +60,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         )
         body = upstream_body(completion)
         price = request.app[PRICES].price(policy, completion.model)
-        estimate = estimate_cost(policy, price, len(body))
+        estimate = estimate_cost(policy, price, len(body), max_completion_tokens(completion))
         payload = Payload(body, key)
         cached = payer != "user" and policy.cache_ttl_of(completion.app) > 0
         answer_key = cache_key(completion, payer) if cached else None

@@ -11,7 +11,7 @@ import orjson
 
 from qp.config import app_key_variable
 from qp.errors import ApiError
-from qp.policy.policy import INVALID_APP, Policy
+from qp.policy.policy import INVALID_APP, AppPolicy, Policy
 from qp.text import is_storable_text
 
 Payer = Literal["server", "app", "user"]
@@ -25,10 +25,23 @@ class CompletionRequest:
     tools: list[Any]
     app: str | None
     provider: Any
+    # The app's policy when the server's or the app's key would pay; None: the client's own.
+    rules: AppPolicy | None
 
 
-def parse_completion(body: Any, policy: Policy) -> CompletionRequest:
-    """Contract checks 4 and 5: the request's shape (400), then its size (413)."""
+class AppRefusal(ApiError):
+    """A completion the app's policy refuses (metrics and the admin page count them by
+    app and reason: unknown_app, model, cap, prefix)."""
+
+    def __init__(self, app: str | None, reason: str, status: int, error: str, **extra: Any):
+        super().__init__(status, error, **extra)
+        self.app, self.reason = app, reason
+
+
+def parse_completion(body: Any, policy: Policy, paid_by_us: bool) -> CompletionRequest:
+    """Contract checks 4 and 5: the request's shape (400), then its size (413); and, when
+    the server's or the app's key would pay (`paid_by_us`), the app's policy: an app it
+    does not know (400), its smaller limits (413)."""
     if not (
         isinstance(body, dict)
         and isinstance(body.get("model"), str)
@@ -45,13 +58,22 @@ def parse_completion(body: Any, policy: Policy) -> CompletionRequest:
         raise ApiError(400, INVALID_APP)
     if app:
         policy.check_app(app)
+    rules = None
+    if paid_by_us:
+        try:
+            rules = policy.paid_app_policy(app or None)
+        except ApiError as err:
+            raise AppRefusal(app or None, "unknown_app", err.status, "Unknown app") from None
     messages = body["messages"]
-    if len(messages) > policy.max_messages:
-        raise ApiError(
-            413,
-            "Request validation failed",
-            message=f"Too many messages: {len(messages)} (max: {policy.max_messages})",
-        )
+    most = policy.max_messages
+    if rules is not None and rules.max_messages is not None and rules.max_messages < most:
+        most = rules.max_messages
+    if len(messages) > most:
+        message = f"Too many messages: {len(messages)} (max: {most})"
+        if most < policy.max_messages:
+            raise AppRefusal(app or None, "cap", 413, "Request validation failed", message=message)
+        raise ApiError(413, "Request validation failed", message=message)
+    total = 0
     for index, message in enumerate(messages):
         length = message_chars(message)
         if length > policy.max_message_chars:
@@ -61,6 +83,17 @@ def parse_completion(body: Any, policy: Policy) -> CompletionRequest:
                 message=f"Message {index} too large: {length} characters"
                 f" (max: {policy.max_message_chars})",
             )
+        total += length
+    if rules is not None and rules.max_request_chars is not None:
+        total += _js_length(body["systemMessage"])
+        if total > rules.max_request_chars:
+            raise AppRefusal(
+                app or None,
+                "cap",
+                413,
+                "Request validation failed",
+                message=f"Request too large: {total} characters (max: {rules.max_request_chars})",
+            )
     return CompletionRequest(
         model=body["model"],
         system_message=body["systemMessage"],
@@ -68,6 +101,7 @@ def parse_completion(body: Any, policy: Policy) -> CompletionRequest:
         tools=body.get("tools") or [],
         app=app or None,
         provider=body.get("provider"),
+        rules=rules,
     )
 
 
@@ -121,7 +155,16 @@ def choose_key(
     """Contract checks 6 and 7: whose OpenRouter key pays for this completion."""
     if user_key:
         return user_key, "user"
-    if completion.model not in policy.cheap_model_set:
+    rules = completion.rules
+    if rules is not None and rules.models is not None:
+        if completion.model not in rules.models:
+            raise AppRefusal(
+                completion.app,
+                "model",
+                400,
+                f"OpenRouter key required for model: {completion.model}",
+            )
+    elif completion.model not in policy.cheap_model_set:
         raise ApiError(400, f"OpenRouter key required for model: {completion.model}")
     if completion.app is not None:
         app_key = app_keys.get(app_key_variable(completion.app))
@@ -133,11 +176,18 @@ def choose_key(
 
 
 def check_system_message(completion: CompletionRequest, policy: Policy) -> None:
-    """Contract check 8: every group of required phrases has one phrase in the message."""
+    """Contract check 8: every group of required phrases has one phrase in the message;
+    then, when the app's policy pins prefixes, the message starts with one of them."""
     system = completion.system_message
     groups = policy.required_phrase_groups
     if not all(any(phrase in system for phrase in group) for group in groups):
         raise ApiError(400, "First message must contain the correct system message")
+    rules = completion.rules
+    prefixes = rules.system_prompt_prefixes if rules is not None else None
+    if prefixes is not None and not system.lstrip().startswith(tuple(prefixes)):
+        raise AppRefusal(
+            completion.app, "prefix", 400, f"System message not allowed for app {completion.app}"
+        )
 
 
 def cache_key(completion: CompletionRequest, payer: Payer) -> str:
@@ -153,6 +203,7 @@ def cache_key(completion: CompletionRequest, payer: Payer) -> str:
             completion.messages,
             completion.tools,
             completion.provider,
+            max_completion_tokens(completion),
         ],
         option=orjson.OPT_SORT_KEYS,
     )
@@ -172,5 +223,13 @@ def upstream_body(completion: CompletionRequest) -> bytes:
     }
     if completion.provider:
         body["provider"] = {"only": [completion.provider]}
+    cap = max_completion_tokens(completion)
+    if cap is not None:
+        body["max_tokens"] = cap
     body["usage"] = {"include": True}
     return orjson.dumps(body)
+
+
+def max_completion_tokens(completion: CompletionRequest) -> int | None:
+    """The app's cap on completion tokens, when the server's or the app's key pays."""
+    return completion.rules.max_completion_tokens if completion.rules is not None else None

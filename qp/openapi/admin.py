@@ -11,6 +11,8 @@ from qp.openapi.parts import ADMIN, ERROR, json_answer, object_of, query_paramet
 COUNT = {"type": "integer", "minimum": 0}
 MONEY = {"type": "number"}
 TIME = {"type": "string"}
+OPTIONAL_STRINGS = {"type": ["array", "null"], "items": {"type": "string"}}
+OPTIONAL_COUNT = {"type": ["integer", "null"], "minimum": 1}
 
 
 UNAUTHORIZED = json_answer(ERROR, "Unauthorized")
@@ -45,6 +47,54 @@ SCHEMAS: dict[str, Any] = {
             ),
             "hourly": {"type": "array", "items": HOURLY_OUTCOMES},
             "budgets": {"type": "array", "items": ref("Budget")},
+            "cache": object_of(
+                {
+                    "hits": COUNT,
+                    "saved": MONEY,
+                    "apps": {
+                        "type": "array",
+                        "items": object_of(
+                            {
+                                "app": {"type": "string"},
+                                "hits": COUNT,
+                                "completions": COUNT,
+                                "hitRate": MONEY,
+                                "saved": MONEY,
+                            }
+                        ),
+                    },
+                }
+            ),
+        }
+    ),
+    "AdminPolicies": object_of(
+        {
+            "requireListed": {"type": "boolean"},
+            "apps": {
+                "type": "array",
+                "items": object_of(
+                    {
+                        "app": {"type": "string"},
+                        "models": OPTIONAL_STRINGS,
+                        "maxCompletionTokens": OPTIONAL_COUNT,
+                        "maxMessages": OPTIONAL_COUNT,
+                        "maxRequestChars": OPTIONAL_COUNT,
+                        "systemPromptPrefixes": OPTIONAL_STRINGS,
+                        "spentToday": MONEY,
+                        "dailyBudget": MONEY,
+                    }
+                ),
+            },
+            "refusals": {
+                "type": "array",
+                "items": object_of(
+                    {
+                        "app": {"type": "string"},
+                        "reason": {"enum": ["unknown_app", "model", "cap", "prefix"]},
+                        "refusals": COUNT,
+                    }
+                ),
+            },
         }
     ),
     "AdminApps": object_of(
@@ -73,6 +123,7 @@ SCHEMAS: dict[str, Any] = {
             "startedAt": TIME,
             "uptimeSeconds": COUNT,
             "openStreams": COUNT,
+            "openBreakers": {"type": "object", "additionalProperties": COUNT},
             "database": {"enum": ["sqlite", "postgresql"]},
             "storage": {"enum": ["file", "s3"]},
             "settings": {"type": "string"},
@@ -108,6 +159,11 @@ PATHS: dict[str, Any] = {
         **{"400": json_answer(ERROR, "Invalid days, by or payer parameter")},
     ),
     "/api/admin/apps": _get("adminApps", "Every app with its chat count (admin)", "AdminApps"),
+    "/api/admin/policies": _get(
+        "adminPolicies",
+        "Each app's policy in force, its spend today, the refusals by reason (admin)",
+        "AdminPolicies",
+    ),
     "/api/admin/blocks": _get(
         "adminBlocks",
         "A page of the blocks in force, refusals per hour (admin)",

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from qp.policy.policy import is_app_name
+from qp.policy.policy import AppPolicy, AppRules, is_app_name
 from qp.protection.client_address import parse_networks
 from qp.protection.rate_limits import RateLimit
 
@@ -154,6 +154,56 @@ def app_models(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
             raise ValueError(f"{app!r} must be a list of at most {MAX_FALLBACKS} models")
         listed.append((app, strings(models)))
     return tuple(sorted(listed))
+
+
+APP_POLICY_KEYS = {
+    "models",
+    "max_completion_tokens",
+    "max_messages",
+    "max_request_chars",
+    "system_prompt_prefixes",
+}
+
+
+def app_rules(value: Any) -> AppRules:
+    """The [apps] table: `require_listed`, and a table per app ("*": every app not named)."""
+    if not isinstance(value, dict):
+        raise ValueError('must be a table: require_listed, and [apps."name"] sections')
+    require_listed = value.get("require_listed", False)
+    if not isinstance(require_listed, bool):
+        raise ValueError(f"require_listed must be true or false, got {require_listed!r}")
+    apps = []
+    for app, rules in value.items():
+        if app == "require_listed":
+            continue
+        if app != "*" and not is_app_name(app):
+            raise ValueError(f"{app!r} is not an app name (at most 100 printable characters)")
+        if not isinstance(rules, dict):
+            raise ValueError(f'{app!r} must be a table ([apps."{app}"])')
+        unknown = set(rules) - APP_POLICY_KEYS
+        if unknown:
+            raise ValueError(f"{app!r}: unknown setting {sorted(unknown)[0]!r}")
+        apps.append((app, _app_policy(app, rules)))
+    return AppRules(tuple(sorted(apps)), require_listed)
+
+
+def _app_policy(app: str, rules: dict[str, Any]) -> AppPolicy:
+    def optional(name: str, check: Callable[[Any], Any]) -> Any:
+        if name not in rules:
+            return None
+        try:
+            return check(rules[name])
+        except ValueError as err:
+            raise ValueError(f"{app!r} {name} {err}") from None
+
+    prefixes = optional("system_prompt_prefixes", strings)
+    return AppPolicy(
+        models=optional("models", strings),
+        max_completion_tokens=optional("max_completion_tokens", count),
+        max_messages=optional("max_messages", count),
+        max_request_chars=optional("max_request_chars", count),
+        system_prompt_prefixes=prefixes,
+    )
 
 
 def app_caps_from_env(text: str) -> dict[str, float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qp.errors import ConfigError
-from qp.policy.policy import Policy
+from qp.policy.policy import AppRules, Policy
 from qp.policy.settings import SETTINGS, WHOLE_SECTIONS
 
 
@@ -46,7 +46,11 @@ def _from_file(path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, value in document.items():
         entries: list[tuple[str | None, str, Any]]
-        if name in WHOLE_SECTIONS:
+        if name == "apps" and isinstance(value, dict) and "allowed" in value:
+            # The apps list beside the [apps."name"] sections (TOML has one `apps`).
+            value = dict(value)
+            entries = [(None, "apps", value.pop("allowed")), ("apps", "*", value)]
+        elif name in WHOLE_SECTIONS and (name != "apps" or isinstance(value, dict)):
             entries = [(name, "*", value)]
         elif isinstance(value, dict):
             entries = [(name, key, item) for key, item in value.items()]
@@ -67,11 +71,17 @@ def _from_file(path: Path) -> dict[str, Any]:
 def policy_as_toml(policy: Policy) -> str:
     """The policy in the file's own shape: a valid QP_CONFIG file."""
     lines: list[str] = []
-    for section in (None, "chats", "completion", "budgets", "cache", "prices"):
+    # With [apps."name"] sections the apps list goes in their table, as `allowed`.
+    sections = policy.app_rules != AppRules()
+    for section in (None, "chats", "completion", "budgets", "cache", "prices", "apps"):
+        if section == "apps" and not sections:
+            continue
         if section is not None:
             lines += ["", f"[{section}]"]
+        if section == "apps":
+            lines.append(f"allowed = {_toml_value(policy.apps)}")
         for setting in SETTINGS:
-            if setting.section != section:
+            if setting.section != section or (sections and setting.field == "apps"):
                 continue
             value = setting.to_file(getattr(policy, setting.field))
             if setting.key == "*":

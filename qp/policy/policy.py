@@ -78,6 +78,43 @@ DEFAULT_REQUIRED_PHRASE_GROUPS = (
 
 DEFAULT_OPENROUTER_URL = "https://openrouter.ai/api/v1/chat/completions"
 
+
+@dataclass(frozen=True)
+class AppPolicy:
+    """What the server's and the app's keys pay for in one app ([apps."name"]); None: as
+    for any app."""
+
+    # The models paid for (None: the cheap list).
+    models: tuple[str, ...] | None = None
+    # The most completion tokens upstream is asked for (max_tokens), and reserved for.
+    max_completion_tokens: int | None = None
+    # Below the global limits: messages in a request, characters in all of them.
+    max_messages: int | None = None
+    max_request_chars: int | None = None
+    # The system message starts with one of these (after leading whitespace).
+    system_prompt_prefixes: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class AppRules:
+    """The [apps] sections: each app's policy ("*": every app not named), and whether an
+    app without one may spend the server's keys at all."""
+
+    apps: tuple[tuple[str, AppPolicy], ...] = ()
+    require_listed: bool = False
+
+    @cached_property
+    def by_app(self) -> dict[str, AppPolicy]:
+        return dict(self.apps)
+
+    def of(self, app: str | None) -> AppPolicy | None:
+        """`app`'s own policy, else the "*" one; None when neither is set."""
+        found = self.by_app.get(app) if app is not None else None
+        return found if found is not None else self.by_app.get("*")
+
+
+NO_APP_RULES = AppPolicy()
+
 DEFAULT_CHATS_RATE_LIMIT = RateLimit(per_minute=300, per_hour=5000)
 DEFAULT_COMPLETION_RATE_LIMIT = RateLimit(per_minute=100, per_hour=1000)
 
@@ -144,6 +181,8 @@ class Policy:
     # not named), which wins.
     cache_ttl: float = 0.0
     cache_app_ttl: tuple[tuple[str, float], ...] = ()
+    # Per app, for what the server's and the apps' keys pay ([apps."name"]).
+    app_rules: AppRules = AppRules()
 
     @cached_property
     def origin_matcher(self) -> OriginMatcher:
@@ -186,14 +225,17 @@ class Policy:
         return dict(self.fallback_models)
 
     def models_to_try(self, model: str, app: str | None, any_model: bool) -> tuple[str, ...]:
-        """`model`, then the app's fallbacks (its own, else the "*" ones) that are cheap
-        models, unless `any_model` is false (the client's own key: its model only)."""
+        """`model`, then the app's fallbacks (its own, else the "*" ones) among the models
+        the operator pays for in that app (its policy's `models`, else the cheap list),
+        unless `any_model` is false (the client's own key: its model only)."""
         if not any_model:
             return (model,)
         fallbacks = self.app_fallbacks
         listed = fallbacks.get(app or "", fallbacks.get("*", ()))
-        cheap = self.cheap_model_set
-        return (model, *(other for other in listed if other != model and other in cheap))
+        rules = self.app_rules.of(app)
+        paid = rules.models if rules is not None and rules.models is not None else None
+        allowed = self.cheap_model_set if paid is None else frozenset(paid)
+        return (model, *(other for other in listed if other != model and other in allowed))
 
     @cached_property
     def app_cache_ttls(self) -> dict[str, float]:
@@ -207,6 +249,17 @@ class Policy:
     @cached_property
     def longest_cache_ttl(self) -> float:
         return max([self.cache_ttl, *self.app_cache_ttls.values()])
+
+    def paid_app_policy(self, app: str | None) -> AppPolicy:
+        """The policy of a completion the server's or an app's key would pay for in `app`:
+        its own, else the "*" one, else none beyond the contract's (400 `Unknown app` when
+        `require_listed` wants one)."""
+        found = self.app_rules.of(app)
+        if found is not None:
+            return found
+        if self.app_rules.require_listed:
+            raise ApiError(400, "Unknown app")
+        return NO_APP_RULES
 
     def rate_limit(self, rate_class: str) -> RateLimit:
         return self.chats_rate_limit if rate_class == "chats" else self.completion_rate_limit

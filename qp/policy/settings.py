@@ -11,6 +11,7 @@ from qp.policy.checks import (
     app_caps,
     app_caps_from_env,
     app_models,
+    app_rules,
     app_ttls,
     apps,
     body_bytes,
@@ -35,7 +36,7 @@ from qp.policy.checks import (
     url,
     usd,
 )
-from qp.policy.policy import Policy
+from qp.policy.policy import AppPolicy, Policy
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,17 @@ SETTINGS = (
         to_file=dict,
     ),
     Setting(
+        "app_rules",
+        "apps",
+        "*",
+        None,
+        app_rules,
+        to_file=lambda rules: {
+            **({"require_listed": True} if rules.require_listed else {}),
+            **{app: _app_policy_table(policy) for app, policy in rules.apps},
+        },
+    ),
+    Setting(
         "prices",
         "prices",
         "*",
@@ -217,5 +229,11 @@ SETTINGS = (
     ),
 )
 assert {s.field for s in SETTINGS} == {f.name for f in fields(Policy)}
+
+
+def _app_policy_table(policy: AppPolicy) -> dict[str, Any]:
+    return {f.name: getattr(policy, f.name) for f in fields(policy) if getattr(policy, f.name)}
+
+
 # Sections that are one setting whole, their keys free (model names).
 WHOLE_SECTIONS = {s.section for s in SETTINGS if s.key == "*"}

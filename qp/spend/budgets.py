@@ -390,14 +390,20 @@ def budget_scopes(
     return scopes
 
 
-def estimate_cost(policy: Policy, price: tuple[float, float] | None, prompt_bytes: int) -> float:
+def estimate_cost(
+    policy: Policy,
+    price: tuple[float, float] | None,
+    prompt_bytes: int,
+    completion_tokens: int | None = None,
+) -> float:
     """What a request reserves: its prompt (bytes / 3 as tokens) at the model's prompt
-    price plus `reserve_completion_tokens` at its completion price; the policy's
-    `default_reserve_usd` for a model without a known price."""
+    price plus `completion_tokens` (the app's cap; else `reserve_completion_tokens`) at its
+    completion price; the policy's `default_reserve_usd` for a model without a known price."""
     if price is None:
         return policy.default_reserve_usd
     prompt, completion = price
-    return prompt_bytes / 3 * prompt + policy.reserve_completion_tokens * completion
+    tokens = policy.reserve_completion_tokens if completion_tokens is None else completion_tokens
+    return prompt_bytes / 3 * prompt + tokens * completion
 
 
 class OpenStreams:

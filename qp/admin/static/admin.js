@@ -165,6 +165,7 @@
     drawHourly(spend.hourly);
     drawCostSources(spend.costSource);
     drawCache(spend.cache);
+    drawPolicies(await api("/api/admin/policies"));
     $("view-spend").dataset.loaded = "true";
   }
 
@@ -255,6 +256,30 @@
         el("td", {class: "number"}, count.format(s.completions)),
         el("td", {class: "number"}, usd.format(s.cost)),
         el("td", {class: "number"}, total > 0 ? percent.format(s.cost / total) : "–"))));
+  }
+
+  const REFUSED_FOR = {unknown_app: "no policy of its own", model: "a model it does not pay for",
+    cap: "over its limits", prefix: "a system prompt not its own"};
+
+  function drawPolicies(policies) {
+    $("policies-summary").textContent = policies.apps.length
+      ? (policies.requireListed ? "Apps without a policy of their own are refused the server's keys." : "")
+      : "No app has a policy of its own: every app may use the cheap models. Set them in the policy file's [apps.\"name\"] sections (see docs/spend.md in qp-server).";
+    const limits = (p) => [p.maxMessages && `${p.maxMessages} messages`,
+      p.maxRequestChars && `${count.format(p.maxRequestChars)} characters`].filter(Boolean).join(", ") || "–";
+    $("policies").tBodies[0].replaceChildren(...policies.apps.map((p) =>
+      el("tr", {},
+        el("th", {scope: "row"}, p.app === "*" ? "every other app" : p.app),
+        el("td", {}, p.models ? p.models.join(", ") : "the cheap list"),
+        el("td", {class: "number"}, p.maxCompletionTokens ? count.format(p.maxCompletionTokens) : "–"),
+        el("td", {}, limits(p)),
+        el("td", {}, p.systemPromptPrefixes ? p.systemPromptPrefixes.map((x) => `“${x.slice(0, 60)}${x.length > 60 ? "…" : ""}”`).join(" or ") : "any"),
+        el("td", {class: "number"}, p.dailyBudget ? `${usd.format(p.spentToday)} of ${usd.format(p.dailyBudget)}` : usd.format(p.spentToday)))));
+    $("policy-refusals").tBodies[0].replaceChildren(...(policies.refusals.length ? policies.refusals.map((r) =>
+      el("tr", {},
+        el("th", {scope: "row"}, r.app || "(no app)"),
+        el("td", {}, REFUSED_FOR[r.reason] || r.reason),
+        el("td", {class: "number"}, count.format(r.refusals)))) : [el("tr", {}, el("td", {colspan: "3"}, "Nothing refused since this process started."))]));
   }
 
   function drawCache(cache) {
