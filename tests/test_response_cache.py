@@ -12,7 +12,9 @@ import threading
 import time
 
 import aiohttp
+import orjson
 import pytest
+from yarl import URL
 
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import STANDARD_STREAM, FakeOpenRouter, Script
@@ -23,6 +25,7 @@ from tests.helpers import (
     ledger,
     relay_process,
     wait_for_log,
+    wait_until,
 )
 from tests.processes import PostgresServer, QPServer, SeaweedFS
 
@@ -377,3 +380,31 @@ async def test_the_last_client_leaving_a_flight_aborts_upstream(start_server, fa
     # Nothing was stored: the next one goes upstream.
     fake.scripts["abandoned"] = Script()
     assert (await answer(server.client, ping("script:abandoned")))[1] == "miss"
+
+
+async def test_a_request_arriving_as_a_flights_last_client_leaves_gets_a_whole_answer(
+    start_server, fake, tmp_path
+):
+    """The last client leaves while the flight waits to try upstream again: the flight is
+    cancelled, and an identical request arriving at that moment must not join it (it
+    would get a 200 with nothing in it) but go upstream on its own."""
+    server = await cached_server(start_server, fake, tmp_path)
+    url = URL(server.url)
+    for n in range(5):
+        name = f"doomed-{n}"
+        retry_later = Script(status=502, body=b"{}", headers={"Retry-After": "1"})
+        fake.scripts[name] = Script(failures=[retry_later])
+        before = len(fake.received)
+        body = orjson.dumps(ping(f"script:{name}"))
+        _, writer = await asyncio.open_connection(url.host, url.port)
+        writer.write(
+            b"POST /api/completion HTTP/1.1\r\nHost: qp\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        await wait_until(
+            lambda tried=before + 1: len(fake.received) >= tried, 10, "the first try upstream"
+        )
+        writer.transport.abort()  # its only client leaves during the backoff
+        status, _, got = await answer(server.client, ping(f"script:{name}"))
+        assert (status, got) == (200, WHOLE)

@@ -108,6 +108,10 @@ class Flight:
     followers: set[_Follower] = field(default_factory=set)
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     failure: _Failure | None = None
+    # Upstream answered 2xx: the stream is on. Being cancelled (its last client left): no
+    # one joins it.
+    streaming: bool = False
+    closing: bool = False
     # How the upstream stream ended (None: still going), and what it cost.
     outcome: str | None = None
     cost: float | None = None
@@ -180,6 +184,7 @@ class Flight:
         self._cut(follower)
         task = self.task
         if not self.followers and task is not None and not task.done() and self.outcome is None:
+            self.closing = True
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait({task})
@@ -224,11 +229,16 @@ async def cached_completion(
         metrics.cache_hits.labels("stored").inc()
         return await _replay(request, stored, record)
     flights = app[FLIGHTS]
-    while True:
+    for _ in range(MAX_FLIGHTS_TRIED):
         flight = flights.by_key.get(key)
         # Joined from its first byte, while it streams or once it completed; not one past
-        # the bound or one that ended otherwise.
-        leading = flight is None or flight.kept is None or flight.outcome not in (None, "completed")
+        # the bound, one being cancelled, or one that ended otherwise.
+        leading = (
+            flight is None
+            or flight.kept is None
+            or flight.closing
+            or flight.outcome not in (None, "completed")
+        )
         follower = None if leading or flight is None else flight.follow()
         if follower is None:
             leading = True
@@ -242,6 +252,8 @@ async def cached_completion(
                 if leading or not failure.before_upstream:
                     raise failure.error()
                 continue  # the first client was refused: start or join another
+            if not flight.streaming:
+                continue  # it ended before upstream answered (its clients left): another
             if leading:
                 metrics.cache_misses.inc()
                 return await _follow(request, flight, follower, MISS_HEADERS, None)
@@ -249,6 +261,12 @@ async def cached_completion(
             return await _follow(request, flight, follower, HIT_HEADERS, record)
         finally:
             await flight.leave(follower)
+    raise ApiError(502, "Bad Gateway", message="Could not connect to the completion service")
+
+
+# Flights one request starts or joins at most: each that ends before its answer (its
+# clients left, or its first client's budget refused it) sends it to the next.
+MAX_FLIGHTS_TRIED = 3
 
 
 def _start(
@@ -296,6 +314,7 @@ async def _fly(
                 answer, _ = await first_answer(request, upstream.session, policy, payload, record)
                 async with answer:
                     record.status = 200
+                    flight.streaming = True
                     flight.answered.set()
                     await _relay(answer, flight, record)
                 # Stored before the followers' streams end: once a client has the whole
