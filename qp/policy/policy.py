@@ -228,7 +228,7 @@ class Policy:
         """`model`, then the app's fallbacks (its own, else the "*" ones) among the models
         the operator pays for in that app (its policy's `models`, else the cheap list),
         unless `any_model` is false (the client's own key: its model only)."""
-        if not any_model:
+        if not any_model or not self.fallback_models:
             return (model,)
         fallbacks = self.app_fallbacks
         listed = fallbacks.get(app or "", fallbacks.get("*", ()))
