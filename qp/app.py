@@ -62,6 +62,7 @@ from qp.storage.blobs import BlobStore
 from qp.storage.claim import Claim, ClaimHeld
 from qp.storage.database import DATABASE
 from qp.storage.disk import DISK_SPACE
+from qp.storage.sqlite import SqliteDatabase
 
 log = logging.getLogger("qp.app")
 LAG_PROBE_SECONDS = 0.1
@@ -134,6 +135,8 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     between one server process and several (qp/startup.py)."""
     db, app[PROCESSES] = await open_processes(app[CONFIG], space=app[DISK_SPACE])
     app[DATABASE] = db
+    if isinstance(db, SqliteDatabase):
+        app[METRICS].watch_write_groups(lambda: (db.groups_committed, db.writes_committed))
     try:
         yield
     finally:

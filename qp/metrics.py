@@ -254,6 +254,10 @@ class Metrics:
         """Expose the models whose breaker is open now (bounded by the cheap list)."""
         self.registry.register(_BreakerCollector(open_models))
 
+    def watch_write_groups(self, committed: Callable[[], tuple[int, int]]) -> None:
+        """Expose SQLite's group commits: the groups, and the writes they held."""
+        self.registry.register(_WriteGroupCollector(committed))
+
     def watch_rate_limiter(self, tracked: Callable[[], int], forgotten: Callable[[], int]) -> None:
         """Expose the rate limiter's table: counters held, and those forgotten past its cap."""
         self.registry.register(_RateLimiterCollector(tracked, forgotten))
@@ -302,6 +306,25 @@ class _BreakerCollector(Collector):
         for model, seconds in sorted(self._open_models().items()):
             family.add_metric([model], seconds)
         yield family
+
+
+class _WriteGroupCollector(Collector):
+    def __init__(self, committed: Callable[[], tuple[int, int]]):
+        self._committed = committed
+
+    def collect(self) -> Iterable[Metric]:
+        groups, writes = self._committed()
+        yield CounterMetricFamily(
+            "qp_write_groups",
+            "SQLite transactions that committed chat writes (each one fsync), groups of up to 64",
+            value=groups,
+        )
+        yield CounterMetricFamily(
+            "qp_grouped_writes",
+            "Chat writes those transactions committed: over qp_write_groups_total, the mean"
+            " group size",
+            value=writes,
+        )
 
 
 class _RateLimiterCollector(Collector):

@@ -4,6 +4,7 @@ and each still gets the answer it would have got alone."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 
 import aiohttp
@@ -36,8 +37,14 @@ async def test_the_chat_limit_stays_exact_inside_a_group(start_server):
     )
     stored = server.database.rows("SELECT chat_id FROM chats WHERE app = ?", ("tight-app",))
     assert sorted(row["chat_id"] for row in stored) == sorted(c["chatId"] for c in created)
-    # The writes did share transactions: fewer groups than writes.
+    # The writes did share transactions: fewer groups than writes, as /metrics shows.
     assert db.groups_committed < db.writes_committed
+    async with server.client.get("/metrics") as response:
+        text = await response.text()
+    counted = dict(
+        re.findall(r"^(qp_write_groups_total|qp_grouped_writes_total) (\S+)$", text, re.M)
+    )
+    assert 1 <= float(counted["qp_write_groups_total"]) < float(counted["qp_grouped_writes_total"])
 
 
 async def test_one_id_created_at_once_many_times_is_one_200_and_409s(start_server):
