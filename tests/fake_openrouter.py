@@ -37,8 +37,9 @@ class Script:
     status: int = 200
     reason: str | None = None
     body: bytes = b""
-    # An error answer's headers (Retry-After).
+    # An error answer's headers (Retry-After); with `stall_body`, its body never ends.
     headers: dict[str, str] = field(default_factory=dict)
+    stall_body: bool = False
     # The answers to the first requests of this script, one each, before its own.
     failures: list[Script] = field(default_factory=list)
     headers_delay: float = 0.0
@@ -52,7 +53,8 @@ class Script:
     # Bill the stream per token as OpenRouter does (see FakeOpenRouter.bill); in its
     # chunks GEN_ID is the generation id and a chunk USAGE the usage of what was sent.
     billed: bool = False
-    # A chunk GATE waits here until this is set (a test lets the stream go on).
+    # A chunk GATE waits here until this is set (a test lets the stream go on); an error
+    # answer waits for it before it is sent.
     gate: threading.Event | None = None
 
 
@@ -171,6 +173,12 @@ class FakeOpenRouter:
             seen.generation_id = f"gen-fake-{len(self.received)}"
         try:
             await asyncio.sleep(script.headers_delay)
+            if script.status != 200 and script.gate is not None:
+                await asyncio.get_running_loop().run_in_executor(None, script.gate.wait, 60)
+            if script.status != 200 and script.stall_body:
+                stalled = web.StreamResponse(status=script.status, headers=script.headers)
+                await stalled.prepare(request)
+                await asyncio.sleep(3600)
             if script.status != 200:
                 return web.Response(
                     status=script.status,

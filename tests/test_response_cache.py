@@ -7,20 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
 from yarl import URL
 
+from qp.completions.flights import FLIGHTS
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import STANDARD_STREAM, FakeOpenRouter, Script
 from tests.helpers import (
     ADMIN_KEY,
     a_fresh_hour,
+    call,
     completion_request,
     ledger,
     relay_process,
@@ -408,3 +413,79 @@ async def test_a_request_arriving_as_a_flights_last_client_leaves_gets_a_whole_a
         writer.transport.abort()  # its only client leaves during the backoff
         status, _, got = await answer(server.client, ping(f"script:{name}"))
         assert (status, got) == (200, WHOLE)
+
+
+async def test_a_lone_client_reading_slower_than_upstream_gets_the_whole_stream(
+    start_server, fake, tmp_path
+):
+    """Alone in its flight, a slow reader is held back as the relay holds it (upstream is
+    not read faster than it writes), not cut for falling behind."""
+    server = await cached_server(start_server, fake, tmp_path, QP_RESPONSE_CACHE_ENTRY_KB="16")
+    token = b'data: {"id":"gen-l","choices":[{"delta":{"content":"' + b"w" * 4000 + b'"}}]}\n\n'
+    fake.scripts["long"] = Script(
+        chunks=[(0.0, token)] * 1000 + [(0.0, chunk) for chunk in STANDARD_STREAM[4:]]
+    )
+    whole = token * 1000 + b"".join(STANDARD_STREAM[4:])
+    async with server.client.post(
+        "/api/completion", json=ping("script:long"), read_bufsize=4096
+    ) as response:
+        got = bytearray()
+        while chunk := await response.content.read(16384):
+            got += chunk
+            await asyncio.sleep(0.002)  # a slow reader's pace, not a wait for anything
+    assert bytes(got) == whole
+    (paid,) = await rows_written(server, 1)
+    assert (paid["outcome"], paid["client_left"]) == ("completed", 0)
+
+
+async def test_every_client_of_a_failed_flight_has_its_row(start_server, fake, tmp_path):
+    server = await cached_server(start_server, fake, tmp_path, QP_UPSTREAM_RETRIES="0")
+    gate = threading.Event()
+    fake.scripts["held-503"] = Script(status=503, body=b"{}", gate=gate)
+    flights = server.app[FLIGHTS]
+    try:
+        asked = [
+            asyncio.ensure_future(
+                call(server.client, "POST", "/api/completion", json=ping("script:held-503"))
+            )
+            for _ in range(3)
+        ]
+        # All three follow the one flight upstream holds, then it answers 503.
+        await wait_until(
+            lambda: sum(len(flight.followers) for flight in flights.by_key.values()) == 3,
+            10,
+            "three clients in the flight",
+        )
+    finally:
+        gate.set()
+    answers = await asyncio.gather(*asked)
+    assert answers == [(503, {"error": "Service Unavailable"})] * 3
+    rows = await rows_written(server, 3)
+    assert (
+        sorted((row["status"], row["outcome"], row["cost"]) for row in rows)
+        == [(503, "upstream_error", None)] * 3
+    )
+
+
+async def test_a_database_down_under_a_flight_is_the_contracts_503_for_each_client(
+    start_server, fake, tmp_path
+):
+    """The reservation in a budget fails (PostgreSQL down): each client of the flight gets
+    503 Storage unavailable, as without the cache; never a 200 with nothing in it."""
+    own = PostgresServer(Path(tempfile.mkdtemp(prefix="qp-pg-flight-"))).start()
+    try:
+        server = await cached_server(
+            start_server,
+            fake,
+            tmp_path,
+            QP_DATABASE=own.create_database(),
+            QP_BUDGET_SERVER_DAILY_USD="100",
+        )
+        own.stop("immediate")
+        answers = await asyncio.gather(
+            *(call(server.client, "POST", "/api/completion", json=ping("down")) for _ in range(3))
+        )
+        assert answers == [(503, {"error": "Storage unavailable"})] * 3
+    finally:
+        own.stop()
+        shutil.rmtree(own.data_dir, ignore_errors=True)

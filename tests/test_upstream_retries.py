@@ -4,6 +4,7 @@ port against the fake OpenRouter."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import aiohttp
@@ -11,7 +12,7 @@ import pytest
 
 from tests.app_server import AppServer, StartServer
 from tests.fake_openrouter import STANDARD_STREAM, FakeOpenRouter, Script
-from tests.helpers import ADMIN_KEY, call, completion_request, ledger
+from tests.helpers import ADMIN_KEY, call, completion_request, ledger, wait_until
 
 pytestmark = pytest.mark.on_both_databases
 
@@ -281,3 +282,67 @@ async def test_an_open_breaker_goes_straight_to_the_fallback(start_server, fake,
     assert 'qp_upstream_attempts_total{result="answered"} 2.0' in text
     assert "qp_fallback_answers_total 2.0" in text
     assert f'qp_breaker_open_seconds{{model="{CHEAP}"}}' in text
+
+
+async def test_no_attempt_starts_once_the_timeout_is_spent(start_server, fake, tmp_path):
+    """The first model's error body never ends: its read is cut at the timeout, and the
+    fallback is not asked, counted or charged (upstream bills no error answer)."""
+    server = await relay(start_server, fake, tmp_path, FALLBACKS, QP_UPSTREAM_TIMEOUT="1")
+    fake.model_scripts[CHEAP] = Script(status=502, stall_body=True)
+    try:
+        before = len(fake.received)
+        status, body = await call(
+            server.client, "POST", "/api/completion", json=completion_request()
+        )
+    finally:
+        fake.model_scripts.clear()
+    assert (status, body) == (502, {"error": "Bad Gateway"})
+    assert seen_models(fake, before) == [CHEAP]
+    (row,) = await rows_written(server, 1)
+    assert (row["outcome"], row["attempts"], row["cost"]) == ("upstream_error", 1, None)
+    assert await call(server.client, "GET", "/healthz") == (200, {"status": "ok"})
+
+
+async def test_after_the_cooloff_one_request_alone_is_the_trial(start_server, fake, tmp_path):
+    clock = Clock()
+    server = await relay(
+        start_server,
+        fake,
+        tmp_path,
+        QP_UPSTREAM_RETRIES="0",
+        QP_BREAKER_FAILURES="1",
+        clock=clock,
+        QP_UPSTREAM_TIMEOUT="30",
+    )
+    gate = threading.Event()
+    fake.model_scripts[CHEAP] = Script(status=502, body=b"{}")
+    try:
+        assert (await call(server.client, "POST", "/api/completion", json=completion_request()))[
+            0
+        ] == 502
+        clock.offset += 31
+        fake.model_scripts[CHEAP] = Script(status=502, body=b"{}", gate=gate)
+        before = len(fake.received)
+        trial = asyncio.ensure_future(
+            call(server.client, "POST", "/api/completion", json=completion_request())
+        )
+        await wait_until(lambda: len(fake.received) > before, 10, "the trial upstream")
+        # While the trial is out, the others are still refused.
+        others = [
+            await call(server.client, "POST", "/api/completion", json=completion_request())
+            for _ in range(3)
+        ]
+        assert [status for status, _ in others] == [503] * 3
+        gate.set()
+        assert (await trial)[0] == 502
+    finally:
+        gate.set()
+        fake.model_scripts.clear()
+    assert len(fake.received) - before == 1
+
+
+@pytest.mark.parametrize("value", ["1_0", "nan", "1e9"])
+async def test_a_retry_after_http_does_not_write_is_ignored(start_server, fake, tmp_path, value):
+    server = await relay(start_server, fake, tmp_path)
+    fake.scripts[f"odd-{value}"] = failing(429, 1, headers={"Retry-After": value})
+    assert (await stream(server, completion_request(f"script:odd-{value}")))[0] == 200

@@ -19,6 +19,7 @@ import functools
 import http
 import logging
 import random
+import re
 import time
 
 import aiohttp
@@ -78,7 +79,9 @@ async def first_answer(
     try:
         for model in policy.models_to_try(record.model, record.app, paid_by_us):
             for attempt in range(policy.upstream_retries + 1):
-                if paid_by_us and not breakers.allows(model):
+                if failure is not None and loop.time() >= deadline:
+                    raise failure  # no time left for another request: the last failure
+                if paid_by_us and not breakers.allows(model, policy):
                     metrics.breaker_skips.inc()
                     failure = failure or _breaker_open(breakers, model, record)
                     break
@@ -154,10 +157,8 @@ def _retry_after(answer: aiohttp.ClientResponse) -> float | None:
     value = answer.headers.get("Retry-After", "").strip()
     if not value:
         return None
-    try:
-        return min(max(float(value), 0.0), MAX_RETRY_AFTER)
-    except ValueError:
-        pass
+    if _SECONDS.fullmatch(value):
+        return min(float(value), MAX_RETRY_AFTER)
     with contextlib.suppress(TypeError, ValueError, IndexError, OverflowError):
         when = email.utils.parsedate_to_datetime(value)
         return min(max(when.timestamp() - time.time(), 0.0), MAX_RETRY_AFTER)
@@ -165,6 +166,8 @@ def _retry_after(answer: aiohttp.ClientResponse) -> float | None:
 
 
 MAX_RETRY_AFTER = 3600.0
+# Retry-After in seconds as HTTP writes it (float() would take "1_0", "nan", "1e9").
+_SECONDS = re.compile(r"[0-9]{1,10}(\.[0-9]{1,6})?")
 
 
 def _breaker_open(breakers: ModelBreakers, model: str, record: CompletionRecord) -> ApiError:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,7 @@ from qp.completions.relay import (
     recording_the_end,
 )
 from qp.completions.usage import UsageScanner
-from qp.errors import ApiError
+from qp.errors import STORAGE_UNAVAILABLE, ApiError, StorageUnavailable
 from qp.metrics import METRICS
 from qp.policy.policy import Policy
 from qp.spend.record import CompletionRecord
@@ -85,13 +86,29 @@ class _Follower:
 
 @dataclass
 class _Failure:
+    """Why a flight ended before its stream: the answer each of its clients gets."""
+
     status: int
     body: dict[str, Any]
     headers: dict[str, str]
-    # Refused before it went upstream (the first client's budget): not the others' answer.
+    # Refused before it went upstream (the first client's budget, its storage): not the
+    # others' answer.
     before_upstream: bool
 
+    @classmethod
+    def of(cls, err: Exception, before_upstream: bool) -> _Failure:
+        """The answer the relay would have given for `err`: an ApiError's own; a storage
+        failure the contract's 503 (as the error middleware answers it); else a 500."""
+        if isinstance(err, ApiError):
+            return cls(err.status, err.body, err.headers or {}, before_upstream)
+        if isinstance(err, StorageUnavailable):
+            log.error("completion: %s", err)
+            return cls(503, STORAGE_UNAVAILABLE, {"Retry-After": "5"}, before_upstream)
+        log.error("completion: unexpected %s in a response-cache flight", type(err).__name__)
+        return cls(500, {"error": "Internal server error"}, {}, before_upstream)
+
     def error(self) -> ApiError:
+        """A fresh error for one client (each raises its own)."""
         extra = {name: value for name, value in self.body.items() if name != "error"}
         return ApiError(self.status, str(self.body["error"]), dict(self.headers), **extra)
 
@@ -101,6 +118,8 @@ class Flight:
     key: str
     entry_bytes: int
     held: _HeldBytes
+    # The first client's record: the paid completion's ledger row.
+    record: CompletionRecord
     # The chunks so far while they fit `entry_bytes` (and the bound of all that is held);
     # None past it: no one joins then, and it is not stored.
     kept: list[bytes] | None = field(default_factory=list)
@@ -116,6 +135,8 @@ class Flight:
     outcome: str | None = None
     cost: float | None = None
     task: asyncio.Task[None] | None = None
+    # Set when a follower wrote a chunk or left: the flight may read on.
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
 
     def follow(self) -> _Follower | None:
         """A follower from the first byte; None when what it would hold has no room."""
@@ -139,13 +160,29 @@ class Flight:
         for follower in self.followers:
             if follower.cut:
                 continue
-            too_far = follower.behind and follower.behind + size > 2 * self.entry_bytes
-            if too_far or not self.held.take(size):
-                self._cut(follower)  # its stream ends short: no one waits for it
-            else:
+            if self.held.take(size):
                 follower.chunks.append(chunk)
                 follower.behind += size
+            else:
+                self._cut(follower)  # all flights hold their bound: its stream ends short
             follower.woken.set()
+
+    async def room(self) -> None:
+        """Before the next read upstream: wait while every follower is more than two entries
+        behind (one slow client alone is held back as the relay would hold it, by not
+        reading on); when some are and others are not, cut those behind (their streams end
+        short), so that no reader holds the others back or memory up."""
+        limit = 2 * self.entry_bytes
+        while True:
+            live = [follower for follower in self.followers if not follower.cut]
+            behind = [follower for follower in live if follower.behind >= limit]
+            if len(behind) < len(live) or not live:
+                for follower in behind:
+                    self._cut(follower)
+                    follower.woken.set()
+                return
+            self.drained.clear()
+            await self.drained.wait()
 
     def let_go(self) -> None:
         """Keep no more: no one joins from here, and it is not stored."""
@@ -157,6 +194,7 @@ class Flight:
         follower.chunks.clear()
         self.held.give(follower.behind)
         follower.behind = 0
+        self.drained.set()
 
     def end(self, outcome: str) -> None:
         if self.outcome is None:
@@ -175,6 +213,7 @@ class Flight:
         chunk = follower.chunks.popleft()
         follower.behind -= len(chunk)
         self.held.give(len(chunk))
+        self.drained.set()
         return chunk
 
     async def leave(self, follower: _Follower) -> None:
@@ -224,7 +263,12 @@ async def cached_completion(
     app = request.app
     metrics = app[METRICS]
     ttl = policy.cache_ttl_of(record.app)
-    stored = await app[RESPONSE_CACHE].get(key, ttl)
+    stored = None
+    try:
+        async with asyncio.timeout(CACHE_SECONDS):
+            stored = await app[RESPONSE_CACHE].get(key, ttl)
+    except TimeoutError:
+        log.warning("response cache not read within %g s (a miss)", CACHE_SECONDS)
     if stored is not None:
         metrics.cache_hits.labels("stored").inc()
         return await _replay(request, stored, record)
@@ -246,10 +290,19 @@ async def cached_completion(
             follower = flight.follow()
         assert flight is not None and follower is not None  # an empty start always has room
         try:
-            await flight.answered.wait()
+            try:
+                await flight.answered.wait()
+            except asyncio.CancelledError:
+                if not leading:  # it left before the answer: its row says so
+                    _record_follower(request, record, 0, _left(request))
+                elif flight.outcome is None:
+                    flight.record.client_left = True  # the first client left; others wait on
+                raise
             failure = flight.failure
             if failure is not None:
                 if leading or not failure.before_upstream:
+                    if not leading:  # the first client's failure upstream is its too
+                        _record_follower(request, record, failure.status, flight.record.outcome)
                     raise failure.error()
                 continue  # the first client was refused: start or join another
             if not flight.streaming:
@@ -267,6 +320,14 @@ async def cached_completion(
 # Flights one request starts or joins at most: each that ends before its answer (its
 # clients left, or its first client's budget refused it) sends it to the next.
 MAX_FLIGHTS_TRIED = 3
+# How long a lookup or a store in the cache may take (a database that hangs): then a miss,
+# or not stored.
+CACHE_SECONDS = 1.0
+
+
+def _left(request: web.Request) -> str:
+    """How a client's completion ended when it went away: or the server stopped."""
+    return "shutdown" if request.app[UPSTREAM].shutting_down.is_set() else "client_left"
 
 
 def _start(
@@ -279,7 +340,7 @@ def _start(
 ) -> Flight:
     app = request.app
     flights = app[FLIGHTS]
-    flight = Flight(key, app[RESPONSE_CACHE_ENTRY_BYTES], flights.held)
+    flight = Flight(key, app[RESPONSE_CACHE_ENTRY_BYTES], flights.held, record)
     flights.by_key[key] = flight
     task = asyncio.create_task(_fly(request, flight, policy, payload, record, estimate))
     flight.task = task
@@ -321,8 +382,10 @@ async def _fly(
                 # answer, the next identical request, on any process, is a hit.
                 await _store(request, flight, policy, record)
                 flight.end(record.outcome)
-    except ApiError as err:
-        flight.failure = _Failure(err.status, err.body, err.headers or {}, not went_upstream)
+    except Exception as err:
+        # Its clients are answered as the relay's would be: an ApiError as it says, a storage
+        # failure the contract's 503 (the error middleware, for each of them).
+        flight.failure = _Failure.of(err, not went_upstream)
         flight.end("refused")
     finally:
         flight.end(record.outcome)
@@ -344,6 +407,7 @@ async def _relay(answer: aiohttp.ClientResponse, flight: Flight, record: Complet
                 break
             flight.publish(chunk)
             usage.feed(chunk)
+            await flight.room()
     finally:
         record.prompt_tokens = usage.prompt_tokens
         record.completion_tokens = usage.completion_tokens
@@ -354,18 +418,31 @@ async def _relay(answer: aiohttp.ClientResponse, flight: Flight, record: Complet
 async def _store(
     request: web.Request, flight: Flight, policy: Policy, record: CompletionRecord
 ) -> None:
-    """Store the answer if it is whole: completed, a finish reason, no error, its cost."""
+    """Store the answer if it is whole (completed, a finish reason, no error, its cost) and
+    from the model asked for (a fallback's answer is not replayed for the TTL)."""
     kept = flight.kept
     if record.outcome != "completed" or kept is None or flight.cost is None:
         return
+    if record.answered_model != record.model:
+        return
     body = b"".join(kept)
-    if b'"finish_reason":"' not in body or b'"error"' in body:
+    if not _FINISHED.search(body) or _ERROR.search(body):
         return
     app = request.app
-    await app[RESPONSE_CACHE].put(
-        flight.key, record.app, CachedAnswer(body, flight.cost), policy.longest_cache_ttl
-    )
+    try:
+        async with asyncio.timeout(CACHE_SECONDS):
+            await app[RESPONSE_CACHE].put(
+                flight.key, record.app, CachedAnswer(body, flight.cost), policy.longest_cache_ttl
+            )
+    except TimeoutError:
+        log.warning("response cache not written within %g s", CACHE_SECONDS)
+        return
     app[METRICS].cache_stored_bytes.inc(len(body))
+
+
+# A finish reason (a string, not null), and an error event or key, in the stream's JSON.
+_FINISHED = re.compile(rb'"finish_reason"\s*:\s*"')
+_ERROR = re.compile(rb'"error"\s*:|"finish_reason"\s*:\s*"error"')
 
 
 async def _follow(
@@ -379,7 +456,7 @@ async def _follow(
     (a hit), else the first client's, which the flight records."""
     response = web.StreamResponse(status=200, headers=headers)
     written = 0
-    outcome = "client_left"  # unless it gets further
+    outcome: str | None = None  # None: it went away (or the server stopped) first
     try:
         try:
             await response.prepare(request)
@@ -393,19 +470,23 @@ async def _follow(
                 outcome = "cut_behind" if follower.cut else flight.outcome or "upstream_died"
                 abort_stream(request)
         except ConnectionError:
-            pass
+            if follower.cut:
+                outcome = "cut_behind"  # cut while its write was blocked
         return response
     finally:
+        ended = outcome or _left(request)
         if record is not None:
             request.app[METRICS].cache_bytes_replayed.inc(written)
-            _record_hit(request, record, flight.cost, outcome)
+            _record_hit(request, record, flight.cost, ended)
+        elif outcome is None and flight.outcome is None:
+            flight.record.client_left = True  # the first client left; others read on
 
 
 async def _replay(
     request: web.Request, stored: CachedAnswer, record: CompletionRecord
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=HIT_HEADERS)
-    outcome = "client_left"  # unless it gets further
+    outcome: str | None = None  # None: it went away (or the server stopped) first
     try:
         try:
             await response.prepare(request)
@@ -417,7 +498,7 @@ async def _replay(
         request.app[METRICS].cache_bytes_replayed.inc(len(stored.body))
         return response
     finally:
-        _record_hit(request, record, stored.cost, outcome)
+        _record_hit(request, record, stored.cost, outcome or _left(request))
 
 
 def _record_hit(
@@ -428,6 +509,16 @@ def _record_hit(
     record.status, record.outcome, record.saved_cost = 200, outcome, saved
     record.client_left = outcome == "client_left"
     request.app[SPEND].served_from_cache(record)
+
+
+def _record_follower(
+    request: web.Request, record: CompletionRecord, status: int, outcome: str
+) -> None:
+    """A follower's row when it got no stream (it left first, or the flight failed):
+    nothing billed, nothing saved."""
+    record.status, record.outcome = status, outcome
+    record.client_left = outcome == "client_left"
+    request.app[SPEND].nothing_billed(record)
 
 
 RESPONSE_CACHE_ENTRY_BYTES = web.AppKey("response_cache_entry_bytes", int)

@@ -95,6 +95,12 @@ class Spend:
         record.cost, record.cost_source = 0.0, "cache"
         self._ledger.add(record)
 
+    def nothing_billed(self, record: CompletionRecord) -> None:
+        """A completion that never went upstream of its own and got no answer (a follower of
+        a response-cache flight that failed, or that it left): its row, costing nothing."""
+        record.cost, record.cost_source = None, None
+        self._ledger.add(record)
+
     def _finish(self, record: CompletionRecord, estimate: float) -> float:
         """Set the record's cost, hand it to the ledger and the metrics; what it cost."""
         _attribute_cost(record, estimate)
