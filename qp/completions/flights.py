@@ -29,8 +29,9 @@ import contextlib
 import logging
 import re
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -52,6 +53,7 @@ from qp.spend.record import CompletionRecord
 from qp.spend.spending import SPEND
 
 log = logging.getLogger("qp.completions.flights")
+T = TypeVar("T")
 
 HIT_HEADERS = {**STREAM_HEADERS, "X-QP-Cache": "hit"}
 MISS_HEADERS = STREAM_HEADERS
@@ -263,12 +265,7 @@ async def cached_completion(
     app = request.app
     metrics = app[METRICS]
     ttl = policy.cache_ttl_of(record.app)
-    stored = None
-    try:
-        async with asyncio.timeout(CACHE_SECONDS):
-            stored = await app[RESPONSE_CACHE].get(key, ttl)
-    except TimeoutError:
-        log.warning("response cache not read within %g s (a miss)", CACHE_SECONDS)
+    stored = await _within(app[RESPONSE_CACHE].get(key, ttl), "read (a miss)")
     if stored is not None:
         metrics.cache_hits.labels("stored").inc()
         return await _replay(request, stored, record)
@@ -429,15 +426,35 @@ async def _store(
     if not _FINISHED.search(body) or _ERROR.search(body):
         return
     app = request.app
-    try:
-        async with asyncio.timeout(CACHE_SECONDS):
-            await app[RESPONSE_CACHE].put(
-                flight.key, record.app, CachedAnswer(body, flight.cost), policy.longest_cache_ttl
-            )
-    except TimeoutError:
-        log.warning("response cache not written within %g s", CACHE_SECONDS)
-        return
-    app[METRICS].cache_stored_bytes.inc(len(body))
+    answer = CachedAnswer(body, flight.cost)
+    put = app[RESPONSE_CACHE].put(flight.key, record.app, answer, policy.longest_cache_ttl)
+    if await _within(_done(put), "written (yet)"):
+        app[METRICS].cache_stored_bytes.inc(len(body))
+
+
+async def _done(step: Coroutine[Any, Any, None]) -> bool:
+    await step
+    return True
+
+
+async def _within(step: Coroutine[Any, Any, T], what: str) -> T | None:
+    """`step`'s result if it is done within CACHE_SECONDS; else None, and it goes on alone
+    (a hung database does not let go of a cancelled query at once: waiting for that would
+    hold the completion up as long)."""
+    task = asyncio.ensure_future(step)
+    task.add_done_callback(_quietly)
+    done, _ = await asyncio.wait({task}, timeout=CACHE_SECONDS)
+    if task not in done:
+        log.warning("response cache not %s within %g s", what, CACHE_SECONDS)
+        return None
+    return task.result()
+
+
+def _quietly(task: asyncio.Future[Any]) -> None:
+    """A cache step that outlived its wait: its end is nobody's business (the cache logs
+    its own failures)."""
+    if not task.cancelled():
+        task.exception()
 
 
 # A finish reason (a string, not null), and an error event or key, in the stream's JSON.
