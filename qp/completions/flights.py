@@ -7,10 +7,13 @@
   request, relayed by a task of its own to every client following it, each from the first
   byte (the flight keeps its first `entry_bytes`; past them no one joins, and the flight is
   not stored). A client that leaves stops following; the last one leaving cancels the
-  flight, which aborts upstream. A follower more than twice `entry_bytes` behind is cut
-  (its stream ends short), so a slow reader holds neither memory nor the others back.
+  flight, which aborts upstream. Upstream is read on while some follower keeps up: a slow
+  follower alone is held back as the relay holds a slow client, and one more than twice
+  `entry_bytes` behind others that keep up is cut (its stream ends short), so a slow
+  reader holds neither memory nor the others back.
 - The flight's first client pays (`X-QP-Cache: miss`): its reservation, its ledger row,
-  exactly as without the cache; the followers' rows are like hits. A flight refused before
+  exactly as without the cache; the followers' rows are like hits (one that got no stream,
+  because it left first or the flight failed, has a row costing nothing). A flight refused before
   it went upstream (a budget of the first client's) refuses only that client: the others
   start or join another.
 - A flight that completed (a finish reason, no error, its cost in the usage seen) within
