@@ -60,10 +60,11 @@ def parse_completion(body: Any, policy: Policy, paid_by_us: bool) -> CompletionR
         policy.check_app(app)
     rules = None
     if paid_by_us:
-        try:
-            rules = policy.paid_app_policy(app or None)
-        except ApiError as err:
-            raise AppRefusal(app or None, "unknown_app", err.status, "Unknown app") from None
+        # Its own policy, else the "*" one, else none beyond the contract's: unless the
+        # operator wants every app the server's keys pay for to have one.
+        rules = policy.app_rules.of(app or None)
+        if rules is None and policy.app_rules.require_listed:
+            raise AppRefusal(app or None, "unknown_app", 400, "Unknown app")
     messages = body["messages"]
     most = policy.max_messages
     if rules is not None and rules.max_messages is not None and rules.max_messages < most:

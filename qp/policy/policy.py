@@ -113,8 +113,6 @@ class AppRules:
         return found if found is not None else self.by_app.get("*")
 
 
-NO_APP_RULES = AppPolicy()
-
 DEFAULT_CHATS_RATE_LIMIT = RateLimit(per_minute=300, per_hour=5000)
 DEFAULT_COMPLETION_RATE_LIMIT = RateLimit(per_minute=100, per_hour=1000)
 
@@ -249,17 +247,6 @@ class Policy:
     @cached_property
     def longest_cache_ttl(self) -> float:
         return max([self.cache_ttl, *self.app_cache_ttls.values()])
-
-    def paid_app_policy(self, app: str | None) -> AppPolicy:
-        """The policy of a completion the server's or an app's key would pay for in `app`:
-        its own, else the "*" one, else none beyond the contract's (400 `Unknown app` when
-        `require_listed` wants one)."""
-        found = self.app_rules.of(app)
-        if found is not None:
-            return found
-        if self.app_rules.require_listed:
-            raise ApiError(400, "Unknown app")
-        return NO_APP_RULES
 
     def rate_limit(self, rate_class: str) -> RateLimit:
         return self.chats_rate_limit if rate_class == "chats" else self.completion_rate_limit
