@@ -74,8 +74,9 @@ class Metrics:
             ["kind"],
             registry=r,
         )
-        for kind in ("stored", "in_flight"):
-            self.cache_hits.labels(kind)
+        # Its children by kind, made once (each shown from the start, at 0).
+        kinds = ("stored", "in_flight")
+        self.cache_hits_of = {kind: self.cache_hits.labels(kind) for kind in kinds}
         self.cache_misses = Counter(
             "qp_response_cache_misses",
             "Completions the response cache was on for that went upstream",

@@ -270,7 +270,7 @@ async def cached_completion(
     ttl = policy.cache_ttl_of(record.app)
     stored = await _within(app[RESPONSE_CACHE].get(key, ttl), "read (a miss)")
     if stored is not None:
-        metrics.cache_hits.labels("stored").inc()
+        metrics.cache_hits_of["stored"].inc()
         return await _replay(request, stored, record)
     flights = app[FLIGHTS]
     for _ in range(MAX_FLIGHTS_TRIED):
@@ -310,7 +310,7 @@ async def cached_completion(
             if leading:
                 metrics.cache_misses.inc()
                 return await _follow(request, flight, follower, MISS_HEADERS, None)
-            metrics.cache_hits.labels("in_flight").inc()
+            metrics.cache_hits_of["in_flight"].inc()
             return await _follow(request, flight, follower, HIT_HEADERS, record)
         finally:
             await flight.leave(follower)
