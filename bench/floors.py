@@ -1,0 +1,108 @@
+"""Two floors under issue 22's write targets, measured on this machine in one run.
+
+    .venv/bin/python bench/floors.py [--seconds 5] [--rounds 2]
+
+1. The disk: the file blob store's own durable write (`_write_atomically`: temp file,
+   fsync, rename, fsync of the folder, and for a new chat its new folder fsynced into
+   chats/) from 32 threads, with no server and no database. A POST of a new chat or a PUT
+   on file blobs cannot go faster than this.
+2. PostgreSQL's commit: POSTs and PUTs to one server.py on PostgreSQL with
+   `synchronous_commit` on (the durable default) and off (commits that do not wait for
+   the WAL's fsync), switched live by ALTER SYSTEM, interleaved, beside SQLite. Where the
+   two PostgreSQL rows are alike, the commit's fsync is not what limits the rate, and
+   grouping commits (which PostgreSQL's WAL already does across connections) cannot pay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from chats import MESSAGES, request
+from writes import ROOT, TreeServer, post_script, put_script, wrk
+
+from qp.storage.blobs import _write_atomically
+from tests.helpers import make_chat
+from tests.processes import PostgresServer
+
+BLOB = b'{"role":"user","content":"hello"},' * 60
+
+
+def disk_floor(count: int, threads: int) -> tuple[float, float]:
+    """(new chats' blobs per second, new revisions of those chats per second)."""
+    root = Path(tempfile.mkdtemp(prefix="qp-bench-floor-"))
+    try:
+        (root / "chats").mkdir()
+        paths = [root / "chats" / uuid.uuid4().hex / "r1.json" for _ in range(count)]
+        rates = []
+        for batch in (paths, [path.parent / "r2.json" for path in paths]):
+            started = time.perf_counter()
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(lambda path: _write_atomically(path, BLOB, root), batch))
+            rates.append(count / (time.perf_counter() - started))
+        return rates[0], rates[1]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def commit_floor(seconds: int, rounds: int) -> None:
+    if PostgresServer.bindir() is None:
+        print("PostgreSQL is not installed: no commit floor")
+        return
+    pg_dir = Path(tempfile.mkdtemp(prefix="qp-bench-floor-pg-"))
+    work = Path(tempfile.mkdtemp(prefix="qp-bench-floor-"))
+    postgres = PostgresServer(pg_dir, durable=True)
+    servers: list[TreeServer] = []
+    try:
+        postgres.start()
+        on_pg = TreeServer(ROOT, work / "pg", {"QP_DATABASE": postgres.create_database()})
+        on_sqlite = TreeServer(ROOT, work / "sqlite", {})
+        servers = [on_pg.start(), on_sqlite.start()]
+        chat_ids = [f"bench-put-{n:04d}" for n in range(1, 33)]
+        for server in servers:
+            for chat_id in chat_ids:
+                chat = make_chat(chat_id, "bench", messages=MESSAGES)
+                request(f"{server.url}/api/chats", "POST", {"chat": chat})
+        for _ in range(rounds):
+            for mode in ("on", "off", "sqlite"):
+                server = on_sqlite if mode == "sqlite" else on_pg
+                if mode != "sqlite":
+                    postgres.psql(f"ALTER SYSTEM SET synchronous_commit = {mode}")
+                    postgres.psql("SELECT pg_reload_conf()")
+                posts = wrk(f"{server.url}/api/chats", seconds, 32, post_script())
+                puts = wrk(f"{server.url}/", seconds, 32, put_script(chat_ids), 32)
+                shown = "SQLite" if mode == "sqlite" else f"PostgreSQL synchronous_commit={mode}"
+                print(
+                    f"| {shown} | POST {posts.requests_per_second:.0f}/s"
+                    f" | PUT {puts.requests_per_second:.0f}/s |",
+                    flush=True,
+                )
+    finally:
+        for server in servers:
+            server.stop()
+        postgres.stop()
+        shutil.rmtree(pg_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    for _ in range(args.rounds):
+        new, revisions = disk_floor(3000, 32)
+        print(f"| disk floor, 32 threads | new chats' blobs {new:.0f}/s", end="")
+        print(f" | revisions {revisions:.0f}/s |")
+    commit_floor(args.seconds, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
