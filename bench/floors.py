@@ -24,13 +24,13 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from chats import MESSAGES, request
-from writes import ROOT, TreeServer, post_script, put_script, wrk
+from writes import ROOT, TreeServer, post_script, put_chats, put_script, wrk
 
 from qp.storage.blobs import _write_atomically
-from tests.helpers import make_chat
 from tests.processes import PostgresServer
 
+# As bench/writes.py: wrk's connections, each PUT connection updating a chat of its own.
+CONNECTIONS = 32
 BLOB = b'{"role":"user","content":"hello"},' * 60
 
 
@@ -63,20 +63,19 @@ def commit_floor(seconds: int, rounds: int) -> None:
         postgres.start()
         on_pg = TreeServer(ROOT, work / "pg", {"QP_DATABASE": postgres.create_database()})
         on_sqlite = TreeServer(ROOT, work / "sqlite", {})
-        servers = [on_pg.start(), on_sqlite.start()]
-        chat_ids = [f"bench-put-{n:04d}" for n in range(1, 33)]
-        for server in servers:
-            for chat_id in chat_ids:
-                chat = make_chat(chat_id, "bench", messages=MESSAGES)
-                request(f"{server.url}/api/chats", "POST", {"chat": chat})
+        for server in (on_pg, on_sqlite):
+            servers.append(server)  # stopped below even if it fails to start
+            server.start()
+        chat_ids = put_chats(servers, CONNECTIONS)
         for _ in range(rounds):
             for mode in ("on", "off", "sqlite"):
                 server = on_sqlite if mode == "sqlite" else on_pg
                 if mode != "sqlite":
                     postgres.psql(f"ALTER SYSTEM SET synchronous_commit = {mode}")
                     postgres.psql("SELECT pg_reload_conf()")
-                posts = wrk(f"{server.url}/api/chats", seconds, 32, post_script())
-                puts = wrk(f"{server.url}/", seconds, 32, put_script(chat_ids), 32)
+                posts = wrk(f"{server.url}/api/chats", seconds, CONNECTIONS, post_script())
+                script = put_script(chat_ids)
+                puts = wrk(f"{server.url}/", seconds, CONNECTIONS, script, CONNECTIONS)
                 shown = "SQLite" if mode == "sqlite" else f"PostgreSQL synchronous_commit={mode}"
                 print(
                     f"| {shown} | POST {posts.requests_per_second:.0f}/s"
@@ -97,8 +96,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     for _ in range(args.rounds):
-        new, revisions = disk_floor(3000, 32)
-        print(f"| disk floor, 32 threads | new chats' blobs {new:.0f}/s", end="")
+        new, revisions = disk_floor(3000, CONNECTIONS)
+        print(f"| disk floor, {CONNECTIONS} threads | new chats' blobs {new:.0f}/s", end="")
         print(f" | revisions {revisions:.0f}/s |")
     commit_floor(args.seconds, args.rounds)
     return 0

@@ -174,6 +174,16 @@ def put_script(chat_ids: list[str]) -> str:
     )
 
 
+def put_chats(servers: list[TreeServer], connections: int) -> list[str]:
+    """One chat per connection for put_script to update, created on each server."""
+    chat_ids = [f"{PUT_CHAT_PREFIX}{n:04d}" for n in range(1, connections + 1)]
+    for server in servers:
+        for chat_id in chat_ids:
+            chat = make_chat(chat_id, "bench", messages=MESSAGES)
+            request(f"{server.url}/api/chats", "POST", {"chat": chat})
+    return chat_ids
+
+
 def post_script() -> str:
     body = json.dumps({"chat": make_chat(app="__APP__", messages=MESSAGES)})
     return lua_body("POST", body, randomise_app=True)
@@ -183,11 +193,7 @@ def bench_backend(
     backend: str, servers: dict[str, TreeServer], seconds: int, connections: int
 ) -> dict[tuple[str, str], Measure]:
     """POST, then PUT, before and after interleaved: (route, tree) -> what wrk measured."""
-    chat_ids = [f"{PUT_CHAT_PREFIX}{n:04d}" for n in range(1, connections + 1)]
-    for server in servers.values():
-        for chat_id in chat_ids:
-            chat = make_chat(chat_id, "bench", messages=MESSAGES)
-            request(f"{server.url}/api/chats", "POST", {"chat": chat})
+    chat_ids = put_chats(list(servers.values()), connections)
     results = {}
     for route in ("POST", "PUT"):
         for tree in TREES:
