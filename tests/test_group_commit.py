@@ -4,8 +4,11 @@ and each still gets the answer it would have got alone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
+import threading
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -14,6 +17,25 @@ from qp.errors import StorageUnavailable, UnstorableValue
 from qp.storage.database import DATABASE, Transaction
 from qp.storage.sqlite import MAX_WAITING, SqliteDatabase
 from tests.helpers import call, make_chat
+
+
+@contextlib.asynccontextmanager
+async def holding_the_writer(db: SqliteDatabase) -> AsyncIterator[None]:
+    """The writer's thread held inside a write (the first of its group) until the block
+    ends, then that write committed; writes asked for meanwhile wait in the queue."""
+    holding, release = threading.Event(), threading.Event()
+
+    async def hold(tx: Transaction) -> None:
+        holding.set()
+        release.wait(60)
+
+    first = asyncio.create_task(db.write(hold))
+    try:
+        assert await asyncio.to_thread(holding.wait, 60)
+        yield
+    finally:
+        release.set()
+        await first
 
 
 async def create_all(http, chats: list[dict]) -> list[tuple[int, dict]]:
@@ -99,25 +121,41 @@ async def test_a_caller_that_leaves_before_its_group_starts_writes_nothing(tmp_p
     db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
     try:
         await db.execute_write("CREATE TABLE t (n INTEGER PRIMARY KEY)")
-        holding = asyncio.Event()
-        release = asyncio.Event()
-
-        async def hold(tx: Transaction) -> None:
-            holding.set()
-            await release.wait()
-
-        first = asyncio.create_task(db.write(hold))
-        await holding.wait()
-        left = asyncio.create_task(db.execute_write("INSERT INTO t (n) VALUES (1)"))
-        stays = asyncio.create_task(db.execute_write("INSERT INTO t (n) VALUES (2)"))
-        await asyncio.sleep(0)  # both queued behind the group holding the writer
-        left.cancel()
-        release.set()
-        await first
+        async with holding_the_writer(db):
+            left = asyncio.create_task(db.execute_write("INSERT INTO t (n) VALUES (1)"))
+            stays = asyncio.create_task(db.execute_write("INSERT INTO t (n) VALUES (2)"))
+            await asyncio.sleep(0)  # both queued behind the group holding the writer
+            left.cancel()
         assert await stays == 1
         with pytest.raises(asyncio.CancelledError):
             await left
         assert await db.fetchall("SELECT n FROM t") == [(2,)]
+    finally:
+        await db.close()
+
+
+async def test_a_write_that_awaits_anything_but_its_statements_is_refused_alone(tmp_path):
+    """A write runs whole in the writer's thread: one that awaits something else (a bug)
+    is rolled back and its caller told, and the group's other writes commit."""
+    db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
+    try:
+        await db.execute_write("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+
+        async def waits(tx: Transaction) -> None:
+            await tx.execute("INSERT INTO t (n) VALUES (0)")
+            await asyncio.sleep(0)
+
+        results = await asyncio.gather(
+            db.write(waits),
+            db.execute_write("INSERT INTO t (n) VALUES (1)"),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], RuntimeError)
+        assert str(results[0]) == (
+            "a SQLite write function awaited something other than its statements"
+        )
+        assert results[1] == 1
+        assert await db.fetchall("SELECT n FROM t") == [(1,)]
     finally:
         await db.close()
 
@@ -167,24 +205,15 @@ async def test_writes_past_the_waiting_bound_are_refused_not_queued(tmp_path):
     db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
     try:
         await db.execute_write("CREATE TABLE t (n INTEGER PRIMARY KEY)")
-        holding, release = asyncio.Event(), asyncio.Event()
-
-        async def hold(tx: Transaction) -> None:
-            holding.set()
-            await release.wait()
-
-        first = asyncio.create_task(db.write(hold))
-        await holding.wait()
-        waiting = [
-            asyncio.create_task(db.execute_write("INSERT INTO t (n) VALUES (?)", (n,)))
-            for n in range(MAX_WAITING + 1)
-        ]
-        # The last one found the queue full: refused at once, while the rest still wait.
-        with pytest.raises(StorageUnavailable, match=f"{MAX_WAITING} writes are waiting"):
-            await waiting[-1]
-        assert not any(task.done() for task in waiting[:-1])
-        release.set()
-        await first
+        async with holding_the_writer(db):
+            waiting = [
+                asyncio.create_task(db.execute_write("INSERT INTO t (n) VALUES (?)", (n,)))
+                for n in range(MAX_WAITING + 1)
+            ]
+            # The last one found the queue full: refused at once, while the rest still wait.
+            with pytest.raises(StorageUnavailable, match=f"{MAX_WAITING} writes are waiting"):
+                await waiting[-1]
+            assert not any(task.done() for task in waiting[:-1])
         assert await asyncio.gather(*waiting[:-1]) == [1] * MAX_WAITING
         assert await db.fetchall("SELECT COUNT(*) FROM t") == [(MAX_WAITING,)]
     finally:

@@ -6,6 +6,12 @@ Every write is a function run inside `BEGIN IMMEDIATE` on the single writer conn
 function *is* the transaction (`execute_write` for a single statement). Reads use their own
 connections (WAL mode), so a slow write never blocks a read.
 
+The writer connection belongs to one thread of its own, and a transaction is one call into
+it, whatever its statements: a write function awaits only its transaction's statements,
+which are done when called, so its coroutine runs to its end in that thread at one step
+(`_run_to_end`). A round trip per statement, as aiosqlite makes, cost most of a write's time
+once several threads (blob writes) took turns at the interpreter.
+
 Writes are committed in groups: those that queue while a commit waits for the disk share
 the next transaction and its fsync (one writer task takes up to MAX_GROUP of them, runs
 each in a savepoint of its own, commits once, then answers each). So a write still sees
@@ -29,11 +35,12 @@ import logging
 import os
 import sqlite3
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -106,20 +113,20 @@ def _every_commit_in_main_file(path: Path) -> bool:
 
 
 class SqliteTransaction:
-    """A write's statements on the writer connection (see qp.storage.database)."""
+    """A write's statements on the writer connection, in the writer's thread (see
+    qp.storage.database): each is done when called, never suspending its caller."""
 
-    def __init__(self, conn: aiosqlite.Connection):
+    def __init__(self, conn: sqlite3.Connection):
         self._conn = conn
 
     async def execute(self, sql: str, params: Parameters = ()) -> int:
-        cursor = await self._conn.execute(sql, params)
-        return cursor.rowcount
+        return self._conn.execute(sql, params).rowcount
 
     async def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> None:
-        await self._conn.executemany(sql, params)
+        self._conn.executemany(sql, params)
 
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
-        return [tuple(row) for row in await self._conn.execute_fetchall(sql, params)]
+        return self._conn.execute(sql, params).fetchall()
 
     async def lock(self, key: str) -> None:
         """Nothing to do: BEGIN IMMEDIATE already holds the whole database."""
@@ -127,6 +134,127 @@ class SqliteTransaction:
     async def notify(self, topic: str) -> None:
         """Nothing to do: no other server shares the file (the tools' writes are seen by
         polling `data_version`, qp/storage/peers.py)."""
+
+
+def _run_to_end(write: Awaitable[T]) -> T:
+    """A write function's coroutine, run to its end at once: it awaits only statements of
+    a SqliteTransaction, which never suspend. One that does is a bug, refused whole."""
+    steps = write.__await__()
+    try:
+        steps.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    steps.close()
+    raise RuntimeError("a SQLite write function awaited something other than its statements")
+
+
+class WriterThread:
+    """The writer connection and the one thread that runs everything done on it, in the
+    order asked: a transaction is one call, never interleaved with another."""
+
+    def __init__(self, executor: ThreadPoolExecutor, conn: sqlite3.Connection):
+        self._executor = executor
+        self._conn = conn
+        # Whether commits wait for the disk now (synchronous FULL, as opened); only the
+        # thread reads and sets it.
+        self._durable: bool | None = True
+
+    @classmethod
+    async def open(cls, path: Path) -> WriterThread:
+        executor = ThreadPoolExecutor(1, thread_name_prefix="qp-sqlite-writer")
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(executor, _open_writer, path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(executor, conn)
+
+    async def run(self, job: Callable[[WriterThread], T]) -> T:
+        """`job(self)` in the writer's thread. A caller cancelled meanwhile does not stop a
+        job already begun: a transaction ends in its commit or its rollback, whole."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, job, self)
+
+    def transaction(self, fn: WriteFn[T], durable: bool) -> T:
+        """In the thread: `fn` as one transaction."""
+        self._begin(durable)
+        try:
+            result = _run_to_end(fn(SqliteTransaction(self._conn)))
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return result
+
+    def group(self, fns: list[WriteFn[Any]], durable: bool) -> list[tuple[Any, Exception | None]]:
+        """In the thread: each write in its own savepoint of one transaction. One that
+        raises is rolled back alone (its error kept for its caller), the rest commit
+        together. A database failure (not a value it refuses) ends the whole transaction."""
+        conn = self._conn
+        outcomes: list[tuple[Any, Exception | None]] = []
+        self._begin(durable)
+        try:
+            for fn in fns:
+                conn.execute("SAVEPOINT member")
+                try:
+                    value: Any = _run_to_end(fn(SqliteTransaction(conn)))
+                except Exception as err:
+                    if isinstance(err, sqlite3.Error) and not isinstance(err, DATA_ERRORS):
+                        raise
+                    conn.execute("ROLLBACK TO member")
+                    conn.execute("RELEASE member")
+                    refused = (
+                        UnstorableValue("Database", err) if isinstance(err, DATA_ERRORS) else err
+                    )
+                    outcomes.append((None, refused))
+                else:
+                    conn.execute("RELEASE member")
+                    outcomes.append((value, None))
+            conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return outcomes
+
+    def data_version(self) -> int:
+        """In the thread: SQLite's data_version, which moves only with other connections'
+        commits."""
+        ((version,),) = self._conn.execute("PRAGMA data_version").fetchall()
+        return int(version)
+
+    def close(self) -> None:
+        """In the thread: the connection closed."""
+        self._conn.close()
+
+    def shutdown(self) -> None:
+        """The thread let go once it has run what it was given."""
+        self._executor.shutdown(wait=False)
+
+    def _begin(self, durable: bool) -> None:
+        if self._durable is not durable:
+            self._durable = None  # unknown until the pragma is done
+            self._conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def _rollback(self) -> None:
+        # SQLite may have rolled back already (a full disk does that to a commit): then
+        # there is nothing to do.
+        if self._conn.in_transaction:
+            with suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+
+
+def _open_writer(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA mmap_size = 0")
+        # FULL: a commit is on disk before the client is told its chat is saved.
+        conn.execute("PRAGMA synchronous = FULL")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 @dataclass(slots=True)
@@ -141,20 +269,17 @@ class SqliteDatabase(StatementHelpers):
 
     def __init__(
         self,
-        writer: aiosqlite.Connection | None,
+        writer: WriterThread | None,
         readers: list[aiosqlite.Connection],
         file: DatabaseFile,
         make_room: MakeRoom | None = None,
     ):
         # None: opened read-only because the disk was full (see `open`).
         self._writer = writer
-        self._write_lock = asyncio.Lock()
         self._readers: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
         self._all_readers = readers
         self._file = file
         self._make_room = make_room
-        # Whether the writer's commits wait for the disk now (synchronous FULL, as opened).
-        self._durable: bool | None = True
         # Set once the file is found deleted, replaced or damaged: writes refused until restart.
         self.damage: str | None = None
         for conn in readers:
@@ -206,18 +331,24 @@ class SqliteDatabase(StatementHelpers):
         cls, path: Path, reader_count: int, make_room: MakeRoom | None
     ) -> SqliteDatabase:
         path.parent.mkdir(parents=True, exist_ok=True)
-        async with AsyncExitStack() as opened:
-            writer = await connect(str(path))
-            opened.push_async_callback(writer.close)
-            await writer.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        # The schema brought up to date on a connection of its own, closed before the
+        # writer's thread opens the one for good.
+        schema = await connect(str(path))
+        try:
+            await schema.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             # No memory-mapped I/O: a file truncated under a mapping kills the process (SIGBUS).
-            await writer.execute("PRAGMA mmap_size = 0")
-            ((mode,),) = await writer.execute_fetchall("PRAGMA journal_mode")
+            await schema.execute("PRAGMA mmap_size = 0")
+            ((mode,),) = await schema.execute_fetchall("PRAGMA journal_mode")
             if mode != "wal":
-                await writer.execute("PRAGMA journal_mode = WAL")
-            # FULL: a commit is on disk before the client is told its chat is saved.
-            await writer.execute("PRAGMA synchronous = FULL")
-            await migrate(SqliteSchema(writer))
+                await schema.execute("PRAGMA journal_mode = WAL")
+            await schema.execute("PRAGMA synchronous = FULL")
+            await migrate(SqliteSchema(schema))
+        finally:
+            await schema.close()
+        async with AsyncExitStack() as opened:
+            writer = await WriterThread.open(path)
+            opened.callback(writer.shutdown)
+            opened.push_async_callback(writer.run, WriterThread.close)
             readers = []
             for _ in range(reader_count):
                 reader = await connect(_read_only_uri(path), uri=True)
@@ -236,7 +367,8 @@ class SqliteDatabase(StatementHelpers):
             for conn in self._all_readers:
                 await conn.close()
             if self._writer is not None:
-                await self._writer.close()
+                await self._writer.run(WriterThread.close)
+                self._writer.shutdown()
         finally:
             self._file.close()
 
@@ -258,31 +390,30 @@ class SqliteDatabase(StatementHelpers):
         """
         if not maintenance:
             return await self._grouped(fn, durable)
-        async with self._write_lock:
-            self._refuse_if_damaged()
-            if self._writer is None:
-                raise StorageUnavailable(
-                    "Database", "opened read-only: the disk was full at start-up", FULL
-                )
+        writer = self._writable()
+        try:
             try:
-                try:
-                    result = await self._transaction(fn, durable)
-                except sqlite3.Error as err:
-                    if not (maintenance and sqlite_failure_reason(err) == FULL and self._room()):
-                        raise
-                    result = await self._transaction(fn, durable)
-            except (*DATA_ERRORS, sqlite3.Error) as err:
-                raise self._storage_error(err) from err
-            # Only now does the commit count: it must be in the file a restart opens.
-            self.verify_file()
-            return result
+                result = await writer.run(lambda thread: thread.transaction(fn, durable))
+            except sqlite3.Error as err:
+                if not (sqlite_failure_reason(err) == FULL and self._room()):
+                    raise
+                result = await writer.run(lambda thread: thread.transaction(fn, durable))
+        except (*DATA_ERRORS, sqlite3.Error) as err:
+            raise self._storage_error(err) from err
+        # Only now does the commit count: it must be in the file a restart opens.
+        self.verify_file()
+        return result
 
-    async def _grouped(self, fn: WriteFn[T], durable: bool) -> T:
+    def _writable(self) -> WriterThread:
         self._refuse_if_damaged()
         if self._writer is None:
             raise StorageUnavailable(
                 "Database", "opened read-only: the disk was full at start-up", FULL
             )
+        return self._writer
+
+    async def _grouped(self, fn: WriteFn[T], durable: bool) -> T:
+        self._writable()
         if len(self._waiting) >= MAX_WAITING:
             raise StorageUnavailable("Database", f"{MAX_WAITING} writes are waiting already")
         answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -300,14 +431,15 @@ class SqliteDatabase(StatementHelpers):
                 if not queued.answer.cancelled():  # its caller left before it began
                     group.append(queued)
             if group:
-                async with self._write_lock:
-                    await self._commit_group(group)
+                await self._commit_group(group)
 
     async def _commit_group(self, group: list[_QueuedWrite]) -> None:
         """One transaction for the group, each write in a savepoint; every answer set."""
+        fns = [queued.fn for queued in group]
+        durable = any(queued.durable for queued in group)
         try:
-            self._refuse_if_damaged()
-            outcomes = await self._group_transaction(group)
+            writer = self._writable()
+            outcomes = await writer.run(lambda thread: thread.group(fns, durable))
             self.verify_file()
         except BaseException as err:
             failure = self._storage_error(err)
@@ -330,65 +462,6 @@ class SqliteDatabase(StatementHelpers):
                 queued.answer.set_result(value)
             else:
                 queued.answer.set_exception(error)
-
-    async def _group_transaction(
-        self, group: list[_QueuedWrite]
-    ) -> list[tuple[Any, Exception | None]]:
-        """Each write in its own savepoint: one that raises is rolled back alone (its error
-        kept for its caller), the rest commit together. A database failure (not a value it
-        refuses) ends the whole transaction."""
-        writer = self._writer
-        assert writer is not None
-        outcomes: list[tuple[Any, Exception | None]] = []
-        async with self._immediate(any(queued.durable for queued in group)):
-            for queued in group:
-                await writer.execute("SAVEPOINT member")
-                try:
-                    value = await queued.fn(SqliteTransaction(writer))
-                except Exception as err:
-                    if isinstance(err, sqlite3.Error) and not isinstance(err, DATA_ERRORS):
-                        raise
-                    await writer.execute("ROLLBACK TO member")
-                    await writer.execute("RELEASE member")
-                    refused = (
-                        UnstorableValue("Database", err) if isinstance(err, DATA_ERRORS) else err
-                    )
-                    outcomes.append((None, refused))
-                else:
-                    await writer.execute("RELEASE member")
-                    outcomes.append((value, None))
-        return outcomes
-
-    async def _set_durable(self, durable: bool) -> None:
-        writer = self._writer
-        assert writer is not None
-        if self._durable is not durable:
-            self._durable = None  # unknown until the pragma is done, even if cancelled
-            await writer.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
-            self._durable = durable
-
-    async def _transaction(self, fn: WriteFn[T], durable: bool = True) -> T:
-        assert self._writer is not None
-        async with self._immediate(durable):
-            return await fn(SqliteTransaction(self._writer))
-
-    @asynccontextmanager
-    async def _immediate(self, durable: bool) -> AsyncIterator[None]:
-        """BEGIN IMMEDIATE on the writer; COMMIT when the body returns, else ROLLBACK."""
-        writer = self._writer
-        assert writer is not None
-        await self._set_durable(durable)
-        try:
-            await writer.execute("BEGIN IMMEDIATE")
-            yield
-            await writer.execute("COMMIT")
-        except BaseException:
-            # Whatever was begun ends here, even when the wait was cancelled (aiosqlite runs
-            # the BEGIN anyway; the ROLLBACK is queued after it). SQLite may have rolled
-            # back already (a full disk does that to a commit): then it has nothing to do.
-            with suppress(sqlite3.Error):
-                await writer.execute("ROLLBACK")
-            raise
 
     def _storage_error(self, err: BaseException) -> BaseException:
         """What a caller is told of a write's failure: a value SQLite refuses, the database
@@ -460,12 +533,10 @@ class SqliteDatabase(StatementHelpers):
         commits; None when opened read-only."""
         if self._writer is None:
             return None
-        async with self._write_lock:
-            try:
-                ((version,),) = await self._writer.execute_fetchall("PRAGMA data_version")
-            except sqlite3.Error as err:
-                raise StorageUnavailable("Database", str(err), sqlite_failure_reason(err)) from err
-        return int(version)
+        try:
+            return await self._writer.run(WriterThread.data_version)
+        except sqlite3.Error as err:
+            raise StorageUnavailable("Database", str(err), sqlite_failure_reason(err)) from err
 
     async def fetchall(self, sql: str, params: Parameters = ()) -> list[tuple[Any, ...]]:
         async with self.reader() as conn:
