@@ -3,8 +3,9 @@ qp/storage/sqlite.py) or PostgreSQL (qp/storage/postgres.py).
 
 A write is a function given a `Transaction`; the function *is* the transaction: committed
 if it returns, undone if it raises. It awaits nothing but its transaction's statements
-(SQLite runs it whole in its writer's thread, where nothing else can be awaited). Statements are written once, with `?` (or `:name`)
-placeholders; each backend takes them in its own parameter style.
+(SQLite runs it whole in its writer's thread, where nothing else can be awaited).
+Statements are written once, with `?` (or `:name`) placeholders; each backend takes them
+in its own parameter style.
 """
 
 from __future__ import annotations
