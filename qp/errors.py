@@ -1,6 +1,6 @@
 """The errors qp raises and the contract's answers for them: ApiError (a status and the exact
 JSON body), the storage failures, the contract's 413, 429 and 507, and JSON responses. The
-`errors` middleware (qp/middlewares.py) turns each into its answer."""
+middleware's `error_answer` (qp/middlewares.py) turns each into its answer."""
 
 from __future__ import annotations
 

@@ -14,10 +14,10 @@ from aiohttp.abc import AbstractAccessLogger
 
 from qp.timestamps import format_epoch
 
-# The request key under which the rate-limit middleware leaves the client's address hash,
+# The request key under which the middleware's rate limiting leaves the client's address hash,
 # for the access log.
 CLIENT_HASH = web.RequestKey("client_hash", str)
-# When the request reached the first middleware (time.monotonic()), and the relay's own
+# When the request reached the middleware (time.monotonic()), and the relay's own
 # share of a streamed completion's time (seconds, upstream's waits left out), for the log.
 ARRIVED = web.RequestKey("arrived", float)
 RELAY_OVERHEAD = web.RequestKey("relay_overhead", float)

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from qp.errors import StorageUnavailable, UnstorableValue
-from qp.middlewares import errors
+from qp.middlewares import error_answer
 from qp.spend.ledger import LEDGER, insert_records
 from qp.spend.record import CompletionRecord
 from qp.storage.database import DATABASE
@@ -278,13 +278,12 @@ async def test_a_refused_value_reaching_a_handler_is_a_400_logged_without_it(
     db = server.app[DATABASE]
     bad = unstorable_records(database_name)["surrogate"]
 
-    async def handler(request: web.Request) -> web.Response:
-        await insert_records(db, [bad])
-        return web.json_response({})
-
     request = make_mocked_request("POST", "/anywhere", app=server.app)
     with caplog.at_level(logging.WARNING, "qp.middlewares"):
-        response = await errors(request, handler)
+        try:
+            await insert_records(db, [bad])
+        except UnstorableValue as refused:
+            response = error_answer(request, refused)
     assert isinstance(response, web.Response)
     assert (response.status, response.body) == (400, b'{"error":"Bad request"}')
     assert "refused a value" in caplog.text and "bad" not in caplog.text
