@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ("relay", "chats", "writes", "memory", "cache")
+SCRIPTS = ("relay", "chats", "writes", "floors", "memory", "cache")
 HEADER = "| measure | baseline | value | ratio | target |"
 
 
