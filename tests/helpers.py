@@ -8,6 +8,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ import orjson
 from qp.policy.policy import DEFAULT_REQUIRED_PHRASE_GROUPS
 from qp.spend.budgets import BudgetBook
 from qp.spend.shared_budgets import SharedAccounts
-from qp.storage.database import Database
+from qp.storage.database import Database, Transaction
 from tests.app_server import AppServer
 from tests.processes import ROOT, QPServer
 
@@ -466,3 +467,24 @@ def relay_process(tmp_path: Path, openrouter_url: str, policy: str) -> tuple[QPS
     config.write_text(policy)
     env = {"QP_CONFIG": str(config), "QP_OPENROUTER_URL": openrouter_url, "OPENROUTER_API_KEY": "k"}
     return QPServer(tmp_path / "qp", env), config
+
+
+class WriterHold:
+    """A write that, once its group runs in the SQLite writer's thread, holds that thread
+    until released (then commits): the writes asked for meanwhile wait in the queue."""
+
+    def __init__(self, db: Database):
+        self._holding, self._release = threading.Event(), threading.Event()
+
+        async def hold(tx: Transaction) -> None:
+            self._holding.set()
+            self._release.wait(60)
+
+        self.task = asyncio.ensure_future(db.write(hold))
+
+    async def held(self) -> None:
+        """Until the writer's thread is inside the write."""
+        assert await asyncio.to_thread(self._holding.wait, 60)
+
+    def release(self) -> None:
+        self._release.set()

@@ -4,6 +4,8 @@ where a test needs a write (or a read) caught half way."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import os
 import sqlite3
 import stat
@@ -306,3 +308,32 @@ async def test_a_write_cancelled_while_it_waits_to_begin_leaves_later_writes_wor
     finally:
         other.close()
         await db.close()
+
+
+async def test_a_write_whose_caller_left_goes_on_and_the_store_waits_for_it_at_close(
+    tmp_path, blobs, caplog
+):
+    """A caller cancelled while its write's blob is being put (a client that left): the
+    write goes on to its end, here a failure no one is left to hear, which is not logged
+    as an error ("never retrieved"); the store's close waits for it, so it never reaches
+    a database closed under it."""
+    db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
+    store = ChatStore(db, blobs, ChatCache(0), SoleWriter(db), abandon_seconds=60)
+    blobs.hold("before put")
+    blobs.fail_puts = True
+    writing = asyncio.ensure_future(store.create(version(1), max_chats_per_app=10))
+    await blobs.entered.wait()
+    writing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # still waiting for the write it has in hand
+    blobs.release()
+    await closing
+    await db.close()
+    gc.collect()
+    assert "never retrieved" not in caplog.text
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    # The write took effect nowhere: its intent was left for the sweep, no row.
+    assert sqlite3.connect(tmp_path / "qp.sqlite3").execute("SELECT * FROM chats").fetchall() == []

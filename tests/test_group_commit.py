@@ -7,35 +7,61 @@ import asyncio
 import contextlib
 import re
 import signal
+import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
 from qp.errors import StorageUnavailable, UnstorableValue
+from qp.protection.blocks import lift_block, save_block
+from qp.protection.rate_limits import RateLimiter
 from qp.storage.database import DATABASE, Transaction
-from qp.storage.sqlite import MAX_WAITING, SqliteDatabase
-from tests.helpers import call, make_chat
+from qp.storage.sqlite import BUSY_TIMEOUT_MS, MAX_GROUP, MAX_WAITING, SqliteDatabase
+from tests.helpers import WriterHold, call, make_chat, wait_until
 
 
 @contextlib.asynccontextmanager
 async def holding_the_writer(db: SqliteDatabase) -> AsyncIterator[None]:
     """The writer's thread held inside a write (the first of its group) until the block
     ends, then that write committed; writes asked for meanwhile wait in the queue."""
-    holding, release = threading.Event(), threading.Event()
-
-    async def hold(tx: Transaction) -> None:
-        holding.set()
-        release.wait(60)
-
-    first = asyncio.create_task(db.write(hold))
+    hold = WriterHold(db)
     try:
-        assert await asyncio.to_thread(holding.wait, 60)
+        await hold.held()
         yield
     finally:
-        release.set()
-        await first
+        hold.release()
+        await hold.task
+
+
+@pytest.fixture
+def lock_held_elsewhere(tmp_path):
+    """Another connection to the database (an operator's tool) holding its write lock,
+    from `take()` until the test ends."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        conn = sqlite3.connect(tmp_path / "qp.sqlite3", isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            held.set()
+            release.wait(120)
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+
+    holder = threading.Thread(target=hold)
+
+    async def take() -> None:
+        holder.start()
+        assert await asyncio.to_thread(held.wait, 30)
+
+    yield take
+    release.set()
+    if holder.is_alive():
+        holder.join()
 
 
 async def create_all(http, chats: list[dict]) -> list[tuple[int, dict]]:
@@ -216,5 +242,97 @@ async def test_writes_past_the_waiting_bound_are_refused_not_queued(tmp_path):
             assert not any(task.done() for task in waiting[:-1])
         assert await asyncio.gather(*waiting[:-1]) == [1] * MAX_WAITING
         assert await db.fetchall("SELECT COUNT(*) FROM t") == [(MAX_WAITING,)]
+    finally:
+        await db.close()
+
+
+async def test_writes_waiting_behind_a_lock_held_elsewhere_are_told_within_a_busy_timeout(
+    tmp_path, lock_held_elsewhere
+):
+    """A tool holds the write lock past the busy timeout: the first group fails with 503,
+    and so do the writes queued behind it, at once, not a busy timeout per group (256
+    writes would take 20 s, a full queue minutes, and a shutdown as long)."""
+    db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
+    try:
+        await db.execute_write("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+        await lock_held_elsewhere()
+        began = time.monotonic()
+        writes = [
+            db.execute_write("INSERT INTO t (n) VALUES (?)", (n,)) for n in range(4 * MAX_GROUP)
+        ]
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        took = time.monotonic() - began
+        assert all(isinstance(result, StorageUnavailable) for result in results), results
+        assert {str(result) for result in results} == {"Database: database is locked"}
+        assert took < 2 * BUSY_TIMEOUT_MS / 1000, f"the last write was told after {took:.1f} s"
+    finally:
+        await db.close()
+
+
+async def test_a_write_after_close_is_storage_unavailable(tmp_path):
+    """A write that outlives the server's handlers (a shielded chat write at shutdown)
+    and reaches the database after it closed is refused as unavailable: a 503, not an
+    error the server did not expect."""
+    db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
+    await db.execute_write("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+    await db.close()
+    for maintenance in (False, True):
+        with pytest.raises(StorageUnavailable, match="closed: the server is shutting down"):
+            await db.execute_write("INSERT INTO t (n) VALUES (1)", maintenance=maintenance)
+    assert sqlite3.connect(tmp_path / "qp.sqlite3").execute("SELECT n FROM t").fetchall() == []
+
+
+async def test_a_cancelled_close_still_answers_every_write_by_how_it_ended(tmp_path):
+    """close() cancelled (a second signal during shutdown) while a group runs in the
+    writer's thread: that group commits, and its writes are told so, not cancelled; the
+    write queued behind it is committed and answered too."""
+    db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
+    await db.execute_write("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+    hold = WriterHold(db)
+    await hold.held()
+    beside = asyncio.ensure_future(db.execute_write("INSERT INTO t (n) VALUES (1)"))
+    closing = asyncio.ensure_future(db.close())
+    await asyncio.sleep(0)  # close is waiting for the committer
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    hold.release()
+    assert await hold.task is None
+    assert await asyncio.wait_for(beside, 30) == 1
+    await db.close()
+    assert sqlite3.connect(tmp_path / "qp.sqlite3").execute("SELECT n FROM t").fetchall() == [(1,)]
+
+
+async def test_a_block_lift_whose_caller_leaves_mid_commit_still_unblocks_here(tmp_path):
+    """The admin's request goes away while the lift's delete is in the writer's thread:
+    the delete commits, and this server serves the client again (it does not hear its own
+    commits, so the unblock must not depend on the caller staying)."""
+    db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
+    try:
+        client = "c" * 64
+        await save_block(db, client, "2026-01-01T00:00:00.000Z", "2999-01-01T00:00:00.000Z")
+
+        async def saved(client: str, until: float) -> None:
+            pass
+
+        limiter = RateLimiter({client: time.time() + 86400}, saved)
+        first = WriterHold(db)
+        await first.held()
+        lifting = asyncio.ensure_future(lift_block(db, limiter, client))
+        # Until the lift's delete is queued behind the held write.
+        await wait_until(lambda: bool(db._waiting), 30, "the lift's delete queued")
+        # Queued after the delete, in the same group: once it holds the thread, the
+        # delete has run and the group is not committed yet.
+        second = WriterHold(db)
+        await asyncio.sleep(0)
+        first.release()
+        await second.held()
+        lifting.cancel()  # the admin's client went away
+        second.release()
+        await asyncio.gather(first.task, second.task)
+        with pytest.raises(asyncio.CancelledError):
+            await lifting
+        assert await db.fetchall("SELECT client_hash FROM blocks") == []
+        await wait_until(lambda: limiter.blocked(client) is None, 10, "served again here")
     finally:
         await db.close()

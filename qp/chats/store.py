@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Container
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -53,6 +54,7 @@ from qp.storage.peers import Peers
 from qp.timestamps import utc_now_iso
 
 log = logging.getLogger("qp.chats.store")
+T = TypeVar("T")
 
 LIST_LIMIT = 100
 # Chats of a list opened ahead of the one being sent (the list handler holds room for them).
@@ -98,12 +100,14 @@ class ChatStore:
         self.garbage = ChatGarbage(self._rows, blobs, abandon_seconds)
         # Lists left early: closing what was opened ahead of them.
         self._closing: set[asyncio.Task[None]] = set()
+        # Writes and deletes going on to their end after their callers left.
+        self._unfinished: set[asyncio.Future[Any]] = set()
         # FULL or READ_ONLY after a write failed so; cleared by the next write that works.
         self.write_problem: str | None = None
         self._next_probe = 0.0
 
     async def close(self) -> None:
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        await asyncio.gather(*self._closing, *self._unfinished, return_exceptions=True)
         await self.garbage.close()
 
     async def ping(self) -> None:
@@ -182,7 +186,21 @@ class ChatStore:
         """The one write sequence: the intent, the blob under a new revision, the commit.
         Shielded: a client that leaves mid-request (cancelling its handler) does not stop
         it half way; nothing would tear if it did, but its blob would wait for the sweep."""
-        return await asyncio.shield(self._write_shielded(chat_id, messages_json, commit))
+        return await self._to_its_end(self._write_shielded(chat_id, messages_json, commit))
+
+    def _to_its_end(self, work: Awaitable[T]) -> asyncio.Future[T]:
+        """`work`, shielded from its caller's cancellation: it goes on to its end, and the
+        store's close waits for it. Once its caller has left, its outcome has no one to
+        tell (it is marked heard, so asyncio does not log it as never retrieved)."""
+        task = asyncio.ensure_future(work)
+        self._unfinished.add(task)
+        task.add_done_callback(self._finished)
+        return asyncio.shield(task)
+
+    def _finished(self, task: asyncio.Future[Any]) -> None:
+        self._unfinished.discard(task)
+        if not task.cancelled():
+            task.exception()
 
     async def _write_shielded(
         self,
@@ -246,11 +264,11 @@ class ChatStore:
         """Remove the row; its blob is garbage from that commit on, and deleted before the
         answer (if the store fails, by the sweep)."""
         try:
-            deleted = await asyncio.shield(self._rows.delete(chat_id, time.time()))
+            deleted = await self._to_its_end(self._rows.delete(chat_id, time.time()))
         finally:
             self._cache.discard(chat_id)
         if deleted is not None:
-            await asyncio.shield(self.garbage.collect_now(chat_id, deleted))
+            await self._to_its_end(self.garbage.collect_now(chat_id, deleted))
 
     # --- reads ---------------------------------------------------------------------------
 

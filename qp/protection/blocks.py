@@ -76,9 +76,22 @@ async def lift_block(db: Database, limiter: RateLimiter, client_hash: str) -> bo
         await tx.notify(CHANGED)
         return True
 
-    lifted = await db.write(delete)
-    limiter.unblock(client_hash)
-    return lifted
+    async def delete_then_unblock() -> bool:
+        lifted = await db.write(delete)
+        limiter.unblock(client_hash)
+        return lifted
+
+    # Shielded: a lift whose caller leaves while it commits still ends in the unblock here
+    # (this process does not hear its own commits), not in a block only it enforces.
+    lifting = asyncio.ensure_future(delete_then_unblock())
+    lifting.add_done_callback(_heard)
+    return await asyncio.shield(lifting)
+
+
+def _heard(task: asyncio.Future[bool]) -> None:
+    """A lift's outcome, marked heard: once its caller left, there is no one to tell."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def load_blocks(db: Database) -> dict[str, float]:

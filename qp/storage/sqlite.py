@@ -34,6 +34,7 @@ import asyncio
 import logging
 import os
 import sqlite3
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +84,13 @@ def sqlite_failure_reason(err: sqlite3.Error) -> str:
 # A value SQLite cannot take, not a failure: text that is not UTF-8 (a lone surrogate), an
 # integer beyond 64 bits, a string or blob too big, a constraint the row breaks.
 DATA_ERRORS = (UnicodeEncodeError, OverflowError, sqlite3.DataError, sqlite3.IntegrityError)
+
+
+def _is_busy(err: sqlite3.Error) -> bool:
+    return getattr(err, "sqlite_errorcode", 0) & 0xFF in (
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+    )
 
 
 def _is_corruption(err: sqlite3.Error) -> bool:
@@ -262,6 +270,7 @@ class _QueuedWrite:
     fn: WriteFn[Any]
     durable: bool
     answer: asyncio.Future[Any]
+    queued_at: float  # time.monotonic()
 
 
 class SqliteDatabase(StatementHelpers):
@@ -286,6 +295,8 @@ class SqliteDatabase(StatementHelpers):
             self._readers.put_nowait(conn)
         self._waiting: deque[_QueuedWrite] = deque()
         self._committer: asyncio.Task[None] | None = None
+        # Set once the writer is closed: a write that comes after is refused as unavailable.
+        self._closed = False
         # Groups committed, and the writes they held (a group of one counts too).
         self.groups_committed = 0
         self.writes_committed = 0
@@ -361,12 +372,15 @@ class SqliteDatabase(StatementHelpers):
         return cls(writer, readers, file, make_room)
 
     async def close(self) -> None:
+        """Commit what is queued, then close. Shielded: a cancelled close (a second signal)
+        leaves the writes in hand to be answered, not cut off half way."""
         if self._committer is not None:
-            await asyncio.gather(self._committer, return_exceptions=True)
+            await asyncio.gather(asyncio.shield(self._committer), return_exceptions=True)
         try:
             for conn in self._all_readers:
                 await conn.close()
             if self._writer is not None:
+                self._closed = True
                 await self._writer.run(WriterThread.close)
                 self._writer.shutdown()
         finally:
@@ -410,6 +424,8 @@ class SqliteDatabase(StatementHelpers):
             raise StorageUnavailable(
                 "Database", "opened read-only: the disk was full at start-up", FULL
             )
+        if self._closed:
+            raise StorageUnavailable("Database", "closed: the server is shutting down")
         return self._writer
 
     async def _grouped(self, fn: WriteFn[T], durable: bool) -> T:
@@ -417,51 +433,105 @@ class SqliteDatabase(StatementHelpers):
         if len(self._waiting) >= MAX_WAITING:
             raise StorageUnavailable("Database", f"{MAX_WAITING} writes are waiting already")
         answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_QueuedWrite(fn, durable, answer))
+        self._waiting.append(_QueuedWrite(fn, durable, answer, time.monotonic()))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_groups())
         return await answer
 
     async def _commit_groups(self) -> None:
-        """Commit what waits, a group at a time, until nothing does."""
-        while self._waiting:
-            group: list[_QueuedWrite] = []
-            while self._waiting and len(group) < MAX_GROUP:
-                queued = self._waiting.popleft()
-                if not queued.answer.cancelled():  # its caller left before it began
-                    group.append(queued)
-            if group:
-                await self._commit_group(group)
+        """Commit what waits, a group at a time, until nothing does (cancelled, as at the
+        end of a shutdown: what still waits is refused)."""
+        try:
+            while self._waiting:
+                group: list[_QueuedWrite] = []
+                while self._waiting and len(group) < MAX_GROUP:
+                    queued = self._waiting.popleft()
+                    if not queued.answer.cancelled():  # its caller left before it began
+                        group.append(queued)
+                if group:
+                    await self._commit_group(group)
+        except asyncio.CancelledError:
+            self._refuse_waiting(StorageUnavailable("Database", "the server is shutting down"))
+            raise
 
     async def _commit_group(self, group: list[_QueuedWrite]) -> None:
-        """One transaction for the group, each write in a savepoint; every answer set."""
+        """One transaction for the group, each write in a savepoint; every answer set the
+        way the group ended, even when this task is cancelled meanwhile (the thread goes
+        on to its commit or its rollback whatever happens here)."""
         fns = [queued.fn for queued in group]
         durable = any(queued.durable for queued in group)
+        began = time.monotonic()
         try:
             writer = self._writable()
-            outcomes = await writer.run(lambda thread: thread.group(fns, durable))
-            self.verify_file()
-        except BaseException as err:
-            failure = self._storage_error(err)
-            for queued in group:
-                if queued.answer.done():
-                    continue
-                if isinstance(failure, Exception):
-                    queued.answer.set_exception(failure)
-                else:
-                    queued.answer.cancel()
-            if not isinstance(err, Exception):
-                raise
+        except StorageUnavailable as err:
+            self._fail(group, err)
             return
+        job = asyncio.ensure_future(writer.run(lambda thread: thread.group(fns, durable)))
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            if job.done():  # the job itself cancelled: the event loop is ending
+                self._answer_job(group, began, job)
+            else:
+                job.add_done_callback(lambda done: self._answer_job(group, began, done))
+            raise
+        except Exception:
+            pass  # the job's own failure: each write is told it below
+        self._answer_job(group, began, job)
+
+    def _answer_job(
+        self, group: list[_QueuedWrite], began: float, job: asyncio.Future[list[Any]]
+    ) -> None:
+        """The group's writes told how its job in the writer's thread ended."""
+        error: BaseException
+        if job.cancelled():  # only as the event loop itself ends
+            error = StorageUnavailable("Database", "the write was cancelled")
+        elif (err := job.exception()) is not None:
+            told = self._storage_error(err)
+            error = told if isinstance(told, Exception) else err
+            if isinstance(err, sqlite3.Error) and _is_busy(err):
+                # Another connection held the database past the busy timeout: the writes
+                # that waited since before this group would each wait as long again, one
+                # group after another, so they are told now too.
+                self._refuse_waiting(error, queued_before=began)
+        else:
+            try:
+                self.verify_file()
+            except StorageUnavailable as damaged:
+                error = damaged
+            else:
+                self._answer(group, job.result())
+                return
+        self._fail(group, error)
+
+    def _answer(
+        self, group: list[_QueuedWrite], outcomes: list[tuple[Any, Exception | None]]
+    ) -> None:
         self.groups_committed += 1
         self.writes_committed += len(group)
-        for queued, (value, error) in zip(group, outcomes, strict=True):
+        for queued, (value, refused) in zip(group, outcomes, strict=True):
             if queued.answer.done():
                 continue
-            if error is None:
+            if refused is None:
                 queued.answer.set_result(value)
             else:
+                queued.answer.set_exception(refused)
+
+    @staticmethod
+    def _fail(group: list[_QueuedWrite], error: BaseException) -> None:
+        for queued in group:
+            if not queued.answer.done():
                 queued.answer.set_exception(error)
+
+    def _refuse_waiting(self, error: BaseException, queued_before: float | None = None) -> None:
+        """Tell the waiting writes (those queued before `queued_before`, if given) `error`."""
+        kept: deque[_QueuedWrite] = deque()
+        for queued in self._waiting:
+            if queued_before is not None and queued.queued_at > queued_before:
+                kept.append(queued)
+            elif not queued.answer.done():
+                queued.answer.set_exception(error)
+        self._waiting = kept
 
     def _storage_error(self, err: BaseException) -> BaseException:
         """What a caller is told of a write's failure: a value SQLite refuses, the database
@@ -533,8 +603,9 @@ class SqliteDatabase(StatementHelpers):
         commits; None when opened read-only."""
         if self._writer is None:
             return None
+        writer = self._writable()
         try:
-            return await self._writer.run(WriterThread.data_version)
+            return await writer.run(WriterThread.data_version)
         except sqlite3.Error as err:
             raise StorageUnavailable("Database", str(err), sqlite_failure_reason(err)) from err
 
