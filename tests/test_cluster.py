@@ -31,6 +31,7 @@ from tests.helpers import (
     run_qp,
     storage_cap,
     unique_id,
+    wait_until,
 )
 from tests.processes import (
     NEEDS_NGINX,
@@ -278,18 +279,18 @@ LOST = {"ServerDisconnectedError", "ClientOSError", "ClientConnectorError"}
 
 
 async def test_after_a_process_is_killed_mid_write_the_other_serves_only_whole_writes(
-    start_cluster,
+    start_cluster, slow_s3
 ):
     """One process is SIGKILLed under writes made straight to it, while others go through
     nginx: from the kill until past its lease, every chat read through the survivor is one
     whole write, no older than the last acknowledged, and never goes back; nginx moves the
     writes through it on to the survivor, and every acknowledged write reads back."""
     cluster = start_cluster(
-        QP_WRITE_LEASE_SECONDS=f"{LEASE_SECONDS:g}", QP_MAX_CHATS_PER_APP="100000"
+        s3_of_one=slow_s3.endpoint_url,
+        QP_WRITE_LEASE_SECONDS=f"{LEASE_SECONDS:g}",
+        QP_MAX_CHATS_PER_APP="100000",
     )
-    # Messages of 60 to 180 KB: each write spends most of its time between its intent and
-    # its commit (the blob put), so the kill lands there even on a loaded machine.
-    straight = CrashWriteLoad(cluster.one.url, workers=8, prefix="straight", pad=60_000)
+    straight = CrashWriteLoad(cluster.one.url, workers=8, prefix="straight")
     through_nginx = CrashWriteLoad(cluster.nginx.url, workers=4, prefix="nginx")
     seen: dict[str, int] = {}  # chat id -> the version the survivor last answered
 
@@ -308,8 +309,21 @@ async def test_after_a_process_is_killed_mid_write_the_other_serves_only_whole_w
         async with straight:
             await straight.wait_acknowledged(60)
             await through_nginx.wait_acknowledged(20)
+            # The kill lands mid-write, however loaded the machine: the first process's
+            # blob PUTs are answered no more once SeaweedFS has stored them, so a straight
+            # write whose blob is stored is between its intent and its commit.
+            answers = slow_s3.hold("PUT")
+            landed = len(slow_s3.rule("PUT").landed)
+            await wait_until(
+                lambda: any(
+                    "/chats/straight-" in path for path in slow_s3.rule("PUT").landed[landed:]
+                ),
+                30,
+                "a straight write's blob stored",
+            )
             cluster.one.kill()
             killed_at = time.monotonic()
+            answers.set()
         acknowledged_at_kill = through_nginx.acknowledgements
         rounds = 0
         while time.monotonic() < killed_at + LEASE_SECONDS + PAST_THE_LEASE:
