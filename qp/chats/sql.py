@@ -95,6 +95,13 @@ GARBAGE = """
 FORGET_GARBAGE = "DELETE FROM chat_garbage WHERE chat_id = ? AND rev = ?"
 WRITES_IN_FLIGHT = "SELECT chat_id, rev FROM chat_writes"
 ALL_GARBAGE = "SELECT chat_id, rev FROM chat_garbage"
+# Every blob the tables know of, in one statement and so one snapshot: a blob moves from
+# intent to row to garbage, each step one commit, and two reads could miss it between them.
+ALL_KNOWN = """
+    SELECT chat_id, rev FROM chat_writes
+    UNION ALL SELECT chat_id, rev FROM chat_garbage
+    UNION ALL SELECT chat_id, COALESCE(blob_rev, '') FROM chats
+"""
 IMPORTED = "SELECT updated_at, blob_rev FROM chats WHERE chat_id = ?"
 # An imported row names the worker's key, whose blob the import's copy brings.
 IMPORT = f"""
@@ -351,6 +358,11 @@ class ChatRows:
         and garbage."""
         rows = await self.db.fetchall(WRITES_IN_FLIGHT) + await self.db.fetchall(ALL_GARBAGE)
         return {(row[0], row[1]) for row in rows}
+
+    async def known_blobs(self) -> set[tuple[str, str]]:
+        """(chat id, rev; "" for the worker's key) of every blob the tables know of, as one
+        moment had them: writes in flight, the revisions rows name, garbage."""
+        return {(row[0], row[1]) for row in await self.db.fetchall(ALL_KNOWN)}
 
     async def import_rows(self, rows: list[ChatRow]) -> tuple[int, int, int]:
         """Store imported rows (naming the worker's key) in one transaction: new ones

@@ -55,9 +55,6 @@ async def find_problems(db: Database, blobs: BlobStore, min_age: float) -> list[
         parsed = parse_blob_key(blob.key)
         if parsed is not None:
             stored[parsed] = blob
-    # The writes in flight before the rows: one that commits between the two reads is
-    # then in one or the other.
-    known = await rows_of.known_unnamed()
     named = await rows_of.all_named()
     findings: list[Finding] = []
     for chat_id, (rev, updated_at) in sorted(named.items()):
@@ -69,23 +66,12 @@ async def find_problems(db: Database, blobs: BlobStore, min_age: float) -> list[
         content = await blobs.get(blob_key(chat_id, rev))
         if content is not None and not is_messages_array(content):
             findings.append(Finding("unreadable-blob", chat_id, rev, "not a JSON array"))
-    unnamed = {
-        key
-        for key, blob in stored.items()
-        if named.get(key[0], ("-", ""))[0] != key[1]
-        and key not in known
-        and blob.modified <= cutoff
-    }
+    # What the tables know, read after the listing and in one snapshot: a listed blob was
+    # put after its intent was recorded, so they know it unless it has gone all its way
+    # since (intent, row, garbage, deleted), in which case the listing again drops it.
+    known = await rows_of.known_blobs()
+    unnamed = {key for key, blob in stored.items() if key not in known and blob.modified <= cutoff}
     if unnamed:
-        # Read again: a blob its row still named at the first read of the writes in flight
-        # and the garbage, and that an update put in the garbage before the first read of
-        # the rows, was in neither; the second reads know it (a blob's way is only ever
-        # intent, row, garbage, deleted). Listed again: one deleted meanwhile is no finding.
-        known = await rows_of.known_unnamed()
-        named = await rows_of.all_named()
-        unnamed = {
-            key for key in unnamed if key not in known and named.get(key[0], ("-", ""))[0] != key[1]
-        }
         still = {parsed async for b in blobs.listing("chats/") if (parsed := parse_blob_key(b.key))}
         findings += [Finding("blob-without-row", *key) for key in sorted(unnamed & still)]
     counted, held = await rows_of.counted_and_held()
