@@ -28,6 +28,9 @@ PINNED_BY = {
     "a second server started on that lock file": [
         "test_one_owner.py::test_a_server_whose_lock_file_another_server_took_refuses_every_write",
     ],
+    "another program holds the SQLite database's write lock": [
+        "test_group_commit.py::test_a_lock_held_elsewhere_is_503_within_a_busy_timeout_and_reads_go_on",
+    ],
     "free disk under `QP_MIN_FREE_MB`": [
         "test_disk_failures.py::test_below_the_free_space_floor_new_chats_and_updates_get_507",
     ],

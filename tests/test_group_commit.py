@@ -11,6 +11,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -20,7 +21,7 @@ from qp.protection.blocks import lift_block, save_block
 from qp.protection.rate_limits import RateLimiter
 from qp.storage.database import DATABASE, Transaction
 from qp.storage.sqlite import BUSY_TIMEOUT_MS, MAX_GROUP, MAX_WAITING, SqliteDatabase
-from tests.helpers import WriterHold, call, make_chat, wait_until
+from tests.helpers import WriterHold, call, make_chat, wait_for_log, wait_until
 
 
 @contextlib.asynccontextmanager
@@ -37,13 +38,14 @@ async def holding_the_writer(db: SqliteDatabase) -> AsyncIterator[None]:
 
 
 @pytest.fixture
-def lock_held_elsewhere(tmp_path):
-    """Another connection to the database (an operator's tool) holding its write lock,
-    from `take()` until the test ends."""
+def lock_held_elsewhere():
+    """Another connection to a database (an operator's tool) holding its write lock, from
+    `take(path)` until `let_go()` or the test's end."""
     held, release = threading.Event(), threading.Event()
+    path: list[Path] = []
 
     def hold() -> None:
-        conn = sqlite3.connect(tmp_path / "qp.sqlite3", isolation_level=None)
+        conn = sqlite3.connect(path[0], isolation_level=None)
         try:
             conn.execute("BEGIN IMMEDIATE")
             held.set()
@@ -54,10 +56,16 @@ def lock_held_elsewhere(tmp_path):
 
     holder = threading.Thread(target=hold)
 
-    async def take() -> None:
+    async def take(database: Path) -> None:
+        path.append(database)
         holder.start()
         assert await asyncio.to_thread(held.wait, 30)
 
+    def let_go() -> None:
+        release.set()
+        holder.join()
+
+    take.let_go = let_go  # type: ignore[attr-defined]
     yield take
     release.set()
     if holder.is_alive():
@@ -250,12 +258,12 @@ async def test_writes_waiting_behind_a_lock_held_elsewhere_are_told_within_a_bus
     tmp_path, lock_held_elsewhere
 ):
     """A tool holds the write lock past the busy timeout: the first group fails with 503,
-    and so do the writes queued behind it, at once, not a busy timeout per group (256
-    writes would take 20 s, a full queue minutes, and a shutdown as long)."""
+    and so do the writes waiting behind it, at once, not a busy timeout per group (256
+    writes took 20 s, a full queue would take minutes, and a shutdown as long)."""
     db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
     try:
         await db.execute_write("CREATE TABLE t (n INTEGER PRIMARY KEY)")
-        await lock_held_elsewhere()
+        await lock_held_elsewhere(tmp_path / "qp.sqlite3")
         began = time.monotonic()
         writes = [
             db.execute_write("INSERT INTO t (n) VALUES (?)", (n,)) for n in range(4 * MAX_GROUP)
@@ -336,3 +344,37 @@ async def test_a_block_lift_whose_caller_leaves_mid_commit_still_unblocks_here(t
         await wait_until(lambda: limiter.blocked(client) is None, 10, "served again here")
     finally:
         await db.close()
+
+
+async def test_a_lock_held_elsewhere_is_503_within_a_busy_timeout_and_reads_go_on(
+    qp_server, lock_held_elsewhere
+):
+    """Another program (an operator's own sqlite3 session) holds the write lock: the writes
+    then waiting get 503 within about the busy timeout, nothing changed, while reads are
+    served; once it lets go, writes work again."""
+    server = qp_server()
+    async with aiohttp.ClientSession(server.url) as http:
+        kept = make_chat("kept", "locked", messages=["kept"])
+        assert (await call(http, "POST", "/api/chats", json={"chat": kept}))[0] == 200
+        _, before = await call(http, "GET", "/api/chats/kept")
+        await lock_held_elsewhere(server.data_dir / "qp.sqlite3")
+        began = time.monotonic()
+        writes = [
+            call(http, "POST", "/api/chats", json={"chat": make_chat(f"new-{n}", "locked")})
+            for n in range(100)
+        ]
+        answers, read = await asyncio.gather(
+            asyncio.gather(*writes), call(http, "GET", "/api/chats/kept")
+        )
+        assert answers == [(503, {"error": "Storage unavailable"})] * 100
+        # Two groups at least (64 writes each at most): not a busy timeout each in turn.
+        assert time.monotonic() - began < 1.8 * BUSY_TIMEOUT_MS / 1000
+        assert read == (200, before)
+        await wait_for_log(server, "POST /api/chats: Database: database is locked")
+        lock_held_elsewhere.let_go()
+        assert (await call(http, "GET", "/api/chats/new-0"))[0] == 404
+        again = make_chat("after", "locked")
+        assert await call(http, "POST", "/api/chats", json={"chat": again}) == (
+            200,
+            {"chatId": "after"},
+        )

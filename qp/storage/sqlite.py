@@ -34,7 +34,6 @@ import asyncio
 import logging
 import os
 import sqlite3
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -270,7 +269,6 @@ class _QueuedWrite:
     fn: WriteFn[Any]
     durable: bool
     answer: asyncio.Future[Any]
-    queued_at: float  # time.monotonic()
 
 
 class SqliteDatabase(StatementHelpers):
@@ -433,7 +431,7 @@ class SqliteDatabase(StatementHelpers):
         if len(self._waiting) >= MAX_WAITING:
             raise StorageUnavailable("Database", f"{MAX_WAITING} writes are waiting already")
         answer: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_QueuedWrite(fn, durable, answer, time.monotonic()))
+        self._waiting.append(_QueuedWrite(fn, durable, answer))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_groups())
         return await answer
@@ -460,7 +458,6 @@ class SqliteDatabase(StatementHelpers):
         on to its commit or its rollback whatever happens here)."""
         fns = [queued.fn for queued in group]
         durable = any(queued.durable for queued in group)
-        began = time.monotonic()
         try:
             writer = self._writable()
         except StorageUnavailable as err:
@@ -471,17 +468,15 @@ class SqliteDatabase(StatementHelpers):
             await asyncio.shield(job)
         except asyncio.CancelledError:
             if job.done():  # the job itself cancelled: the event loop is ending
-                self._answer_job(group, began, job)
+                self._answer_job(group, job)
             else:
-                job.add_done_callback(lambda done: self._answer_job(group, began, done))
+                job.add_done_callback(lambda done: self._answer_job(group, done))
             raise
         except Exception:
             pass  # the job's own failure: each write is told it below
-        self._answer_job(group, began, job)
+        self._answer_job(group, job)
 
-    def _answer_job(
-        self, group: list[_QueuedWrite], began: float, job: asyncio.Future[list[Any]]
-    ) -> None:
+    def _answer_job(self, group: list[_QueuedWrite], job: asyncio.Future[list[Any]]) -> None:
         """The group's writes told how its job in the writer's thread ended."""
         error: BaseException
         if job.cancelled():  # only as the event loop itself ends
@@ -491,9 +486,9 @@ class SqliteDatabase(StatementHelpers):
             error = told if isinstance(told, Exception) else err
             if isinstance(err, sqlite3.Error) and _is_busy(err):
                 # Another connection held the database past the busy timeout: the writes
-                # that waited since before this group would each wait as long again, one
-                # group after another, so they are told now too.
-                self._refuse_waiting(error, queued_before=began)
+                # waiting now would each wait as long again, one group after another, so
+                # they are told now too.
+                self._refuse_waiting(error)
         else:
             try:
                 self.verify_file()
@@ -523,15 +518,12 @@ class SqliteDatabase(StatementHelpers):
             if not queued.answer.done():
                 queued.answer.set_exception(error)
 
-    def _refuse_waiting(self, error: BaseException, queued_before: float | None = None) -> None:
-        """Tell the waiting writes (those queued before `queued_before`, if given) `error`."""
-        kept: deque[_QueuedWrite] = deque()
-        for queued in self._waiting:
-            if queued_before is not None and queued.queued_at > queued_before:
-                kept.append(queued)
-            elif not queued.answer.done():
+    def _refuse_waiting(self, error: BaseException) -> None:
+        """Tell every waiting write `error`."""
+        while self._waiting:
+            queued = self._waiting.popleft()
+            if not queued.answer.done():
                 queued.answer.set_exception(error)
-        self._waiting = kept
 
     def _storage_error(self, err: BaseException) -> BaseException:
         """What a caller is told of a write's failure: a value SQLite refuses, the database
