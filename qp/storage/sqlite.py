@@ -68,6 +68,8 @@ T = TypeVar("T")
 MakeRoom = Callable[[], bool]
 
 TABLES = "SELECT name FROM sqlite_master WHERE type = 'table'"
+# Why a write (or a look at data_version) after the writer closed is refused.
+CLOSED = "closed: the server is shutting down"
 
 
 def sqlite_failure_reason(err: sqlite3.Error) -> str:
@@ -85,15 +87,17 @@ def sqlite_failure_reason(err: sqlite3.Error) -> str:
 DATA_ERRORS = (UnicodeEncodeError, OverflowError, sqlite3.DataError, sqlite3.IntegrityError)
 
 
+def _primary_code(err: sqlite3.Error) -> int:
+    """The error's primary result code (its extended code's low byte)."""
+    return int(getattr(err, "sqlite_errorcode", 0)) & 0xFF
+
+
 def _is_busy(err: sqlite3.Error) -> bool:
-    return getattr(err, "sqlite_errorcode", 0) & 0xFF in (
-        sqlite3.SQLITE_BUSY,
-        sqlite3.SQLITE_LOCKED,
-    )
+    return _primary_code(err) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _is_corruption(err: sqlite3.Error) -> bool:
-    return getattr(err, "sqlite_errorcode", 0) & 0xFF in (
+    return _primary_code(err) in (
         sqlite3.SQLITE_CORRUPT,
         sqlite3.SQLITE_NOTADB,
     )
@@ -423,7 +427,7 @@ class SqliteDatabase(StatementHelpers):
                 "Database", "opened read-only: the disk was full at start-up", FULL
             )
         if self._closed:
-            raise StorageUnavailable("Database", "closed: the server is shutting down")
+            raise StorageUnavailable("Database", CLOSED)
         return self._writer
 
     async def _grouped(self, fn: WriteFn[T], durable: bool) -> T:
@@ -595,9 +599,10 @@ class SqliteDatabase(StatementHelpers):
         commits; None when opened read-only."""
         if self._writer is None:
             return None
-        writer = self._writable()
+        if self._closed:
+            raise StorageUnavailable("Database", CLOSED)
         try:
-            return await writer.run(WriterThread.data_version)
+            return await self._writer.run(WriterThread.data_version)
         except sqlite3.Error as err:
             raise StorageUnavailable("Database", str(err), sqlite_failure_reason(err)) from err
 
