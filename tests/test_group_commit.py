@@ -10,7 +10,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -37,39 +37,40 @@ async def holding_the_writer(db: SqliteDatabase) -> AsyncIterator[None]:
         await hold.task
 
 
-@pytest.fixture
-def lock_held_elsewhere():
+class LockHolder:
     """Another connection to a database (an operator's tool) holding its write lock, from
-    `take(path)` until `let_go()` or the test's end."""
-    held, release = threading.Event(), threading.Event()
-    path: list[Path] = []
+    `take(path)` until `let_go()`."""
 
-    def hold() -> None:
-        conn = sqlite3.connect(path[0], isolation_level=None)
+    def __init__(self) -> None:
+        self._held, self._release = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+
+    async def take(self, database: Path) -> None:
+        self._thread = threading.Thread(target=self._hold, args=(database,))
+        self._thread.start()
+        assert await asyncio.to_thread(self._held.wait, 30)
+
+    def let_go(self) -> None:
+        self._release.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _hold(self, database: Path) -> None:
+        conn = sqlite3.connect(database, isolation_level=None)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            held.set()
-            release.wait(120)
+            self._held.set()
+            self._release.wait(120)
             conn.execute("ROLLBACK")
         finally:
             conn.close()
 
-    holder = threading.Thread(target=hold)
 
-    async def take(database: Path) -> None:
-        path.append(database)
-        holder.start()
-        assert await asyncio.to_thread(held.wait, 30)
-
-    def let_go() -> None:
-        release.set()
-        holder.join()
-
-    take.let_go = let_go  # type: ignore[attr-defined]
-    yield take
-    release.set()
-    if holder.is_alive():
-        holder.join()
+@pytest.fixture
+def lock_held_elsewhere() -> Iterator[LockHolder]:
+    holder = LockHolder()
+    yield holder
+    holder.let_go()
 
 
 async def create_all(http, chats: list[dict]) -> list[tuple[int, dict]]:
@@ -263,7 +264,7 @@ async def test_writes_waiting_behind_a_lock_held_elsewhere_are_told_within_a_bus
     db = await SqliteDatabase.open(tmp_path / "qp.sqlite3")
     try:
         await db.execute_write("CREATE TABLE t (n INTEGER PRIMARY KEY)")
-        await lock_held_elsewhere(tmp_path / "qp.sqlite3")
+        await lock_held_elsewhere.take(tmp_path / "qp.sqlite3")
         began = time.monotonic()
         writes = [
             db.execute_write("INSERT INTO t (n) VALUES (?)", (n,)) for n in range(4 * MAX_GROUP)
@@ -357,7 +358,7 @@ async def test_a_lock_held_elsewhere_is_503_within_a_busy_timeout_and_reads_go_o
         kept = make_chat("kept", "locked", messages=["kept"])
         assert (await call(http, "POST", "/api/chats", json={"chat": kept}))[0] == 200
         _, before = await call(http, "GET", "/api/chats/kept")
-        await lock_held_elsewhere(server.data_dir / "qp.sqlite3")
+        await lock_held_elsewhere.take(server.data_dir / "qp.sqlite3")
         began = time.monotonic()
         writes = [
             call(http, "POST", "/api/chats", json={"chat": make_chat(f"new-{n}", "locked")})
