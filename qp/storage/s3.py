@@ -4,6 +4,7 @@ through one aiobotocore client for the life of the process, every call with a de
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ import aiohttp
 import botocore.exceptions
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
+from botocore.loaders import Loader, create_loader
 
 from qp.errors import FULL, UNAVAILABLE, StorageUnavailable
 from qp.storage.blobs import (
@@ -53,6 +55,13 @@ def _s3_failure(action: str, key: str, err: Exception) -> StorageUnavailable:
         if status == 507 or code in ("XMinioStorageFull", "InsufficientStorage"):
             reason = FULL
     return StorageUnavailable("Storage", f"{action} {key}: {err!r}", reason)
+
+
+@functools.cache
+def _data_loader(data_path: str | None) -> Loader:
+    """botocore's service descriptions, read from disk once per process: a new session
+    would parse them again for its client (about 40 ms of CPU each time)."""
+    return create_loader(data_path)
 
 
 class S3BlobStore:
@@ -103,6 +112,9 @@ class S3BlobStore:
             response_checksum_validation="when_required",
         )
         session = get_session()
+        session.register_component(
+            "data_loader", _data_loader(session.get_config_variable("data_path"))
+        )
         if profile:
             session.set_config_variable("profile", profile)
         client = await exit_stack.enter_async_context(
