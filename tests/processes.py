@@ -239,6 +239,7 @@ class PostgresServer:
         # Tests run with fsync off (fast, and PostgreSQL itself never crashes in them);
         # benchmarks keep PostgreSQL's durable defaults.
         self.durable = durable
+        self._spare_databases: list[str] = []
 
     @staticmethod
     def bindir() -> Path | None:
@@ -297,10 +298,13 @@ class PostgresServer:
         return psql(self.url(database), sql)
 
     def create_database(self) -> str:
-        """A new empty database: its URL."""
-        name = f"qp_{uuid.uuid4().hex[:12]}"
-        self.psql(f"CREATE DATABASE {name}")
-        return self.url(name)
+        """A new empty database: its URL. Made ten at a time, in one psql run: one costs a
+        quarter of a second on its own, against 30 ms in a batch."""
+        if not self._spare_databases:
+            names = [f"qp_{uuid.uuid4().hex[:12]}" for _ in range(10)]
+            self.psql("".join(f"CREATE DATABASE {name};\n" for name in names))
+            self._spare_databases.extend(names)
+        return self.url(self._spare_databases.pop())
 
 
 class SeaweedFS:
@@ -410,6 +414,12 @@ class SeaweedFS:
     def stop(self) -> None:
         if self.process:
             _stop(self.process)
+
+    def kill(self) -> None:
+        """Stop it at once (a graceful stop takes it two seconds or more)."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def log(self) -> str:
         path = self.data_dir / "weed.log"
