@@ -202,6 +202,46 @@ async def test_read_only_blob_files_answer_503_and_the_server_lives_on(qp_server
     assert "Traceback" not in server.log()
 
 
+async def writes_refused(http: aiohttp.ClientSession, kept: str, app: str) -> dict:
+    """A new chat in `app` and an update of chat `kept` both get 503: the update tried."""
+    new = make_chat(app=app)
+    assert await call(http, "POST", "/api/chats", json={"chat": new}) == STORAGE_UNAVAILABLE
+    update = make_chat(kept, app=app, messages=["changed"])
+    assert (
+        await call(http, "PUT", f"/api/chats/{kept}", json={"chat": update}) == STORAGE_UNAVAILABLE
+    )
+    return update
+
+
+async def test_a_read_only_database_file_answers_503_and_healthz_says_so(qp_server):
+    """SQLite's writes to a file made read-only under it fail with a bare I/O error."""
+    server = qp_server()
+    database = server.data_dir / "qp.sqlite3"
+    async with aiohttp.ClientSession(server.url) as http:
+        kept = await create(http, make_chat(app="ro-db", messages=["kept"]))
+        _, before = await call(http, "GET", f"/api/chats/{kept}")
+        locked = [database, database.with_name("qp.sqlite3-wal")]
+        chattr("+i", *locked)
+        try:
+            update = await writes_refused(http, kept, "ro-db")
+            assert await call(http, "GET", f"/api/chats/{kept}") == (200, before)
+            assert await call(http, "GET", "/healthz") == unhealthy(storage="read-only")
+            assert "POST /api/chats: Database: disk I/O error\n" in server.log()
+        finally:
+            chattr("-i", *locked)
+        assert await call(http, "PUT", f"/api/chats/{kept}", json={"chat": update}) == (
+            200,
+            {"success": True},
+        )
+        assert await call(http, "GET", "/healthz") == (200, {"status": "ok"})
+    server.stop()
+    server.start()
+    async with aiohttp.ClientSession(server.url) as http:
+        status, chat = await call(http, "GET", f"/api/chats/{kept}")
+    assert (status, chat["messages"]) == (200, ["changed"])
+    assert "Traceback" not in server.log()
+
+
 def damage(path: Path, how: str) -> None:
     if how == "deleted":
         path.unlink()
@@ -230,13 +270,7 @@ async def test_a_database_file_damaged_under_the_server_takes_no_more_writes(qp_
         kept = await create(http, make_chat(app="damaged", messages=["kept"]))
         damage(server.data_dir / "qp.sqlite3", how)
         # At once, before the server's once-a-second look: the write's own check refuses it.
-        new = make_chat(app="damaged")
-        assert await call(http, "POST", "/api/chats", json={"chat": new}) == STORAGE_UNAVAILABLE
-        update = make_chat(kept, app="damaged", messages=["changed"])
-        assert (
-            await call(http, "PUT", f"/api/chats/{kept}", json={"chat": update})
-            == STORAGE_UNAVAILABLE
-        )
+        await writes_refused(http, kept, "damaged")
         assert await call(http, "GET", "/healthz") == unhealthy(database=state)
     assert server.process.poll() is None
     log = server.log()

@@ -536,8 +536,19 @@ class SqliteDatabase(StatementHelpers):
             return UnstorableValue("Database", err)
         if isinstance(err, sqlite3.Error):
             self._note_corruption(err)
-            return StorageUnavailable("Database", str(err), sqlite_failure_reason(err))
+            reason = sqlite_failure_reason(err)
+            # A file made read-only under SQLite (immutable, a read-only remount) fails its
+            # writes with a bare I/O error: told apart here, so that /healthz says so.
+            if _primary_code(err) == sqlite3.SQLITE_IOERR and not self._files_writable():
+                reason = READ_ONLY
+            return StorageUnavailable("Database", str(err), reason)
         return err
+
+    def _files_writable(self) -> bool:
+        """Whether this process may write the database file and its WAL (as far as they
+        exist), by the kernel's own check."""
+        files = (self._file.path, self._file.wal_path)
+        return all(os.access(file, os.W_OK) for file in files if file.exists())
 
     def _room(self) -> bool:
         return self._make_room is not None and self._make_room()
