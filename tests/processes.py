@@ -492,6 +492,50 @@ class SmallDisk:
         return stat.f_bavail * stat.f_frsize
 
 
+class Ext4Image:
+    """An ext4 filesystem of its own in a sparse image file, mounted with errors=remount-ro;
+    `fail()` has ext4 act as on an error it found: the filesystem turns read-only under
+    whoever has files open (a plain remount would be refused while they do).
+
+    Needs root, loop devices and the kernel's ext4 `trigger_fs_error`; else the test is
+    skipped with the reason.
+    """
+
+    def __init__(self, path: Path, megabytes: int = 300):
+        self.path = path
+        self.image = path.with_name(path.name + ".img")
+        self.megabytes = megabytes
+
+    def mount(self) -> Ext4Image:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.image, "wb") as image:
+            image.truncate(self.megabytes << 20)
+        for command in (
+            ["mkfs.ext4", "-q", str(self.image)],
+            ["mount", "-o", "loop,errors=remount-ro", str(self.image), str(self.path)],
+        ):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot make an ext4 image here ({done.stderr.strip()})")
+        if not self._trigger().exists():
+            self.unmount()
+            pytest.skip("this kernel's ext4 has no trigger_fs_error")
+        return self
+
+    def _trigger(self) -> Path:
+        found = subprocess.run(
+            ["findmnt", "-no", "SOURCE", str(self.path)], capture_output=True, text=True
+        )
+        return Path("/sys/fs/ext4") / Path(found.stdout.strip()).name / "trigger_fs_error"
+
+    def fail(self) -> None:
+        self._trigger().write_text("qp-server test")
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+        self.image.unlink(missing_ok=True)
+
+
 def rss_of(pid: int) -> int:
     """Resident memory of a process, in bytes (Linux)."""
     with open(f"/proc/{pid}/status") as status:

@@ -15,7 +15,7 @@ import pytest
 
 from qp.config import MAX_MEGABYTES
 from tests.helpers import ADMIN_KEY, call, create, make_chat, run_qp, unhealthy, wait_for_log
-from tests.processes import QPServer, SmallDisk
+from tests.processes import Ext4Image, QPServer, SmallDisk
 
 STORAGE_UNAVAILABLE = (503, {"error": "Storage unavailable"})
 INSUFFICIENT_STORAGE = (507, {"error": "Insufficient storage"})
@@ -240,6 +240,30 @@ async def test_a_read_only_database_file_answers_503_and_healthz_says_so(qp_serv
         status, chat = await call(http, "GET", f"/api/chats/{kept}")
     assert (status, chat["messages"]) == (200, ["changed"])
     assert "Traceback" not in server.log()
+
+
+async def test_a_filesystem_ext4_turned_read_only_answers_503_and_healthz_says_so(tmp_path):
+    """ext4 makes a filesystem read-only on an error it finds (errors=remount-ro), under
+    files open for writing, which it still calls writable. The blobs are elsewhere: what
+    /healthz says here comes from the database's failure alone."""
+    image = Ext4Image(tmp_path / "ext4").mount()
+    try:
+        env = {"QP_MIN_FREE_MB": "16", "QP_STORAGE": f"file://{tmp_path / 'blobs'}"}
+        server = QPServer(image.path / "qp", env, log_dir=tmp_path).start()
+        try:
+            async with aiohttp.ClientSession(server.url) as http:
+                kept = await create(http, make_chat(app="ro-fs", messages=["kept"]))
+                _, before = await call(http, "GET", f"/api/chats/{kept}")
+                image.fail()
+                await writes_refused(http, kept, "ro-fs")
+                assert await call(http, "GET", f"/api/chats/{kept}") == (200, before)
+                assert await call(http, "GET", "/healthz") == unhealthy(storage="read-only")
+        finally:
+            assert server.stop() == 0
+        assert "POST /api/chats: Database: disk I/O error\n" in server.log()
+        assert "Traceback" not in server.log()
+    finally:
+        image.unmount()
 
 
 def damage(path: Path, how: str) -> None:

@@ -43,6 +43,7 @@ PINNED_BY = {
     "files or folders made read-only": [
         "test_disk_failures.py::test_read_only_blob_files_answer_503_and_the_server_lives_on",
         "test_disk_failures.py::test_a_read_only_database_file_answers_503_and_healthz_says_so",
+        "test_disk_failures.py::test_a_filesystem_ext4_turned_read_only_answers_503_and_healthz_says_so",
     ],
     "the database file deleted, replaced, truncated or overwritten": [
         "test_disk_failures.py::test_a_database_file_damaged_under_the_server_takes_no_more_writes",

@@ -31,6 +31,7 @@ the operators' tools' commits are noticed.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import sqlite3
@@ -546,9 +547,13 @@ class SqliteDatabase(StatementHelpers):
 
     def _files_writable(self) -> bool:
         """Whether this process may write the database file and its WAL (as far as they
-        exist), by the kernel's own check."""
+        exist), by the kernel's own checks: of the files (an immutable one fails it), then
+        of their filesystem (one ext4 turned read-only after an error still calls its files
+        writable, but refuses to make one)."""
         files = (self._file.path, self._file.wal_path)
-        return all(os.access(file, os.W_OK) for file in files if file.exists())
+        if not all(os.access(file, os.W_OK) for file in files if file.exists()):
+            return False
+        return _takes_new_files(self._file.path.parent)
 
     def _room(self) -> bool:
         return self._make_room is not None and self._make_room()
@@ -632,6 +637,21 @@ class SqliteDatabase(StatementHelpers):
             "INSERT OR REPLACE INTO settings (name, value) VALUES ('write_probe', ?)",
             (str(os.getpid()),),
         )
+
+
+def _takes_new_files(folder: Path) -> bool:
+    """False when the filesystem refuses to make a file in `folder` as read-only. The file
+    is unnamed (O_TMPFILE) and gone once closed; where the platform has no such file, True.
+    Never an open and close of the database's own files: closing any descriptor of a file
+    drops the process's POSIX locks on it, SQLite's own included."""
+    unnamed = getattr(os, "O_TMPFILE", None)
+    if unnamed is None:
+        return True
+    try:
+        os.close(os.open(folder, unnamed | os.O_WRONLY, 0o600))
+    except OSError as err:
+        return err.errno not in (errno.EROFS, errno.EPERM, errno.EACCES)
+    return True
 
 
 def _read_only_uri(path: Path) -> str:
