@@ -4,6 +4,7 @@ middleware's `error_answer` (qp/middlewares.py) turns each into its answer."""
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import orjson
@@ -38,6 +39,15 @@ class ConfigError(Exception):
 FULL = "full"
 READ_ONLY = "read-only"
 UNAVAILABLE = "unavailable"
+
+
+def os_error_reason(err: OSError) -> str:
+    """FULL, READ_ONLY or UNAVAILABLE for an error from the operating system."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FULL
+    if err.errno in (errno.EROFS, errno.EPERM, errno.EACCES):
+        return READ_ONLY
+    return UNAVAILABLE
 
 
 class StorageUnavailable(Exception):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import re
 import tempfile
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable
+from qp.errors import StorageUnavailable, os_error_reason
 
 # A key is slash-separated segments of safe characters; never `..`, never absolute.
 _KEY_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
@@ -89,14 +88,8 @@ def shown_key(key: str) -> str:
 
 
 def os_failure(action: str, key: str, err: OSError) -> StorageUnavailable:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason = FULL
-    elif err.errno in (errno.EROFS, errno.EPERM, errno.EACCES):
-        reason = READ_ONLY
-    else:
-        reason = UNAVAILABLE
     return StorageUnavailable(
-        "Storage", f"{action} {shown_key(key)}: {err.strerror or err}", reason
+        "Storage", f"{action} {shown_key(key)}: {err.strerror or err}", os_error_reason(err)
     )
 
 

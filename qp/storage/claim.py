@@ -11,7 +11,6 @@ refusal can say who holds it and the repair tool can wait out the holder's write
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qp.errors import READ_ONLY, os_error_reason
 from qp.storage.file_watch import identity, identity_at
 
 # The holder's record is rewritten in place at a fixed size: never truncated, so a full
@@ -123,7 +123,7 @@ def _open(lock_path: Path) -> int:
         return os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
         # A read-only filesystem (or file) can still be locked through a read-only descriptor.
-        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and lock_path.exists():
+        if os_error_reason(err) == READ_ONLY and lock_path.exists():
             return os.open(lock_path, os.O_RDONLY)
         raise
 

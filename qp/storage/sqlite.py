@@ -31,7 +31,6 @@ the operators' tools' commits are noticed.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import os
 import sqlite3
@@ -45,7 +44,14 @@ from typing import Any, TypeVar, cast
 
 import aiosqlite
 
-from qp.errors import FULL, READ_ONLY, UNAVAILABLE, StorageUnavailable, UnstorableValue
+from qp.errors import (
+    FULL,
+    READ_ONLY,
+    UNAVAILABLE,
+    StorageUnavailable,
+    UnstorableValue,
+    os_error_reason,
+)
 from qp.storage.database import (
     TAKEN_OVER,
     Parameters,
@@ -650,7 +656,7 @@ def _takes_new_files(folder: Path) -> bool:
     try:
         os.close(os.open(folder, unnamed | os.O_WRONLY, 0o600))
     except OSError as err:
-        return err.errno not in (errno.EROFS, errno.EPERM, errno.EACCES)
+        return os_error_reason(err) != READ_ONLY
     return True
 
 
