@@ -531,10 +531,9 @@ class SqliteDatabase(StatementHelpers):
 
     def _refuse_waiting(self, error: BaseException) -> None:
         """Tell every waiting write `error`."""
-        while self._waiting:
-            queued = self._waiting.popleft()
-            if not queued.answer.done():
-                queued.answer.set_exception(error)
+        waiting = list(self._waiting)
+        self._waiting.clear()
+        self._fail(waiting, error)
 
     def _storage_error(self, err: BaseException) -> BaseException:
         """What a caller is told of a write's failure: a value SQLite refuses, the database
