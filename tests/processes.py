@@ -116,9 +116,15 @@ def _stop(process: subprocess.Popen, timeout: float = 10) -> int:
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            _kill(process)
     return process.returncode
+
+
+def _kill(process: subprocess.Popen | None) -> None:
+    """SIGKILL, waited for; nothing if it has ended already."""
+    if process is not None and process.poll() is None:
+        process.kill()
+        process.wait()
 
 
 @dataclass
@@ -186,9 +192,7 @@ class QPServer:
         return _stop(self.process) if self.process else 0
 
     def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        _kill(self.process)
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
@@ -417,9 +421,7 @@ class SeaweedFS:
 
     def kill(self) -> None:
         """Stop it at once (a graceful stop takes it two seconds or more)."""
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        _kill(self.process)
 
     def log(self) -> str:
         path = self.data_dir / "weed.log"
